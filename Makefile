@@ -1,0 +1,48 @@
+# segops developer entry points. `make test` and `make demo` work on a fresh machine from a clean clone:
+# they create .venv (installing torch==2.13.0, the CPU wheel, when the venv has no torch), build, run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+export MAX_JOBS ?= 2
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
+PYTEST_ARGS ?=
+
+.PHONY: venv build test demo bench info clean
+
+$(VENV)/.deps:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q ninja setuptools wheel pytest hypothesis expecttest numpy pillow tqdm
+	touch $@
+
+venv: $(VENV)/.deps
+
+# First build: an editable install (registers the package and the `segops` command). Later builds:
+# build_ext --inplace with ninja, which recompiles only the changed sources.
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@ $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+demo: build
+	$(VENV)/bin/segops bench
+	$(VENV)/bin/segops info
+
+bench: build
+	$(VENV)/bin/segops bench
+
+info: build
+	$(VENV)/bin/segops info
+
+clean:
+	rm -rf build dist *.egg-info segops/_C*.so $(VENV)/.built $(VENV)/.installed

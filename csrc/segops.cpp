@@ -1,0 +1,70 @@
+// The one TORCH_LIBRARY of segops: every schema lives here. Backend files (csrc/cpu/*.cpp,
+// csrc/cuda/*.cu) only register implementations with TORCH_LIBRARY_IMPL(segops, CPU|CUDA, m);
+// autograd and fake (meta) kernels are registered in Python (segops/ops/*.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+namespace segops {
+std::string cuda_build_info();  // csrc/cuda/build_info.cu, or the stub below without CUDA
+}
+
+#ifndef SEGOPS_WITH_CUDA
+std::string segops::cuda_build_info() { return ""; }
+#endif
+
+namespace {
+
+#define SEGOPS_STR2(x) #x
+#define SEGOPS_STR(x) SEGOPS_STR2(x)
+
+// "key=value;..." facts about this binary, parsed by segops.info().
+std::string build_info() {
+  std::string s = "cuda=";
+#ifdef SEGOPS_WITH_CUDA
+  s += "1;";
+#else
+  s += "0;";
+#endif
+#ifdef _OPENMP
+  s += "openmp=" SEGOPS_STR(_OPENMP) ";";
+#else
+  s += "openmp=0;";
+#endif
+  s += "compiler=" __VERSION__ ";";
+  s += segops::cuda_build_info();
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(segops, m) {
+  m.def("_build_info() -> str", &build_info);
+
+  // ---- losses (issue: foundation) -----------------------------------------------------------------
+  // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel
+  // log-sum-exp (the only per-pixel state kept for backward), denom the mean's denominator.
+  m.def(
+      "partial_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_partial_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor lse, Tensor denom, int reduction, int ignore_index, float label_smoothing) -> Tensor");
+  // Returns (entropy, lse, expectation, denom): per-pixel lse and E_p[x] are kept for backward.
+  m.def("entropy(Tensor logits, Tensor? mask, int reduction) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_entropy_backward(Tensor grad, Tensor logits, Tensor? mask, Tensor lse, Tensor expectation, "
+      "Tensor denom, int reduction) -> Tensor");
+
+  // ---- permutohedral lattice, dense CRF / normalized-cut losses (issue: lattice) -----------------
+
+  // ---- transposed / atrous convolution (issue: conv) ---------------------------------------------
+}
+
+// A pybind-free module: importing segops._C runs the static TORCH_LIBRARY registrations above.
+// PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

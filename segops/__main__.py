@@ -1,0 +1,3 @@
+from segops.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,184 @@
+"""Microbenchmarks: segops ops against their pure-PyTorch twins, timed in one process.
+
+``segops bench [SUITE ...] [--device cpu|cuda] [--quick] [--threads N] [--out DIR]`` prints a table and writes
+``<out>/<date>-<device>-<suite>.json`` with the device, versions and every measured row. Times are medians of
+``torch.utils.benchmark`` ``blocked_autorange``; the headline is the ratio, since absolute times on shared
+machines move with the load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import os
+import platform
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.utils.benchmark as tbench
+
+# Suite name -> module under segops.bench exposing run(ctx) -> list of row dicts.
+SUITES = ("losses",)
+
+
+class BenchContext:
+    """What a suite needs: the device, the quick flag (small shapes for smoke tests), and timing helpers."""
+
+    def __init__(self, device: str, quick: bool, min_run_time: float) -> None:
+        self.device = torch.device(device)
+        self.quick = quick
+        self.min_run_time = min_run_time
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time_ms(self, fn: Callable[[], Any]) -> float:
+        """Median wall time of fn() in milliseconds (one warm-up call first)."""
+        fn()
+        self.sync()
+        timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+        m = timer.blocked_autorange(min_run_time=self.min_run_time)
+        return m.median * 1e3
+
+    def peak_bytes(self, fn: Callable[[], Any]) -> Optional[int]:
+        """Peak device memory allocated during fn() (CUDA only; None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+
+def saved_bytes(fn: Callable[[], Any], inputs: List[torch.Tensor]) -> int:
+    """Bytes of storage saved for backward by fn(), not counting storage owned by `inputs`."""
+    owned = {t.untyped_storage().data_ptr() for t in inputs}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in owned:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable[[], None]:
+    """A closure running loss = fn(x); loss.backward() on a leaf x (grad cleared each call)."""
+
+    def step() -> None:
+        x.grad = None
+        fn(x).backward()
+
+    return step
+
+
+def environment(device: torch.device) -> Dict[str, Any]:
+    from segops.info import info
+
+    env = info()
+    env["date"] = _dt.date.today().isoformat()
+    env["bench_device"] = str(device)
+    env["machine"] = platform.machine()
+    env["cpu_count"] = os.cpu_count()
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip()
+        except Exception:  # nvidia-smi missing: the versions above still identify the run
+            env["driver"] = None
+    return env
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    cols = [
+        ("suite", "suite", "%s"),
+        ("op", "op", "%s"),
+        ("case", "case", "%s"),
+        ("device", "device", "%s"),
+        ("segops_ms", "segops ms", "%.3f"),
+        ("torch_ms", "torch ms", "%.3f"),
+        ("speedup", "speed-up", "%.2fx"),
+        ("segops_mem", "segops mem", "%s"),
+        ("torch_mem", "torch mem", "%s"),
+    ]
+
+    def cell(row: Dict[str, Any], key: str, fmt: str) -> str:
+        v = row.get(key)
+        if v is None:
+            return "-"
+        if key.endswith("_mem"):
+            return _human_bytes(v)
+        return fmt % v
+
+    table = [[title for _, title, _ in cols]] + [[cell(r, k, f) for k, _, f in cols] for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return ("%.0f %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+    return str(n)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("suites", nargs="*", help="suites to run (default: all): " + ", ".join(SUITES))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--quick", action="store_true", help="small shapes, short timing (smoke test)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.05)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON results ('' = none)")
+
+
+def run_suites(names: List[str], ctx: BenchContext) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    for name in names:
+        if name not in SUITES:
+            raise SystemExit("segops bench: unknown suite %r (known: %s)" % (name, ", ".join(SUITES)))
+        mod = importlib.import_module("segops.bench." + name)
+        for row in mod.run(ctx):
+            row.setdefault("suite", name)
+            row.setdefault("device", str(ctx.device))
+            if row.get("segops_ms") and row.get("torch_ms"):
+                row["speedup"] = row["torch_ms"] / row["segops_ms"]
+            rows.append(row)
+    return rows
+
+
+def main(args: argparse.Namespace) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    min_run = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 1.0)
+    ctx = BenchContext(device, args.quick, min_run)
+    names = list(args.suites) or list(SUITES)
+    rows = run_suites(names, ctx)
+    print(format_table(rows))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        env = environment(ctx.device)
+        tag = "gpu" if ctx.device.type == "cuda" else "cpu"
+        name = "%s-%s-%s%s.json" % (env["date"], tag, "-".join(names), "-quick" if args.quick else "")
+        path = os.path.join(args.out, name)
+        with open(path, "w") as f:
+            json.dump({"environment": env, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+        print("wrote", path)
+    return 0

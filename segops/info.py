@@ -1,0 +1,66 @@
+"""What this segops binary was built with and what it can use (``segops info``)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any, Dict
+
+import torch
+
+
+def build_info() -> Dict[str, str]:
+    """Facts compiled into ``segops._C``: cuda (0/1), openmp (version macro), compiler, cuda_archs."""
+    raw = torch.ops.segops._build_info()
+    out: Dict[str, str] = {}
+    for item in raw.split(";"):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            out[key] = value
+    return out
+
+
+def _format_archs(archs: str) -> str:
+    # nvcc's __CUDA_ARCH_LIST__ is "800,900" -> "sm_80, sm_90"
+    return ", ".join("sm_%d" % (int(a) // 10) for a in archs.split(",") if a.strip())
+
+
+def info() -> Dict[str, Any]:
+    """A dict describing versions, compiled kernels, visible devices and threads."""
+    import segops
+
+    b = build_info()
+    d: Dict[str, Any] = {
+        "segops": segops.__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_kernels_compiled": b.get("cuda") == "1",
+        "cuda_archs": _format_archs(b.get("cuda_archs", "")) if b.get("cuda") == "1" else "",
+        "openmp": b.get("openmp", "0") != "0",
+        "compiler": b.get("compiler", ""),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "devices": ["cpu"],
+    }
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            d["devices"].append("cuda:%d %s (sm_%d%d, %.0f GiB)" % (i, p.name, p.major, p.minor, p.total_memory / 2**30))
+    return d
+
+
+def format_info(d: Dict[str, Any]) -> str:
+    rows = [
+        ("segops", d["segops"]),
+        ("torch", "%s (CUDA %s)" % (d["torch"], d["torch_cuda"]) if d["torch_cuda"] else d["torch"] + " (CPU build)"),
+        ("python", d["python"]),
+        ("platform", d["platform"]),
+        ("compiler", d["compiler"]),
+        ("CPU kernels", "yes, OpenMP %s" % ("on" if d["openmp"] else "OFF (single-threaded)")),
+        ("CPU threads", d["cpu_threads"]),
+        ("CUDA kernels", ("yes, for " + d["cuda_archs"]) if d["cuda_kernels_compiled"] else "not compiled"),
+        ("devices", ", ".join(d["devices"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join("%s  %s" % (k.ljust(width), v) for k, v in rows)

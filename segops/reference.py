@@ -1,0 +1,47 @@
+"""Pure-PyTorch twins of every segops op: the ground truth of the tests and the baselines of the benchmarks.
+
+They favour clarity and exactness over speed and memory (the lattice twins live in
+:mod:`segops.reference_lattice` once that op exists).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def partial_cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = 255,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """``F.cross_entropy`` with ``ignore_index``; 'mean' with no labelled pixel gives 0 instead of NaN."""
+    target = target.long()
+    loss = F.cross_entropy(
+        logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
+    )
+    if reduction == "mean" and not bool((target != ignore_index).any()):
+        return (logits * 0).sum()  # keeps the graph: zero loss, zero gradient
+    return loss
+
+
+def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
+    """Per-pixel Shannon entropy of softmax over dim 1 via log_softmax (nats)."""
+    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
+    h = -(logp.exp() * logp).sum(1)
+    if mask is not None:
+        h = h * mask.to(h.dtype)
+    if reduction == "none":
+        return h.to(logits.dtype)
+    if reduction == "sum":
+        return h.sum().to(logits.dtype)
+    count = mask.sum() if mask is not None else torch.tensor(h.numel(), device=h.device)
+    if int(count) == 0:
+        return h.sum().to(logits.dtype) * 0
+    return (h.sum() / count).to(logits.dtype)
