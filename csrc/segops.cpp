@@ -4,7 +4,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <string>
+
+#include "segops/parallel.h"
 
 namespace segops {
 std::string cuda_build_info();  // csrc/cuda/build_info.cu, or the stub below without CUDA
@@ -37,10 +40,21 @@ std::string build_info() {
   return s;
 }
 
+// How many distinct threads cpu_parallel_for used for n items: proves OpenMP is really on
+// (at::parallel_for silently runs serially when the extension is compiled without -fopenmp).
+int64_t parallel_threads(int64_t n) {
+  std::atomic<uint64_t> seen{0};
+  segops::cpu_parallel_for(n, [&](segops::index_t) {
+    seen.fetch_or(uint64_t(1) << (at::get_thread_num() % 64), std::memory_order_relaxed);
+  }, /*grain=*/1);
+  return __builtin_popcountll(seen.load());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(segops, m) {
   m.def("_build_info() -> str", &build_info);
+  m.def("_parallel_threads(int n) -> int", &parallel_threads);
 
   // ---- losses (issue: foundation) -----------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel

@@ -28,6 +28,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _empty_bks_like(t: Tensor) -> Tensor:
+    """Mirrors the C++ gradient allocation: t's layout if contiguous or channels_last, else contiguous."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty_like(t, memory_format=torch.channels_last)
+    if t.dim() == 5 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.empty_like(t, memory_format=torch.channels_last_3d)
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 # ---- partial cross-entropy ------------------------------------------------------------------------------
 
 
@@ -70,6 +79,10 @@ def partial_cross_entropy(
 def _pce_fake(logits, target, weight, reduction, ignore_index, label_smoothing):
     torch._check(logits.dim() >= 2, lambda: "partial_cross_entropy: logits must be (B, K, *spatial)")
     torch._check(target.dim() == logits.dim() - 1, lambda: "partial_cross_entropy: target must be (B, *spatial)")
+    torch._check(
+        target.device == logits.device,
+        lambda: "partial_cross_entropy: target is on %s but logits are on %s" % (target.device, logits.device),
+    )
     acc = _acc_dtype(logits.dtype)
     loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
     return loss, logits.new_empty((target.numel(),), dtype=acc), logits.new_empty((1,), dtype=acc)
@@ -77,7 +90,7 @@ def _pce_fake(logits, target, weight, reduction, ignore_index, label_smoothing):
 
 @torch.library.register_fake("segops::_partial_cross_entropy_backward")
 def _pce_backward_fake(grad, logits, target, weight, lse, denom, reduction, ignore_index, label_smoothing):
-    return torch.empty_like(logits)
+    return _empty_bks_like(logits)
 
 
 def _pce_setup_context(ctx, inputs, output) -> None:
@@ -137,7 +150,7 @@ def _entropy_fake(logits, mask, reduction):
 
 @torch.library.register_fake("segops::_entropy_backward")
 def _entropy_backward_fake(grad, logits, mask, lse, expectation, denom, reduction):
-    return torch.empty_like(logits)
+    return _empty_bks_like(logits)
 
 
 def _entropy_setup_context(ctx, inputs, output) -> None:

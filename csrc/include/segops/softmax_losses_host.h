@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/ones.h>
 #include <ATen/ops/ones_like.h>
@@ -39,6 +38,18 @@ inline int64_t spatial_size(const Tensor& logits) {
   int64_t S = 1;
   for (int64_t d = 2; d < logits.dim(); ++d) S *= logits.size(d);
   return S;
+}
+
+// A fresh tensor shaped like t that is viewable as (B, K, S): t's own layout when it is contiguous or
+// channels_last, else contiguous (empty_like would keep e.g. a transposed layout, whose (B, K, S) view
+// does not exist and would silently become a copy).
+inline Tensor empty_bks_like(const Tensor& t) {
+  auto fmt = at::MemoryFormat::Contiguous;
+  if (!t.is_contiguous()) {
+    if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) fmt = at::MemoryFormat::ChannelsLast;
+    if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) fmt = at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::empty(t.sizes(), t.options().memory_format(fmt));
 }
 
 inline at::ScalarType acc_dtype(const Tensor& t) {
@@ -203,7 +214,7 @@ Tensor pce_backward(const Tensor& grad, const Tensor& logits, const Tensor& targ
   Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   Tensor g = grad.to(logits.scalar_type()).contiguous();
   Tensor lse_c = lse.contiguous(), denom_c = denom.contiguous();
-  Tensor grad_logits = at::empty_like(logits);  // keeps channels_last / dense strides
+  Tensor grad_logits = empty_bks_like(logits);
   Tensor gx = as_bks(grad_logits);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segops_loss", [&] {
@@ -303,7 +314,7 @@ Tensor entropy_backward(const Tensor& grad, const Tensor& logits, const c10::opt
   Tensor x = as_bks(logits), m = prepare_mask(op, logits, mask, B, S);
   Tensor g = grad.to(logits.scalar_type()).contiguous();
   Tensor lse_c = lse.contiguous(), ex_c = ex.contiguous(), denom_c = denom.contiguous();
-  Tensor grad_logits = at::empty_like(logits);
+  Tensor grad_logits = empty_bks_like(logits);
   Tensor gx = as_bks(grad_logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segops_loss", [&] {
     using accT = acc_t<scalar_t>;

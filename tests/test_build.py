@@ -1,0 +1,52 @@
+"""The build itself: the extension loads, reports what it contains, and OpenMP really runs in parallel."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import segops
+
+
+def test_info_reports_build():
+    d = segops.info()
+    assert d["segops"] == segops.__version__
+    assert d["torch"] == torch.__version__
+    assert d["openmp"] is True, "extension compiled without -fopenmp: at::parallel_for runs on one thread"
+    if d["cuda_kernels_compiled"]:
+        assert d["cuda_archs"].startswith("sm_")
+
+
+def test_parallel_for_uses_two_threads():
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.segops._parallel_threads(100_000) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.segops._parallel_threads(100_000) == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("argv", [["info"], ["info", "--json"], ["--help"], ["bench", "--help"]])
+def test_cli_runs(argv):
+    r = subprocess.run([sys.executable, "-m", "segops"] + argv, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_cli_bench_quick(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "segops", "bench", "losses", "--quick", "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "partial_cross_entropy" in r.stdout and "speed-up" in r.stdout
+    files = list(tmp_path.glob("*.json"))
+    assert len(files) == 1
+    import json
+
+    data = json.loads(files[0].read_text())
+    assert data["environment"]["torch"] == torch.__version__
+    assert all(row["segops_ms"] > 0 and row["torch_ms"] > 0 for row in data["rows"])
