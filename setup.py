@@ -60,7 +60,9 @@ DEBUG = os.environ.get("SEGOPS_DEBUG", "0") == "1"
 SANITIZE = os.environ.get("SEGOPS_SANITIZE", "0") == "1"
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
-cxx_flags += ["-fopenmp", "-fvisibility=hidden"]  # cpp_extension adds -DPy_LIMITED_API
+# -fno-trapping-math: segops never relies on floating-point traps, and without it GCC refuses to
+# if-convert (and so to vectorise) the branch-free selects of the CPU fast paths.
+cxx_flags += ["-fopenmp", "-fvisibility=hidden", "-fno-trapping-math"]  # cpp_extension adds -DPy_LIMITED_API
 link_flags = ["-fopenmp"]
 if SANITIZE:
     cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]

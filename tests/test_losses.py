@@ -374,3 +374,21 @@ def test_cuda_parity(dtype, reduction):
             outs[device] = (a.detach().cpu(), b.detach().cpu(), x.grad.cpu())
         for c, g in zip(outs["cpu"], outs["cuda"]):
             torch.testing.assert_close(g, c, **TOL[dtype])
+
+
+@pytest.mark.parametrize("labelled", [1.0, 0.5, 0.03])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_blocked_path_matches_per_pixel_path(labelled, dtype):
+    """NCHW float inputs take the CPU's pixel-blocked path, channels_last the per-pixel functors."""
+    logits, target = make_case(2, 21, (9, 13), labelled, dtype, "cpu", seed=30)  # S = 117: 3 blocks + tail
+    weight = (torch.rand(21, generator=torch.Generator().manual_seed(31)) + 0.5).to(dtype)
+    mask = target != 255
+    results = []
+    for x in (logits.contiguous(), logits.to(memory_format=torch.channels_last)):
+        x = x.detach().requires_grad_()
+        a = partial_cross_entropy(x, target, 255, weight, "mean", 0.1)
+        b = entropy(x, mask, "sum")
+        (a + b).backward()
+        results.append((a.detach(), b.detach(), x.grad.contiguous()))
+    for blocked, per_pixel in zip(*results):
+        torch.testing.assert_close(blocked, per_pixel, **TOL[dtype])

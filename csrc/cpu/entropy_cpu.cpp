@@ -1,6 +1,8 @@
-// CPU backend of entropy: the shared glue run over at::parallel_for.
+// CPU backend of entropy: the shared glue run over at::parallel_for, blocked
+// across pixels for NCHW float inputs (softmax_losses_block.h).
 #include <torch/library.h>
 
+#include "segops/softmax_losses_block.h"
 #include "segops/softmax_losses_host.h"
 
 namespace segops {
@@ -8,13 +10,13 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_forward_cpu(
     const at::Tensor& logits, const c10::optional<at::Tensor>& mask, int64_t reduction) {
-  return losses::entropy_forward(logits, mask, reduction, CpuLaunch{});
+  return losses::entropy_forward(logits, mask, reduction, block::CpuLossLaunch{});
 }
 
 at::Tensor entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
                                 const c10::optional<at::Tensor>& mask, const at::Tensor& lse,
                                 const at::Tensor& ex, const at::Tensor& denom, int64_t reduction) {
-  return losses::entropy_backward(grad, logits, mask, lse, ex, denom, reduction, CpuLaunch{});
+  return losses::entropy_backward(grad, logits, mask, lse, ex, denom, reduction, block::CpuLossLaunch{});
 }
 
 }  // namespace

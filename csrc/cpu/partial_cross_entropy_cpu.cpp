@@ -1,6 +1,8 @@
-// CPU backend of partial_cross_entropy: the shared glue run over at::parallel_for.
+// CPU backend of partial_cross_entropy: the shared glue run over at::parallel_for, blocked
+// across pixels for NCHW float inputs (softmax_losses_block.h).
 #include <torch/library.h>
 
+#include "segops/softmax_losses_block.h"
 #include "segops/softmax_losses_host.h"
 
 namespace segops {
@@ -10,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pce_forward_cpu(const at::Tensor&
                                                                const c10::optional<at::Tensor>& weight,
                                                                int64_t reduction, int64_t ignore_index,
                                                                double label_smoothing) {
-  return losses::pce_forward(logits, target, weight, reduction, ignore_index, label_smoothing, CpuLaunch{});
+  return losses::pce_forward(logits, target, weight, reduction, ignore_index, label_smoothing, block::CpuLossLaunch{});
 }
 
 at::Tensor pce_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
@@ -18,7 +20,7 @@ at::Tensor pce_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, co
                             const at::Tensor& denom, int64_t reduction, int64_t ignore_index,
                             double label_smoothing) {
   return losses::pce_backward(grad, logits, target, weight, lse, denom, reduction, ignore_index,
-                              label_smoothing, CpuLaunch{});
+                              label_smoothing, block::CpuLossLaunch{});
 }
 
 }  // namespace

@@ -79,6 +79,8 @@ inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
 struct CpuLaunch {
   index_t grain = 256;
   template <typename F>
+  bool writes_every_gradient(const F&) const { return false; }
+  template <typename F>
   void operator()(index_t n, const F& f) const { cpu_parallel_for(n, f, grain); }
 };
 #endif

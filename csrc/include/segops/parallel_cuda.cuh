@@ -30,6 +30,8 @@ inline void cuda_parallel_for(index_t n, const F& f, int threads = 256) {
 struct CudaLaunch {
   int threads = 256;
   template <typename F>
+  bool writes_every_gradient(const F&) const { return false; }
+  template <typename F>
   void operator()(index_t n, const F& f) const { cuda_parallel_for(n, f, threads); }
 };
 

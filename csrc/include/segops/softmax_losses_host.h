@@ -233,6 +233,7 @@ Tensor pce_backward(const Tensor& grad, const Tensor& logits, const Tensor& targ
                                         reduction == kNone,
                                         reduction == kMean ? denom_c.data_ptr<accT>() : nullptr,
                                         view3<scalar_t>(gx)};
+      if (!launch.writes_every_gradient(f)) grad_logits.zero_();  // the functor skips unlabelled pixels
       launch(N, f);
     });
   });
@@ -328,6 +329,7 @@ Tensor entropy_backward(const Tensor& grad, const Tensor& logits, const c10::opt
                                 reduction == kNone,
                                 reduction == kMean ? denom_c.data_ptr<accT>() : nullptr,
                                 view3<scalar_t>(gx)};
+    if (!launch.writes_every_gradient(f)) grad_logits.zero_();  // the functor skips masked-out pixels
     launch(N, f);
   });
   return grad_logits;

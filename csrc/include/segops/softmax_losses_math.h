@@ -107,7 +107,8 @@ struct PceForward {
 };
 
 // d loss / d x_k for one pixel: g / D * [(1-eps) w_t (p_k - [k==t]) + eps/K * (W p_k - w_k)],
-// W = sum_k w_k; D = the mean's denominator sum_i w_t(i) (1 for sum / none). Unlabelled pixels get 0.
+// W = sum_k w_k; D = the mean's denominator sum_i w_t(i) (1 for sum / none). Unlabelled pixels are
+// skipped: the caller zero-fills gx.
 template <typename scalar_t, typename target_t>
 struct PceBackward {
   using acc = acc_t<scalar_t>;
@@ -126,11 +127,9 @@ struct PceBackward {
   SEGOPS_HD void operator()(index_t i) const {
     const index_t b = i / S, s = i - b * S;
     const int64_t t = static_cast<int64_t>(target.at(b, s));
+    // gx arrives zero-filled (one memset beats K strided stores per unlabelled pixel).
+    if (t == ignore_index || t < 0 || t >= K) return;
     scalar_t* pg = gx.pixel(b, s);
-    if (t == ignore_index || t < 0 || t >= K) {
-      for (index_t k = 0; k < K; ++k) pg[k * gx.sk] = scalar_t(0);
-      return;
-    }
     acc g = static_cast<acc>(grad_per_pixel ? grad[i] : grad[0]);
     if (denom) g /= denom[0];
     const acc w_t = weight ? static_cast<acc>(weight[t]) : acc(1);
@@ -190,7 +189,7 @@ struct EntropyForward {
   }
 };
 
-// dH/dx_k = -p_k (x_k - E_p[x]).
+// dH/dx_k = -p_k (x_k - E_p[x]). Masked-out pixels are skipped: the caller zero-fills gx.
 template <typename scalar_t>
 struct EntropyBackward {
   using acc = acc_t<scalar_t>;
@@ -206,11 +205,8 @@ struct EntropyBackward {
 
   SEGOPS_HD void operator()(index_t i) const {
     const index_t b = i / S, s = i - b * S;
+    if (mask.data && !mask.at(b, s)) return;  // gx arrives zero-filled
     scalar_t* pg = gx.pixel(b, s);
-    if (mask.data && !mask.at(b, s)) {
-      for (index_t k = 0; k < K; ++k) pg[k * gx.sk] = scalar_t(0);
-      return;
-    }
     acc g = static_cast<acc>(grad_per_pixel ? grad[i] : grad[0]);
     if (denom) g /= denom[0];
     const scalar_t* px = x.pixel(b, s);
