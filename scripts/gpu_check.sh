@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one script to run on a lent GPU machine (Python 3.12 + torch 2.11 CUDA at `python3`, nvcc 13, no
+# network). Builds segops in place for sm_90, runs the CUDA tests, compute-sanitizer (memcheck, racecheck,
+# synccheck, initcheck) over a small driver of every CUDA kernel, and the GPU benchmarks. Everything lands in
+# $OUT (default: ./gpu-check-out): gpu_check.log, summary.json, info.json, pytest-cuda.xml, bench JSON.
+# Budget: < 8 minutes on an H100/H200. Usage: OUT=/some/dir bash scripts/gpu_check.sh [--no-bench]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-check-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} SEGOPS_CUDA=1
+t_start=$(date +%s)
+declare -A status
+
+step() {  # step NAME TIMEOUT CMD...: runs a step, records its exit status and duration
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name"
+  timeout "$limit" "$@"
+  local rc=$?
+  status[$name]="$rc $(( $(date +%s) - t0 ))"
+  echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"
+  return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.csv"
+step build 300 $PY setup.py -q build_ext --inplace || { echo "build failed"; }
+step info 60 bash -c "$PY -m segops info --json > '$OUT/info.json' && cat '$OUT/info.json'"
+step pytest_cuda 240 $PY -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck synccheck initcheck; do
+    step "sanitizer_$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      $PY scripts/cuda_driver.py
+  done
+else
+  echo "compute-sanitizer not found"; status[sanitizer]="127 0"
+fi
+if [ "${1:-}" != "--no-bench" ]; then
+  step bench 240 $PY -m segops bench --device cuda --min-run-time 0.3 --out "$OUT"
+fi
+
+{
+  echo "{"
+  echo "  \"date\": \"$(date -u +%Y-%m-%dT%H:%M:%SZ)\","
+  echo "  \"gpu\": \"$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)\","
+  echo "  \"driver\": \"$(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1)\","
+  echo "  \"torch\": \"$($PY -c 'import torch; print(torch.__version__)')\","
+  echo "  \"seconds\": $(( $(date +%s) - t_start )),"
+  echo "  \"steps\": {"
+  first=1
+  for k in "${!status[@]}"; do
+    set -- ${status[$k]}
+    [ $first = 1 ] || echo ","
+    printf '    "%s": {"rc": %s, "seconds": %s}' "$k" "$1" "$2"
+    first=0
+  done
+  echo ""
+  echo "  }"
+  echo "}"
+} > "$OUT/summary.json"
+cat "$OUT/summary.json"
+echo "gpu_check finished in $(( $(date +%s) - t_start )) s"
