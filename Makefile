@@ -35,11 +35,11 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: build
-	$(VENV)/bin/segops bench
+	$(VENV)/bin/segops bench losses
 	$(VENV)/bin/segops info
 
 bench: build
-	$(VENV)/bin/segops bench
+	$(VENV)/bin/segops bench losses
 
 info: build
 	$(VENV)/bin/segops info
