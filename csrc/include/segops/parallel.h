@@ -78,6 +78,10 @@ inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
 // The CPU policy as a value, for host glue written once for both backends (`launch(n, f)`).
 struct CpuLaunch {
   index_t grain = 256;
+  // Gradient policy of the backward functors: whether the functor itself writes the zeros of skipped
+  // pixels, and whether the launch writes every element by other means; else the caller zero-fills.
+  template <typename F>
+  bool functor_writes_zeros(const F&) const { return false; }
   template <typename F>
   bool writes_every_gradient(const F&) const { return false; }
   template <typename F>

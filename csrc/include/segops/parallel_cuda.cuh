@@ -29,6 +29,10 @@ inline void cuda_parallel_for(index_t n, const F& f, int threads = 256) {
 // The CUDA policy as a value, for host glue written once for both backends (`launch(n, f)`).
 struct CudaLaunch {
   int threads = 256;
+  // Gradient policy of the backward functors: whether the functor itself writes the zeros of skipped
+  // pixels, and whether the launch writes every element by other means; else the caller zero-fills.
+  template <typename F>
+  bool functor_writes_zeros(const F&) const { return true; }
   template <typename F>
   bool writes_every_gradient(const F&) const { return false; }
   template <typename F>

@@ -252,6 +252,12 @@ struct CpuLossLaunch {
   // Whether launching f writes every gradient element itself (else the caller zero-fills first).
   template <typename F>
   bool writes_every_gradient(const F& f) const { return blockable(f); }
+  template <typename F>
+  bool functor_writes_zeros(const F& f) const {
+    // channels_last: a pixel's K gradients are contiguous, writing its zeros inline beats a memset pass.
+    // Blocked NCHW: sparse blocks zero their own rows first.
+    return !blockable(f) && f.gx.sk == 1;
+  }
   template <typename F, typename BlockFn>
   static void run(index_t n, const F& f, const BlockFn& block_fn) {
     if (!blockable(f)) return cpu_parallel_for(n, f, 256);

@@ -232,8 +232,9 @@ Tensor pce_backward(const Tensor& grad, const Tensor& logits, const Tensor& targ
                                         g.data_ptr<scalar_t>(),
                                         reduction == kNone,
                                         reduction == kMean ? denom_c.data_ptr<accT>() : nullptr,
-                                        view3<scalar_t>(gx)};
-      if (!launch.writes_every_gradient(f)) grad_logits.zero_();  // the functor skips unlabelled pixels
+                                        view3<scalar_t>(gx),
+                                        launch.functor_writes_zeros(f)};
+      if (!f.write_zeros && !launch.writes_every_gradient(f)) grad_logits.zero_();
       launch(N, f);
     });
   });
@@ -328,8 +329,9 @@ Tensor entropy_backward(const Tensor& grad, const Tensor& logits, const c10::opt
                                 g.data_ptr<scalar_t>(),
                                 reduction == kNone,
                                 reduction == kMean ? denom_c.data_ptr<accT>() : nullptr,
-                                view3<scalar_t>(gx)};
-    if (!launch.writes_every_gradient(f)) grad_logits.zero_();  // the functor skips masked-out pixels
+                                view3<scalar_t>(gx),
+                                launch.functor_writes_zeros(f)};
+    if (!f.write_zeros && !launch.writes_every_gradient(f)) grad_logits.zero_();
     launch(N, f);
   });
   return grad_logits;

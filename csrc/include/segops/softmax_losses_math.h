@@ -108,7 +108,8 @@ struct PceForward {
 
 // d loss / d x_k for one pixel: g / D * [(1-eps) w_t (p_k - [k==t]) + eps/K * (W p_k - w_k)],
 // W = sum_k w_k; D = the mean's denominator sum_i w_t(i) (1 for sum / none). Unlabelled pixels are
-// skipped: the caller zero-fills gx.
+// zeroed here when write_zeros is set (GPU: coalesced across the warp, saves a separate memset pass), else
+// skipped because the caller zero-filled gx (CPU: one memset beats K strided stores per pixel).
 template <typename scalar_t, typename target_t>
 struct PceBackward {
   using acc = acc_t<scalar_t>;
@@ -123,13 +124,17 @@ struct PceBackward {
   bool grad_per_pixel;
   const acc* denom;       // [D] for mean, nullptr otherwise
   View3<scalar_t> gx;
+  bool write_zeros;       // write the zeros of unlabelled pixels (else gx arrives zero-filled)
 
   SEGOPS_HD void operator()(index_t i) const {
     const index_t b = i / S, s = i - b * S;
     const int64_t t = static_cast<int64_t>(target.at(b, s));
-    // gx arrives zero-filled (one memset beats K strided stores per unlabelled pixel).
-    if (t == ignore_index || t < 0 || t >= K) return;
     scalar_t* pg = gx.pixel(b, s);
+    if (t == ignore_index || t < 0 || t >= K) {
+      if (write_zeros)
+        for (index_t k = 0; k < K; ++k) pg[k * gx.sk] = scalar_t(0);
+      return;
+    }
     acc g = static_cast<acc>(grad_per_pixel ? grad[i] : grad[0]);
     if (denom) g /= denom[0];
     const acc w_t = weight ? static_cast<acc>(weight[t]) : acc(1);
@@ -189,7 +194,7 @@ struct EntropyForward {
   }
 };
 
-// dH/dx_k = -p_k (x_k - E_p[x]). Masked-out pixels are skipped: the caller zero-fills gx.
+// dH/dx_k = -p_k (x_k - E_p[x]). Masked-out pixels get zeros, written here or by the caller (as above).
 template <typename scalar_t>
 struct EntropyBackward {
   using acc = acc_t<scalar_t>;
@@ -202,11 +207,16 @@ struct EntropyBackward {
   bool grad_per_pixel;
   const acc* denom;  // [count] for mean, nullptr otherwise
   View3<scalar_t> gx;
+  bool write_zeros;
 
   SEGOPS_HD void operator()(index_t i) const {
     const index_t b = i / S, s = i - b * S;
-    if (mask.data && !mask.at(b, s)) return;  // gx arrives zero-filled
     scalar_t* pg = gx.pixel(b, s);
+    if (mask.data && !mask.at(b, s)) {
+      if (write_zeros)
+        for (index_t k = 0; k < K; ++k) pg[k * gx.sk] = scalar_t(0);
+      return;
+    }
     acc g = static_cast<acc>(grad_per_pixel ? grad[i] : grad[0]);
     if (denom) g /= denom[0];
     const scalar_t* px = x.pixel(b, s);
