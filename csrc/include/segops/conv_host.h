@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "segops/conv_math.h"
+#include "segops/parallel.h"
 
 namespace segops {
 namespace conv {
@@ -131,6 +132,19 @@ inline Tensor opt_acc(const c10::optional<Tensor>& t, at::ScalarType acc) {
 template <typename A>
 inline const A* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<A>() : nullptr; }
 
+// Runs f over n work items of about `cost` elements each. On the CPU the grain keeps ~32k elements per
+// task, so small problems (gradcheck, 1x1 maps) stay on one thread instead of paying OpenMP wake-ups.
+template <typename Launch, typename F>
+void run(const Launch& launch, index_t n, const F& f, index_t /*cost*/) {
+  launch(n, f);
+}
+#if !defined(__CUDACC__)
+template <typename F>
+void run(const CpuLaunch&, index_t n, const F& f, index_t cost) {
+  cpu_parallel_for(n, f, std::max<index_t>(1, (index_t(1) << 15) / std::max<index_t>(cost, 1)));
+}
+#endif
+
 // ---- the three primitives --------------------------------------------------------------------------
 
 // image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw).
@@ -151,7 +165,7 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
       DwCorrelate<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
                                  img.stride(3), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
                                  Ci, g, seg};
-      launch(N * Ci * g.Ho * nseg, f);
+      run(launch, N * Ci * g.Ho * nseg, f, seg * g.kh * g.kw);
       return;
     }
     const int64_t Cig = Ci / groups, Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
@@ -162,7 +176,7 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
       for (int64_t gi = 0; gi < groups; ++gi) {
         const scalar_t* src = img.data_ptr<scalar_t>() + n * img.stride(0) + gi * Cig * img.stride(1);
         Im2Col<scalar_t, A> f{src, img.stride(1), img.stride(2), img.stride(3), col.data_ptr<A>(), Cig, g, seg};
-        launch(Cig * K * g.Ho * nseg, f);
+        run(launch, Cig * K * g.Ho * nseg, f, seg);
         Tensor dst = o3.select(0, n).select(0, gi);
         at::mm_out(dst, w2.select(0, gi), col);
       }
@@ -190,7 +204,7 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
       DwAdjoint<scalar_t, A> f{col.data_ptr<scalar_t>(), col.stride(0), col.stride(1), col.stride(2),
                                col.stride(3), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
                                Ci, g, seg};
-      launch(N * Ci * g.H * nseg, f);
+      run(launch, N * Ci * g.H * nseg, f, seg * g.kh * g.kw);
       return;
     }
     const int64_t Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
@@ -203,7 +217,7 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
         A* dst = out.data_ptr<A>() + (n * Ci + gi * Cig) * g.H * g.W;
         const A* b = bias_acc.defined() ? bias_acc.data_ptr<A>() + gi * Cig : nullptr;
         Col2Im<A> f{buf.data_ptr<A>(), dst, g.H * g.W, b, Cig, g, seg};
-        launch(Cig * g.H * nseg, f);
+        run(launch, Cig * g.H * nseg, f, seg * g.kh * g.kw);
       }
     }
   });
@@ -233,7 +247,7 @@ Tensor weight_grad(const Tensor& img, const Tensor& col, int64_t kh, int64_t kw,
       DwWeightGrad<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
                                   img.stride(3), col.data_ptr<scalar_t>(), col.stride(0), col.stride(1),
                                   col.stride(2), col.stride(3), part.data_ptr<A>(), N, Ci, g, rpc, nchunk};
-      launch(Ci * K * nchunk, f);
+      run(launch, Ci * K * nchunk, f, rpc * g.Wo);
       gw = nchunk == 1 ? part.view({Ci, 1, kh, kw}) : at::sum(part, {2}).view({Ci, 1, kh, kw});
       return;
     }
@@ -247,7 +261,7 @@ Tensor weight_grad(const Tensor& img, const Tensor& col, int64_t kh, int64_t kw,
       for (int64_t gi = 0; gi < groups; ++gi) {
         const scalar_t* src = img.data_ptr<scalar_t>() + n * img.stride(0) + gi * Cig * img.stride(1);
         Im2Col<scalar_t, A> f{src, img.stride(1), img.stride(2), img.stride(3), buf.data_ptr<A>(), Cig, g, seg};
-        launch(Cig * K * g.Ho * nseg, f);
+        run(launch, Cig * K * g.Ho * nseg, f, seg);
         Tensor dst = gw.select(0, gi);
         dst.addmm_(c3.select(0, n).select(0, gi), buf.t());
       }
