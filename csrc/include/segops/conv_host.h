@@ -145,6 +145,19 @@ void run(const CpuLaunch&, index_t n, const F& f, index_t cost) {
 }
 #endif
 
+// The kj table of fill_kj_table for the row-granular CPU path (whole rows: seg = full width); the
+// element-granular CUDA path computes ranges inline and gets nullptr.
+struct KjTable {
+  Tensor t;
+  const index_t* ptr = nullptr;
+  KjTable(const Geom& g, bool fine) {
+    if (fine) return;
+    t = at::empty({2 * g.kw}, at::TensorOptions().dtype(at::kLong));
+    fill_kj_table(g, t.data_ptr<int64_t>());
+    ptr = t.data_ptr<int64_t>();
+  }
+};
+
 // ---- the three primitives --------------------------------------------------------------------------
 
 // image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw).
@@ -162,9 +175,10 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
     const index_t seg = fine ? 1 : g.Wo;
     const index_t nseg = n_segments(g.Wo, seg);
     if (dw) {
+      const KjTable kjt(g, fine);
       DwCorrelate<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
                                  img.stride(3), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
-                                 Ci, g, seg};
+                                 Ci, g, seg, kjt.ptr};
       run(launch, N * Ci * g.Ho * nseg, f, seg * g.kh * g.kw);
       return;
     }
@@ -200,10 +214,11 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
     using A = acc_t<scalar_t>;
     const index_t seg = fine ? 1 : g.W;
     const index_t nseg = n_segments(g.W, seg);
+    const KjTable kjt(g, fine);
     if (dw) {
       DwAdjoint<scalar_t, A> f{col.data_ptr<scalar_t>(), col.stride(0), col.stride(1), col.stride(2),
                                col.stride(3), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
-                               Ci, g, seg};
+                               Ci, g, seg, kjt.ptr};
       run(launch, N * Ci * g.H * nseg, f, seg * g.kh * g.kw);
       return;
     }
@@ -216,7 +231,7 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
         at::mm_out(buf, w2.select(0, gi).t(), c3.select(0, n).select(0, gi));
         A* dst = out.data_ptr<A>() + (n * Ci + gi * Cig) * g.H * g.W;
         const A* b = bias_acc.defined() ? bias_acc.data_ptr<A>() + gi * Cig : nullptr;
-        Col2Im<A> f{buf.data_ptr<A>(), dst, g.H * g.W, b, Cig, g, seg};
+        Col2Im<A> f{buf.data_ptr<A>(), dst, g.H * g.W, b, Cig, g, seg, kjt.ptr};
         run(launch, Cig * g.H * nseg, f, seg * g.kh * g.kw);
       }
     }

@@ -47,6 +47,12 @@ SEGOPS_HD_INLINE void col_range(index_t off, index_t s, index_t lo, index_t hi, 
   *e = ee > bb ? ee : bb;
 }
 
+// Full-row table for the CPU path: tab[2 kj], tab[2 kj + 1] = the col range [b, e) whose image positions
+// o * sw + kj * dw - pw lie in [0, W) (the same for every row, so computed once per call, not per row).
+inline void fill_kj_table(const Geom& g, index_t* tab) {
+  for (index_t kj = 0; kj < g.kw; ++kj) col_range(kj * g.dw - g.pw, g.sw, 0, g.W, g.Wo, &tab[2 * kj], &tab[2 * kj + 1]);
+}
+
 // Number of segments of length seg covering n (seg >= 1).
 SEGOPS_HD_INLINE index_t n_segments(index_t n, index_t seg) { return (n + seg - 1) / seg; }
 
@@ -102,6 +108,7 @@ struct Col2Im {
   index_t C;
   Geom g;
   index_t seg;
+  const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
     const index_t nseg = n_segments(g.W, seg);
     const index_t sgi = i % nseg;
@@ -130,7 +137,9 @@ struct Col2Im {
       return;
     }
     for (index_t w = w0; w < w1; ++w) out[w] = b0;
-    for (index_t ki = 0; ki < g.kh; ++ki) {
+    // dilation 1: the kernel rows that hit a col row are ki = (h + ph) mod sh, then every sh-th one
+    const index_t ki0 = g.dh == 1 ? (h + g.ph) % g.sh : 0, kstep = g.dh == 1 ? g.sh : 1;
+    for (index_t ki = ki0; ki < g.kh; ki += kstep) {
       const index_t th = h + g.ph - ki * g.dh;
       if (th < 0 || th % g.sh != 0) continue;
       const index_t oh = th / g.sh;
@@ -138,7 +147,12 @@ struct Col2Im {
       for (index_t kj = 0; kj < g.kw; ++kj) {
         const index_t off = kj * g.dw - g.pw;  // w = ow * sw + off
         index_t b, e;
-        col_range(off, g.sw, w0, w1, g.Wo, &b, &e);
+        if (kjr != nullptr) {
+          b = kjr[2 * kj];
+          e = kjr[2 * kj + 1];
+        } else {
+          col_range(off, g.sw, w0, w1, g.Wo, &b, &e);
+        }
         const A* src = col + ((c * g.kh + ki) * g.kw + kj) * g.Ho * g.Wo + oh * g.Wo;
         for (index_t ow = b; ow < e; ++ow) out[ow * g.sw + off] += src[ow];
       }
@@ -160,6 +174,7 @@ struct DwCorrelate {
   index_t C;
   Geom g;
   index_t seg;
+  const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
     const index_t nseg = n_segments(g.Wo, seg);
     const index_t sgi = i % nseg;
@@ -196,7 +211,12 @@ struct DwCorrelate {
         const A wv = wc[ki * g.kw + kj];
         const index_t off = kj * g.dw - g.pw;
         index_t b, e;
-        col_range(off, g.sw, 0, g.W, g.Wo, &b, &e);
+        if (kjr != nullptr) {
+          b = kjr[2 * kj];
+          e = kjr[2 * kj + 1];
+        } else {
+          col_range(off, g.sw, 0, g.W, g.Wo, &b, &e);
+        }
         b = hd_max(b, o0);
         e = hd_min(e, o1);
         for (index_t o = b; o < e; ++o) dst[o] += wv * static_cast<A>(src[(o * g.sw + off) * sW]);
@@ -217,6 +237,7 @@ struct DwAdjoint {
   index_t C;
   Geom g;
   index_t seg;
+  const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
     const index_t nseg = n_segments(g.W, seg);
     const index_t sgi = i % nseg;
@@ -249,7 +270,9 @@ struct DwAdjoint {
       return;
     }
     for (index_t w = w0; w < w1; ++w) dst[w] = b0;
-    for (index_t ki = 0; ki < g.kh; ++ki) {
+    // dilation 1: the kernel rows that hit a col row are ki = (h + ph) mod sh, then every sh-th one
+    const index_t ki0 = g.dh == 1 ? (h + g.ph) % g.sh : 0, kstep = g.dh == 1 ? g.sh : 1;
+    for (index_t ki = ki0; ki < g.kh; ki += kstep) {
       const index_t th = h + g.ph - ki * g.dh;
       if (th < 0 || th % g.sh != 0) continue;
       const index_t oh = th / g.sh;
@@ -259,7 +282,12 @@ struct DwAdjoint {
         const A wv = wc[ki * g.kw + kj];
         const index_t off = kj * g.dw - g.pw;
         index_t b, e;
-        col_range(off, g.sw, w0, w1, g.Wo, &b, &e);
+        if (kjr != nullptr) {
+          b = kjr[2 * kj];
+          e = kjr[2 * kj + 1];
+        } else {
+          col_range(off, g.sw, w0, w1, g.Wo, &b, &e);
+        }
         for (index_t ow = b; ow < e; ++ow) dst[ow * g.sw + off] += wv * static_cast<A>(src[ow * sW]);
       }
     }
