@@ -250,6 +250,17 @@ Tensor weight_grad(const Tensor& img, const Tensor& col, int64_t kh, int64_t kw,
   Tensor gw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "segops_conv_weight_grad", [&] {
     using A = acc_t<scalar_t>;
+#if !defined(__CUDACC__)
+    if (dw && !fine && g.dw == 1 && kw <= DwWeightGradRows<scalar_t, A>::kMaxKw) {
+      Tensor part = at::empty({Ci, 1, kh, kw}, img.options().dtype(acc));
+      DwWeightGradRows<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
+                                      img.stride(3), col.data_ptr<scalar_t>(), col.stride(0), col.stride(1),
+                                      col.stride(2), col.stride(3), part.data_ptr<A>(), N, Ci, g};
+      run(launch, Ci * kh, f, N * g.Ho * g.Wo * kw);
+      gw = part;
+      return;
+    }
+#endif
     if (dw) {
       const int64_t rows = N * g.Ho;
       const int64_t work = Ci * K;

@@ -120,12 +120,15 @@ struct Col2Im {
     const A b0 = bias != nullptr ? bias[c] : A(0);
     if (seg == 1) {  // one pixel: accumulate in a register
       A acc = b0;
-      for (index_t ki = 0; ki < g.kh; ++ki) {
+      // dilation 1: only every sh-th kernel row / sw-th column can reach this pixel
+      const index_t ki0 = g.dh == 1 ? (h + g.ph) % g.sh : 0, kis = g.dh == 1 ? g.sh : 1;
+      const index_t kj0 = g.dw == 1 ? (w0 + g.pw) % g.sw : 0, kjs = g.dw == 1 ? g.sw : 1;
+      for (index_t ki = ki0; ki < g.kh; ki += kis) {
         const index_t th = h + g.ph - ki * g.dh;
         if (th < 0 || th % g.sh != 0) continue;
         const index_t oh = th / g.sh;
         if (oh >= g.Ho) continue;
-        for (index_t kj = 0; kj < g.kw; ++kj) {
+        for (index_t kj = kj0; kj < g.kw; kj += kjs) {
           const index_t tw = w0 + g.pw - kj * g.dw;
           if (tw < 0 || tw % g.sw != 0) continue;
           const index_t ow = tw / g.sw;
@@ -207,6 +210,17 @@ struct DwCorrelate {
       const index_t h = oh * g.sh - g.ph + ki * g.dh;
       if (h < 0 || h >= g.H) continue;
       const T* src = src_c + h * sH;
+      if (g.dw == 1 && g.kw >= 8) {  // wide kernels (upsampling adjoints): contiguous dot product per output
+        const A* wr = wc + ki * g.kw;
+        for (index_t o = o0; o < o1; ++o) {
+          const index_t base = o * g.sw - g.pw;
+          const index_t kb = hd_max<index_t>(0, -base), ke = hd_min<index_t>(g.kw, g.W - base);
+          A acc = A(0);
+          for (index_t kj = kb; kj < ke; ++kj) acc += wr[kj] * static_cast<A>(src[(base + kj) * sW]);
+          dst[o] += acc;
+        }
+        continue;
+      }
       for (index_t kj = 0; kj < g.kw; ++kj) {
         const A wv = wc[ki * g.kw + kj];
         const index_t off = kj * g.dw - g.pw;
@@ -253,12 +267,15 @@ struct DwAdjoint {
     const A b0 = bias != nullptr ? bias[c] : A(0);
     if (seg == 1) {
       A acc = b0;
-      for (index_t ki = 0; ki < g.kh; ++ki) {
+      // dilation 1: only every sh-th kernel row / sw-th column can reach this pixel
+      const index_t ki0 = g.dh == 1 ? (h + g.ph) % g.sh : 0, kis = g.dh == 1 ? g.sh : 1;
+      const index_t kj0 = g.dw == 1 ? (w0 + g.pw) % g.sw : 0, kjs = g.dw == 1 ? g.sw : 1;
+      for (index_t ki = ki0; ki < g.kh; ki += kis) {
         const index_t th = h + g.ph - ki * g.dh;
         if (th < 0 || th % g.sh != 0) continue;
         const index_t oh = th / g.sh;
         if (oh >= g.Ho) continue;
-        for (index_t kj = 0; kj < g.kw; ++kj) {
+        for (index_t kj = kj0; kj < g.kw; kj += kjs) {
           const index_t tw = w0 + g.pw - kj * g.dw;
           if (tw < 0 || tw % g.sw != 0) continue;
           const index_t ow = tw / g.sw;
@@ -327,6 +344,41 @@ struct DwWeightGrad {
       for (index_t o = b; o < e; ++o) acc += static_cast<A>(a[o * cW]) * static_cast<A>(x[(o * g.sw + off) * iW]);
     }
     part[i] = acc;
+  }
+};
+
+// Depthwise weight gradient for the CPU row path with dilation 1 along w: one work item per (c, ki) keeps
+// kw accumulators and walks the rows once; for each col pixel the kw image pixels it meets are contiguous,
+// so the inner loop is a vectorisable axpy. part[(c * kh + ki) * kw + kj] gets the full sum (no chunks).
+template <typename T, typename A>
+struct DwWeightGradRows {
+  static constexpr index_t kMaxKw = 256;
+  const T* img;
+  index_t iN, iC, iH, iW;
+  const T* col;
+  index_t cN, cC, cH, cW;
+  A* part;
+  index_t N, C;
+  Geom g;
+  SEGOPS_HD void operator()(index_t i) const {
+    const index_t ki = i % g.kh, c = i / g.kh;
+    A acc[kMaxKw];
+    for (index_t kj = 0; kj < g.kw; ++kj) acc[kj] = A(0);
+    for (index_t r = 0; r < N * g.Ho; ++r) {
+      const index_t n = r / g.Ho, oh = r % g.Ho;
+      const index_t h = oh * g.sh - g.ph + ki * g.dh;
+      if (h < 0 || h >= g.H) continue;
+      const T* a = col + n * cN + c * cC + oh * cH;
+      const T* x = img + n * iN + c * iC + h * iH;
+      for (index_t o = 0; o < g.Wo; ++o) {
+        const A av = static_cast<A>(a[o * cW]);
+        const index_t base = o * g.sw - g.pw;
+        const index_t kb = hd_max<index_t>(0, -base), ke = hd_min<index_t>(g.kw, g.W - base);
+        for (index_t kj = kb; kj < ke; ++kj) acc[kj] += av * static_cast<A>(x[(base + kj) * iW]);
+      }
+    }
+    A* out = part + (c * g.kh + ki) * g.kw;
+    for (index_t kj = 0; kj < g.kw; ++kj) out[kj] = acc[kj];
   }
 };
 
