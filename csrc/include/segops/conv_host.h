@@ -158,6 +158,16 @@ struct KjTable {
   }
 };
 
+// Samples per im2col buffer in the general path. The GPU batches samples into one matrix product per group
+// (few large GEMMs; the col buffer is capped at 2^28 elements = 1 GiB in float); the CPU does one sample at a
+// time (a cache-sized buffer) unless the whole batch's buffer is tiny (small maps: fewer BLAS calls).
+inline int64_t samples_per_chunk(int64_t N, int64_t rows, int64_t L, bool fine) {
+  const int64_t per = std::max<int64_t>(1, rows * L);
+  const int64_t budget = fine ? (int64_t(1) << 28) : (int64_t(1) << 16);
+  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, budget / per));
+  return fine || nb == N ? nb : 1;
+}
+
 // ---- the three primitives --------------------------------------------------------------------------
 
 // image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw).
@@ -184,15 +194,27 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
     }
     const int64_t Cig = Ci / groups, Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
     Tensor w2 = w.view({groups, Cog, Cig * K});
-    Tensor col = at::empty({Cig * K, L}, out.options());
-    Tensor o3 = out.view({N, groups, Cog, L});
-    for (int64_t n = 0; n < N; ++n) {
+    const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
+    Tensor col = at::empty({Cig * K, nb * L}, out.options());
+    Tensor tmp = nb > 1 ? at::empty({Cog, nb * L}, out.options()) : Tensor();
+    Tensor o4 = out.view({N, groups, Cog, L});
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      const int64_t nc = std::min<int64_t>(nb, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        const scalar_t* src = img.data_ptr<scalar_t>() + n * img.stride(0) + gi * Cig * img.stride(1);
-        Im2Col<scalar_t, A> f{src, img.stride(1), img.stride(2), img.stride(3), col.data_ptr<A>(), Cig, g, seg};
-        run(launch, Cig * K * g.Ho * nseg, f, seg);
-        Tensor dst = o3.select(0, n).select(0, gi);
-        at::mm_out(dst, w2.select(0, gi), col);
+        const scalar_t* src = img.data_ptr<scalar_t>() + n0 * img.stride(0) + gi * Cig * img.stride(1);
+        Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), col.data_ptr<A>(),
+                              nc, Cig, g, seg};
+        run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
+        // the functor packs (Cig K, nc, L) at the start of the buffer
+        Tensor c2 = col.view({-1}).narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L});
+        if (nb == 1) {
+          Tensor dst = o4.select(0, n0).select(0, gi);
+          at::mm_out(dst, w2.select(0, gi), c2);
+        } else {
+          Tensor t = tmp.view({-1}).narrow(0, 0, Cog * nc * L).view({Cog, nc * L});
+          at::mm_out(t, w2.select(0, gi), c2);
+          o4.narrow(0, n0, nc).select(1, gi).copy_(t.view({Cog, nc, L}).permute({1, 0, 2}));
+        }
       }
     }
     if (bias_acc.defined()) out.add_(bias_acc.view({1, Co, 1, 1}));
@@ -224,15 +246,20 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
     }
     const int64_t Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
     Tensor w2 = w.view({groups, Cog, Cig * K});
-    Tensor c3 = col.to(acc).contiguous().view({N, groups, Cog, L});
-    Tensor buf = at::empty({Cig * K, L}, out.options());
-    for (int64_t n = 0; n < N; ++n) {
+    Tensor c4 = col.to(acc).contiguous().view({N, groups, Cog, L});
+    const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
+    Tensor buf = at::empty({Cig * K * nb * L}, out.options());
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      const int64_t nc = std::min<int64_t>(nb, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        at::mm_out(buf, w2.select(0, gi).t(), c3.select(0, n).select(0, gi));
-        A* dst = out.data_ptr<A>() + (n * Ci + gi * Cig) * g.H * g.W;
+        Tensor b2 = buf.narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L});
+        Tensor rhs = nc == 1 ? c4.select(0, n0).select(0, gi)
+                             : c4.narrow(0, n0, nc).select(1, gi).permute({1, 0, 2}).reshape({Cog, nc * L});
+        at::mm_out(b2, w2.select(0, gi).t(), rhs);
+        A* dst = out.data_ptr<A>() + (n0 * Ci + gi * Cig) * g.H * g.W;
         const A* b = bias_acc.defined() ? bias_acc.data_ptr<A>() + gi * Cig : nullptr;
-        Col2Im<A> f{buf.data_ptr<A>(), dst, g.H * g.W, b, Cig, g, seg, kjt.ptr};
-        run(launch, Cig * g.H * nseg, f, seg * g.kh * g.kw);
+        Col2Im<A> f{b2.data_ptr<A>(), dst, Ci * g.H * g.W, g.H * g.W, b, nc, Cig, g, seg, kjt.ptr};
+        run(launch, nc * Cig * g.H * nseg, f, seg * g.kh * g.kw);
       }
     }
   });
@@ -281,15 +308,21 @@ Tensor weight_grad(const Tensor& img, const Tensor& col, int64_t kh, int64_t kw,
     const index_t nseg = n_segments(g.Wo, seg);
     const int64_t L = g.Ho * g.Wo;
     gw = at::zeros({groups, Cog, Cig * K}, img.options().dtype(acc));
-    Tensor c3 = col.to(acc).contiguous().view({N, groups, Cog, L});
-    Tensor buf = at::empty({Cig * K, L}, img.options().dtype(acc));
-    for (int64_t n = 0; n < N; ++n) {
+    Tensor c4 = col.to(acc).contiguous().view({N, groups, Cog, L});
+    const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
+    Tensor buf = at::empty({Cig * K * nb * L}, img.options().dtype(acc));
+    for (int64_t n0 = 0; n0 < N; n0 += nb) {
+      const int64_t nc = std::min<int64_t>(nb, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        const scalar_t* src = img.data_ptr<scalar_t>() + n * img.stride(0) + gi * Cig * img.stride(1);
-        Im2Col<scalar_t, A> f{src, img.stride(1), img.stride(2), img.stride(3), buf.data_ptr<A>(), Cig, g, seg};
-        run(launch, Cig * K * g.Ho * nseg, f, seg);
+        const scalar_t* src = img.data_ptr<scalar_t>() + n0 * img.stride(0) + gi * Cig * img.stride(1);
+        Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), buf.data_ptr<A>(),
+                              nc, Cig, g, seg};
+        run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
+        Tensor b2 = buf.narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L});
+        Tensor lhs = nc == 1 ? c4.select(0, n0).select(0, gi)
+                             : c4.narrow(0, n0, nc).select(1, gi).permute({1, 0, 2}).reshape({Cog, nc * L});
         Tensor dst = gw.select(0, gi);
-        dst.addmm_(c3.select(0, n).select(0, gi), buf.t());
+        dst.addmm_(lhs, b2.t());
       }
     }
     gw = gw.view({Co, Cig, kh, kw});

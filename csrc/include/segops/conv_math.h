@@ -58,14 +58,14 @@ SEGOPS_HD_INLINE index_t n_segments(index_t n, index_t seg) { return (n + seg - 
 
 // ---- general path: im2col / col2im around ATen matrix products --------------------------------------
 
-// col (C * kh * kw, Ho * Wo), contiguous, from an image slice of C channels (any strides).
-// Work item: (row r = (c, ki, kj), oh, segment of ow).
+// col (C * kh * kw, Nb, Ho * Wo), contiguous, from Nb samples of an image slice of C channels (any
+// strides). Work item: (row r = (c, ki, kj), n, oh, segment of ow).
 template <typename T, typename A>
 struct Im2Col {
   const T* img;
-  index_t sC, sH, sW;
+  index_t sN, sC, sH, sW;
   A* col;
-  index_t C;
+  index_t Nb, C;
   Geom g;
   index_t seg;
   SEGOPS_HD void operator()(index_t i) const {
@@ -73,12 +73,14 @@ struct Im2Col {
     const index_t sgi = i % nseg;
     index_t t = i / nseg;
     const index_t oh = t % g.Ho;
-    const index_t r = t / g.Ho;
+    t /= g.Ho;
+    const index_t n = t % Nb;
+    const index_t r = t / Nb;
     const index_t kj = r % g.kw;
     const index_t ki = (r / g.kw) % g.kh;
     const index_t c = r / (g.kw * g.kh);
     const index_t o0 = sgi * seg, o1 = hd_min<index_t>(o0 + seg, g.Wo);
-    A* out = col + (r * g.Ho + oh) * g.Wo;
+    A* out = col + ((r * Nb + n) * g.Ho + oh) * g.Wo;
     const index_t h = oh * g.sh - g.ph + ki * g.dh;
     if (h < 0 || h >= g.H) {
       for (index_t o = o0; o < o1; ++o) out[o] = A(0);
@@ -90,33 +92,37 @@ struct Im2Col {
     b = hd_max(b, o0);
     e = hd_min(e, o1);
     if (e < b) e = b;
-    const T* src = img + c * sC + h * sH;
+    const T* src = img + n * sN + c * sC + h * sH;
     for (index_t o = o0; o < hd_min(b, o1); ++o) out[o] = A(0);
     for (index_t o = b; o < e; ++o) out[o] = static_cast<A>(src[(o * g.sw + off) * sW]);
     for (index_t o = hd_max(e, o0); o < o1; ++o) out[o] = A(0);
   }
 };
 
-// image (C, H, W) slice (acc type, rows contiguous: stride sC, H-stride W) = sum over the col entries
-// reaching each pixel, plus bias[c] when bias != nullptr. Work item: (c, h, segment of w).
+// image (Nb, C, H, W) slice (acc type; sample stride sN, channel stride sC, rows of W contiguous) = sum over
+// the col entries (C * kh * kw, Nb, Ho * Wo) reaching each pixel, plus bias[c] when bias != nullptr.
+// Work item: (n, c, h, segment of w).
 template <typename A>
 struct Col2Im {
-  const A* col;  // (C * kh * kw, Ho * Wo)
+  const A* col;
   A* img;
-  index_t sC;  // channel stride of img (rows of W contiguous)
+  index_t sN, sC;
   const A* bias;
-  index_t C;
+  index_t Nb, C;
   Geom g;
   index_t seg;
   const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
     const index_t nseg = n_segments(g.W, seg);
     const index_t sgi = i % nseg;
-    const index_t t = i / nseg;
+    index_t t = i / nseg;
     const index_t h = t % g.H;
-    const index_t c = t / g.H;
+    t /= g.H;
+    const index_t c = t % C;
+    const index_t n = t / C;
     const index_t w0 = sgi * seg, w1 = hd_min<index_t>(w0 + seg, g.W);
-    A* out = img + c * sC + h * g.W;
+    A* out = img + n * sN + c * sC + h * g.W;
+    const index_t L = g.Ho * g.Wo, plane = Nb * L;  // col row (c, ki, kj) holds Nb planes of L
     const A b0 = bias != nullptr ? bias[c] : A(0);
     if (seg == 1) {  // one pixel: accumulate in a register
       A acc = b0;
@@ -133,7 +139,7 @@ struct Col2Im {
           if (tw < 0 || tw % g.sw != 0) continue;
           const index_t ow = tw / g.sw;
           if (ow >= g.Wo) continue;
-          acc += col[((c * g.kh + ki) * g.kw + kj) * g.Ho * g.Wo + oh * g.Wo + ow];
+          acc += col[((c * g.kh + ki) * g.kw + kj) * plane + n * L + oh * g.Wo + ow];
         }
       }
       out[w0] = acc;
@@ -156,7 +162,7 @@ struct Col2Im {
         } else {
           col_range(off, g.sw, w0, w1, g.Wo, &b, &e);
         }
-        const A* src = col + ((c * g.kh + ki) * g.kw + kj) * g.Ho * g.Wo + oh * g.Wo;
+        const A* src = col + ((c * g.kh + ki) * g.kw + kj) * plane + n * L + oh * g.Wo;
         for (index_t ow = b; ow < e; ++ow) out[ow * g.sw + off] += src[ow];
       }
     }
