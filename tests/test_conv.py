@@ -376,6 +376,13 @@ def test_atrous_module_matches_torch_module():
     twin = torch.nn.Conv2d(8, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
     twin.load_state_dict(reflect.state_dict())
     torch.testing.assert_close(reflect(x), twin(x))
+    for kwargs in [dict(kernel_size=3, dilation=2, padding="same"), dict(kernel_size=(2, 3), dilation=(3, 1),
+                                                                           padding="same"),
+                   dict(kernel_size=3, padding="valid"), dict(kernel_size=2, padding="same", padding_mode="circular")]:
+        mine = AtrousConv2d(8, 4, **kwargs)
+        twin = torch.nn.Conv2d(8, 4, **kwargs)
+        twin.load_state_dict(mine.state_dict())
+        torch.testing.assert_close(mine(x), twin(x))
 
 
 def test_transpose_module_matches_torch_module_and_output_size():

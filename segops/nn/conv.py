@@ -21,17 +21,30 @@ __all__ = ["AtrousConv2d", "ConvTranspose2d"]
 class AtrousConv2d(nn.Conv2d):
     """Atrous (dilated) 2-D convolution running :func:`segops.ops.atrous_conv2d` (deterministic backward).
 
-    Arguments as :class:`torch.nn.Conv2d`. Integer / pair padding only; ``padding_mode`` other than ``'zeros'``
-    pads explicitly with :func:`torch.nn.functional.pad` first, as torch does.
+    Arguments as :class:`torch.nn.Conv2d`, including ``padding='same'`` / ``'valid'``; a ``padding_mode`` other
+    than ``'zeros'`` pads explicitly with :func:`torch.nn.functional.pad` first, as torch does.
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(self.padding, str):
-            raise ValueError("AtrousConv2d: string padding (%r) is not supported; give ints" % (self.padding,))
+        padding = self.padding
+        if isinstance(padding, str):  # 'valid' = 0; 'same' (stride 1, checked by nn.Conv2d) = d (k - 1) split in two
+            if padding == "valid":
+                padding = (0, 0)
+            else:
+                total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+                if all(t % 2 == 0 for t in total):
+                    padding = (total[0] // 2, total[1] // 2)
+                else:  # odd total: torch puts the extra row / column at the end
+                    lr = []
+                    for t in reversed(total):
+                        lr += [t // 2, t - t // 2]
+                    mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+                    x = F.pad(input, lr, mode=mode)
+                    return atrous_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         if self.padding_mode != "zeros":
             x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return atrous_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return atrous_conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return atrous_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
