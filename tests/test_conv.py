@@ -279,6 +279,24 @@ def test_backward_bit_identical_across_runs(device, depthwise):
             assert torch.equal(r0, r1)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_large_maps_use_row_blocks(groups):
+    # Big enough that the CPU streams im2col by blocks of output rows (Cig*K*Wo*rows > 2^21) and handles one
+    # sample at a time; the GPU batches the samples instead. Both must equal torch.
+    g = _gen(13)
+    x = _leaf(_rand(2, 64 * groups, 90, 64, g=g))
+    w = _leaf(_rand(4 * groups, 64, 3, 3, g=g, scale=0.1))
+    b = _leaf(_rand(4 * groups, g=g))
+    args = (1, 3, 3, groups)
+    ref = F.conv2d(x, w, b, *args)
+    gout = _rand(*ref.shape, g=g)
+    out, grads = _grads(lambda *t: ops.atrous_conv2d(*t, *args), (x, w, b), gout)
+    ref, rgrads = _grads(lambda *t: F.conv2d(*t, *args), (x, w, b), gout)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+
+
 def test_empty_batch():
     x = torch.zeros(0, 4, 5, 5, requires_grad=True)
     w = torch.randn(4, 4, 3, 3, requires_grad=True)

@@ -168,6 +168,21 @@ inline int64_t samples_per_chunk(int64_t N, int64_t rows, int64_t L, bool fine) 
   return fine || nb == N ? nb : 1;
 }
 
+// CPU, one sample at a time: im2col and its product go by blocks of output rows, so the col block stays
+// cache-sized (~8 MB) instead of streaming a Cig*K x Ho*Wo buffer through memory. A block of rows
+// [oh0, oh0 + Hc) is itself a geometry: Ho = Hc, ph shifted by oh0 * sh.
+inline int64_t rows_per_block(int64_t rows, const Geom& g, bool fine) {
+  if (fine) return g.Ho;
+  const int64_t per_row = std::max<int64_t>(1, rows * g.Wo);
+  return std::max<int64_t>(1, std::min<int64_t>(g.Ho, (int64_t(1) << 21) / per_row));
+}
+inline Geom row_block(const Geom& g, int64_t oh0, int64_t hc) {
+  Geom b = g;
+  b.Ho = hc;
+  b.ph = g.ph - oh0 * g.sh;
+  return b;
+}
+
 // ---- the three primitives --------------------------------------------------------------------------
 
 // image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw).
@@ -195,19 +210,34 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
     const int64_t Cig = Ci / groups, Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
     Tensor w2 = w.view({groups, Cog, Cig * K});
     const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
-    Tensor col = at::empty({Cig * K, nb * L}, out.options());
+    const int64_t hb = rows_per_block(Cig * K, g, fine);
+    Tensor col = at::empty({Cig * K, nb == 1 && !fine ? hb * g.Wo : nb * L}, out.options());
     Tensor tmp = nb > 1 ? at::empty({Cog, nb * L}, out.options()) : Tensor();
     Tensor o4 = out.view({N, groups, Cog, L});
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
       const int64_t nc = std::min<int64_t>(nb, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
         const scalar_t* src = img.data_ptr<scalar_t>() + n0 * img.stride(0) + gi * Cig * img.stride(1);
-        Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), col.data_ptr<A>(),
-                              nc, Cig, g, seg};
-        run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
+        if (fine || nb > 1) {
+          Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), col.data_ptr<A>(),
+                                nc, Cig, g, seg};
+          run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
+        }
         // the functor packs (Cig K, nc, L) at the start of the buffer
-        Tensor c2 = col.view({-1}).narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L});
-        if (nb == 1) {
+        Tensor c2 = fine || nb > 1 ? col.view({-1}).narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L}) : Tensor();
+        if (nb == 1 && !fine) {  // CPU: blocks of output rows (the Im2Col above was skipped)
+          Tensor dst = o4.select(0, n0).select(0, gi);
+          for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += hb) {
+            const int64_t hc = std::min<int64_t>(hb, g.Ho - oh0);
+            const Geom gb = row_block(g, oh0, hc);
+            Im2Col<scalar_t, A> fb{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3),
+                                   col.data_ptr<A>(), 1, Cig, gb, seg};
+            run(launch, Cig * K * hc * nseg, fb, seg);
+            Tensor cb = col.view({-1}).narrow(0, 0, Cig * K * hc * g.Wo).view({Cig * K, hc * g.Wo});
+            Tensor db = dst.narrow(1, oh0 * g.Wo, hc * g.Wo);
+            at::mm_out(db, w2.select(0, gi), cb);
+          }
+        } else if (nb == 1) {
           Tensor dst = o4.select(0, n0).select(0, gi);
           at::mm_out(dst, w2.select(0, gi), c2);
         } else {
@@ -310,11 +340,27 @@ Tensor weight_grad(const Tensor& img, const Tensor& col, int64_t kh, int64_t kw,
     gw = at::zeros({groups, Cog, Cig * K}, img.options().dtype(acc));
     Tensor c4 = col.to(acc).contiguous().view({N, groups, Cog, L});
     const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
-    Tensor buf = at::empty({Cig * K * nb * L}, img.options().dtype(acc));
+    const int64_t hb = rows_per_block(Cig * K, g, fine);
+    const bool blocks = nb == 1 && !fine;
+    Tensor buf = at::empty({Cig * K * (blocks ? hb * g.Wo : nb * L)}, img.options().dtype(acc));
     for (int64_t n0 = 0; n0 < N; n0 += nb) {
       const int64_t nc = std::min<int64_t>(nb, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
         const scalar_t* src = img.data_ptr<scalar_t>() + n0 * img.stride(0) + gi * Cig * img.stride(1);
+        if (blocks) {  // CPU: blocks of output rows, as in correlate
+          Tensor lhs = c4.select(0, n0).select(0, gi);
+          Tensor dst = gw.select(0, gi);
+          for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += hb) {
+            const int64_t hc = std::min<int64_t>(hb, g.Ho - oh0);
+            const Geom gb = row_block(g, oh0, hc);
+            Im2Col<scalar_t, A> fb{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3),
+                                   buf.data_ptr<A>(), 1, Cig, gb, seg};
+            run(launch, Cig * K * hc * nseg, fb, seg);
+            Tensor cb = buf.narrow(0, 0, Cig * K * hc * g.Wo).view({Cig * K, hc * g.Wo});
+            dst.addmm_(lhs.narrow(1, oh0 * g.Wo, hc * g.Wo), cb.t());
+          }
+          continue;
+        }
         Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), buf.data_ptr<A>(),
                               nc, Cig, g, seg};
         run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
