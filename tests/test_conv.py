@@ -297,6 +297,24 @@ def test_large_maps_use_row_blocks(groups):
         torch.testing.assert_close(a, r)
 
 
+@pytest.mark.parametrize("k,s,p,op", [(9, 3, 2, 1), (16, 8, 4, 0), (12, 5, 0, 4), (8, 1, 3, 0)])
+def test_depthwise_wide_kernels(device, k, s, p, op):
+    # kernels of width >= 8 take the contiguous-run loops of the depthwise kernels (upsampling filters)
+    g = _gen(14)
+    C = 3
+    x = _leaf(_rand(2, C, 5, 7, g=g, device=device))
+    w = _leaf(_rand(C, 1, k, k - 1, g=g, device=device))
+    b = _leaf(_rand(C, g=g, device=device))
+    args = ((s, s), (p, p), (op, op), C)
+    ref = F.conv_transpose2d(x, w, b, *args)
+    gout = _rand(*ref.shape, g=g, device=device)
+    out, grads = _grads(lambda *t: ops.conv_transpose2d(*t, *args), (x, w, b), gout)
+    ref, rgrads = _grads(lambda *t: F.conv_transpose2d(*t, *args), (x, w, b), gout)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+
+
 def test_empty_batch():
     x = torch.zeros(0, 4, 5, 5, requires_grad=True)
     w = torch.randn(4, 4, 3, 3, requires_grad=True)

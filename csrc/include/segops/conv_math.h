@@ -301,6 +301,18 @@ struct DwAdjoint {
       const index_t oh = th / g.sh;
       if (oh >= g.Ho) continue;
       const T* src = src_c + oh * sH;
+      if (g.dw == 1 && g.kw >= 8) {  // wide kernels (upsampling): each col pixel adds a contiguous kw-long run
+        const A* wr = wc + ki * g.kw;
+        for (index_t ow = 0; ow < g.Wo; ++ow) {
+          const index_t base = ow * g.sw - g.pw;
+          const index_t kb = hd_max<index_t>(0, w0 - base), ke = hd_min<index_t>(g.kw, w1 - base);
+          if (kb >= ke) continue;
+          const A v = static_cast<A>(src[ow * sW]);
+          A* d = dst + base;
+          for (index_t kj = kb; kj < ke; ++kj) d[kj] += wr[kj] * v;
+        }
+        continue;
+      }
       for (index_t kj = 0; kj < g.kw; ++kj) {
         const A wv = wc[ki * g.kw + kj];
         const index_t off = kj * g.dw - g.pw;
