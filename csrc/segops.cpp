@@ -74,6 +74,20 @@ TORCH_LIBRARY(segops, m) {
   // ---- permutohedral lattice, dense CRF / normalized-cut losses (issue: lattice) -----------------
 
   // ---- transposed / atrous convolution (issue: conv) ---------------------------------------------
+  // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return
+  // (grad_input, grad_weight, grad_bias); output_mask selects which are computed (the others are empty (0,) tensors).
+  m.def(
+      "atrous_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+      "int groups) -> Tensor");
+  m.def(
+      "_atrous_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+      "int[2] output_padding, int groups, int[2] dilation) -> Tensor");
+  m.def(
+      "_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
+      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 // A pybind-free module: importing segops._C runs the static TORCH_LIBRARY registrations above.

@@ -45,3 +45,18 @@ def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mea
     if int(count) == 0:
         return h.sum().to(logits.dtype) * 0
     return (h.sum() / count).to(logits.dtype)
+
+
+# ---- transposed / atrous convolution (issue: conv) -------------------------------------------------------
+
+
+def atrous_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
+                  groups: int = 1) -> Tensor:
+    """Twin of :func:`segops.ops.atrous_conv2d`: ``F.conv2d`` (oneDNN / cuDNN)."""
+    return F.conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                     output_padding=0, groups: int = 1, dilation=1) -> Tensor:
+    """Twin of :func:`segops.ops.conv_transpose2d`: ``F.conv_transpose2d``."""
+    return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)

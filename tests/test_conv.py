@@ -1,0 +1,521 @@
+"""Tests of atrous_conv2d / conv_transpose2d, their modules and the bilinear initialiser."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, strategies as st
+
+import segops
+from segops import ops, reference
+from segops.nn import AtrousConv2d, ConvTranspose2d
+from segops.nn.init import bilinear_, bilinear_kernel_1d
+from segops.ops.conv import conv_output_size, conv_transpose_output_size
+
+from conftest import HAS_CUDA
+
+D64 = torch.float64
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, g, dtype=D64, device="cpu", scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=D64) * scale).to(dtype=dtype, device=device)
+
+
+def _grads(fn, tensors, gout):
+    out = fn(*tensors)
+    gs = torch.autograd.grad(out, [t for t in tensors if t is not None and t.requires_grad], gout)
+    return out, gs
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+# ---- the lecture's worked example and the zero-insertion equivalence -------------------------------------------------
+
+
+def _scatter_transpose(x, k, stride, padding):
+    """Transposed conv written as the textbook scatter: each input pixel stamps input * kernel onto the output."""
+    H, W = len(x), len(x[0])
+    kh, kw = len(k), len(k[0])
+    full_h, full_w = (H - 1) * stride + kh, (W - 1) * stride + kw
+    full = [[0.0] * full_w for _ in range(full_h)]
+    for i in range(H):
+        for j in range(W):
+            for a in range(kh):
+                for b in range(kw):
+                    full[i * stride + a][j * stride + b] += x[i][j] * k[a][b]
+    return [row[padding:full_w - padding] for row in full[padding:full_h - padding]]
+
+
+def test_lecture_worked_example():
+    # Lecture "Transpose Convolution: Example": 4x4 input 0..15, bilinear-like 3x3 kernel, stride 2, padding 1.
+    x = [[float(4 * i + j) for j in range(4)] for i in range(4)]
+    k = [[0.25, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 0.25]]
+    expected = torch.tensor(_scatter_transpose(x, k, 2, 1), dtype=D64)
+    assert expected.shape == (7, 7)
+    out = ops.conv_transpose2d(torch.tensor(x, dtype=D64)[None, None], torch.tensor(k, dtype=D64)[None, None],
+                               stride=2, padding=1)
+    assert out.shape == (1, 1, 7, 7)
+    torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=0)
+    # This kernel is the odd-size bilinear filter: the stride-2 result interpolates between the input samples,
+    # so the input pixels reappear unchanged at even positions and midpoints sit in between.
+    torch.testing.assert_close(out[0, 0, ::2, ::2], torch.tensor(x, dtype=D64)[:, :], rtol=0, atol=0)
+    torch.testing.assert_close(out[0, 0, 1, 1], torch.tensor((0.0 + 1 + 4 + 5) / 4, dtype=D64))
+
+
+@pytest.mark.parametrize("stride,padding,dilation,k", [(2, 1, 1, 3), (3, 0, 1, 2), (2, 2, 2, 3), (1, 1, 1, 3)])
+def test_transpose_is_zero_insertion_then_flipped_conv(stride, padding, dilation, k):
+    g = _gen(1)
+    x = _rand(2, 3, 5, 4, g=g)
+    w = _rand(3, 4, k, k, g=g)  # (C_in, C_out, k, k)
+    # zero insertion: stride-1 gaps between the input pixels
+    z = x.new_zeros(2, 3, (5 - 1) * stride + 1, (4 - 1) * stride + 1)
+    z[:, :, ::stride, ::stride] = x
+    flipped = w.flip(2, 3).transpose(0, 1)  # (C_out, C_in, k, k), kernel rotated by 180 degrees
+    q = dilation * (k - 1) - padding
+    assert q >= 0
+    expected = F.conv2d(z, flipped, padding=q, dilation=dilation)
+    out = ops.conv_transpose2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    torch.testing.assert_close(out, expected)
+
+
+# ---- against torch, random geometry -------------------------------------------------------------------------------------
+
+
+@st.composite
+def _geometry(draw, transposed: bool):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    depthwise = draw(st.booleans()) and groups > 1
+    cig = 1 if depthwise else draw(st.integers(1, 3))
+    cog = 1 if depthwise else draw(st.integers(1, 3))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+    n = draw(st.integers(1, 2))
+    if transposed:
+        h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+        oph = draw(st.integers(0, max(sh, dh) - 1))
+        opw = draw(st.integers(0, max(sw, dw) - 1))
+        ho = conv_transpose_output_size(h, kh, sh, ph, oph, dh)
+        wo = conv_transpose_output_size(w, kw, sw, pw, opw, dw)
+        if ho < 1 or wo < 1:
+            ph = pw = 0
+        return dict(n=n, groups=groups, cig=cig, cog=cog, k=(kh, kw), s=(sh, sw), p=(ph, pw), d=(dh, dw),
+                    op=(oph, opw), hw=(h, w))
+    h = draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 12))
+    w = draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 12))
+    return dict(n=n, groups=groups, cig=cig, cog=cog, k=(kh, kw), s=(sh, sw), p=(ph, pw), d=(dh, dw), hw=(h, w))
+
+
+@given(_geometry(transposed=False), st.integers(0, 2**31 - 1), st.booleans())
+def test_atrous_matches_torch(geo, seed, with_bias):
+    g = _gen(seed)
+    G = geo["groups"]
+    x = _leaf(_rand(geo["n"], geo["cig"] * G, *geo["hw"], g=g))
+    w = _leaf(_rand(geo["cog"] * G, geo["cig"], *geo["k"], g=g))
+    b = _leaf(_rand(geo["cog"] * G, g=g)) if with_bias else None
+    args = (geo["s"], geo["p"], geo["d"], G)
+    ref = reference.atrous_conv2d(x, w, b, *args)
+    gout = _rand(*ref.shape, g=g)
+    out, grads = _grads(lambda *t: ops.atrous_conv2d(*t, *args), (x, w, b), gout)
+    ref, rgrads = _grads(lambda *t: reference.atrous_conv2d(*t, *args), (x, w, b), gout)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+
+
+@given(_geometry(transposed=True), st.integers(0, 2**31 - 1), st.booleans())
+def test_transpose_matches_torch(geo, seed, with_bias):
+    g = _gen(seed)
+    G = geo["groups"]
+    x = _leaf(_rand(geo["n"], geo["cig"] * G, *geo["hw"], g=g))
+    w = _leaf(_rand(geo["cig"] * G, geo["cog"], *geo["k"], g=g))
+    b = _leaf(_rand(geo["cog"] * G, g=g)) if with_bias else None
+    args = (geo["s"], geo["p"], geo["op"], G, geo["d"])
+    ho = conv_transpose_output_size(geo["hw"][0], geo["k"][0], geo["s"][0], geo["p"][0], geo["op"][0], geo["d"][0])
+    wo = conv_transpose_output_size(geo["hw"][1], geo["k"][1], geo["s"][1], geo["p"][1], geo["op"][1], geo["d"][1])
+    if ho < 1 or wo < 1:
+        with pytest.raises(RuntimeError, match="output size"):
+            ops.conv_transpose2d(x, w, b, *args)
+        return
+    ref = reference.conv_transpose2d(x, w, b, *args)
+    gout = _rand(*ref.shape, g=g)
+    out, grads = _grads(lambda *t: ops.conv_transpose2d(*t, *args), (x, w, b), gout)
+    ref, rgrads = _grads(lambda *t: reference.conv_transpose2d(*t, *args), (x, w, b), gout)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+
+
+@given(_geometry(transposed=False), st.integers(0, 2**31 - 1))
+def test_adjoint_identity(geo, seed):
+    # <atrous(x), y> = <x, conv_transpose(y)> with the same weight; output_padding restores x's size.
+    g = _gen(seed)
+    G = geo["groups"]
+    x = _rand(geo["n"], geo["cig"] * G, *geo["hw"], g=g)
+    w = _rand(geo["cog"] * G, geo["cig"], *geo["k"], g=g)
+    y = ops.atrous_conv2d(x, w, None, geo["s"], geo["p"], geo["d"], G)
+    v = _rand(*y.shape, g=g)
+    op = [geo["hw"][i] - conv_transpose_output_size(y.shape[2 + i], geo["k"][i], geo["s"][i], geo["p"][i], 0,
+                                                    geo["d"][i]) for i in range(2)]
+    assert all(0 <= o < geo["s"][i] for i, o in enumerate(op))
+    xt = ops.conv_transpose2d(v, w, None, geo["s"], geo["p"], op, G, geo["d"])
+    assert xt.shape == x.shape
+    torch.testing.assert_close((y * v).sum(), (x * xt).sum(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_gradcheck(groups):
+    g = _gen(3)
+    x = _leaf(_rand(2, 4, 6, 5, g=g))
+    w = _leaf(_rand(4, 4 // groups, 3, 2, g=g))
+    b = _leaf(_rand(4, g=g))
+    assert torch.autograd.gradcheck(lambda x, w, b: ops.atrous_conv2d(x, w, b, (2, 1), (2, 1), (2, 3), groups),
+                                    (x, w, b))
+    wt = _leaf(_rand(4, 4 // groups, 3, 2, g=g))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: ops.conv_transpose2d(x, w, b, (2, 3), (1, 0), (1, 0), groups, (2, 1)), (x, wt, b))
+
+
+def test_opcheck():
+    g = _gen(4)
+    for groups, dw in [(1, False), (2, False), (4, True)]:
+        x = _rand(2, 4, 7, 6, g=g, dtype=torch.float32).requires_grad_()
+        w = _rand(4, 1 if dw else 4 // groups, 3, 3, g=g, dtype=torch.float32).requires_grad_()
+        b = _rand(4, g=g, dtype=torch.float32).requires_grad_()
+        torch.library.opcheck(torch.ops.segops.atrous_conv2d.default, (x, w, b, [1, 2], [2, 1], [2, 1], groups))
+        torch.library.opcheck(torch.ops.segops.conv_transpose2d.default,
+                              (x, w, b, [2, 1], [1, 1], [1, 0], groups, [1, 2]))
+        y = ops.atrous_conv2d(x, w, b, [1, 2], [2, 1], [2, 1], groups).detach()
+        torch.library.opcheck(torch.ops.segops._atrous_conv2d_backward.default,
+                              (torch.randn_like(y), x.detach(), w.detach(), [1, 2], [2, 1], [2, 1], groups,
+                               [True, True, True]))
+        torch.library.opcheck(torch.ops.segops._atrous_conv2d_backward.default,
+                              (torch.randn_like(y), x.detach(), w.detach(), [1, 2], [2, 1], [2, 1], groups,
+                               [True, False, False]))
+        t = ops.conv_transpose2d(x, w, b, [2, 1], [1, 1], [1, 0], groups, [1, 2]).detach()
+        torch.library.opcheck(torch.ops.segops._conv_transpose2d_backward.default,
+                              (torch.randn_like(t), x.detach(), w.detach(), [2, 1], [1, 1], [1, 0], groups, [1, 2],
+                               [True, True, True]))
+
+
+# ---- layouts, dtypes, determinism -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_channels_last_and_noncontiguous(device, depthwise):
+    g = _gen(5)
+    C = 6
+    base = _rand(2, C, 11, 14, g=g, dtype=D64, device=device)
+    w = _rand(C, 1 if depthwise else C, 3, 3, g=g, dtype=D64, device=device)
+    groups = C if depthwise else 1
+    wt_nc = _rand(3, 3, C, 1 if depthwise else C, g=g, dtype=D64, device=device).permute(2, 3, 0, 1)
+    variants = [base.contiguous(memory_format=torch.channels_last), base[:, :, 1::2, ::3], base.transpose(2, 3)]
+    for x in variants:
+        for weight in (w, wt_nc):
+            torch.testing.assert_close(ops.atrous_conv2d(x, weight, None, 1, 2, 2, groups),
+                                       F.conv2d(x, weight, None, 1, 2, 2, groups))
+            torch.testing.assert_close(ops.conv_transpose2d(x, weight, None, 2, 1, 1, groups),
+                                       F.conv_transpose2d(x, weight, None, 2, 1, 1, groups))
+        xl, wl = _leaf(x), _leaf(w)
+        gi, gw = torch.autograd.grad(ops.conv_transpose2d(xl, wl, None, 2, 1, 1, groups).square().sum(), (xl, wl))
+        ri, rw = torch.autograd.grad(F.conv_transpose2d(xl, wl, None, 2, 1, 1, groups).square().sum(), (xl, wl))
+        torch.testing.assert_close(gi, ri)
+        torch.testing.assert_close(gw, rw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_half_precision_float_accumulation(device, dtype, depthwise):
+    # Computed in float32 and rounded once: equals the float32 result of the same (rounded) inputs, rounded to
+    # `dtype`, up to one rounding step (rtol = the dtype's epsilon) plus float32 accumulation-order noise (atol).
+    g = _gen(6)
+    C = 8
+    groups = C if depthwise else 2
+    x = _rand(2, C, 9, 10, g=g, dtype=dtype, device=device)
+    w = _rand(C, C // groups, 3, 3, g=g, dtype=dtype, device=device, scale=0.3)
+    b = _rand(C, g=g, dtype=dtype, device=device)
+    eps = torch.finfo(dtype).eps
+    for ours, theirs in [
+        (ops.atrous_conv2d(x, w, b, 1, 2, 2, groups), F.conv2d(x.float(), w.float(), b.float(), 1, 2, 2, groups)),
+        (ops.conv_transpose2d(x, w, b, 2, 1, 1, groups),
+         F.conv_transpose2d(x.float(), w.float(), b.float(), 2, 1, 1, groups)),
+    ]:
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), theirs, rtol=eps, atol=1e-5)
+    xl, wl = _leaf(x), _leaf(w)
+    gi, gw = torch.autograd.grad(ops.atrous_conv2d(xl, wl, None, 1, 2, 2, groups).float().sum(), (xl, wl))
+    xf, wf = _leaf(x.float()), _leaf(w.float())
+    ri, rw = torch.autograd.grad(F.conv2d(xf, wf, None, 1, 2, 2, groups).sum(), (xf, wf))
+    assert gi.dtype == dtype and gw.dtype == dtype
+    torch.testing.assert_close(gi.float(), ri, rtol=eps, atol=1e-4)
+    torch.testing.assert_close(gw.float(), rw, rtol=eps, atol=1e-4)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_backward_bit_identical_across_runs(device, depthwise):
+    g = _gen(7)
+    C = 16
+    groups = C if depthwise else 1
+    x = _rand(3, C, 40, 37, g=g, dtype=torch.float32, device=device).requires_grad_()
+    w = _rand(C, C // groups, 3, 3, g=g, dtype=torch.float32, device=device).requires_grad_()
+    wt = _rand(C, C // groups, 4, 4, g=g, dtype=torch.float32, device=device).requires_grad_()
+    runs = []
+    for _ in range(3):
+        a = ops.atrous_conv2d(x, w, None, 1, 4, 4, groups)
+        t = ops.conv_transpose2d(x, wt, None, 2, 1, 0, groups)
+        runs.append(torch.autograd.grad(a.square().sum() + t.square().sum(), (x, w, wt)))
+    for other in runs[1:]:
+        for r0, r1 in zip(runs[0], other):
+            assert torch.equal(r0, r1)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_large_maps_use_row_blocks(groups):
+    # Big enough that the CPU streams im2col by blocks of output rows (Cig*K*Wo*rows > 2^21) and handles one
+    # sample at a time; the GPU batches the samples instead. Both must equal torch.
+    g = _gen(13)
+    x = _leaf(_rand(2, 64 * groups, 90, 64, g=g))
+    w = _leaf(_rand(4 * groups, 64, 3, 3, g=g, scale=0.1))
+    b = _leaf(_rand(4 * groups, g=g))
+    args = (1, 3, 3, groups)
+    ref = F.conv2d(x, w, b, *args)
+    gout = _rand(*ref.shape, g=g)
+    out, grads = _grads(lambda *t: ops.atrous_conv2d(*t, *args), (x, w, b), gout)
+    ref, rgrads = _grads(lambda *t: F.conv2d(*t, *args), (x, w, b), gout)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+
+
+@pytest.mark.parametrize("k,s,p,op", [(9, 3, 2, 1), (16, 8, 4, 0), (12, 5, 0, 4), (8, 1, 3, 0)])
+def test_depthwise_wide_kernels(device, k, s, p, op):
+    # kernels of width >= 8 take the contiguous-run loops of the depthwise kernels (upsampling filters)
+    g = _gen(14)
+    C = 3
+    x = _leaf(_rand(2, C, 5, 7, g=g, device=device))
+    w = _leaf(_rand(C, 1, k, k - 1, g=g, device=device))
+    b = _leaf(_rand(C, g=g, device=device))
+    args = ((s, s), (p, p), (op, op), C)
+    ref = F.conv_transpose2d(x, w, b, *args)
+    gout = _rand(*ref.shape, g=g, device=device)
+    out, grads = _grads(lambda *t: ops.conv_transpose2d(*t, *args), (x, w, b), gout)
+    ref, rgrads = _grads(lambda *t: F.conv_transpose2d(*t, *args), (x, w, b), gout)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(grads, rgrads):
+        torch.testing.assert_close(a, r)
+
+
+def test_empty_batch():
+    x = torch.zeros(0, 4, 5, 5, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    out = ops.atrous_conv2d(x, w, None, 1, 1)
+    assert out.shape == (0, 4, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+    assert ops.conv_transpose2d(x, w, None, 2).shape == (0, 4, 11, 11)
+
+
+def test_unbatched_input():
+    g = _gen(8)
+    x = _rand(3, 6, 6, g=g)
+    w = _rand(3, 3, 3, 3, g=g)
+    torch.testing.assert_close(ops.atrous_conv2d(x, w, None, 1, 2, 2), F.conv2d(x, w, None, 1, 2, 2))
+    torch.testing.assert_close(ops.conv_transpose2d(x, w, None, 2), F.conv_transpose2d(x, w, None, 2))
+
+
+def test_torch_compile():
+    g = _gen(9)
+    x = _rand(2, 4, 9, 9, g=g, dtype=torch.float32)
+    w = _rand(4, 4, 3, 3, g=g, dtype=torch.float32)
+    wd = _rand(4, 1, 4, 4, g=g, dtype=torch.float32)
+
+    def f(x, w, wd):
+        y = torch.relu(ops.atrous_conv2d(x, w, None, 1, 2, 2))
+        return ops.conv_transpose2d(y, wd, None, 2, 1, 0, 4).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    leaves = [_leaf(t) for t in (x, w, wd)]
+    eager_leaves = [_leaf(t) for t in (x, w, wd)]
+    out = compiled(*leaves)
+    ref = f(*eager_leaves)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, leaves), torch.autograd.grad(ref, eager_leaves)):
+        torch.testing.assert_close(a, b)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+
+
+def _bad_cases():
+    x = torch.randn(1, 4, 8, 8)
+    w = torch.randn(6, 2, 3, 3)
+    a, t = ops.atrous_conv2d, ops.conv_transpose2d
+    return [
+        ("atrous channel mismatch", lambda: a(x, torch.randn(6, 3, 3, 3)), "channels"),
+        ("atrous groups mismatch", lambda: a(x, w, None, 1, 0, 1, 3), "channels"),
+        ("atrous out_channels % groups", lambda: a(x, torch.randn(5, 2, 3, 3), None, 1, 0, 1, 2), "divisible by groups"),
+        ("atrous negative padding", lambda: a(x, w[:, :], None, 1, -1, 1, 2), "padding"),
+        ("atrous zero stride", lambda: a(x, w, None, 0, 0, 1, 2), "stride"),
+        ("atrous zero dilation", lambda: a(x, w, None, 1, 0, 0, 2), "dilation"),
+        ("atrous zero groups", lambda: a(x, w, None, 1, 0, 1, 0), "groups"),
+        ("atrous weight rank", lambda: a(x, torch.randn(6, 4, 3)), "weight must be 4-D"),
+        ("atrous input rank", lambda: a(torch.randn(8, 8), w), "input must be 4-D"),
+        ("atrous kernel too big", lambda: a(x, torch.randn(6, 4, 3, 3), None, 1, 0, 5), "smaller than the dilated"),
+        ("atrous bias shape", lambda: a(x, w, torch.randn(5), 1, 0, 1, 2), "bias"),
+        ("atrous dtype mix", lambda: a(x, w.double(), None, 1, 0, 1, 2), "dtype"),
+        ("atrous integer input", lambda: a(x.long(), w.long(), None, 1, 0, 1, 2), "float"),
+        ("transpose channel mismatch", lambda: t(x, torch.randn(3, 2, 3, 3)), "channels"),
+        ("transpose groups", lambda: t(x, torch.randn(4, 2, 3, 3), None, 1, 0, 0, 3), "divisible by groups"),
+        ("transpose output_padding", lambda: t(x, torch.randn(4, 2, 3, 3), None, 2, 0, 2), "output_padding"),
+        ("transpose output_padding dil", lambda: t(x, torch.randn(4, 2, 3, 3), None, 1, 0, 1, 1, 1), "output_padding"),
+        ("transpose negative padding", lambda: t(x, torch.randn(4, 2, 3, 3), None, 1, -1), "padding"),
+        ("transpose zero stride", lambda: t(x, torch.randn(4, 2, 3, 3), None, 0), "stride"),
+        ("transpose weight rank", lambda: t(x, torch.randn(4, 2, 3)), "weight must be 4-D"),
+        ("transpose output too small", lambda: t(x[:, :, :1, :1], torch.randn(4, 2, 1, 1), None, 1, 1), "output size"),
+        ("transpose bias shape", lambda: t(x, torch.randn(4, 2, 3, 3), torch.randn(4)), "bias"),
+        ("bad stride type", lambda: a(x, torch.randn(6, 4, 3, 3), None, (1, 2, 3)), "stride"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input(name, call, match):
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+        call()
+
+
+# ---- modules and the bilinear initialiser ------------------------------------------------------------------------------
+
+
+def test_atrous_module_matches_torch_module():
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(8, 6, 3, padding=4, dilation=4, groups=2)
+    torch.manual_seed(0)
+    mine = AtrousConv2d(8, 6, 3, padding=4, dilation=4, groups=2)
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    for k in ref.state_dict():
+        assert torch.equal(mine.state_dict()[k], ref.state_dict()[k])  # same init
+    other = torch.nn.Conv2d(8, 6, 3, padding=4, dilation=4, groups=2)
+    mine.load_state_dict(other.state_dict())
+    x = torch.randn(2, 8, 13, 12)
+    torch.testing.assert_close(mine(x), other(x))
+    reflect = AtrousConv2d(8, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
+    twin = torch.nn.Conv2d(8, 6, 3, padding=2, dilation=2, groups=2, padding_mode="reflect")
+    twin.load_state_dict(reflect.state_dict())
+    torch.testing.assert_close(reflect(x), twin(x))
+    for kwargs in [dict(kernel_size=3, dilation=2, padding="same"), dict(kernel_size=(2, 3), dilation=(3, 1),
+                                                                           padding="same"),
+                   dict(kernel_size=3, padding="valid"), dict(kernel_size=2, padding="same", padding_mode="circular")]:
+        mine = AtrousConv2d(8, 4, **kwargs)
+        twin = torch.nn.Conv2d(8, 4, **kwargs)
+        twin.load_state_dict(mine.state_dict())
+        torch.testing.assert_close(mine(x), twin(x))
+
+
+def test_transpose_module_matches_torch_module_and_output_size():
+    torch.manual_seed(0)
+    ref = torch.nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, groups=2)
+    torch.manual_seed(0)
+    mine = ConvTranspose2d(6, 4, 3, stride=2, padding=1, groups=2)
+    assert mine.state_dict().keys() == ref.state_dict().keys()
+    for k in ref.state_dict():
+        assert torch.equal(mine.state_dict()[k], ref.state_dict()[k])
+    x = torch.randn(2, 6, 5, 7)
+    torch.testing.assert_close(mine(x), ref(x))
+    torch.testing.assert_close(mine(x, output_size=[10, 14]), ref(x, output_size=[10, 14]))
+    assert mine(x, output_size=[10, 14]).shape[-2:] == (10, 14)
+
+
+def test_bilinear_kernel_is_fcn_filter():
+    torch.testing.assert_close(bilinear_kernel_1d(4), torch.tensor([0.25, 0.75, 0.75, 0.25], dtype=D64))
+    torch.testing.assert_close(bilinear_kernel_1d(3), torch.tensor([0.5, 1.0, 0.5], dtype=D64))
+    w = torch.empty(5, 5, 4, 4)
+    bilinear_(w)
+    k2 = bilinear_kernel_1d(4).float()[:, None] * bilinear_kernel_1d(4).float()[None, :]
+    for i, j in itertools.product(range(5), range(5)):
+        assert torch.equal(w[i, j], k2 if i == j else torch.zeros_like(k2))
+    with pytest.raises(ValueError, match="4-D"):
+        bilinear_(torch.empty(3, 3, 3))
+
+
+@pytest.mark.parametrize("s", [2, 3, 4, 8])
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_bilinear_layer_equals_interpolate(device, s, depthwise):
+    # Away from a border band of s pixels (where interpolate clamps but the conv sees zero padding), the
+    # fixed bilinear transposed conv IS bilinear interpolation with align_corners=False.
+    K = 5
+    k = 2 * s - s % 2
+    p = (k - s + 1) // 2
+    layer = ConvTranspose2d(K, K, k, stride=s, padding=p, groups=K if depthwise else 1, bias=False,
+                            init="bilinear", trainable=False).to(device=device, dtype=D64)
+    x = torch.randn(2, K, 7, 6, dtype=D64, generator=_gen(10)).to(device)
+    out = layer(x)
+    assert out.shape == (2, K, 7 * s, 6 * s)
+    ref = F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out[..., s:-s, s:-s], ref[..., s:-s, s:-s])
+
+
+def test_fixed_bilinear_fast_path_tracks_weight_changes():
+    K = 4
+    layer = ConvTranspose2d(K, K, 4, stride=2, padding=1, bias=False, init="bilinear", trainable=False)
+    assert not layer.weight.requires_grad and layer.weight.shape == (K, K, 4, 4)
+    ref = torch.nn.ConvTranspose2d(K, K, 4, stride=2, padding=1, bias=False)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.randn(2, K, 5, 5, requires_grad=True)
+    assert layer._depthwise_weight() is not None  # diagonal weight: depthwise kernels
+    torch.testing.assert_close(layer(x), ref(x))
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x)
+    (rx,) = torch.autograd.grad(ref(x).square().sum(), x)
+    torch.testing.assert_close(gx, rx)
+    # a non-diagonal weight loaded later must switch back to the dense path
+    dense = torch.nn.ConvTranspose2d(K, K, 4, stride=2, padding=1, bias=False)
+    layer.load_state_dict(dense.state_dict())
+    assert layer._depthwise_weight() is None
+    torch.testing.assert_close(layer(x), dense(x))
+    with pytest.raises(ValueError, match="init"):
+        ConvTranspose2d(K, K, 4, init="nearest")
+
+
+# ---- CUDA parity ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("groups,cig,cog", [(1, 5, 3), (2, 3, 2), (6, 1, 1)])
+def test_cuda_parity(dtype, groups, cig, cog):
+    g = _gen(11)
+    x = _rand(2, cig * groups, 13, 11, g=g, dtype=dtype)
+    w = _rand(cog * groups, cig, 3, 3, g=g, dtype=dtype, scale=0.3)
+    wt = _rand(cig * groups, cog, 4, 3, g=g, dtype=dtype, scale=0.3)
+    b = _rand(cog * groups, g=g, dtype=dtype)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else {}
+    for fn, wgt in [(lambda x, w, b: ops.atrous_conv2d(x, w, b, (1, 2), (3, 2), (3, 2), groups), w),
+                    (lambda x, w, b: ops.conv_transpose2d(x, w, b, (2, 3), (1, 2), (1, 0), groups, (2, 1)), wt)]:
+        results = []
+        for dev in ("cpu", "cuda"):
+            leaves = [_leaf(t.to(dev)) for t in (x, wgt, b)]
+            out = fn(*leaves)
+            gout = torch.ones_like(out).mul_(0.5).to(dev)
+            grads = torch.autograd.grad(out, leaves, gout)
+            results.append([out.cpu()] + [t.cpu() for t in grads])
+        for a, c in zip(*results):
+            torch.testing.assert_close(c.float(), a.float(), **tol)
+
+
+@pytest.mark.cuda
+def test_cuda_parity_large_depthwise_upsampling():
+    g = _gen(12)
+    x = _rand(2, 21, 16, 16, g=g, dtype=torch.float32)
+    layer = ConvTranspose2d(21, 21, 64, stride=32, padding=16, bias=False, init="bilinear", trainable=False)
+    out_cpu = layer(x)
+    out_cuda = layer.cuda()(x.cuda())
+    torch.testing.assert_close(out_cuda.cpu(), out_cpu)
