@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench info clean
+.PHONY: venv build test demo bench info clean sanitize
 
 $(VENV)/.deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench: build
 
 info: build
 	$(VENV)/bin/segops info
+
+sanitize: venv
+	bash scripts/sanitize.sh
 
 clean:
 	rm -rf build dist *.egg-info segops/_C*.so $(VENV)/.built $(VENV)/.installed
