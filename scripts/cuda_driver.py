@@ -43,7 +43,31 @@ def losses(dev: torch.device) -> None:
                 x.grad = None
 
 
-DRIVERS = [losses]
+def convolutions(dev: torch.device) -> None:
+    g = torch.Generator().manual_seed(1)
+    cases = [  # (groups, C_in, C_out, kernel, stride, padding, dilation, output_padding)
+        (1, 6, 8, 3, 1, 2, 2, 0),     # dense atrous (im2col + GEMM)
+        (2, 6, 4, 3, 2, 1, 1, 1),     # grouped, strided
+        (6, 6, 6, 3, 1, 6, 6, 0),     # depthwise atrous
+        (6, 6, 6, 4, 2, 1, 1, 0),     # depthwise transposed x2 (bilinear-like)
+        (1, 5, 7, 2, 2, 0, 1, 0),     # U-Net 2x2 stride 2
+    ]
+    for dtype in (torch.float32, torch.float16, torch.float64):
+        for groups, cin, cout, k, stride, pad, dil, opad in cases:
+            x = torch.randn(2, cin, 13, 11, generator=g).to(dev, dtype).requires_grad_()
+            w = torch.randn(cout, cin // groups, k, k, generator=g).to(dev, dtype).requires_grad_()
+            b = torch.randn(cout, generator=g).to(dev, dtype).requires_grad_()
+            y = ops.atrous_conv2d(x, w, b, stride, pad, dil, groups)
+            y.float().square().sum().backward()
+            check("atrous_conv2d %s g=%d k=%d s=%d d=%d" % (dtype, groups, k, stride, dil), y, x.grad, w.grad, b.grad)
+            wt = torch.randn(cin, cout // groups, k, k, generator=g).to(dev, dtype).requires_grad_()
+            xt = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+            y = ops.conv_transpose2d(xt, wt, b, stride, pad, opad if stride > 1 else 0, groups, dil)
+            y.float().square().sum().backward()
+            check("conv_transpose2d %s g=%d k=%d s=%d d=%d" % (dtype, groups, k, stride, dil), y, xt.grad, wt.grad)
+
+
+DRIVERS = [losses, convolutions]
 
 
 def main() -> int:

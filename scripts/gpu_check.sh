@@ -29,7 +29,9 @@ step() {  # step NAME TIMEOUT CMD...: runs a step, records its exit status and d
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.csv"
 step build 300 $PY setup.py -q build_ext --inplace || { echo "build failed"; }
 step info 60 bash -c "$PY -m segops info --json > '$OUT/info.json' && cat '$OUT/info.json'"
-step pytest_cuda 240 $PY -m pytest -q -m cuda -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests
+# Every test with "cuda" in its id: the @cuda parity tests and each device-parametrised test's cuda case.
+# pytest-xdist workers, so that a crashing test is reported as such and the rest still run.
+step pytest_cuda 300 $PY -m pytest -q -k cuda -n 8 -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck initcheck; do
     step "sanitizer_$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
