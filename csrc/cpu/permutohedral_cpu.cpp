@@ -1,0 +1,76 @@
+// CPU backend of the permutohedral filter: the shared glue and math run over at::parallel_for.
+// The CPU splat is deterministic and atomic-free: each thread owns a contiguous range of vertex ids and
+// accumulates, in point order, the contributions that land in its range (results do not depend on the
+// thread count).
+#include <torch/library.h>
+
+#include <vector>
+
+#include "segops/permutohedral_host.h"
+
+namespace segops {
+namespace {
+
+struct CpuBackend {
+  template <typename F>
+  static void launch(index_t n, const F& f) {
+    cpu_parallel_for(n, f, 256);
+  }
+
+  template <int D, typename T>
+  static void build(index_t n, const lattice::BuildPoints<D, T>& f) {
+    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+  }
+
+  template <typename scalar_t, typename acc>
+  static void splat(const lattice::SplatAtomic<scalar_t, acc>& p, index_t BN, index_t M, const int64_t* image_lo,
+                    const int64_t* image_hi) {
+    at::parallel_for(0, M, 1, [&](int64_t v0, int64_t v1) {
+      std::vector<acc> buf(static_cast<size_t>(p.C));
+      const index_t V = p.V;
+      for (index_t i = 0; i < BN; ++i) {
+        const index_t b = i / p.N;
+        if (image_hi[b] < v0 || image_lo[b] >= v1) {  // no vertex of this image in [v0, v1): skip it
+          i = (b + 1) * p.N - 1;
+          continue;
+        }
+        const int64_t* vp = p.vertex + i * V;
+        bool any = false;
+        for (index_t k = 0; k < V; ++k) any = any || (vp[k] >= v0 && vp[k] < v1);
+        if (!any) continue;
+        const index_t n = i - b * p.N;
+        const scalar_t* x = p.values + b * p.vsb + n * p.vsn;
+        const acc ps = p.prescale ? p.prescale[i] : acc(1);
+        for (index_t c = 0; c < p.C; ++c) buf[c] = static_cast<acc>(x[c * p.vsc]) * ps;
+        const acc* w = p.bary + i * V;
+        for (index_t k = 0; k < V; ++k) {
+          const int64_t v = vp[k];
+          if (v < v0 || v >= v1) continue;
+          acc* row = p.grid + v * p.Cv;
+          const acc wk = w[k];
+          for (index_t c = 0; c < p.C; ++c) row[c] += wk * buf[c];
+          if (p.ones) row[p.C] += wk;
+        }
+      }
+    });
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohedral_filter_cpu(
+    const at::Tensor& values, const at::Tensor& features, bool normalize) {
+  return lattice::filter_forward<CpuBackend>(values, features, normalize);
+}
+
+at::Tensor permutohedral_filter_backward_cpu(const at::Tensor& grad, const at::Tensor& vertex, const at::Tensor& bary,
+                                             const at::Tensor& neighbors, const at::Tensor& norm, bool normalize) {
+  return lattice::filter_backward<CpuBackend>(grad, vertex, bary, neighbors, norm, normalize);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segops, CPU, m) {
+  m.impl("permutohedral_filter", &permutohedral_filter_cpu);
+  m.impl("_permutohedral_filter_backward", &permutohedral_filter_backward_cpu);
+}
+
+}  // namespace segops
