@@ -4,6 +4,7 @@
 // thread count).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "segops/permutohedral_host.h"
@@ -20,6 +21,32 @@ struct CpuBackend {
   template <int D, typename T>
   static void build(index_t n, const lattice::BuildPoints<D, T>& f) {
     at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+  }
+
+  // Two-pass chunked prefix sum (one chunk per thread).
+  static at::Tensor inclusive_scan(const at::Tensor& flag) {
+    const int64_t n = flag.numel();
+    at::Tensor out = at::empty({n}, flag.options().dtype(at::kLong));
+    const int32_t* f = flag.data_ptr<int32_t>();
+    int64_t* o = out.data_ptr<int64_t>();
+    const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1));
+    const int64_t chunk = (n + T - 1) / T;
+    std::vector<int64_t> sums(static_cast<size_t>(T) + 1, 0);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t s = 0;
+        for (int64_t i = t * chunk, e = std::min(n, (t + 1) * chunk); i < e; ++i) s += f[i];
+        sums[t + 1] = s;
+      }
+    });
+    for (int64_t t = 0; t < T; ++t) sums[t + 1] += sums[t];
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        int64_t s = sums[t];
+        for (int64_t i = t * chunk, e = std::min(n, (t + 1) * chunk); i < e; ++i) o[i] = (s += f[i]);
+      }
+    });
+    return out;
   }
 
   template <typename scalar_t, typename acc>

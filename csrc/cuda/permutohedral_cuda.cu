@@ -24,6 +24,8 @@ struct CudaBackend {
     cuda_parallel_for(n, f, 128);
   }
 
+  static at::Tensor inclusive_scan(const at::Tensor& flag) { return at::cumsum(flag, 0, at::kLong); }
+
   template <typename scalar_t, typename acc>
   static void splat(const lattice::SplatAtomic<scalar_t, acc>& p, index_t BN, index_t /*M*/,
                     const int64_t* /*image_lo*/, const int64_t* /*image_hi*/) {

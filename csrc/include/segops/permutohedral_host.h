@@ -4,6 +4,7 @@
 //   Backend::launch(n, functor)                   parallel for (at::parallel_for / grid-stride kernel)
 //   Backend::build(n, BuildPoints<D, T>)          lattice construction over all B N points
 //   Backend::splat(SplatAtomic<s, acc>, BN, M, image_lo, image_hi)   splat of all points
+//   Backend::inclusive_scan(int32 tensor) -> int64 inclusive prefix sum
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -18,6 +19,9 @@
 #include <c10/core/ScalarType.h>
 
 #include <cmath>
+#include <ctime>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -46,6 +50,22 @@ inline int64_t next_pow2(int64_t x) {
   return p;
 }
 
+struct PhaseTimer {
+  bool on = std::getenv("SEGOPS_LATTICE_PROFILE") != nullptr;
+  double t = now();
+  static double now() {  // process CPU time: the machines are shared, wall time is noisy
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  }
+  void mark(const char* what) {
+    if (!on) return;
+    const double n = now();
+    std::fprintf(stderr, "  %-10s %8.3f ms cpu\n", what, n - t);
+    t = n;
+  }
+};
+
 template <typename Backend, int D, typename T>
 Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int64_t N) {
   const int64_t E = N * (D + 1);
@@ -55,6 +75,7 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
   const int64_t cap = next_pow2(E + E / 4 + 1);
   const auto iopt = feats.options().dtype(at::kInt);
   const auto lopt = feats.options().dtype(at::kLong);
+  PhaseTimer timer;
   Tensor tables = at::full({B * cap}, -1, iopt);
   Tensor keys = at::empty({B * E * D}, iopt);
   Tensor owner = at::empty({B * E}, iopt);
@@ -76,24 +97,41 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
   build.owner = owner.data_ptr<int32_t>();
   build.bary = lat.bary.data_ptr<T>();
   build.bad = bad.data_ptr<int32_t>();
+  timer.mark("alloc");
   Backend::build(B * N, build);
+  timer.mark("build");
   // One device sync on CUDA: the features are user data.
   TORCH_CHECK(bad.item<int32_t>() == 0,
               "permutohedral_filter: features contain NaN or Inf (or values so large that the elevated "
               "lattice coordinates exceed 1e9; features are expected to be O(1)-O(1e4) after scaling)");
 
   Tensor flag = at::empty({B * E}, iopt);
-  Backend::launch(B * E, MarkOwners{build.owner, E, flag.data_ptr<int32_t>()});
-  Tensor incl = at::cumsum(flag, 0, at::kLong);
+  for (int64_t b = 0; b < B; ++b)
+    Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E});
+  timer.mark("mark");
+  Tensor incl = Backend::inclusive_scan(flag);
   lat.M = incl[B * E - 1].item<int64_t>();
+  TORCH_CHECK(lat.M < (int64_t(1) << 31), "permutohedral_filter: the batch has ", lat.M,
+              " lattice vertices, more than the 2^31 supported; filter fewer images per call");
+  timer.mark("scan");
   lat.vertex = at::empty({B * E}, lopt);
-  Tensor vertex_entry = at::empty({lat.M}, lopt);
-  Backend::launch(B * E, AssignVertices{build.owner, incl.data_ptr<int64_t>(), E, lat.vertex.data_ptr<int64_t>(),
-                                        vertex_entry.data_ptr<int64_t>()});
+  Tensor vkeys = at::empty({lat.M * (D + 1)}, iopt);
+  for (int64_t b = 0; b < B; ++b) {
+    Backend::launch(E, AssignVertices<D>{build.owner + b * E, incl.data_ptr<int64_t>() + b * E,
+                                         build.keys + b * E * D, static_cast<int32_t>(b),
+                                         lat.vertex.data_ptr<int64_t>() + b * E, vkeys.data_ptr<int32_t>()});
+  }
+  timer.mark("assign");
+  tables = Tensor();  // the build table is no longer needed
+  keys = Tensor();
+  const int64_t vcap = next_pow2(2 * lat.M + 1);
+  Tensor vtable = at::full({vcap}, -1, iopt);
+  Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
+                                           vkeys.data_ptr<int32_t>()});
   lat.nbr = at::empty({lat.M, D + 1, 2}, lopt);
-  FindNeighbors<D> nb{vertex_entry.data_ptr<int64_t>(), build.tables, build.mask, build.keys,
-                      incl.data_ptr<int64_t>(), E, lat.nbr.data_ptr<int64_t>()};
-  Backend::launch(lat.M, nb);
+  Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
+                                          vkeys.data_ptr<int32_t>(), lat.nbr.data_ptr<int64_t>()});
+  timer.mark("neighbors");
   return lat;
 }
 
@@ -138,6 +176,7 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
   Tensor norm = ones ? at::empty({B * N}, values.options().dtype(acc)) : Tensor();
   if (M == 0 || B * N == 0) return norm;
   // Per image the range of its vertex ids (they are image-major), for the CPU's owner-range splat.
+  PhaseTimer timer;
   Tensor lo, hi;
   std::tie(lo, hi) = at::aminmax(vertex.view({B, N * V}), 1);
   lo = lo.cpu();
@@ -158,7 +197,9 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
     sp.vertex = vertex.data_ptr<int64_t>();
     sp.bary = bary.data_ptr<accT>();
     sp.grid = grid.data_ptr<accT>();
+    timer.mark("minmax");
     Backend::splat(sp, B * N, M, lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>());
+    timer.mark("splat");
 
     Tensor tmp = at::empty_like(grid);
     accT* a = grid.data_ptr<accT>();
@@ -167,6 +208,7 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
       Backend::launch(M, BlurDirection<accT>{a, b, nbr.data_ptr<int64_t>(), Cv, V, j});
       std::swap(a, b);
     }
+    timer.mark("blur");
     Slice<scalar_t, accT> sl;
     sl.grid = a;
     sl.N = N;
@@ -183,6 +225,7 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
     sl.osn = out.stride(2);
     sl.norm = ones ? norm.data_ptr<accT>() : nullptr;
     Backend::launch(B * N, sl);
+    timer.mark("slice");
   });
   return norm;
 }

@@ -19,6 +19,10 @@
 #include "segops/hd.h"
 #include "segops/parallel.h"
 
+#if !defined(__CUDACC__)
+#include <vector>
+#endif
+
 namespace segops {
 namespace lattice {
 
@@ -70,19 +74,29 @@ SEGOPS_HD_INLINE double sub_rn(double a, double b) {
   return a - b;
 #endif
 }
-// Round half to even (torch.round's rule; the contract allows any tie rule).
+// Round half to even (torch.round's rule; the contract allows any tie rule). On the host the classic
+// add-and-subtract-2^23 (2^52) trick, which rounds in the current (nearest-even) mode without the cost
+// of std::nearbyint's floating-point environment handling; values that large are integers already.
 SEGOPS_HD_INLINE float round_even(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
 #else
-  return std::nearbyint(x);
+  const float big = 8388608.0f;  // 2^23
+  const float a = std::fabs(x);
+  if (!(a < big)) return x;
+  volatile float t = a + big;  // volatile: keep the two roundings apart
+  return std::copysign(t - big, x);
 #endif
 }
 SEGOPS_HD_INLINE double round_even(double x) {
 #if defined(__CUDA_ARCH__)
   return rint(x);
 #else
-  return std::nearbyint(x);
+  const double big = 4503599627370496.0;  // 2^52
+  const double a = std::fabs(x);
+  if (!(a < big)) return x;
+  volatile double t = a + big;
+  return std::copysign(t - big, x);
 #endif
 }
 
@@ -183,12 +197,12 @@ SEGOPS_HD_INLINE uint64_t hash_key(const int32_t* key) {
   return h ^ (h >> 31);
 }
 
-// Inserts the key of image-local entry `entry` (already stored at keys[entry * D], before this call)
-// into the table; returns the entry id that owns the key (entry itself when it was new).
+// Inserts the key (hash = hash_key<D>(key)) of image-local entry `entry` (already stored at
+// keys[entry * D], before this call) into the table; returns the entry id that owns the key (entry itself when it was new).
 template <int D>
 SEGOPS_HD_INLINE int32_t table_insert(int32_t* table, uint64_t mask, const int32_t* keys, int32_t entry,
-                                      const int32_t* key) {
-  uint64_t h = hash_key<D>(key) & mask;
+                                      const int32_t* key, uint64_t hash) {
+  uint64_t h = hash & mask;
   while (true) {
     int32_t cur = atomic_load(table + h);
     if (cur < 0) {
@@ -214,7 +228,7 @@ SEGOPS_HD_INLINE int32_t table_find(const int32_t* table, uint64_t mask, const i
 
 // ---- phase 1: simplex + hash insert, one point per call -------------------------------------------------
 // Writes bary[(b N + n)(D+1) + k] and owner[b E + n (D+1) + k] (image-local owning entry id). Keys of
-// entries that take the CPU shortcut (same key as the previous point's vertex k) are never read.
+// entries served by the CPU thread-local cache are never stored nor read.
 template <int D, typename T>
 struct BuildPoints {
   const T* feats;  // (B, D, N) strided view
@@ -243,14 +257,15 @@ struct BuildPoints {
     return true;
   }
 
-  SEGOPS_HD_INLINE void insert(index_t i, int k, const int32_t* key) const {
+  SEGOPS_HD_INLINE void insert(index_t i, int k, const int32_t* key, uint64_t h) const {
     const index_t b = i / N, n = i - b * N;
     const index_t E = N * (D + 1);
     const int32_t entry = static_cast<int32_t>(n * (D + 1) + k);
     int32_t* image_keys = keys + b * E * D;
     for (int c = 0; c < D; ++c) image_keys[static_cast<index_t>(entry) * D + c] = key[c];
     publish_fence();
-    owner[i * (D + 1) + k] = table_insert<D>(tables + b * (static_cast<index_t>(mask) + 1), mask, image_keys, entry, key);
+    owner[i * (D + 1) + k] =
+        table_insert<D>(tables + b * (static_cast<index_t>(mask) + 1), mask, image_keys, entry, key, h);
   }
 
   SEGOPS_HD_INLINE void operator()(index_t i) const {
@@ -259,66 +274,88 @@ struct BuildPoints {
     int32_t key[D];
     for (int k = 0; k <= D; ++k) {
       vertex_key<D, T>(s, k, key);
-      insert(i, k, key);
+      insert(i, k, key, hash_key<D>(key));
     }
   }
 
 #if !defined(__CUDACC__)
-  // CPU: points [begin, end) in order; a vertex with the same key as the previous point's vertex k
-  // (frequent: neighbouring pixels usually share their simplex) reuses its owner without a table probe.
+  // CPU: points [begin, end) in order, with a small direct-mapped thread-local cache key -> owner in
+  // front of the shared table (neighbouring pixels share most vertices): a hit costs no table probe,
+  // no key store and no atomic. The owners come from the table either way, so results are unchanged.
   void run_range(index_t begin, index_t end) const {
+    constexpr int kCache = 4096;
+    struct Slot {
+      int32_t owner;
+      int32_t key[D];
+    };
+    std::vector<Slot> cache_storage(kCache);
+    Slot* cache = cache_storage.data();
     Simplex<D, T> s;
-    int32_t key[D], prev[(D + 1) * D];
-    bool have_prev = false;
-    index_t prev_b = -1;
+    int32_t key[D];
+    index_t cache_b = -1;
     for (index_t i = begin; i < end; ++i) {
       const index_t b = i / N;
-      if (b != prev_b) have_prev = false;
-      prev_b = b;
-      if (!simplex(i, s)) {
-        have_prev = false;
-        continue;
+      if (b != cache_b) {  // owners are image-local
+        for (int c = 0; c < kCache; ++c) cache[c].owner = -1;
+        cache_b = b;
       }
+      if (!simplex(i, s)) continue;
       for (int k = 0; k <= D; ++k) {
         vertex_key<D, T>(s, k, key);
-        if (have_prev && keys_equal<D>(key, prev + k * D)) {
-          owner[i * (D + 1) + k] = owner[(i - 1) * (D + 1) + k];
-        } else {
-          insert(i, k, key);
-          for (int c = 0; c < D; ++c) prev[k * D + c] = key[c];
+        const uint64_t h = hash_key<D>(key);
+        Slot& slot = cache[(h >> 40) & (kCache - 1)];
+        if (slot.owner >= 0 && keys_equal<D>(slot.key, key)) {
+          owner[i * (D + 1) + k] = slot.owner;
+          continue;
         }
+        insert(i, k, key, h);
+        slot.owner = owner[i * (D + 1) + k];
+        for (int c = 0; c < D; ++c) slot.key[c] = key[c];
       }
-      have_prev = true;
     }
   }
 #endif
 };
 
-// ---- phase 2: dense vertex ids --------------------------------------------------------------------------
-// flag[g] = 1 when global entry g (= b E + local) owns its key.
+// ---- phase 2: dense vertex ids (one image per launch: no index division) -------------------------------
+// flag[l] = 1 when image-local entry l owns its key.
 struct MarkOwners {
-  const int32_t* owner;
-  index_t E;
-  int32_t* flag;
-  SEGOPS_HD_INLINE void operator()(index_t g) const {
-    const index_t local = g % E;
-    flag[g] = owner[g] == local ? 1 : 0;
+  const int32_t* owner;  // image's (E)
+  int32_t* flag;         // image's (E)
+  SEGOPS_HD_INLINE void operator()(index_t l) const { flag[l] = owner[l] == l ? 1 : 0; }
+};
+
+// With incl = inclusive prefix sum of the flags over the batch: vertex[l] = dense id of the owner of
+// entry l; each owner also writes its vertex's key, prefixed by the image index, into vkeys (M, D+1).
+template <int D>
+struct AssignVertices {
+  const int32_t* owner;  // image's (E)
+  const int64_t* incl;   // image's (E)
+  const int32_t* keys;   // image's (E, D)
+  int32_t image;
+  int64_t* vertex;  // image's (E)
+  int32_t* vkeys;   // batch's (M, D+1)
+  SEGOPS_HD_INLINE void operator()(index_t l) const {
+    const int32_t o = owner[l];
+    vertex[l] = incl[o] - 1;
+    if (o == l) {
+      int32_t* vk = vkeys + (incl[l] - 1) * (D + 1);
+      vk[0] = image;
+      for (int i = 0; i < D; ++i) vk[i + 1] = keys[l * D + i];
+    }
   }
 };
 
-// With incl = inclusive prefix sum of flag: vertex[g] = dense id of the owner of entry g; the owners
-// also record vertex -> owning global entry.
-struct AssignVertices {
-  const int32_t* owner;
-  const int64_t* incl;
-  index_t E;
-  int64_t* vertex;          // (B E)
-  int64_t* vertex_entry;    // (M)
-  SEGOPS_HD_INLINE void operator()(index_t g) const {
-    const index_t b = g / E, local = g - b * E;
-    const index_t og = b * E + owner[g];
-    vertex[g] = incl[og] - 1;
-    if (owner[g] == local) vertex_entry[incl[g] - 1] = g;
+// The compact vertex table: (image, key) -> dense vertex id, all keys distinct; small enough to stay in
+// cache for the neighbour search (the build table holds up to N (d+1) entries, this one M).
+template <int D>
+struct InsertVertices {
+  int32_t* table;
+  uint64_t mask;
+  const int32_t* vkeys;  // (M, D+1), written before this launch
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    const int32_t* key = vkeys + v * (D + 1);
+    table_insert<D + 1>(table, mask, vkeys, static_cast<int32_t>(v), key, hash_key<D + 1>(key));
   }
 };
 
@@ -327,33 +364,25 @@ struct AssignVertices {
 // coordinate j); -1 when absent. For j = D only the implicit last coordinate takes the +-(D+1).
 template <int D>
 struct FindNeighbors {
-  const int64_t* vertex_entry;
-  const int32_t* tables;
+  const int32_t* table;
   uint64_t mask;
-  const int32_t* keys;
-  const int64_t* incl;
-  index_t E;
-  int64_t* nbr;  // (M, D+1, 2)
+  const int32_t* vkeys;  // (M, D+1)
+  int64_t* nbr;          // (M, D+1, 2)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    const index_t g = vertex_entry[v];
-    const index_t b = g / E;
-    const int32_t* image_keys = keys + b * E * D;
-    const int32_t* table = tables + b * (static_cast<index_t>(mask) + 1);
-    const int32_t* key = keys + g * D;
-    int32_t lo[D], hi[D];
+    const int32_t* key = vkeys + v * (D + 1);
+    int32_t lo[D + 1], hi[D + 1];
     for (int j = 0; j <= D; ++j) {
-      for (int i = 0; i < D; ++i) {
+      lo[0] = hi[0] = key[0];
+      for (int i = 1; i <= D; ++i) {
         lo[i] = key[i] - 1;
         hi[i] = key[i] + 1;
       }
       if (j < D) {
-        lo[j] = key[j] + D;
-        hi[j] = key[j] - D;
+        lo[j + 1] = key[j + 1] + D;
+        hi[j + 1] = key[j + 1] - D;
       }
-      const int32_t a = table_find<D>(table, mask, image_keys, lo);
-      const int32_t c = table_find<D>(table, mask, image_keys, hi);
-      nbr[(v * (D + 1) + j) * 2 + 0] = a < 0 ? -1 : incl[b * E + a] - 1;
-      nbr[(v * (D + 1) + j) * 2 + 1] = c < 0 ? -1 : incl[b * E + c] - 1;
+      nbr[(v * (D + 1) + j) * 2 + 0] = table_find<D + 1>(table, mask, vkeys, lo);
+      nbr[(v * (D + 1) + j) * 2 + 1] = table_find<D + 1>(table, mask, vkeys, hi);
     }
   }
 };
