@@ -12,8 +12,11 @@ which the overall scale cancels.
 
 The lattice (per point its d+1 vertex ids and barycentric weights, per vertex its blur neighbours) is
 built once per image in the forward op and reused for every channel and for the backward op.
-Gradients: ``W`` is symmetric, so ``grad_values = W grad_out`` (normalised: ``W (grad_out / (W 1))``).
-The features get NO gradient (the lattice is piecewise constant in them; treat them as constants).
+Gradients: ``grad_values = W^T grad_out`` (normalised: ``W^T (grad_out / (W 1))``), the exact gradient.
+Each blur direction is symmetric, but their ordered product is not quite: ``W^T`` is ``W`` with the
+blur directions in reverse order (``<W u, v>`` and ``<u, W v>`` differ by ~1e-4 relative on image
+features). The backward op reuses the forward lattice. The features get NO gradient (the lattice is
+piecewise constant in them; treat them as constants).
 
 Determinism: the CPU kernels are deterministic (independent of the thread count). On CUDA the splat
 accumulates with float atomicAdd, so results vary at float-rounding level between runs.
@@ -196,6 +199,9 @@ def dense_crf_loss(
     Returns:
         A scalar. Gradient w.r.t. the (resized) segmentations: ``-(2 weight / B) (W X) * roi``, flowing to
         the full-resolution input through the resize's autograd; ``W X`` is computed once in the forward.
+        This is the ECCV'18 code's gradient, which treats W as symmetric; the exact gradient of the
+        lattice's quadratic form, ``-(weight / B) (W + W^T) X * roi``, differs from it at the 1e-4..1e-2
+        level (see :func:`permutohedral_filter`).
     """
     _check_loss_inputs("dense_crf_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     B = images.shape[0]
@@ -204,33 +210,6 @@ def dense_crf_loss(
         return (segmentations * 0).sum()
     energy = _QuadraticForm.apply(x, feats)
     return -(weight / B) * energy.sum()
-
-
-class _NormalizedCut(torch.autograd.Function):
-    """Per image and class ``A_k / D_k``, A_k = X_k^T W (r - X_k), D_k = (W r)^T X_k (0 when D_k = 0).
-
-    One filtering pass of the K+1 channels [X, r]; grad_X_k = (W r - 2 W X_k) / D_k - A_k (W r) / D_k^2.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, roi: Tensor, feats: Tensor) -> Tensor:
-        w = torch.ops.segops.permutohedral_filter.default(torch.cat([x, roi], 1), feats, False)[0]
-        wx, dvec = w[:, :-1], w[:, -1:]
-        degree = (x * dvec).flatten(2).sum(2)
-        assoc = (x * wx).flatten(2).sum(2)
-        cut = degree - assoc
-        pos = degree > 0
-        safe = torch.where(pos, degree, torch.ones_like(degree))
-        ratio = torch.where(pos, cut / safe, torch.zeros_like(cut))
-        ctx.save_for_backward(wx, dvec, safe, ratio, pos)
-        return ratio
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        wx, dvec, safe, ratio, pos = ctx.saved_tensors
-        scale = torch.where(pos, g / safe, torch.zeros_like(g))[..., None, None]
-        grad = scale * (dvec - 2.0 * wx - ratio[..., None, None] * dvec)
-        return grad, None, None
 
 
 def normalized_cut_loss(
@@ -247,12 +226,20 @@ def normalized_cut_loss(
     ``d = W 1`` is the degree vector; features, resizing and arguments as in :func:`dense_crf_loss`. With a
     roi, ``X = S * roi`` replaces S and the roi replaces 1 (``d = W roi``): the cut of the region's
     segmentation. Classes with ``d^T X_k = 0`` (absent from the region) contribute 0. The loss lies in
-    ``[0, weight * K]``; the gradient is exact (one lattice pass over the K+1 channels [X, roi]).
+    ``[0, weight * K]``. The gradient is exact (autograd through the filter, whose backward applies the
+    adjoint ``W^T`` on the saved lattice).
     """
     _check_loss_inputs("normalized_cut_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     B = images.shape[0]
     feats, x, roi = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     if x.numel() == 0 or B == 0:
         return (segmentations * 0).sum()
-    ratio = _NormalizedCut.apply(x, roi.expand(x.shape[0], 1, *x.shape[2:]), feats)
-    return (weight / B) * ratio.sum()
+    # One lattice pass over the K+1 channels [X, roi]; autograd applies W^T to the gradient (the exact
+    # adjoint, reusing the lattice built in the forward pass).
+    w = permutohedral_filter(torch.cat([x, roi.expand(x.shape[0], 1, *x.shape[2:])], 1), feats)
+    wx, dvec = w[:, :-1], w[:, -1:].detach()
+    degree = (x * dvec).flatten(2).sum(2)
+    cut = degree - (x * wx).flatten(2).sum(2)
+    pos = degree > 0
+    safe = torch.where(pos, degree, torch.ones_like(degree))
+    return (weight / B) * torch.where(pos, cut / safe, torch.zeros_like(cut)).sum()

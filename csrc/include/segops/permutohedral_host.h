@@ -168,7 +168,8 @@ Lattice build_lattice_t(const Tensor& feats, int64_t B, int64_t N, int64_t d) {
 // (B N) when `ones`, else an undefined tensor.
 template <typename Backend>
 Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex, const Tensor& bary,
-                     const Tensor& nbr, int64_t d, const Tensor& prescale, bool ones, const Tensor& out) {
+                     const Tensor& nbr, int64_t d, const Tensor& prescale, bool ones, bool adjoint,
+                     const Tensor& out) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2), M = nbr.size(0);
   const int64_t V = d + 1, Cv = C + (ones ? 1 : 0);
   const auto acc = acc_dtype(values.scalar_type());
@@ -204,7 +205,8 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
     Tensor tmp = at::empty_like(grid);
     accT* a = grid.data_ptr<accT>();
     accT* b = tmp.data_ptr<accT>();
-    for (int64_t j = 0; j <= d; ++j) {
+    for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
+      const int64_t j = adjoint ? d - step : step;
       Backend::launch(M, BlurDirection<accT>{a, b, nbr.data_ptr<int64_t>(), Cv, V, j});
       std::swap(a, b);
     }
@@ -276,12 +278,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> filter_forward(const Tensor& 
   Tensor feats = as_bcn(features.to(acc));
   Lattice lat;
   AT_DISPATCH_FLOATING_TYPES(acc, "permutohedral_filter", [&] { lat = build_lattice_t<Backend, scalar_t>(feats, B, Np, d); });
-  Tensor norm = apply_lattice<Backend>(vflat, lat.vertex, lat.bary, lat.nbr, d, Tensor(), normalize, oflat);
+  Tensor norm = apply_lattice<Backend>(vflat, lat.vertex, lat.bary, lat.nbr, d, Tensor(), normalize, false, oflat);
   return std::make_tuple(out, lat.vertex.view({B, Np, d + 1}), lat.bary.view({B, Np, d + 1}), lat.nbr,
                          normalize ? norm.view({B, Np}) : at::empty({0}, fopt));
 }
 
-// grad_values = W grad (W symmetric); normalised filter: grad_values = W (grad / (W 1)).
+// grad_values = W^T grad; normalised filter: grad_values = W^T (grad / (W 1)). W^T is W with the blur
+// directions in reverse order (each direction's blur is symmetric, their product is not quite).
 template <typename Backend>
 Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& bary, const Tensor& nbr,
                        const Tensor& norm, bool normalize) {
@@ -306,7 +309,7 @@ Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& b
     prescale = at::reciprocal(norm.reshape({B * Np}));
   }
   apply_lattice<Backend>(as_bcn(grad), vertex.contiguous().view({-1}), bary.contiguous().view({-1}),
-                         nbr.contiguous(), d, prescale, false, out.view({B, C, Np}));
+                         nbr.contiguous(), d, prescale, false, true, out.view({B, C, Np}));
   return out;
 }
 
