@@ -89,8 +89,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohe
 }
 
 at::Tensor permutohedral_filter_backward_cpu(const at::Tensor& grad, const at::Tensor& vertex, const at::Tensor& bary,
-                                             const at::Tensor& neighbors, const at::Tensor& norm, bool normalize) {
-  return lattice::filter_backward<CpuBackend>(grad, vertex, bary, neighbors, norm, normalize);
+                                             const at::Tensor& neighbors, const at::Tensor& norm, bool normalize, bool transposed) {
+  return lattice::filter_backward<CpuBackend>(grad, vertex, bary, neighbors, norm, normalize, transposed);
 }
 
 }  // namespace

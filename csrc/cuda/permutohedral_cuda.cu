@@ -41,9 +41,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohe
 
 at::Tensor permutohedral_filter_backward_cuda(const at::Tensor& grad, const at::Tensor& vertex,
                                               const at::Tensor& bary, const at::Tensor& neighbors,
-                                              const at::Tensor& norm, bool normalize) {
+                                              const at::Tensor& norm, bool normalize, bool transposed) {
   const c10::cuda::CUDAGuard guard(grad.device());
-  return lattice::filter_backward<CudaBackend>(grad, vertex, bary, neighbors, norm, normalize);
+  return lattice::filter_backward<CudaBackend>(grad, vertex, bary, neighbors, norm, normalize, transposed);
 }
 
 }  // namespace

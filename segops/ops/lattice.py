@@ -74,7 +74,7 @@ def _filter_fake(values, features, normalize):
 
 
 @torch.library.register_fake("segops::_permutohedral_filter_backward")
-def _filter_backward_fake(grad, vertex, bary, neighbors, norm, normalize):
+def _filter_backward_fake(grad, vertex, bary, neighbors, norm, normalize, transposed):
     return grad.new_empty(grad.shape)
 
 
@@ -90,9 +90,30 @@ def _filter_backward(ctx, grad_out: Tensor, *_unused: Tensor):
     grad_values = None
     if ctx.needs_input_grad[0]:
         grad_values = torch.ops.segops._permutohedral_filter_backward.default(
-            grad_out.contiguous(), vertex, bary, nbr, norm, ctx.normalize
+            grad_out.contiguous(), vertex, bary, nbr, norm, ctx.normalize, True
         )
     return grad_values, None, None
+
+
+def _backward_setup_context(ctx, inputs, output) -> None:
+    _, vertex, bary, nbr, norm, normalize, transposed = inputs
+    ctx.save_for_backward(vertex, bary, nbr, norm)
+    ctx.args = (normalize, not transposed)
+
+
+def _backward_backward(ctx, grad_out: Tensor):
+    vertex, bary, nbr, norm = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.segops._permutohedral_filter_backward.default(
+            grad_out.contiguous(), vertex, bary, nbr, norm, *ctx.args
+        )
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "segops::_permutohedral_filter_backward", _backward_backward, setup_context=_backward_setup_context
+)
 
 
 torch.library.register_autograd(

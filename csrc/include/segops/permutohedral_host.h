@@ -283,11 +283,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> filter_forward(const Tensor& 
                          normalize ? norm.view({B, Np}) : at::empty({0}, fopt));
 }
 
-// grad_values = W^T grad; normalised filter: grad_values = W^T (grad / (W 1)). W^T is W with the blur
+// transposed: grad_values = W^T grad; normalised filter: W^T (grad / (W 1)). W^T is W with the blur
 // directions in reverse order (each direction's blur is symmetric, their product is not quite).
+// Not transposed (the double backward): W grad, or (W grad) / (W 1).
 template <typename Backend>
 Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& bary, const Tensor& nbr,
-                       const Tensor& norm, bool normalize) {
+                       const Tensor& norm, bool normalize, bool transposed) {
   const char* op = "_permutohedral_filter_backward";
   TORCH_CHECK(grad.dim() >= 3, op, ": grad must have shape (B, C, *spatial), got ", grad.sizes());
   TORCH_CHECK(vertex.dim() == 3 && bary.sizes() == vertex.sizes() && vertex.scalar_type() == at::kLong, op,
@@ -306,10 +307,11 @@ Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& b
   Tensor prescale;
   if (normalize) {
     TORCH_CHECK(norm.numel() == B * Np && norm.scalar_type() == acc, op, ": norm must be (B, N) ", acc);
-    prescale = at::reciprocal(norm.reshape({B * Np}));
+    if (transposed) prescale = at::reciprocal(norm.reshape({B * Np}));
   }
   apply_lattice<Backend>(as_bcn(grad), vertex.contiguous().view({-1}), bary.contiguous().view({-1}),
-                         nbr.contiguous(), d, prescale, false, true, out.view({B, C, Np}));
+                         nbr.contiguous(), d, prescale, false, transposed, out.view({B, C, Np}));
+  if (normalize && !transposed) out.view({B, C, Np}).div_(norm.reshape({B, 1, Np}));
   return out;
 }
 
