@@ -216,10 +216,10 @@ def test_thread_count_does_not_change_results():
 @pytest.mark.parametrize("normalize", [False, True])
 def test_gradcheck_float64(normalize):
     g = torch.Generator().manual_seed(12)
-    f = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
-    v = torch.randn(2, 2, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    f = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: permutohedral_filter(x, f, normalize), (v,))
-    assert torch.autograd.gradgradcheck(lambda x: permutohedral_filter(x, f, normalize), (v,))
+    assert torch.autograd.gradgradcheck(lambda x: permutohedral_filter(x, f, normalize), (v,), fast_mode=True)
 
 
 def test_features_get_no_gradient():
