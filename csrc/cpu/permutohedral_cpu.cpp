@@ -14,13 +14,13 @@ namespace {
 
 struct CpuBackend {
   template <typename F>
-  static void launch(index_t n, const F& f) {
-    cpu_parallel_for(n, f, 256);
+  static void launch(index_t n, const F& f, index_t grain) {
+    cpu_parallel_for(n, f, grain);
   }
 
   template <int D, typename T>
   static void build(index_t n, const lattice::BuildPoints<D, T>& f) {
-    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+    at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
   }
 
   // Two-pass chunked prefix sum (one chunk per thread).
@@ -52,7 +52,8 @@ struct CpuBackend {
   template <typename scalar_t, typename acc>
   static void splat(const lattice::SplatAtomic<scalar_t, acc>& p, index_t BN, index_t M, const int64_t* image_lo,
                     const int64_t* image_hi) {
-    at::parallel_for(0, M, 1, [&](int64_t v0, int64_t v1) {
+    const int64_t grain = BN * p.V * p.Cv < (int64_t(1) << 17) ? M : 1;  // small splats: one thread
+    at::parallel_for(0, M, grain, [&](int64_t v0, int64_t v1) {
       std::vector<acc> buf(static_cast<size_t>(p.C));
       const index_t V = p.V;
       for (index_t i = 0; i < BN; ++i) {

@@ -15,7 +15,7 @@ namespace {
 
 struct CudaBackend {
   template <typename F>
-  static void launch(index_t n, const F& f) {
+  static void launch(index_t n, const F& f, index_t /*grain*/) {
     cuda_parallel_for(n, f, 256);
   }
 

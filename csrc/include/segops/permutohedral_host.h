@@ -1,7 +1,7 @@
 // Host glue of the permutohedral filter, shared by the CPU and CUDA backends: checks, buffers (from
 // PyTorch's allocator, on the current stream), the dispatch on d = 1..16 and on dtypes, and the phase
 // sequence build -> splat -> blur -> slice. A backend supplies a `Backend` type with
-//   Backend::launch(n, functor)                   parallel for (at::parallel_for / grid-stride kernel)
+//   Backend::launch(n, functor, grain)            parallel for (at::parallel_for with that grain / grid-stride kernel)
 //   Backend::build(n, BuildPoints<D, T>)          lattice construction over all B N points
 //   Backend::splat(SplatAtomic<s, acc>, BN, M, image_lo, image_hi)   splat of all points
 //   Backend::inclusive_scan(int32 tensor) -> int64 inclusive prefix sum
@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <algorithm>
 #include <tuple>
 #include <utility>
 
@@ -43,6 +44,9 @@ struct Lattice {
   Tensor nbr;     // (M, d+1, 2) int64
   int64_t M = 0;
 };
+
+// Smallest chunks worth waking a second CPU thread for (each parallel region costs a wake-up).
+constexpr int64_t kGrainCheap = int64_t(1) << 15;
 
 inline int64_t next_pow2(int64_t x) {
   int64_t p = 1;
@@ -107,7 +111,7 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
 
   Tensor flag = at::empty({B * E}, iopt);
   for (int64_t b = 0; b < B; ++b)
-    Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E});
+    Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E}, kGrainCheap);
   timer.mark("mark");
   Tensor incl = Backend::inclusive_scan(flag);
   lat.M = incl[B * E - 1].item<int64_t>();
@@ -119,7 +123,8 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
   for (int64_t b = 0; b < B; ++b) {
     Backend::launch(E, AssignVertices<D>{build.owner + b * E, incl.data_ptr<int64_t>() + b * E,
                                          build.keys + b * E * D, static_cast<int32_t>(b),
-                                         lat.vertex.data_ptr<int64_t>() + b * E, vkeys.data_ptr<int32_t>()});
+                                         lat.vertex.data_ptr<int64_t>() + b * E, vkeys.data_ptr<int32_t>()},
+                    kGrainCheap);
   }
   timer.mark("assign");
   tables = Tensor();  // the build table is no longer needed
@@ -127,10 +132,12 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
   Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
-                                           vkeys.data_ptr<int32_t>()});
+                                           vkeys.data_ptr<int32_t>()},
+                  kGrainCheap / 4);
   lat.nbr = at::empty({lat.M, D + 1, 2}, lopt);
   Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
-                                          vkeys.data_ptr<int32_t>(), lat.nbr.data_ptr<int64_t>()});
+                                          vkeys.data_ptr<int32_t>(), lat.nbr.data_ptr<int64_t>()},
+                  1024);
   timer.mark("neighbors");
   return lat;
 }
@@ -207,7 +214,8 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
     accT* b = tmp.data_ptr<accT>();
     for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
       const int64_t j = adjoint ? d - step : step;
-      Backend::launch(M, BlurDirection<accT>{a, b, nbr.data_ptr<int64_t>(), Cv, V, j});
+      Backend::launch(M, BlurDirection<accT>{a, b, nbr.data_ptr<int64_t>(), Cv, V, j},
+                      std::max<int64_t>(64, 16384 / Cv));
       std::swap(a, b);
     }
     timer.mark("blur");
@@ -226,7 +234,7 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
     sl.osc = out.stride(1);
     sl.osn = out.stride(2);
     sl.norm = ones ? norm.data_ptr<accT>() : nullptr;
-    Backend::launch(B * N, sl);
+    Backend::launch(B * N, sl, std::max<int64_t>(64, 8192 / Cv));
     timer.mark("slice");
   });
   return norm;
