@@ -343,3 +343,12 @@ def test_cuda_bad_features_and_devices():
     with pytest.raises(RuntimeError, match="features are on"):
         permutohedral_filter(torch.rand(1, 2, 4, 4, device="cuda"), torch.rand(1, 3, 4, 4))
 
+
+
+@pytest.mark.parametrize("d,spread", [(8, 3000.0), (16, 50.0), (3, 1e6)])
+def test_general_key_path(d, spread):
+    # Key ranges too wide to pack into one int64: the general path (per-entry int32 keys) runs instead.
+    g = torch.Generator().manual_seed(40 + d)
+    f = torch.randn(1, d, 9, 8, generator=g, dtype=torch.float64) * spread
+    v = torch.randn(1, 3, 9, 8, generator=g, dtype=torch.float64)
+    assert rel_err(permutohedral_filter(v, f), R.permutohedral_filter(v, f)) < TOL[torch.float64]

@@ -18,8 +18,8 @@ struct CpuBackend {
     cpu_parallel_for(n, f, grain);
   }
 
-  template <int D, typename T>
-  static void build(index_t n, const lattice::BuildPoints<D, T>& f) {
+  template <typename F>
+  static void build(index_t n, const F& f) {
     at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
   }
 

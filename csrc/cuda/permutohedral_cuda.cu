@@ -19,8 +19,8 @@ struct CudaBackend {
     cuda_parallel_for(n, f, 256);
   }
 
-  template <int D, typename T>
-  static void build(index_t n, const lattice::BuildPoints<D, T>& f) {
+  template <typename F>
+  static void build(index_t n, const F& f) {
     cuda_parallel_for(n, f, 128);
   }
 

@@ -2,13 +2,15 @@
 // PyTorch's allocator, on the current stream), the dispatch on d = 1..16 and on dtypes, and the phase
 // sequence build -> splat -> blur -> slice. A backend supplies a `Backend` type with
 //   Backend::launch(n, functor, grain)            parallel for (at::parallel_for with that grain / grid-stride kernel)
-//   Backend::build(n, BuildPoints<D, T>)          lattice construction over all B N points
+//   Backend::build(n, BuildPoints<D, T> | BuildPacked<D, T>)   lattice construction over all B N points
 //   Backend::splat(SplatAtomic<s, acc>, BN, M, image_lo, image_hi)   splat of all points
 //   Backend::inclusive_scan(int32 tensor) -> int64 inclusive prefix sum
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/amin.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
@@ -70,65 +72,150 @@ struct PhaseTimer {
   }
 };
 
+// Plans the packed-key variant: bounds every key coordinate from the feature ranges (interval
+// arithmetic over the elevation, +-(d+1) for the rounding / plane correction / vertex offsets, plus a
+// safety margin) and packs when the bit widths sum to at most 63. NaN / Inf / huge features: no packing
+// (the general path reports them).
+template <int D, typename T>
+bool plan_packing(const Tensor& feats, const T* scale, KeyPacking<D>& pk) {
+  Tensor lo_t = at::amin(feats, {0, 2}).to(at::kDouble).cpu();
+  Tensor hi_t = at::amax(feats, {0, 2}).to(at::kDouble).cpu();
+  const double* lo = lo_t.data_ptr<double>();
+  const double* hi = hi_t.data_ptr<double>();
+  double clo[kMaxD], chi[kMaxD];
+  for (int i = 0; i < D; ++i) {
+    if (!(std::isfinite(lo[i]) && std::isfinite(hi[i]))) return false;
+    clo[i] = lo[i] * double(scale[i]);
+    chi[i] = hi[i] * double(scale[i]);
+  }
+  int total = 0;
+  for (int j = 0; j < D; ++j) {
+    double elo = 0, ehi = 0;
+    for (int i = j; i < D; ++i) {
+      elo += clo[i];
+      ehi += chi[i];
+    }
+    if (j > 0) {
+      elo -= j * chi[j - 1];
+      ehi -= j * clo[j - 1];
+    }
+    const double margin = 2.0 + 1e-5 * (std::fabs(elo) + std::fabs(ehi));
+    elo -= margin;
+    ehi += margin;
+    if (!(elo > -kMaxElevated && ehi < kMaxElevated)) return false;
+    const double klo = (D + 1) * std::floor(elo / (D + 1)) - 2.0 * (D + 1);
+    const double khi = (D + 1) * std::ceil(ehi / (D + 1)) + 2.0 * (D + 1) + D;
+    const double span = khi - klo + 1;
+    int bits = 0;
+    while (bits < 63 && std::ldexp(1.0, bits) < span) ++bits;
+    pk.lo[j] = static_cast<int32_t>(klo);
+    pk.bits[j] = bits;
+    pk.shift[j] = total;
+    total += bits;
+    if (total > 63) return false;
+  }
+  for (int j = D; j < kMaxD; ++j) pk.lo[j] = pk.bits[j] = pk.shift[j] = 0;
+  return true;
+}
+
 template <typename Backend, int D, typename T>
 Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int64_t N) {
   const int64_t E = N * (D + 1);
-  // Image-local entry ids are int32; the table capacity (> E) makes overflow impossible.
+  // Image-local entry / slot ids are int32; the table capacity (> E) makes overflow impossible.
   TORCH_CHECK(E < (int64_t(1) << 30), "permutohedral_filter: an image of N = ", N, " points with d = ", D,
               " has N (d+1) = ", E, " lattice entries, more than the 2^30 supported per image");
   const int64_t cap = next_pow2(E + E / 4 + 1);
   const auto iopt = feats.options().dtype(at::kInt);
   const auto lopt = feats.options().dtype(at::kLong);
   PhaseTimer timer;
-  Tensor tables = at::full({B * cap}, -1, iopt);
-  Tensor keys = at::empty({B * E * D}, iopt);
+  T scale[kMaxD];
+  const double inv_std_dev = std::sqrt(2.0 / 3.0) * (D + 1);
+  for (int i = 0; i < kMaxD; ++i) scale[i] = i < D ? T(inv_std_dev / std::sqrt(double((i + 1) * (i + 2)))) : T(0);
   Tensor owner = at::empty({B * E}, iopt);
   Tensor bad = at::zeros({1}, iopt);
   Lattice lat;
   lat.bary = at::empty({B * E}, feats.options());
+  lat.vertex = at::empty({B * E}, lopt);
+  Tensor vkeys;
+  const char* bad_msg =
+      "permutohedral_filter: features contain NaN or Inf (or values so large that the elevated lattice "
+      "coordinates exceed 1e9; features are expected to be O(1)-O(1e4) after scaling)";
 
-  BuildPoints<D, T> build;
-  build.feats = feats.data_ptr<T>();
-  build.fsb = feats.stride(0);
-  build.fsd = feats.stride(1);
-  build.fsn = feats.stride(2);
-  const double inv_std_dev = std::sqrt(2.0 / 3.0) * (D + 1);
-  for (int i = 0; i < kMaxD; ++i) build.scale[i] = i < D ? T(inv_std_dev / std::sqrt(double((i + 1) * (i + 2)))) : T(0);
-  build.N = N;
-  build.tables = tables.data_ptr<int32_t>();
-  build.mask = static_cast<uint64_t>(cap - 1);
-  build.keys = keys.data_ptr<int32_t>();
-  build.owner = owner.data_ptr<int32_t>();
-  build.bary = lat.bary.data_ptr<T>();
-  build.bad = bad.data_ptr<int32_t>();
-  timer.mark("alloc");
-  Backend::build(B * N, build);
-  timer.mark("build");
-  // One device sync on CUDA: the features are user data.
-  TORCH_CHECK(bad.item<int32_t>() == 0,
-              "permutohedral_filter: features contain NaN or Inf (or values so large that the elevated "
-              "lattice coordinates exceed 1e9; features are expected to be O(1)-O(1e4) after scaling)");
-
-  Tensor flag = at::empty({B * E}, iopt);
-  for (int64_t b = 0; b < B; ++b)
-    Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E}, kGrainCheap);
-  timer.mark("mark");
-  Tensor incl = Backend::inclusive_scan(flag);
-  lat.M = incl[B * E - 1].item<int64_t>();
+  KeyPacking<D> pk;
+  if (plan_packing<D, T>(feats, scale, pk)) {
+    Tensor tables = at::full({B * cap}, -1, lopt);
+    BuildPacked<D, T> build;
+    build.feats = feats.data_ptr<T>();
+    build.fsb = feats.stride(0);
+    build.fsd = feats.stride(1);
+    build.fsn = feats.stride(2);
+    for (int i = 0; i < kMaxD; ++i) build.scale[i] = scale[i];
+    build.pk = pk;
+    build.N = N;
+    build.tables = tables.data_ptr<int64_t>();
+    build.mask = static_cast<uint64_t>(cap - 1);
+    build.owner = owner.data_ptr<int32_t>();
+    build.bary = lat.bary.data_ptr<T>();
+    build.bad = bad.data_ptr<int32_t>();
+    timer.mark("alloc");
+    Backend::build(B * N, build);
+    timer.mark("build");
+    TORCH_CHECK(bad.item<int32_t>() == 0, bad_msg);  // one device sync on CUDA: features are user data
+    Tensor flag = at::empty({B * cap}, iopt);
+    for (int64_t b = 0; b < B; ++b)
+      Backend::launch(cap, MarkSlots{build.tables + b * cap, flag.data_ptr<int32_t>() + b * cap}, kGrainCheap);
+    timer.mark("mark");
+    Tensor incl = Backend::inclusive_scan(flag);
+    lat.M = incl[B * cap - 1].item<int64_t>();
+    timer.mark("scan");
+    vkeys = at::empty({lat.M * (D + 1)}, iopt);
+    for (int64_t b = 0; b < B; ++b) {
+      Backend::launch(cap, SlotKeys<D>{build.tables + b * cap, incl.data_ptr<int64_t>() + b * cap, pk,
+                                       static_cast<int32_t>(b), vkeys.data_ptr<int32_t>()},
+                      kGrainCheap);
+      Backend::launch(E, AssignPacked{build.owner + b * E, incl.data_ptr<int64_t>() + b * cap,
+                                      lat.vertex.data_ptr<int64_t>() + b * E},
+                      kGrainCheap);
+    }
+    timer.mark("assign");
+  } else {
+    Tensor tables = at::full({B * cap}, -1, iopt);
+    Tensor keys = at::empty({B * E * D}, iopt);
+    BuildPoints<D, T> build;
+    build.feats = feats.data_ptr<T>();
+    build.fsb = feats.stride(0);
+    build.fsd = feats.stride(1);
+    build.fsn = feats.stride(2);
+    for (int i = 0; i < kMaxD; ++i) build.scale[i] = scale[i];
+    build.N = N;
+    build.tables = tables.data_ptr<int32_t>();
+    build.mask = static_cast<uint64_t>(cap - 1);
+    build.keys = keys.data_ptr<int32_t>();
+    build.owner = owner.data_ptr<int32_t>();
+    build.bary = lat.bary.data_ptr<T>();
+    build.bad = bad.data_ptr<int32_t>();
+    timer.mark("alloc");
+    Backend::build(B * N, build);
+    timer.mark("build");
+    TORCH_CHECK(bad.item<int32_t>() == 0, bad_msg);
+    Tensor flag = at::empty({B * E}, iopt);
+    for (int64_t b = 0; b < B; ++b)
+      Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E}, kGrainCheap);
+    timer.mark("mark");
+    Tensor incl = Backend::inclusive_scan(flag);
+    lat.M = incl[B * E - 1].item<int64_t>();
+    timer.mark("scan");
+    vkeys = at::empty({lat.M * (D + 1)}, iopt);
+    for (int64_t b = 0; b < B; ++b) {
+      Backend::launch(E, AssignVertices<D>{build.owner + b * E, incl.data_ptr<int64_t>() + b * E,
+                                           build.keys + b * E * D, static_cast<int32_t>(b),
+                                           lat.vertex.data_ptr<int64_t>() + b * E, vkeys.data_ptr<int32_t>()},
+                      kGrainCheap);
+    }
+    timer.mark("assign");
+  }
   TORCH_CHECK(lat.M < (int64_t(1) << 31), "permutohedral_filter: the batch has ", lat.M,
               " lattice vertices, more than the 2^31 supported; filter fewer images per call");
-  timer.mark("scan");
-  lat.vertex = at::empty({B * E}, lopt);
-  Tensor vkeys = at::empty({lat.M * (D + 1)}, iopt);
-  for (int64_t b = 0; b < B; ++b) {
-    Backend::launch(E, AssignVertices<D>{build.owner + b * E, incl.data_ptr<int64_t>() + b * E,
-                                         build.keys + b * E * D, static_cast<int32_t>(b),
-                                         lat.vertex.data_ptr<int64_t>() + b * E, vkeys.data_ptr<int32_t>()},
-                    kGrainCheap);
-  }
-  timer.mark("assign");
-  tables = Tensor();  // the build table is no longer needed
-  keys = Tensor();
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
   Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
@@ -182,7 +269,7 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
   const auto acc = acc_dtype(values.scalar_type());
   Tensor grid = at::zeros({M, Cv}, values.options().dtype(acc));
   Tensor norm = ones ? at::empty({B * N}, values.options().dtype(acc)) : Tensor();
-  if (M == 0 || B * N == 0) return norm;
+  if (M == 0 || B * N == 0 || Cv == 0) return norm;
   // Per image the range of its vertex ids (they are image-major), for the CPU's owner-range splat.
   PhaseTimer timer;
   Tensor lo, hi;

@@ -20,6 +20,7 @@
 #include "segops/parallel.h"
 
 #if !defined(__CUDACC__)
+#include <algorithm>
 #include <vector>
 #endif
 
@@ -315,6 +316,154 @@ struct BuildPoints {
     }
   }
 #endif
+};
+
+// ---- phase 1, packed variant: keys packed into one int64 ---------------------------------------------
+// When the host's bound on the key coordinates (from the feature ranges) fits in 63 bits, a key is one
+// int64 code = sum_i (key_i - lo_i) << shift_i, stored in the table slot itself (-1 = empty): no key
+// array, one compare per probe. A vertex is then identified by its slot; owner[g] = slot index.
+template <int D>
+struct KeyPacking {
+  int32_t lo[kMaxD];
+  int32_t shift[kMaxD];
+  int32_t bits[kMaxD];
+  SEGOPS_HD_INLINE int64_t pack(const int32_t* key) const {
+    uint64_t code = 0;
+    for (int i = 0; i < D; ++i) code |= static_cast<uint64_t>(key[i] - lo[i]) << shift[i];
+    return static_cast<int64_t>(code);
+  }
+  SEGOPS_HD_INLINE void unpack(int64_t code, int32_t* key) const {
+    const uint64_t c = static_cast<uint64_t>(code);
+    for (int i = 0; i < D; ++i)
+      key[i] = static_cast<int32_t>((c >> shift[i]) & ((uint64_t(1) << bits[i]) - 1)) + lo[i];
+  }
+};
+
+SEGOPS_HD_INLINE uint64_t hash_code(int64_t code) {
+  uint64_t h = static_cast<uint64_t>(code) * 0x9E3779B97F4A7C15ull;
+  return h ^ (h >> 29);
+}
+
+// Returns the slot holding `code` (inserting it when absent). The capacity exceeds the number of
+// entries, so a free slot always exists.
+SEGOPS_HD_INLINE int32_t packed_insert(int64_t* table, uint64_t mask, int64_t code, uint64_t hash) {
+  uint64_t h = hash & mask;
+  while (true) {
+    int64_t cur = atomic_load(table + h);
+    if (cur == -1) {
+      cur = atomic_cas(table + h, int64_t(-1), code);
+      if (cur == -1) return static_cast<int32_t>(h);
+    }
+    if (cur == code) return static_cast<int32_t>(h);
+    h = (h + 1) & mask;
+  }
+}
+
+template <int D, typename T>
+struct BuildPacked {
+  const T* feats;  // (B, D, N) strided view
+  index_t fsb, fsd, fsn;
+  T scale[kMaxD];
+  KeyPacking<D> pk;
+  index_t N;
+  int64_t* tables;  // (B, cap)
+  uint64_t mask;
+  int32_t* owner;  // (B E): slot of each entry's vertex
+  T* bary;         // (B N, D+1)
+  int32_t* bad;
+
+  SEGOPS_HD_INLINE bool simplex(index_t i, Simplex<D, T>& s) const {
+    const index_t b = i / N, n = i - b * N;
+    if (!find_simplex<D, T>(feats + b * fsb + n * fsn, fsd, scale, s)) {
+      *bad = 1;
+      for (int k = 0; k <= D; ++k) {
+        bary[i * (D + 1) + k] = T(0);
+        owner[i * (D + 1) + k] = 0;
+      }
+      return false;
+    }
+    for (int k = 0; k <= D; ++k) bary[i * (D + 1) + k] = s.bary[k];
+    return true;
+  }
+
+  SEGOPS_HD_INLINE int64_t code(const Simplex<D, T>& s, int k) const {
+    int32_t key[D];
+    vertex_key<D, T>(s, k, key);
+    return pk.pack(key);
+  }
+
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    Simplex<D, T> s;
+    if (!simplex(i, s)) return;
+    int64_t* table = tables + (i / N) * (static_cast<index_t>(mask) + 1);
+    for (int k = 0; k <= D; ++k) {
+      const int64_t c = code(s, k);
+      owner[i * (D + 1) + k] = packed_insert(table, mask, c, hash_code(c));
+    }
+  }
+
+#if !defined(__CUDACC__)
+  // CPU: as BuildPoints::run_range, with a thread-local direct-mapped cache code -> slot.
+  void run_range(index_t begin, index_t end) const {
+    constexpr int kCache = 4096;
+    std::vector<int64_t> cache_code(kCache);
+    std::vector<int32_t> cache_slot(kCache);
+    Simplex<D, T> s;
+    index_t cache_b = -1;
+    int64_t* table = nullptr;
+    for (index_t i = begin; i < end; ++i) {
+      const index_t b = i / N;
+      if (b != cache_b) {
+        std::fill(cache_code.begin(), cache_code.end(), int64_t(-1));
+        cache_b = b;
+        table = tables + b * (static_cast<index_t>(mask) + 1);
+      }
+      if (!simplex(i, s)) continue;
+      for (int k = 0; k <= D; ++k) {
+        const int64_t c = code(s, k);
+        const uint64_t h = hash_code(c);
+        const int slot = static_cast<int>((h >> 40) & (kCache - 1));
+        if (cache_code[slot] == c) {
+          owner[i * (D + 1) + k] = cache_slot[slot];
+          continue;
+        }
+        const int32_t o = packed_insert(table, mask, c, h);
+        owner[i * (D + 1) + k] = o;
+        cache_code[slot] = c;
+        cache_slot[slot] = o;
+      }
+    }
+  }
+#endif
+};
+
+// Packed variant of phase 2: flags over the table slots (image's), then vertex ids and keys.
+struct MarkSlots {
+  const int64_t* table;
+  int32_t* flag;
+  SEGOPS_HD_INLINE void operator()(index_t h) const { flag[h] = table[h] != -1 ? 1 : 0; }
+};
+
+template <int D>
+struct SlotKeys {
+  const int64_t* table;  // image's (cap)
+  const int64_t* incl;   // image's (cap)
+  KeyPacking<D> pk;
+  int32_t image;
+  int32_t* vkeys;  // batch's (M, D+1)
+  SEGOPS_HD_INLINE void operator()(index_t h) const {
+    if (table[h] == -1) return;
+    int32_t* vk = vkeys + (incl[h] - 1) * (D + 1);
+    vk[0] = image;
+    pk.unpack(table[h], vk + 1);
+  }
+};
+
+struct AssignPacked {
+  const int32_t* owner;  // image's (E): slot ids
+  const int64_t* incl;   // image's (cap)
+  int64_t* vertex;       // image's (E)
+  SEGOPS_HD_INLINE void operator()(index_t l) const { vertex[l] = incl[owner[l]] - 1; }
 };
 
 // ---- phase 2: dense vertex ids (one image per launch: no index division) -------------------------------
