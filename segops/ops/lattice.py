@@ -160,17 +160,22 @@ def _check_loss_inputs(name: str, images: Tensor, segmentations: Tensor, rois: O
 
 
 def _prepare(images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float, sigma_xy: float,
-             scale_factor: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Resize (nearest images / rois, bilinear segmentations), then (features, X = S * roi, roi)."""
-    if rois is None:
-        rois = segmentations.new_ones((segmentations.shape[0],) + segmentations.shape[2:])
-    rois = rois.to(segmentations.dtype)
+             scale_factor: float) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Resize (nearest images / rois, bilinear segmentations), then (features, X = S * roi, roi (B, 1, H, W)).
+
+    Without rois, X = S and roi is None (an all-ones roi changes nothing and costs two passes).
+    """
+    if rois is not None:
+        rois = rois.to(segmentations.dtype)
     if scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
         segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-        rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
+        if rois is not None:
+            rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
         sigma_xy = sigma_xy * scale_factor
     feats = crf_features(images, sigma_rgb, sigma_xy)
+    if rois is None:
+        return feats, segmentations, None
     roi = rois.unsqueeze(1)
     return feats, segmentations * roi, roi
 
@@ -182,12 +187,14 @@ class _QuadraticForm(torch.autograd.Function):
     def forward(ctx, x: Tensor, feats: Tensor) -> Tensor:
         wx = torch.ops.segops.permutohedral_filter.default(x, feats, False)[0]
         ctx.save_for_backward(wx)
-        return (x * wx).flatten(1).sum(1)
+        B = x.shape[0]
+        # one fused pass per image: <X_b, (W X)_b> (accumulated in float64 for float64 inputs)
+        return torch.bmm(x.reshape(B, 1, -1), wx.reshape(B, -1, 1)).view(B)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         (wx,) = ctx.saved_tensors
-        return 2.0 * wx * g.view(-1, *([1] * (wx.dim() - 1))), None
+        return wx * (2.0 * g).view(-1, *([1] * (wx.dim() - 1))), None
 
 
 def dense_crf_loss(
@@ -255,6 +262,8 @@ def normalized_cut_loss(
     feats, x, roi = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     if x.numel() == 0 or B == 0:
         return (segmentations * 0).sum()
+    if roi is None:
+        roi = x.new_ones((x.shape[0], 1) + x.shape[2:])
     # One lattice pass over the K+1 channels [X, roi]; autograd applies W^T to the gradient (the exact
     # adjoint, reusing the lattice built in the forward pass).
     w = permutohedral_filter(torch.cat([x, roi.expand(x.shape[0], 1, *x.shape[2:])], 1), feats)

@@ -273,9 +273,14 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
   // Per image the range of its vertex ids (they are image-major), for the CPU's owner-range splat.
   PhaseTimer timer;
   Tensor lo, hi;
-  std::tie(lo, hi) = at::aminmax(vertex.view({B, N * V}), 1);
-  lo = lo.cpu();
-  hi = hi.cpu();
+  if (B == 1) {
+    lo = at::zeros({1}, at::kLong);
+    hi = at::full({1}, M - 1, at::TensorOptions().dtype(at::kLong));
+  } else {
+    std::tie(lo, hi) = at::aminmax(vertex.view({B, N * V}), 1);
+    lo = lo.cpu();
+    hi = hi.cpu();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "permutohedral_filter", [&] {
     using accT = acc_t<scalar_t>;
     SplatAtomic<scalar_t, accT> sp;
