@@ -19,8 +19,8 @@ struct CpuBackend {
   }
 
   template <typename F>
-  static void build(index_t n, const F& f) {
-    at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+  static void ranged(index_t n, const F& f, index_t grain) {
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
   }
 
   // Two-pass chunked prefix sum (one chunk per thread).
@@ -56,17 +56,20 @@ struct CpuBackend {
     at::parallel_for(0, M, grain, [&](int64_t v0, int64_t v1) {
       std::vector<acc> buf(static_cast<size_t>(p.C));
       const index_t V = p.V;
-      for (index_t i = 0; i < BN; ++i) {
-        const index_t b = i / p.N;
+      for (index_t i = 0, b = 0, n = 0; i < BN; ++i, ++n) {
+        if (n == p.N) {
+          n = 0;
+          ++b;
+        }
         if (image_hi[b] < v0 || image_lo[b] >= v1) {  // no vertex of this image in [v0, v1): skip it
           i = (b + 1) * p.N - 1;
+          n = p.N - 1;
           continue;
         }
         const int64_t* vp = p.vertex + i * V;
         bool any = false;
         for (index_t k = 0; k < V; ++k) any = any || (vp[k] >= v0 && vp[k] < v1);
         if (!any) continue;
-        const index_t n = i - b * p.N;
         const scalar_t* x = p.values + b * p.vsb + n * p.vsn;
         const acc ps = p.prescale ? p.prescale[i] : acc(1);
         for (index_t c = 0; c < p.C; ++c) buf[c] = static_cast<acc>(x[c * p.vsc]) * ps;

@@ -20,7 +20,7 @@ struct CudaBackend {
   }
 
   template <typename F>
-  static void build(index_t n, const F& f) {
+  static void ranged(index_t n, const F& f, index_t /*grain*/) {
     cuda_parallel_for(n, f, 128);
   }
 

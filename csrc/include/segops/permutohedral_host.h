@@ -2,7 +2,8 @@
 // PyTorch's allocator, on the current stream), the dispatch on d = 1..16 and on dtypes, and the phase
 // sequence build -> splat -> blur -> slice. A backend supplies a `Backend` type with
 //   Backend::launch(n, functor, grain)            parallel for (at::parallel_for with that grain / grid-stride kernel)
-//   Backend::build(n, BuildPoints<D, T> | BuildPacked<D, T>)   lattice construction over all B N points
+//   Backend::ranged(n, functor, grain)            the same for functors with a CPU run_range(begin, end)
+//                                                 (build, slice: point loops without index divisions)
 //   Backend::splat(SplatAtomic<s, acc>, BN, M, image_lo, image_hi)   splat of all points
 //   Backend::inclusive_scan(int32 tensor) -> int64 inclusive prefix sum
 #pragma once
@@ -158,7 +159,7 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
     build.bary = lat.bary.data_ptr<T>();
     build.bad = bad.data_ptr<int32_t>();
     timer.mark("alloc");
-    Backend::build(B * N, build);
+    Backend::ranged(B * N, build, 8192);
     timer.mark("build");
     TORCH_CHECK(bad.item<int32_t>() == 0, bad_msg);  // one device sync on CUDA: features are user data
     Tensor flag = at::empty({B * cap}, iopt);
@@ -195,7 +196,7 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
     build.bary = lat.bary.data_ptr<T>();
     build.bad = bad.data_ptr<int32_t>();
     timer.mark("alloc");
-    Backend::build(B * N, build);
+    Backend::ranged(B * N, build, 8192);
     timer.mark("build");
     TORCH_CHECK(bad.item<int32_t>() == 0, bad_msg);
     Tensor flag = at::empty({B * E}, iopt);
@@ -326,7 +327,7 @@ Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex,
     sl.osc = out.stride(1);
     sl.osn = out.stride(2);
     sl.norm = ones ? norm.data_ptr<accT>() : nullptr;
-    Backend::launch(B * N, sl, std::max<int64_t>(64, 8192 / Cv));
+    Backend::ranged(B * N, sl, std::max<int64_t>(64, 8192 / Cv));
     timer.mark("slice");
   });
   return norm;

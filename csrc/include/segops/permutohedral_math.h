@@ -244,8 +244,7 @@ struct BuildPoints {
   int32_t* bad;     // set to 1 on NaN / Inf / huge features
 
   // Returns false (and flags `bad`) when the features are unusable; `s` is then undefined.
-  SEGOPS_HD_INLINE bool simplex(index_t i, Simplex<D, T>& s) const {
-    const index_t b = i / N, n = i - b * N;
+  SEGOPS_HD_INLINE bool simplex(index_t i, index_t b, index_t n, Simplex<D, T>& s) const {
     if (!find_simplex<D, T>(feats + b * fsb + n * fsn, fsd, scale, s)) {
       *bad = 1;
       for (int k = 0; k <= D; ++k) {
@@ -271,7 +270,8 @@ struct BuildPoints {
 
   SEGOPS_HD_INLINE void operator()(index_t i) const {
     Simplex<D, T> s;
-    if (!simplex(i, s)) return;
+    const index_t b = i / N;
+    if (!simplex(i, b, i - b * N, s)) return;
     int32_t key[D];
     for (int k = 0; k <= D; ++k) {
       vertex_key<D, T>(s, k, key);
@@ -294,13 +294,17 @@ struct BuildPoints {
     Simplex<D, T> s;
     int32_t key[D];
     index_t cache_b = -1;
-    for (index_t i = begin; i < end; ++i) {
-      const index_t b = i / N;
+    index_t b = begin / N, n = begin - b * N;
+    for (index_t i = begin; i < end; ++i, ++n) {
+      if (n == N) {
+        n = 0;
+        ++b;
+      }
       if (b != cache_b) {  // owners are image-local
         for (int c = 0; c < kCache; ++c) cache[c].owner = -1;
         cache_b = b;
       }
-      if (!simplex(i, s)) continue;
+      if (!simplex(i, b, n, s)) continue;
       for (int k = 0; k <= D; ++k) {
         vertex_key<D, T>(s, k, key);
         const uint64_t h = hash_key<D>(key);
@@ -372,8 +376,7 @@ struct BuildPacked {
   T* bary;         // (B N, D+1)
   int32_t* bad;
 
-  SEGOPS_HD_INLINE bool simplex(index_t i, Simplex<D, T>& s) const {
-    const index_t b = i / N, n = i - b * N;
+  SEGOPS_HD_INLINE bool simplex(index_t i, index_t b, index_t n, Simplex<D, T>& s) const {
     if (!find_simplex<D, T>(feats + b * fsb + n * fsn, fsd, scale, s)) {
       *bad = 1;
       for (int k = 0; k <= D; ++k) {
@@ -394,8 +397,9 @@ struct BuildPacked {
 
   SEGOPS_HD_INLINE void operator()(index_t i) const {
     Simplex<D, T> s;
-    if (!simplex(i, s)) return;
-    int64_t* table = tables + (i / N) * (static_cast<index_t>(mask) + 1);
+    const index_t b = i / N;
+    if (!simplex(i, b, i - b * N, s)) return;
+    int64_t* table = tables + b * (static_cast<index_t>(mask) + 1);
     for (int k = 0; k <= D; ++k) {
       const int64_t c = code(s, k);
       owner[i * (D + 1) + k] = packed_insert(table, mask, c, hash_code(c));
@@ -411,14 +415,18 @@ struct BuildPacked {
     Simplex<D, T> s;
     index_t cache_b = -1;
     int64_t* table = nullptr;
-    for (index_t i = begin; i < end; ++i) {
-      const index_t b = i / N;
+    index_t b = begin / N, n = begin - b * N;
+    for (index_t i = begin; i < end; ++i, ++n) {
+      if (n == N) {
+        n = 0;
+        ++b;
+      }
       if (b != cache_b) {
         std::fill(cache_code.begin(), cache_code.end(), int64_t(-1));
         cache_b = b;
         table = tables + b * (static_cast<index_t>(mask) + 1);
       }
-      if (!simplex(i, s)) continue;
+      if (!simplex(i, b, n, s)) continue;
       for (int k = 0; k <= D; ++k) {
         const int64_t c = code(s, k);
         const uint64_t h = hash_code(c);
@@ -607,7 +615,22 @@ struct Slice {
   index_t osb, osc, osn;
   acc* norm;  // (B N) when ones
   SEGOPS_HD_INLINE void operator()(index_t i) const {
-    const index_t b = i / N, n = i - b * N;
+    const index_t b = i / N;
+    point(i, b, i - b * N);
+  }
+#if !defined(__CUDACC__)
+  void run_range(index_t begin, index_t end) const {  // CPU: no index division per point
+    index_t b = begin / N, n = begin - b * N;
+    for (index_t i = begin; i < end; ++i, ++n) {
+      if (n == N) {
+        n = 0;
+        ++b;
+      }
+      point(i, b, n);
+    }
+  }
+#endif
+  SEGOPS_HD_INLINE void point(index_t i, index_t b, index_t n) const {
     scalar_t* o = out + b * osb + n * osn;
     acc scale = alpha;
     if (ones) {
