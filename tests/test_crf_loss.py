@@ -221,3 +221,17 @@ def test_cuda_parity_losses(fn, scale):
     (grad_c,) = torch.autograd.grad(loss_c, seg_c)
     assert torch.allclose(loss_c.cpu(), loss, rtol=1e-10)
     assert float((grad_c.cpu() - grad).abs().max() / grad.abs().max()) < 1e-10
+
+
+def test_channels_last_and_strided_inputs():
+    img, seg, roi = make_inputs(B=2, K=5, H=12, W=14, seed=14)
+    ref = dense_crf_loss(img, seg, 1.0, 15.0, 4.0, 1.0, roi)
+    (gref,) = torch.autograd.grad(ref, seg)
+    seg_cl = seg.detach().to(memory_format=torch.channels_last).requires_grad_()
+    out = dense_crf_loss(img.to(memory_format=torch.channels_last), seg_cl, 1.0, 15.0, 4.0, 1.0, roi)
+    (gcl,) = torch.autograd.grad(out, seg_cl)
+    assert torch.allclose(out, ref, rtol=1e-12) and torch.allclose(gcl, gref, rtol=1e-12, atol=0)
+    wide = torch.cat([seg.detach(), seg.detach()], 3)[..., ::2].requires_grad_()  # non-contiguous view input
+    out2 = normalized_cut_loss(img, wide, 1.0, 15.0, 4.0, 1.0, roi)
+    ref2 = normalized_cut_loss(img, wide.detach().contiguous(), 1.0, 15.0, 4.0, 1.0, roi)
+    assert torch.allclose(out2, ref2, rtol=1e-12)
