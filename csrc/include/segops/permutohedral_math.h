@@ -547,7 +547,7 @@ struct FindNeighbors {
 // ---- splat / blur / slice over C channels (+1 implicit "ones" channel when computing W 1) --------------
 // Vertex values: (M, Cv) accumulators, Cv = C + has_ones. Points: values (B, C, N) strided.
 
-constexpr int kChannelBlock = 32;
+constexpr int kChannelBlock = 8;
 
 // CUDA splat: one point per call, float atomics (order-dependent rounding).
 template <typename scalar_t, typename acc>
@@ -639,16 +639,24 @@ struct Slice {
       norm[i] = alpha * t;
       scale = acc(1) / t;  // t > 0: every point's own splat reaches its vertices with positive mass
     }
-    acc sums[kChannelBlock];
-    for (index_t c0 = 0; c0 < C; c0 += kChannelBlock) {
-      const index_t cn = hd_min<index_t>(kChannelBlock, C - c0);
-      for (index_t c = 0; c < cn; ++c) sums[c] = acc(0);
+    const acc* w = bary + i * V;
+    const int64_t* vi = vertex + i * V;
+    // Blocks of 8 channels with a fixed trip count: the 8 sums stay in registers across the d+1 rows.
+    index_t c0 = 0;
+    for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
+      acc sums[kChannelBlock];
+      for (int c = 0; c < kChannelBlock; ++c) sums[c] = acc(0);
       for (index_t k = 0; k < V; ++k) {
-        const acc w = bary[i * V + k];
-        const acc* row = grid + vertex[i * V + k] * Cv + c0;
-        for (index_t c = 0; c < cn; ++c) sums[c] += w * row[c];
+        const acc wk = w[k];
+        const acc* row = grid + vi[k] * Cv + c0;
+        for (int c = 0; c < kChannelBlock; ++c) sums[c] += wk * row[c];
       }
-      for (index_t c = 0; c < cn; ++c) o[(c0 + c) * osc] = static_cast<scalar_t>(sums[c] * scale);
+      for (int c = 0; c < kChannelBlock; ++c) o[(c0 + c) * osc] = static_cast<scalar_t>(sums[c] * scale);
+    }
+    for (; c0 < C; ++c0) {
+      acc t = acc(0);
+      for (index_t k = 0; k < V; ++k) t += w[k] * grid[vi[k] * Cv + c0];
+      o[c0 * osc] = static_cast<scalar_t>(t * scale);
     }
   }
 };
