@@ -72,6 +72,16 @@ TORCH_LIBRARY(segops, m) {
       "Tensor denom, int reduction) -> Tensor");
 
   // ---- permutohedral lattice, dense CRF / normalized-cut losses (issue: lattice) -----------------
+  // values (B, C, *spatial), features (B, d, *spatial), d in [1, 16]. Returns (out, vertex, bary,
+  // neighbors, norm): out = W values (or (W values) / (W 1) when normalize); the lattice (vertex (B, N, d+1)
+  // int64 ids, bary (B, N, d+1) weights, neighbors (M, d+1, 2) int64) and norm = W 1 ((B, N), or (0,)
+  // without normalize) are kept for the backward op, which reuses them instead of rebuilding.
+  // _backward: transposed -> W^T grad (W^T (grad / norm) when normalize), the gradient; otherwise
+  // W grad (/ norm), its own gradient (double backward).
+  m.def("permutohedral_filter(Tensor values, Tensor features, bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_permutohedral_filter_backward(Tensor grad, Tensor vertex, Tensor bary, Tensor neighbors, Tensor norm, "
+      "bool normalize, bool transposed) -> Tensor");
 
   // ---- transposed / atrous convolution (issue: conv) ---------------------------------------------
   // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return

@@ -1,4 +1,5 @@
-"""Runs every CUDA kernel of segops once (forward and backward) on small inputs, for compute-sanitizer.
+"""Runs every CUDA kernel of segops once (forward, backward; the lattice also double backward, both key paths,
+the normalised filter and the CRF / normalized-cut losses) on small inputs, for compute-sanitizer.
 
 `compute-sanitizer --tool memcheck python scripts/cuda_driver.py`: every launch sees sizes that do not
 divide the block size, strided / channels_last inputs, half precision and ignored pixels, so out-of-bounds
@@ -67,7 +68,28 @@ def convolutions(dev: torch.device) -> None:
             check("conv_transpose2d %s g=%d k=%d s=%d d=%d" % (dtype, groups, k, stride, dil), y, xt.grad, wt.grad)
 
 
-DRIVERS = [losses, convolutions]
+def lattice(dev: torch.device) -> None:
+    g = torch.Generator().manual_seed(0)
+    for d, spread in ((1, 1.0), (3, 1.0), (5, 2.0), (8, 3000.0), (16, 1.0)):  # d=8 x3000: general key path
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            v = torch.randn(2, 5, 13, 11, generator=g).to(dev, dtype).requires_grad_()
+            f = (torch.randn(2, d, 13, 11, generator=g) * spread).to(dev)
+            for normalize in (False, True):
+                out = ops.permutohedral_filter(v, f, normalize)
+                (gv,) = torch.autograd.grad(out.float().square().sum(), v, create_graph=True)
+                (ggv,) = torch.autograd.grad(gv.float().sum(), v)
+                check("filter d=%d %s normalize=%s" % (d, dtype, normalize), out, gv, ggv)
+    img = (torch.rand(3, 3, 37, 29, generator=g) * 255).to(dev)
+    seg = torch.softmax(torch.randn(3, 21, 37, 29, generator=g), 1).to(dev).requires_grad_()
+    roi = (torch.rand(3, 37, 29, generator=g) > 0.2).float().to(dev)
+    for fn in (ops.dense_crf_loss, ops.normalized_cut_loss):
+        for scale in (1.0, 0.5):
+            loss = fn(img, seg, 1e-3, 15.0, 8.0, scale, roi)
+            (gs,) = torch.autograd.grad(loss, seg)
+            check("%s scale=%g" % (fn.__name__, scale), loss, gs)
+
+
+DRIVERS = [losses, convolutions, lattice]
 
 
 def main() -> int:

@@ -1,7 +1,16 @@
 """Modules built on the segops operators."""
 
-from segops.nn.losses import EntropyLoss, PartialCrossEntropyLoss
 from segops.nn import init
 from segops.nn.conv import AtrousConv2d, ConvTranspose2d
+from segops.nn.crf import DenseCRFLoss, NormalizedCutLoss
+from segops.nn.losses import EntropyLoss, PartialCrossEntropyLoss
 
-__all__ = ["PartialCrossEntropyLoss", "EntropyLoss", "AtrousConv2d", "ConvTranspose2d", "init"]
+__all__ = [
+    "PartialCrossEntropyLoss",
+    "EntropyLoss",
+    "DenseCRFLoss",
+    "NormalizedCutLoss",
+    "AtrousConv2d",
+    "ConvTranspose2d",
+    "init",
+]

@@ -1,0 +1,237 @@
+"""Dense CRF loss and normalized-cut loss: against the pure-PyTorch lattice twin, rois, resizing, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segops import nn as snn
+from segops import reference_lattice as R
+from segops.ops import dense_crf_loss, normalized_cut_loss
+
+
+def make_inputs(B=2, K=4, H=13, W=17, C_img=3, seed=0, dtype=torch.float64, roi_frac=0.7):
+    g = torch.Generator().manual_seed(seed)
+    img = (torch.rand(B, C_img, H, W, generator=g, dtype=dtype) * 255).round()
+    seg = torch.softmax(torch.randn(B, K, H, W, generator=g, dtype=dtype) * 2, 1).requires_grad_()
+    roi = (torch.rand(B, H, W, generator=g) < roi_frac).to(dtype)
+    return img, seg, roi
+
+
+def crf_reference(img, seg, weight, srgb, sxy, scale, roi):
+    """Loss -(w/B) sum X^T W X and the ECCV'18 gradient -(2w/B) (W X) roi through the resize, from twin (b)."""
+    B = img.shape[0]
+    if roi is None:
+        roi = torch.ones(seg.shape[0], *seg.shape[2:], dtype=seg.dtype)
+    if scale != 1.0:
+        img = F.interpolate(img, scale_factor=scale, mode="nearest")
+        seg_s = F.interpolate(seg, scale_factor=scale, mode="bilinear", align_corners=False)
+        roi = F.interpolate(roi.unsqueeze(1), scale_factor=scale, mode="nearest").squeeze(1)
+        sxy = sxy * scale
+    else:
+        seg_s = seg
+    feats = R.crf_features(img, srgb, sxy)
+    x = seg_s * roi.unsqueeze(1)
+    wx = R.permutohedral_filter(x.detach(), feats)
+    loss = -(weight / B) * (x.detach() * wx).sum()
+    surrogate = -(2 * weight / B) * (x * wx).sum()  # d/dX = -(2w/B) W X
+    (grad,) = torch.autograd.grad(surrogate, seg)
+    return loss, grad
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.6])
+@pytest.mark.parametrize("use_roi", [True, False])
+def test_dense_crf_loss_matches_reference(scale, use_roi):
+    img, seg, roi = make_inputs(seed=int(scale * 10) + use_roi, H=15, W=18)
+    roi = roi if use_roi else None
+    loss = dense_crf_loss(img, seg, 2e-3, 15.0, 5.0, scale, roi)
+    (grad,) = torch.autograd.grad(loss, seg)
+    ref_loss, ref_grad = crf_reference(img, seg, 2e-3, 15.0, 5.0, scale, roi)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12, atol=0)
+    assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-18)
+    assert float(loss.detach()) <= 0
+
+
+def test_dense_crf_loss_float32_and_many_classes():
+    img, seg, roi = make_inputs(B=1, K=70, H=12, W=11, dtype=torch.float32, seed=3)
+    loss = dense_crf_loss(img, seg, 1e-2, 10.0, 4.0, 1.0, roi)
+    (grad,) = torch.autograd.grad(loss, seg)
+    ref_loss, ref_grad = crf_reference(img, seg, 1e-2, 10.0, 4.0, 1.0, roi)
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert float((grad - ref_grad).abs().max() / ref_grad.abs().max()) < 2e-5
+
+
+@pytest.mark.parametrize("C_img", [1, 3, 5])
+def test_any_number_of_image_channels(C_img):
+    img, seg, roi = make_inputs(B=2, K=3, H=9, W=10, C_img=C_img, seed=C_img)
+    loss = dense_crf_loss(img, seg, 1e-3, 20.0, 3.0, 1.0, roi)
+    ref_loss, _ = crf_reference(img, seg, 1e-3, 20.0, 3.0, 1.0, roi)
+    assert torch.allclose(loss, ref_loss, rtol=1e-12)
+
+
+def test_roi_zero_pixels_get_exactly_zero_gradient():
+    img, seg, roi = make_inputs(seed=5)
+    loss = dense_crf_loss(img, seg, 1.0, 15.0, 5.0, 1.0, roi)
+    (grad,) = torch.autograd.grad(loss, seg)
+    outside = (roi == 0).unsqueeze(1).expand_as(grad)
+    assert bool((grad[outside] == 0).all())
+    assert bool((grad[~outside] != 0).any())
+    # all-zero roi, also through the resize: zero loss, zero gradient
+    loss0 = dense_crf_loss(img, seg, 1.0, 15.0, 5.0, 0.5, torch.zeros_like(roi))
+    (g0,) = torch.autograd.grad(loss0, seg)
+    assert float(loss0.detach()) == 0 and bool((g0 == 0).all())
+
+
+def test_eccv_identity_and_weight_scaling():
+    # -sum_k S_k^T W S_k = sum_k S_k^T W (1 - S_k) - 1^T W 1 for softmax S: the two ECCV'18 forms.
+    img, seg, _ = make_inputs(B=1, K=3, H=10, W=12, seed=6)
+    loss = dense_crf_loss(img, seg, 1.0, 15.0, 4.0)
+    feats = R.crf_features(img, 15.0, 4.0)
+    ones = torch.ones(1, 1, 10, 12, dtype=torch.float64)
+    cut = (seg.detach() * R.permutohedral_filter(1 - seg.detach(), feats)).sum()
+    total = (ones * R.permutohedral_filter(ones, feats)).sum()
+    assert torch.allclose(loss, cut - total, rtol=1e-10)
+    assert torch.allclose(dense_crf_loss(img, seg, 3.0, 15.0, 4.0), 3 * loss, rtol=1e-14)
+
+
+def test_module_equals_functional_and_repr():
+    img, seg, roi = make_inputs(seed=7)
+    m = snn.DenseCRFLoss(weight=2e-9, sigma_rgb=15, sigma_xy=80, scale_factor=0.5)
+    assert "sigma_xy=80" in repr(m)
+    assert torch.equal(m(img, seg, roi), dense_crf_loss(img, seg, 2e-9, 15, 80, 0.5, roi))
+    nc = snn.NormalizedCutLoss(weight=0.5, sigma_rgb=15, sigma_xy=5)
+    assert torch.equal(nc(img, seg, roi), normalized_cut_loss(img, seg, 0.5, 15, 5, 1.0, roi))
+
+
+def test_forward_filters_once():
+    # The backward reuses W X from the forward: one lattice filter call per loss evaluation.
+    img, seg, roi = make_inputs(B=1, K=3, H=8, W=8, seed=8)
+    calls = []
+    op = torch.ops.segops.permutohedral_filter.default
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is op:
+                calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss = dense_crf_loss(img, seg, 1.0, 10.0, 3.0, 1.0, roi)
+    loss.backward()
+    assert len(calls) == 1
+
+
+def test_dense_reference_within_documented_approximation():
+    # Versus the exact dense Gaussian (twin a): the lattice loss carries 0.4-0.7x of its mass.
+    img, seg, roi = make_inputs(B=1, K=3, H=20, W=20, seed=9)
+    img = torch.nn.functional.avg_pool2d(img, 5, 1, 2, count_include_pad=False)  # smoother image
+    lat = dense_crf_loss(img, seg, 1.0, 15.0, 6.0)
+    exact = R.dense_crf_loss(img, seg, 1.0, 15.0, 6.0, filter=R.dense_gaussian_filter)
+    assert 0.4 < float(lat / exact) < 0.7
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_normalized_cut_matches_reference(scale):
+    img, seg, roi = make_inputs(seed=10, H=14, W=16)
+    loss = normalized_cut_loss(img, seg, 0.7, 15.0, 5.0, scale, roi)
+    (grad,) = torch.autograd.grad(loss, seg)
+    ref = R.normalized_cut_loss(img, seg, 0.7, 15.0, 5.0, scale, roi)
+    (ref_grad,) = torch.autograd.grad(ref, seg)
+    assert torch.allclose(loss, ref, rtol=1e-12)
+    assert torch.allclose(grad, ref_grad, rtol=1e-9, atol=1e-16)
+    assert 0 <= float(loss) <= 0.7 * seg.shape[1]
+
+
+def test_normalized_cut_gradcheck_and_absent_class():
+    img, seg, roi = make_inputs(B=1, K=3, H=4, W=5, seed=11)
+    assert torch.autograd.gradcheck(lambda x: normalized_cut_loss(img, x, 1.0, 15.0, 2.0, 1.0, roi), (seg,))
+    s = seg.detach().clone()
+    s[:, 2] = 0  # a class absent everywhere: its term is 0 (not NaN) and so is its gradient
+    s = (s / s.sum(1, keepdim=True)).requires_grad_()
+    loss = normalized_cut_loss(img, s, 1.0, 15.0, 2.0, 1.0, roi)
+    loss.backward()
+    assert torch.isfinite(loss) and bool(torch.isfinite(s.grad).all())
+
+
+def test_torch_compile_losses():
+    img, seg, roi = make_inputs(B=1, K=3, H=8, W=9, seed=12)
+    for fn in (dense_crf_loss, normalized_cut_loss):
+        compiled = torch.compile(lambda i, s, r: fn(i, s, 1.0, 15.0, 3.0, 1.0, r), backend="aot_eager")
+        out = compiled(img, seg, roi)
+        (gc,) = torch.autograd.grad(out, seg)
+        ref = fn(img, seg, 1.0, 15.0, 3.0, 1.0, roi)
+        (gr,) = torch.autograd.grad(ref, seg)
+        assert torch.allclose(out, ref, rtol=1e-12) and torch.allclose(gc, gr, rtol=1e-10, atol=1e-18)
+
+
+def test_empty_batches_and_images():
+    for B, H, W in ((0, 8, 8), (2, 0, 8)):
+        img = torch.rand(B, 3, H, W) * 255
+        seg = torch.rand(B, 3, H, W, requires_grad=True)
+        for fn in (dense_crf_loss, normalized_cut_loss):
+            loss = fn(img, seg, 1.0, 15.0, 3.0)
+            loss.backward()
+            assert float(loss) == 0 and bool((seg.grad == 0).all())
+            seg.grad = None
+
+
+BAD = [
+    ("images 3-D", lambda i, s, r: (i[0], s, r), ValueError, "images must be"),
+    ("segs 3-D", lambda i, s, r: (i, s[0], r), ValueError, "segmentations must be"),
+    ("size mismatch", lambda i, s, r: (i[..., :-1], s, r), ValueError, "must agree"),
+    ("batch mismatch", lambda i, s, r: (i[:1], s, r), ValueError, "must agree"),
+    ("roi shape", lambda i, s, r: (i, s, r[..., :-1]), ValueError, "rois must be"),
+    ("15 channels", lambda i, s, r: (torch.rand(2, 15, 13, 17), s, r), ValueError, "1..14 channels"),
+    ("int segs", lambda i, s, r: (i, (s > 0.5).long(), r), TypeError, "floating point"),
+    ("NaN image", lambda i, s, r: (i.clone().fill_(float("nan")), s, r), RuntimeError, "NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,match", BAD, ids=[b[0] for b in BAD])
+@pytest.mark.parametrize("fn", [dense_crf_loss, normalized_cut_loss])
+def test_bad_input(name, mutate, exc, match, fn):
+    img, seg, roi = make_inputs(dtype=torch.float32)
+    i, s, r = mutate(img, seg, roi)
+    with pytest.raises(exc, match=match):
+        fn(i, s, 1.0, 15.0, 5.0, 1.0, r)
+
+
+@pytest.mark.parametrize("kw", [dict(sigma_rgb=0.0), dict(sigma_xy=-1.0), dict(scale_factor=0.0),
+                                dict(sigma_xy=float("nan"))])
+def test_bad_parameters(kw):
+    args = dict(weight=1.0, sigma_rgb=15.0, sigma_xy=5.0, scale_factor=1.0)
+    args.update(kw)
+    with pytest.raises(ValueError, match="positive finite"):
+        snn.DenseCRFLoss(**args)
+    img, seg, roi = make_inputs()
+    with pytest.raises(ValueError, match="positive finite"):
+        dense_crf_loss(img, seg, **args)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("fn", [dense_crf_loss, normalized_cut_loss])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_cuda_parity_losses(fn, scale):
+    img, seg, roi = make_inputs(B=3, K=21, H=33, W=29, seed=13)
+    loss = fn(img, seg, 1e-3, 15.0, 8.0, scale, roi)
+    (grad,) = torch.autograd.grad(loss, seg)
+    seg_c = seg.detach().cuda().requires_grad_()
+    loss_c = fn(img.cuda(), seg_c, 1e-3, 15.0, 8.0, scale, roi.cuda())
+    (grad_c,) = torch.autograd.grad(loss_c, seg_c)
+    assert torch.allclose(loss_c.cpu(), loss, rtol=1e-10)
+    assert float((grad_c.cpu() - grad).abs().max() / grad.abs().max()) < 1e-10
+
+
+def test_channels_last_and_strided_inputs():
+    img, seg, roi = make_inputs(B=2, K=5, H=12, W=14, seed=14)
+    ref = dense_crf_loss(img, seg, 1.0, 15.0, 4.0, 1.0, roi)
+    (gref,) = torch.autograd.grad(ref, seg)
+    seg_cl = seg.detach().to(memory_format=torch.channels_last).requires_grad_()
+    out = dense_crf_loss(img.to(memory_format=torch.channels_last), seg_cl, 1.0, 15.0, 4.0, 1.0, roi)
+    (gcl,) = torch.autograd.grad(out, seg_cl)
+    assert torch.allclose(out, ref, rtol=1e-12) and torch.allclose(gcl, gref, rtol=1e-12, atol=0)
+    wide = torch.cat([seg.detach(), seg.detach()], 3)[..., ::2].requires_grad_()  # non-contiguous view input
+    out2 = normalized_cut_loss(img, wide, 1.0, 15.0, 4.0, 1.0, roi)
+    ref2 = normalized_cut_loss(img, wide.detach().contiguous(), 1.0, 15.0, 4.0, 1.0, roi)
+    assert torch.allclose(out2, ref2, rtol=1e-12)

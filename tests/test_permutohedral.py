@@ -1,0 +1,354 @@
+"""permutohedral_filter: kernel vs the pure-PyTorch lattice twin, identities, gradients, errors, CUDA parity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from segops import reference_lattice as R
+from segops.ops import permutohedral_filter
+from segops.ops.lattice import crf_features
+
+ops = torch.ops.segops
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
+
+
+# Same dtype => same lattice (the reference replays the kernel's float operations); the rest is the
+# order of accumulation: a few ulps of the largest output.
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def smooth_image(B: int, H: int, W: int, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """A synthetic (B, 3, H, W) image in 0..255: low-frequency colour field, a disc, mild noise."""
+    low = torch.nn.functional.interpolate(torch.rand(B, 3, 4, 4, generator=gen) * 255, size=(H, W), mode="bilinear",
+                                          align_corners=False)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    disc = (((yy - H / 2) ** 2 + (xx - W / 3) ** 2) < (H / 4) ** 2).float()
+    img = low * (1 - disc) + disc * torch.tensor([200.0, 30.0, 40.0]).view(1, 3, 1, 1)
+    return (img + torch.randn(B, 3, H, W, generator=gen) * 3).clamp(0, 255).to(dtype)
+
+
+@pytest.mark.parametrize("d", list(range(1, 9)) + [12, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_lattice_reference(d, dtype):
+    g = torch.Generator().manual_seed(d)
+    C = int(torch.randint(1, 7, (1,), generator=g))
+    v = torch.randn(2, C, 7, 9, generator=g, dtype=dtype)
+    f = torch.randn(2, d, 7, 9, generator=g, dtype=dtype) * 1.5
+    for normalize in (False, True):
+        out = permutohedral_filter(v, f, normalize)
+        ref = R.permutohedral_filter(v, f, normalize)
+        assert out.shape == v.shape and out.dtype == dtype
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+@given(
+    d=st.integers(1, 8),
+    C=st.integers(1, 9),
+    B=st.integers(1, 3),
+    H=st.integers(1, 10),
+    W=st.integers(1, 10),
+    spread=st.sampled_from([0.05, 0.7, 3.0, 40.0]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference_property(d, C, B, H, W, spread, dtype, normalize, seed):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, C, H, W, generator=g, dtype=dtype)
+    f = torch.randn(B, d, H, W, generator=g, dtype=dtype) * spread
+    out = permutohedral_filter(v, f, normalize)
+    assert rel_err(out, R.permutohedral_filter(v, f, normalize)) < TOL[dtype]
+
+
+def test_ties_and_integer_features():
+    # Many equal remainders (constant and integer-valued features, e.g. black padding): the tie rule matters.
+    g = torch.Generator().manual_seed(3)
+    f = torch.zeros(1, 5, 6, 6)
+    f[:, 2:] = torch.randint(0, 3, (1, 3, 6, 6), generator=g).float()
+    f[:, 0] = torch.arange(6.0).view(1, 6)
+    v = torch.rand(1, 4, 6, 6, generator=g)
+    assert rel_err(permutohedral_filter(v, f), R.permutohedral_filter(v, f)) < TOL[torch.float32]
+
+
+def test_many_distinct_colours_capacity():
+    # Random colours: (almost) every point opens new vertices; the table must hold up to N (d+1) keys.
+    g = torch.Generator().manual_seed(4)
+    img = torch.rand(1, 3, 48, 48, generator=g) * 255
+    f = crf_features(img, 0.5, 0.3)
+    v = torch.rand(1, 2, 48, 48, generator=g)
+    out = ops.permutohedral_filter.default(v, f, False)
+    M = out[3].shape[0]
+    assert M > 48 * 48 * 3  # far more vertices than points: the worst case of the hash table
+    assert rel_err(out[0], R.permutohedral_filter(v, f)) < TOL[torch.float32]
+
+
+def test_impulse_response_constant_colour():
+    # Documented shape (docs/crf.md): on a constant-colour image an impulse spreads into a bump with the
+    # Gaussian's width sigma (second moment within 10%), centred on the impulse (centroid within 0.5 px),
+    # non-negative, carrying about half the exact Gaussian's mass (0.45..0.65).
+    H = W = 41
+    sigma = 4.0
+    img = torch.full((1, 3, H, W), 100.0, dtype=torch.float64)
+    f = crf_features(img, 15.0, sigma)
+    v = torch.zeros(1, 1, H, W, dtype=torch.float64)
+    v[0, 0, 20, 20] = 1.0
+    out = permutohedral_filter(v, f)[0, 0]
+    exact = R.dense_gaussian_filter(v, f)[0, 0]
+    assert bool((out >= 0).all())
+    ratio = float(out.sum() / exact.sum())
+    assert 0.45 < ratio < 0.65
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    m = out.sum()
+    cy, cx = float((out * yy).sum() / m), float((out * xx).sum() / m)
+    assert abs(cy - 20) < 0.5 and abs(cx - 20) < 0.5
+    width = math.sqrt(float((out * ((yy - cy) ** 2 + (xx - cx) ** 2)).sum() / m) / 2)
+    assert abs(width - sigma) / sigma < 0.1
+    peak = torch.nonzero(out == out.max())[0]
+    assert (peak - torch.tensor([20, 20])).abs().max() <= 1
+    assert float(out[0, :].max()) < 0.01 * float(out.max())  # 5 sigma away: negligible
+
+
+def test_dense_reference_agreement():
+    # The lattice approximates the Gaussian: W x has ~0.5-0.6x the exact mass on image features, and the
+    # normalised filters agree closely (mean |difference| of filtered probabilities < 0.03).
+    g = torch.Generator().manual_seed(1)
+    img = smooth_image(1, 40, 40, g, torch.float64)
+    f = crf_features(img, 15.0, 10.0)
+    x = torch.softmax(torch.randn(1, 3, 40, 40, generator=g, dtype=torch.float64), 1)
+    mass = float(permutohedral_filter(x, f).sum() / R.dense_gaussian_filter(x, f).sum())
+    assert 0.4 < mass < 0.7
+    diff = (permutohedral_filter(x, f, True) - R.dense_gaussian_filter(x, f, True)).abs()
+    assert float(diff.mean()) < 0.03
+
+
+def test_adjoint_and_approximate_symmetry():
+    g = torch.Generator().manual_seed(5)
+    f = crf_features(smooth_image(1, 24, 24, g, torch.float64), 15.0, 6.0)
+    u = torch.rand(1, 2, 24, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.rand(1, 2, 24, 24, generator=g, dtype=torch.float64)
+    wu = permutohedral_filter(u, f)
+    (wtv,) = torch.autograd.grad(wu, u, v)  # W^T v from the backward op
+    lhs, rhs = float((wu.detach() * v).sum()), float((u.detach() * wtv).sum())
+    assert abs(lhs - rhs) <= 1e-12 * abs(lhs)  # exact adjoint
+    wv = permutohedral_filter(v, f)
+    sym = float((u.detach() * wv).sum())
+    assert abs(lhs - sym) <= 1e-2 * abs(lhs)  # <Wu, v> ~ <u, Wv>: blur order makes W slightly asymmetric
+
+
+def test_linearity():
+    g = torch.Generator().manual_seed(6)
+    f = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    u = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    lhs = permutohedral_filter(2.5 * u - 0.75 * v, f)
+    rhs = 2.5 * permutohedral_filter(u, f) - 0.75 * permutohedral_filter(v, f)
+    assert rel_err(lhs, rhs) < 1e-12
+
+
+def test_batched_equals_per_image():
+    g = torch.Generator().manual_seed(7)
+    img = smooth_image(3, 16, 12, g)
+    f = crf_features(img, 10.0, 5.0)
+    v = torch.rand(3, 5, 16, 12, generator=g)
+    for normalize in (False, True):
+        batched = permutohedral_filter(v, f, normalize)
+        single = torch.cat([permutohedral_filter(v[b : b + 1], f[b : b + 1], normalize) for b in range(3)])
+        assert torch.equal(batched, single)  # the CPU kernel is deterministic
+
+
+def test_channels_filtered_together_equal_separately():
+    g = torch.Generator().manual_seed(8)
+    f = torch.randn(1, 3, 9, 9, generator=g)
+    v = torch.randn(1, 4, 9, 9, generator=g)
+    together = permutohedral_filter(v, f)
+    apart = torch.cat([permutohedral_filter(v[:, c : c + 1], f) for c in range(4)], 1)
+    assert torch.equal(together, apart)
+
+
+def test_strided_inputs_and_shapes():
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(2, 3, 10, 12, generator=g)
+    f = torch.randn(2, 5, 10, 12, generator=g)
+    ref = permutohedral_filter(v, f)
+    cl = permutohedral_filter(v.to(memory_format=torch.channels_last), f.to(memory_format=torch.channels_last))
+    assert torch.equal(cl, ref)
+    big_v = torch.randn(2, 6, 10, 24, generator=g)
+    sliced = big_v[:, ::2, :, ::2]
+    assert torch.equal(permutohedral_filter(sliced, f), permutohedral_filter(sliced.contiguous(), f))
+    flat = permutohedral_filter(v.flatten(2), f.flatten(2))  # (B, C, N) form
+    assert torch.equal(flat.view_as(ref), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_values(dtype):
+    g = torch.Generator().manual_seed(10)
+    v = torch.rand(1, 3, 8, 8, generator=g)
+    f = torch.randn(1, 5, 8, 8, generator=g)
+    out = permutohedral_filter(v.to(dtype), f)
+    assert out.dtype == dtype
+    tol = 1e-2 if dtype == torch.float16 else 2e-2  # one rounding of inputs and outputs
+    assert rel_err(out.float(), permutohedral_filter(v.to(dtype).float(), f)) < tol
+
+
+def test_thread_count_does_not_change_results():
+    g = torch.Generator().manual_seed(11)
+    f = crf_features(smooth_image(2, 64, 64, g), 10.0, 8.0)
+    v = torch.rand(2, 4, 64, 64, generator=g)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = permutohedral_filter(v, f)
+        torch.set_num_threads(2)
+        two = permutohedral_filter(v, f)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck_float64(normalize):
+    g = torch.Generator().manual_seed(12)
+    f = torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: permutohedral_filter(x, f, normalize), (v,))
+    assert torch.autograd.gradgradcheck(lambda x: permutohedral_filter(x, f, normalize), (v,), fast_mode=True)
+
+
+def test_features_get_no_gradient():
+    f = torch.randn(1, 3, 4, 4, requires_grad=True)
+    v = torch.randn(1, 2, 4, 4, requires_grad=True)
+    out = permutohedral_filter(v, f)
+    assert out.requires_grad
+    out.sum().backward()
+    assert f.grad is None and v.grad is not None
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_opcheck(normalize):
+    g = torch.Generator().manual_seed(13)
+    v = torch.randn(2, 3, 5, 6, generator=g, requires_grad=True)
+    f = torch.randn(2, 4, 5, 6, generator=g)
+    torch.library.opcheck(ops.permutohedral_filter.default, (v, f, normalize))
+    _, vertex, bary, nbr, norm = ops.permutohedral_filter.default(v.detach(), f, normalize)
+    grad = torch.randn(2, 3, 5, 6, generator=g)
+    for transposed in (True, False):
+        torch.library.opcheck(
+            ops._permutohedral_filter_backward.default,
+            (grad.requires_grad_(), vertex, bary, nbr, norm, normalize, transposed),
+        )
+
+
+def test_torch_compile():
+    g = torch.Generator().manual_seed(14)
+    v = torch.randn(1, 2, 6, 7, generator=g, requires_grad=True)
+    f = torch.randn(1, 5, 6, 7, generator=g)
+
+    def fn(x, feats):
+        return (permutohedral_filter(x * 2.0, feats) ** 2).sum()
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    out = compiled(v, f)
+    (gc,) = torch.autograd.grad(out, v)
+    ref = fn(v, f)
+    (gr,) = torch.autograd.grad(ref, v)
+    assert torch.allclose(out, ref) and torch.allclose(gc, gr)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+BAD = [
+    ("values 2-D", lambda: (torch.rand(2, 3), torch.rand(2, 3)), "values must have shape"),
+    ("spatial mismatch", lambda: (torch.rand(1, 2, 4, 4), torch.rand(1, 3, 4, 5)), "must match values"),
+    ("batch mismatch", lambda: (torch.rand(2, 2, 4, 4), torch.rand(1, 3, 4, 4)), "must match values"),
+    ("dim mismatch", lambda: (torch.rand(1, 2, 4, 4), torch.rand(1, 3, 16)), "features must have shape"),
+    ("d = 0", lambda: (torch.rand(1, 2, 4, 4), torch.rand(1, 0, 4, 4)), r"d = features.size\(1\) must be in \[1, 16\]"),
+    ("d = 17", lambda: (torch.rand(1, 2, 4, 4), torch.rand(1, 17, 4, 4)), r"must be in \[1, 16\]"),
+    ("integer values", lambda: (torch.ones(1, 2, 4, 4, dtype=torch.long), torch.rand(1, 3, 4, 4)), "values must be float"),
+    ("integer features", lambda: (torch.rand(1, 2, 4, 4), torch.ones(1, 3, 4, 4, dtype=torch.long)), "features must be floating"),
+    ("NaN features", lambda: (torch.rand(1, 2, 4, 4), torch.rand(1, 3, 4, 4).index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan")))), "NaN or Inf"),
+    ("Inf features", lambda: (torch.rand(1, 2, 4, 4), torch.full((1, 3, 4, 4), float("inf"))), "NaN or Inf"),
+    ("huge features", lambda: (torch.rand(1, 2, 4, 4), torch.full((1, 3, 4, 4), 1e12)), "exceed 1e9"),
+]
+
+
+@pytest.mark.parametrize("name,make,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(name, make, match):
+    v, f = make()
+    with pytest.raises(RuntimeError, match=match):
+        permutohedral_filter(v, f)
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 4, 4), (2, 2, 0, 4), (1, 0, 3, 3)])
+def test_empty_inputs(shape):
+    v = torch.rand(*shape, requires_grad=True)
+    f = torch.rand(shape[0], 3, *shape[2:])
+    out = permutohedral_filter(v, f)
+    assert out.shape == v.shape
+    out.sum().backward()
+    assert v.grad.shape == v.shape and not bool(v.grad.isnan().any())
+
+
+def test_backward_op_checks_lattice():
+    v = torch.rand(1, 2, 4, 4)
+    f = torch.rand(1, 3, 4, 4)
+    _, vertex, bary, nbr, norm = ops.permutohedral_filter.default(v, f, False)
+    with pytest.raises(RuntimeError, match="does not match the lattice"):
+        ops._permutohedral_filter_backward.default(torch.rand(1, 2, 5, 4), vertex, bary, nbr, norm, False, True)
+
+
+# ---- CUDA parity -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cuda_parity(d, normalize):
+    g = torch.Generator().manual_seed(20 + d)
+    v = torch.randn(2, 4, 17, 19, generator=g, dtype=torch.float64)
+    f = torch.randn(2, d, 17, 19, generator=g, dtype=torch.float64) * 1.3
+    cpu = permutohedral_filter(v, f, normalize)
+    vc = v.cuda().requires_grad_()
+    gpu = permutohedral_filter(vc, f.cuda(), normalize)
+    assert rel_err(gpu.cpu(), cpu) < 1e-10  # float64 atomics: order-dependent rounding only
+    vr = v.clone().requires_grad_()
+    go = torch.randn(2, 4, 17, 19, generator=g, dtype=torch.float64)
+    (gcpu,) = torch.autograd.grad(permutohedral_filter(vr, f, normalize), vr, go)
+    (ggpu,) = torch.autograd.grad(gpu, vc, go.cuda())
+    assert rel_err(ggpu.cpu(), gcpu) < 1e-10
+
+
+@pytest.mark.cuda
+def test_cuda_parity_image_float32():
+    g = torch.Generator().manual_seed(30)
+    img = smooth_image(3, 96, 80, g)
+    f = crf_features(img, 15.0, 20.0)
+    v = torch.softmax(torch.randn(3, 21, 96, 80, generator=g), 1)
+    cpu = permutohedral_filter(v, f)
+    gpu = permutohedral_filter(v.cuda(), f.cuda())
+    assert rel_err(gpu.cpu(), cpu) < 1e-5  # float atomics in the splat: rounding-level differences
+
+
+@pytest.mark.cuda
+def test_cuda_bad_features_and_devices():
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        permutohedral_filter(torch.rand(1, 2, 4, 4, device="cuda"), torch.full((1, 3, 4, 4), float("nan"), device="cuda"))
+    with pytest.raises(RuntimeError, match="features are on"):
+        permutohedral_filter(torch.rand(1, 2, 4, 4, device="cuda"), torch.rand(1, 3, 4, 4))
+
+
+
+@pytest.mark.parametrize("d,spread", [(8, 3000.0), (16, 50.0), (3, 1e6)])
+def test_general_key_path(d, spread):
+    # Key ranges too wide to pack into one int64: the general path (per-entry int32 keys) runs instead.
+    g = torch.Generator().manual_seed(40 + d)
+    f = torch.randn(1, d, 9, 8, generator=g, dtype=torch.float64) * spread
+    v = torch.randn(1, 3, 9, 8, generator=g, dtype=torch.float64)
+    assert rel_err(permutohedral_filter(v, f), R.permutohedral_filter(v, f)) < TOL[torch.float64]
