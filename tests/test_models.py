@@ -606,3 +606,14 @@ def test_torch_compile_unet(backend):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for p, g in zip(m.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_bench_models_suite_quick(monkeypatch):
+    from segops import bench
+
+    monkeypatch.setenv("SEGOPS_BENCH_MODELS", "unet")
+    ctx = bench.BenchContext("cpu", quick=True, min_run_time=0.01)
+    rows = bench.run_suites(["models"], ctx)
+    assert [r["op"] for r in rows] == ["unet"]
+    r = rows[0]
+    assert r["segops_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] > 0 and r["params"] > 0
