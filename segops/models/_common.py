@@ -11,7 +11,7 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 from torch import Tensor, nn
 
-from segops.nn.conv import AtrousConv2d, ConvTranspose2d
+from segops.nn import AtrousConv2d, ConvTranspose2d
 
 __all__ = [
     "scaled",

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from torch import Tensor, nn
 
 from segops.models._common import scaled
-from segops.nn.conv import AtrousConv2d
+from segops.nn import AtrousConv2d
 
 __all__ = ["VGG16_CFG", "vgg16_features", "conv_indices", "ResNet", "Bottleneck", "RESNET_LAYERS"]
 

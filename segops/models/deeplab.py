@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from segops.models._common import SegmentationModel, check_common, check_input, check_width, reshape_like, scaled
 from segops.models.backbones import ResNet, conv_indices, vgg16_features
 from segops.nn.aspp import ASPP
-from segops.nn.conv import AtrousConv2d
+from segops.nn import AtrousConv2d
 
 __all__ = ["DeepLabLargeFOV", "DeepLabV2ASPPVGG", "DeepLabV2ResNet", "DeepLabV3Plus"]
 

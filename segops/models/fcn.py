@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from segops.models._common import SegmentationModel, check_common, check_input, check_width, reshape_like, scaled
 from segops.models.backbones import conv_indices, vgg16_features
-from segops.nn.conv import AtrousConv2d, ConvTranspose2d
+from segops.nn import AtrousConv2d, ConvTranspose2d
 
 __all__ = ["FCN"]
 

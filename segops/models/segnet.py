@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from segops.models._common import SegmentationModel, check_common, check_input, check_width, scaled
 from segops.models.backbones import conv_indices, vgg16_features
-from segops.nn.conv import AtrousConv2d
+from segops.nn import AtrousConv2d
 
 __all__ = ["SegNet"]
 

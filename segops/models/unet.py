@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from segops.models._common import SegmentationModel, check_common, check_input, check_width, scaled
-from segops.nn.conv import AtrousConv2d, ConvTranspose2d
+from segops.nn import AtrousConv2d, ConvTranspose2d
 
 __all__ = ["UNet"]
 

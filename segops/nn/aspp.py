@@ -28,7 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from segops.nn.conv import AtrousConv2d
+# Through the package, not a module path: segops/nn/__init__.py imports the conv layers before this module.
+from segops.nn import AtrousConv2d
 
 __all__ = ["ASPP"]
 
