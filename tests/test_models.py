@@ -8,6 +8,7 @@ segops' key names mirror torchvision's.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Dict
 
@@ -617,3 +618,28 @@ def test_bench_models_suite_quick(monkeypatch):
     assert [r["op"] for r in rows] == ["unet"]
     r = rows[0]
     assert r["segops_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] > 0 and r["params"] > 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["fcn8s", "segnet", "unet", "deeplabv2_largefov", "deeplabv3plus_resnet50"])
+def test_cuda_matches_cpu(name):
+    """The same model (same weights) on CUDA and CPU, float64: logits and parameter gradients."""
+    torch.manual_seed(0)
+    m = get_model(name, 3, width=SMALL).double().train()
+    freeze_bn(m)
+    for mod in m.modules():
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    if name.startswith("fcn"):
+        nn.init.normal_(m.score_fr.weight, std=0.1)
+    g = copy.deepcopy(m).cuda()
+    x = torch.randn(2, 3, 23, 19, dtype=torch.float64)
+    y = m(x)
+    y.square().mean().backward()
+    yg = g(x.cuda())
+    yg.square().mean().backward()
+    torch.testing.assert_close(yg.cpu(), y, rtol=1e-9, atol=1e-9 * float(y.abs().max()))
+    for (k, p), (_, q) in zip(m.named_parameters(), g.named_parameters()):
+        if p.grad is not None:
+            scale = float(p.grad.abs().max()) or 1.0
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-8, atol=1e-8 * scale, msg=k)
