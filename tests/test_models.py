@@ -361,7 +361,7 @@ def test_segnet_unpools_with_encoder_indices():
     m = get_model("segnet", 3, width=SMALL).eval()
     x = torch.randn(1, 3, 37, 29)
     seen = {}
-    hook = m.decoder[0][0].register_forward_pre_hook(lambda mod, inp: seen.setdefault("in", inp[0]))
+    hook = m.decoder[0][0].register_forward_pre_hook(lambda mod, inp: seen.update(inp=inp[0]))
     with torch.no_grad():
         m(x)
         h = x
@@ -372,7 +372,7 @@ def test_segnet_unpools_with_encoder_indices():
             else:
                 h = mod(h)
     hook.remove()
-    unpooled = seen["in"]
+    unpooled = seen["inp"]
     assert unpooled.shape[-2:] == pre.shape[-2:] == (3, 2)
     assert torch.equal(unpooled, F.max_unpool2d(h, idx, 2, 2, output_size=pre.shape[-2:]))
     # every pooled value sits at its argmax position of the pre-pool map
@@ -643,3 +643,16 @@ def test_cuda_matches_cpu(name):
         if p.grad is not None:
             scale = float(p.grad.abs().max()) or 1.0
             torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-8, atol=1e-8 * scale, msg=k)
+
+
+def test_deeplab_largefov_geometry():
+    """DeepLab's 321x321 crops give a 41x41 score map (output stride 8, Caffe ceil-mode pools); fc6 is 3x3 rate 12."""
+    m = get_model("deeplabv2_largefov", 2, width=1 / 16).eval()
+    assert m.fc6.dilation == (12, 12) and m.fc6.kernel_size == (3, 3) and m.fc6.padding == (12, 12)
+    assert all(m.features[i].dilation == (2, 2) for i in (24, 26, 28))
+    seen = {}
+    h = m.fc8.register_forward_hook(lambda mod, inp, out: seen.update(s=out.shape[-2:]))
+    with torch.no_grad():
+        y = m(torch.randn(1, 3, 321, 321))
+    h.remove()
+    assert tuple(seen["s"]) == (41, 41) and y.shape[-2:] == (321, 321)
