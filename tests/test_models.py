@@ -656,3 +656,19 @@ def test_deeplab_largefov_geometry():
         y = m(torch.randn(1, 3, 321, 321))
     h.remove()
     assert tuple(seen["s"]) == (41, 41) and y.shape[-2:] == (321, 321)
+
+
+def test_fcn8s_at_once_and_channels_last():
+    torch.manual_seed(0)
+    m = get_model("fcn8s", 3, width=SMALL, at_once=True).eval()
+    for s in (m.score_fr, m.score_pool4, m.score_pool3):
+        nn.init.normal_(s.weight, std=0.1)
+    ref = copy.deepcopy(m)
+    ref.at_once = False
+    x = torch.randn(1, 3, 27, 33)
+    with torch.no_grad():
+        y, y_plain = m(x), ref(x)
+        # the at-once net damps the pool skips (x0.01, x1e-4): same shape, different logits
+        assert y.shape == y_plain.shape == (1, 3, 27, 33) and not torch.allclose(y, y_plain)
+        # channels_last input: same logits
+        torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), y, rtol=1e-4, atol=1e-5)
