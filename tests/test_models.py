@@ -672,3 +672,27 @@ def test_fcn8s_at_once_and_channels_last():
         assert y.shape == y_plain.shape == (1, 3, 27, 33) and not torch.allclose(y, y_plain)
         # channels_last input: same logits
         torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), y, rtol=1e-4, atol=1e-5)
+
+
+def test_parameter_counts_of_options():
+    """Model options change the counts exactly as their layer tables say (meta device)."""
+    K = 21
+    with torch.device("meta"):
+        unet_bn = get_model("unet", 2, in_channels=1, batch_norm=True)
+        v2_hidden = get_model("deeplabv2_aspp", K, aspp_hidden=1024)
+        v3p_sep = get_model("deeplabv3plus_resnet101", K, separable=True)
+    # U-Net + BN: the 3x3 convs lose their biases, each gains a BN (2 x channels).
+    n3x3 = [64, 64, 128, 128, 256, 256, 512, 512, 1024, 1024, 512, 512, 256, 256, 128, 128, 64, 64]
+    assert count_parameters(unet_bn) == unet_count(1, 2) - sum(n3x3) + sum(2 * c for c in n3x3)
+    # DeepLab-v2 ASPP-L branches on ResNet-101: fc6 (3x3 atrous 1024) -> fc7 (1024) -> fc8 (K) per rate.
+    assert count_parameters(v2_hidden) == RESNET101_TRUNK + 4 * (
+        conv(2048, 1024, 3) + conv(1024, 1024, 1) + conv(1024, K, 1)
+    )
+
+    def sep(cin, cout):  # depthwise 3x3 + BN + pointwise 1x1 + BN, no conv biases
+        return cin * 9 + bn(cin) + cin * cout + bn(cout)
+
+    aspp = conv(2048, 256, 1, False) + bn(256) + 3 * sep(2048, 256) + conv(2048, 256, 1, False) + bn(256)
+    aspp += conv(1280, 256, 1, False) + bn(256)
+    dec = conv(256, 48, 1, False) + bn(48) + sep(304, 256) + sep(256, 256) + conv(256, K, 1)
+    assert count_parameters(v3p_sep) == RESNET101_TRUNK + aspp + dec
