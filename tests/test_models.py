@@ -696,3 +696,18 @@ def test_parameter_counts_of_options():
     aspp += conv(1280, 256, 1, False) + bn(256)
     dec = conv(256, 48, 1, False) + bn(48) + sep(304, 256) + sep(256, 256) + conv(256, K, 1)
     assert count_parameters(v3p_sep) == RESNET101_TRUNK + aspp + dec
+
+
+def test_deeplabv2_msc_max_fusion():
+    torch.manual_seed(0)
+    m = get_model("deeplabv2_aspp", 3, width=SMALL, msc_scales=(1.0, 0.5)).eval()
+    x = torch.randn(1, 3, 33, 27)
+    with torch.no_grad():
+        y = m(x)
+        m.msc_scales = None
+        full = m(x)
+        xs = F.interpolate(x, size=(17, 14), mode="bilinear", align_corners=True)  # round(33 / 2), round(27 / 2)
+        half = F.interpolate(m.aspp(m.backbone(xs)["layer4"]), size=(33, 27), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(y, torch.maximum(full, half))
+    with pytest.raises(ValueError, match="msc_scales"):
+        get_model("deeplabv2_aspp", 3, width=SMALL, msc_scales=(1.0, 0.0))

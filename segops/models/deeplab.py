@@ -10,7 +10,10 @@ decimation of its fully connected layers, as the paper does (4096 -> 1024 filter
 
 **DeepLab-v2 ASPP**: ResNet-101 with atrous layer3 / layer4 (output stride 8) and a v2 ASPP (rates 6, 12, 18, 24,
 summed) straight to the classes (the released ResNet-101 model's ``fc1_voc12_c0..3``; ``aspp_hidden=1024`` gives the
-paper's ASPP-L branches fc6 -> fc7 -> fc8). ``deeplabv2_aspp_vgg16`` is the paper's VGG16 DeepLab-ASPP-L.
+paper's ASPP-L branches fc6 -> fc7 -> fc8). ``msc_scales=(1, 0.75, 0.5)`` adds the paper's multi-scale inputs with
+max fusion (MSC). ``deeplabv2_aspp_vgg16`` is the paper's VGG16 DeepLab-ASPP-L. The trunk is torchvision's ResNet
+("v1.5": stride on the 3x3 conv, so torchvision ImageNet weights fit); the Caffe original strides the first 1x1
+conv, which changes no parameter count.
 
 **DeepLab v3+**: ResNet-50 / 101 with atrous last stage(s) (output stride 16: layer4 rate 2; 8: layer3 rate 2,
 layer4 rate 4), ASPP v3 (1x1 + three 3x3 atrous at rates 6, 12, 18 — doubled at output stride 8 — + image pooling,
@@ -192,9 +195,13 @@ class DeepLabV2ResNet(_ResNetDeepLab):
         depth: int = 101,
         rates: Sequence[int] = (6, 12, 18, 24),
         aspp_hidden: Optional[int] = None,
+        msc_scales: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         check_common("DeepLabV2ResNet", num_classes, in_channels)
+        if msc_scales is not None and (not msc_scales or any(not 0 < float(s) <= 4 for s in msc_scales)):
+            raise ValueError("DeepLabV2ResNet: msc_scales must be scales in (0, 4], got %r" % (msc_scales,))
+        self.msc_scales = tuple(float(s) for s in msc_scales) if msc_scales else None
         width = check_width(width)
         if output_stride not in (8, 16):
             raise ValueError("DeepLabV2ResNet: output_stride must be 8 or 16, got %r" % (output_stride,))
@@ -207,7 +214,16 @@ class DeepLabV2ResNet(_ResNetDeepLab):
     def forward(self, x: Tensor) -> Tensor:
         check_input("DeepLabV2ResNet", x, self.in_channels)
         size = x.shape[-2:]
-        return _upsample(self.aspp(self.backbone(x)["layer4"]), size)
+        if not self.msc_scales:
+            return _upsample(self.aspp(self.backbone(x)["layer4"]), size)
+        # MSC (DeepLab v2, Sec. 4.3): the shared net on rescaled copies of the image, logits brought to the input
+        # size and fused by a per-pixel max over the scales.
+        outs = []
+        for s in self.msc_scales:
+            hs, ws = max(1, int(size[0] * s + 0.5)), max(1, int(size[1] * s + 0.5))  # round half up
+            xs = x if (hs, ws) == tuple(size) else _upsample(x, (hs, ws))
+            outs.append(_upsample(self.aspp(self.backbone(xs)["layer4"]), size))
+        return torch.stack(outs).amax(0)
 
 
 class DeepLabV3Plus(_ResNetDeepLab):
