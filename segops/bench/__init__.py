@@ -20,7 +20,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 # Suite name -> module under segops.bench exposing run(ctx) -> list of row dicts.
-SUITES = ("losses", "crf", "conv")
+SUITES = ("losses", "crf", "conv", "models")
 
 
 class BenchContext:

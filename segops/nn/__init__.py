@@ -1,6 +1,7 @@
 """Modules built on the segops operators."""
 
 from segops.nn import init
+from segops.nn.aspp import ASPP
 from segops.nn.conv import AtrousConv2d, ConvTranspose2d
 from segops.nn.crf import DenseCRFLoss, NormalizedCutLoss
 from segops.nn.losses import EntropyLoss, PartialCrossEntropyLoss
@@ -12,5 +13,6 @@ __all__ = [
     "NormalizedCutLoss",
     "AtrousConv2d",
     "ConvTranspose2d",
+    "ASPP",
     "init",
 ]
