@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 # Through the package, not a module path: segops/nn/__init__.py imports the conv layers before this module.
-from segops.nn import AtrousConv2d
+from segops.nn.conv import AtrousConv2d
 
 __all__ = ["ASPP"]
 
