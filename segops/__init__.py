@@ -10,7 +10,8 @@ _load_extension()
 
 from segops import ops  # noqa: E402
 from segops import nn  # noqa: E402
+from segops import reference  # noqa: E402
 from segops.info import info  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "nn", "info", "__version__"]
+__all__ = ["ops", "nn", "reference", "info", "__version__"]
