@@ -50,16 +50,26 @@ void zero_rows(const View3<scalar_t>& gx, index_t K, index_t b, index_t s0, inde
 
 // ---- partial cross-entropy ------------------------------------------------------------------------
 
-template <typename scalar_t, typename target_t>
-void pce_forward(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int64_t t[kBlock];
+// Reads the labels of pixels [s0, s0+n) of image b into t; returns how many are labelled and in range.
+template <typename F>
+int load_labels(const F& f, index_t b, index_t s0, index_t n, int64_t* t) {
   int count = 0;
   for (index_t v = 0; v < n; ++v) {
     t[v] = static_cast<int64_t>(f.target.at(b, s0 + v));
     count += t[v] != f.ignore_index && t[v] >= 0 && t[v] < f.K;
   }
-  if (n < kBlock || count * 4 < kBlock) {  // sparse or ragged block: per-pixel path
+  return count;
+}
+
+// Sparse (scribble) or ragged blocks go to the per-pixel functor, which reads only labelled pixels.
+inline bool use_per_pixel(index_t n, int count) { return n < kBlock || count * 4 < kBlock; }
+
+template <typename scalar_t, typename target_t>
+void pce_forward(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
+  using acc = float;
+  int64_t t[kBlock];
+  const int count = load_labels(f, b, s0, n, t);
+  if (use_per_pixel(n, count)) {
     for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
     return;
   }
@@ -113,12 +123,8 @@ template <typename scalar_t, typename target_t>
 void pce_backward(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
   using acc = float;
   int64_t t[kBlock];
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) {
-    t[v] = static_cast<int64_t>(f.target.at(b, s0 + v));
-    count += t[v] != f.ignore_index && t[v] >= 0 && t[v] < f.K;
-  }
-  if (n < kBlock || count * 4 < kBlock) {
+  const int count = load_labels(f, b, s0, n, t);
+  if (use_per_pixel(n, count)) {
     zero_rows(f.gx, f.K, b, s0, n);
     for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
     return;
@@ -164,7 +170,7 @@ void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, i
   using acc = float;
   int count = 0;
   for (index_t v = 0; v < n; ++v) count += !f.mask.data || f.mask.at(b, s0 + v);
-  if (n < kBlock || count * 4 < kBlock) {
+  if (use_per_pixel(n, count)) {
     for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
     return;
   }
@@ -210,7 +216,7 @@ void entropy_backward(const EntropyBackward<scalar_t>& f, index_t b, index_t s0,
   using acc = float;
   int count = 0;
   for (index_t v = 0; v < n; ++v) count += !f.mask.data || f.mask.at(b, s0 + v);
-  if (n < kBlock || count * 4 < kBlock) {
+  if (use_per_pixel(n, count)) {
     zero_rows(f.gx, f.K, b, s0, n);
     for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
     return;
