@@ -79,10 +79,13 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class TinyFCN(nn.Module):
     """A 3-level U-Net-like FCN (plain torch.nn): input any size divisible by 8."""
 
-    def __init__(self, num_classes: int, in_channels: int = 3, base: int = 16) -> None:
+    def __init__(self, num_classes: int, in_channels: int = 3, base: int = 16, stem_stride: int = 1) -> None:
         super().__init__()
         c = base
+        self.stem_stride = stem_stride
         self.e1, self.e2, self.e3 = _block(in_channels, c), _block(c, 2 * c), _block(2 * c, 4 * c)
+        if stem_stride > 1:
+            self.e1[0] = nn.Conv2d(in_channels, c, 3, stride=stem_stride, padding=1, bias=False)
         self.mid = _block(4 * c, 4 * c)
         self.d3, self.d2, self.d1 = _block(8 * c, 2 * c), _block(4 * c, c), _block(2 * c, c)
         self.head = nn.Conv2d(c, num_classes, 1)
@@ -96,9 +99,12 @@ class TinyFCN(nn.Module):
         d3 = self.d3(torch.cat([up(m, e3), e3], 1))
         d2 = self.d2(torch.cat([up(d3, e2), e2], 1))
         d1 = self.d1(torch.cat([up(d2, e1), e1], 1))
-        return self.head(d1)
+        out = self.head(d1)
+        if self.stem_stride > 1:
+            out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
 
 def tiny_fcn(name: str = "tiny", num_classes: int = 4, in_channels: int = 3, width: float = 1.0, **kw) -> nn.Module:
     """``get_model``-compatible factory for :class:`TinyFCN` (``width`` 1.0 = 16 base channels)."""
-    return TinyFCN(num_classes, in_channels, max(4, int(round(16 * width))))
+    return TinyFCN(num_classes, in_channels, max(4, int(round(16 * width))), int(kw.get("stem_stride", 1)))
