@@ -1,7 +1,7 @@
 """A built-in procedural scribble dataset: deterministic from a seed, nothing to download.
 
-Every image has a textured, noisy background and 1..``max_objects`` objects of three shape classes
-(disk, box, triangle; class 0 is background). An object's colour is drawn at random for every object, so the
+Every image has a textured, noisy background and 1..``max_objects`` objects of the shape classes
+(by default disk, bar, triangle; class 0 is background). An object's colour is drawn at random for every object, so the
 class is given by the *shape*, never by the colour; every object is painted in one colour (plus the same
 noise as the background), so object boundaries coincide with colour edges, as in photographs. Each sample
 has the full mask and scribbles (thin strokes in the core of every object and of the background, about 3%
@@ -21,9 +21,11 @@ from torch.utils.data import Dataset
 
 from segops.data.scribbles import synthesize_scribbles
 
-__all__ = ["SyntheticScribbles", "render_sample", "SYNTHETIC_CLASSES"]
+__all__ = ["SyntheticScribbles", "render_sample", "SYNTHETIC_CLASSES", "SHAPES"]
 
-SYNTHETIC_CLASSES: Tuple[str, ...] = ("background", "disk", "box", "triangle")
+#: every shape the generator can draw; a dataset uses a subset (``shapes``), class i + 1 = shapes[i].
+SHAPES: Tuple[str, ...] = ("disk", "bar", "triangle", "box")
+SYNTHETIC_CLASSES: Tuple[str, ...] = ("background", "disk", "bar", "triangle")
 
 
 def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
@@ -34,15 +36,19 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int, channels: int
     return up[0].permute(1, 2, 0).clamp(-1, 1).numpy()
 
 
-def _shape_mask(kind: int, size: int, cy: float, cx: float, r: float, angle: float, aspect: float) -> np.ndarray:
+def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float, angle: float, aspect: float) -> np.ndarray:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     y, x = yy + 0.5 - cy, xx + 0.5 - cx
     c, s = math.cos(angle), math.sin(angle)
     u, v = c * x + s * y, -s * x + c * y  # rotated coordinates
-    if kind == 1:  # disk / ellipse
-        return (u / r) ** 2 + (v / (r * aspect)) ** 2 <= 1.0
-    if kind == 2:  # box (rotated rectangle)
-        return (np.abs(u) <= r * 0.9) & (np.abs(v) <= r * 0.9 * aspect)
+    if shape == "disk":  # a round blob (ellipse of aspect 0.8..1)
+        return (u / r) ** 2 + (v / (r * (0.8 + 0.2 * aspect))) ** 2 <= 1.0
+    if shape == "bar":  # a long thin rotated rectangle
+        return (np.abs(u) <= r * 1.15) & (np.abs(v) <= r * (0.22 + 0.15 * aspect))
+    if shape == "box":  # rotated rectangle
+        return (np.abs(u) <= r * 0.9) & (np.abs(v) <= r * 0.9 * (0.7 + 0.3 * aspect))
+    if shape != "triangle":
+        raise ValueError("unknown shape %r (known: %s)" % (shape, ", ".join(SHAPES)))
     # triangle: intersection of three half-planes of an equilateral triangle of circumradius r*1.25
     R = r * 1.25
     inside = np.ones((size, size), np.bool_)
@@ -64,9 +70,10 @@ def render_sample(
     scribble_fraction: float = 0.03,
     scribble_margin: int = 2,
     scribble_core_ratio: float = 0.4,
+    shapes: Tuple[str, ...] = SYNTHETIC_CLASSES[1:],
 ) -> Dict[str, np.ndarray]:
     """Renders sample ``index`` of the dataset with ``seed``: ``image (H, W, 3) uint8``, ``mask (H, W) uint8``
-    in [0, 4), ``scribble (H, W) uint8`` (class or 255)."""
+    in [0, 1 + len(shapes)), ``scribble (H, W) uint8`` (class or 255)."""
     rng = np.random.default_rng([int(seed), int(index)])
     # background: a base colour, a smooth colour field, a stripe texture and pixel noise
     base = rng.uniform(60, 195, 3)
@@ -79,11 +86,11 @@ def render_sample(
     mask = np.zeros((size, size), np.uint8)
     n_obj = int(rng.integers(1, max_objects + 1))
     for _ in range(n_obj):
-        kind = int(rng.integers(1, 4))
+        kind = int(rng.integers(1, len(shapes) + 1))
         r = rng.uniform(0.11, 0.2) * size
-        aspect = rng.uniform(0.7, 1.0)
+        aspect = rng.uniform(0.0, 1.0)
         cy, cx = rng.uniform(r, size - r, 2)
-        shape = _shape_mask(kind, size, cy, cx, r, rng.uniform(0, 2 * math.pi), aspect)
+        shape = _shape_mask(shapes[kind - 1], size, cy, cx, r, rng.uniform(0, 2 * math.pi), aspect)
         if shape.sum() < 20:
             continue
         # a colour that differs clearly from what lies beneath (the object's edge is a colour edge)
@@ -116,14 +123,13 @@ class SyntheticScribbles(Dataset):
             texture: amplitude of the background colour field; min_contrast: minimum RGB distance between an
             object's colour and the mean colour under it).
         scribble_fraction, scribble_margin, scribble_core_ratio: see :func:`synthesize_scribbles`.
+        shapes: the object classes, a subset of :data:`SHAPES` (class ``i + 1`` is ``shapes[i]``).
         cache: keep rendered samples in memory (rendering takes ~1-2 ms per 64x64 image).
 
     Items are dicts: ``image (3, H, W) float32`` in 0..255, ``mask (H, W) int64``, ``scribble (H, W) int64``
     (255 = unlabelled), ``roi (H, W) float32`` (all ones), ``index`` (int).
     """
 
-    classes = SYNTHETIC_CLASSES
-    num_classes = len(SYNTHETIC_CLASSES)
     ignore_index = 255
 
     def __init__(
@@ -139,12 +145,16 @@ class SyntheticScribbles(Dataset):
         scribble_fraction: float = 0.03,
         scribble_margin: int = 2,
         scribble_core_ratio: float = 0.4,
+        shapes: Tuple[str, ...] = SYNTHETIC_CLASSES[1:],
         cache: bool = True,
     ) -> None:
         if num_images < 0:
             raise ValueError("SyntheticScribbles: num_images must be >= 0, got %d" % num_images)
         if size < 16:
             raise ValueError("SyntheticScribbles: size must be >= 16, got %d" % size)
+        shapes = tuple(shapes)
+        if not shapes or any(sh not in SHAPES for sh in shapes) or len(set(shapes)) != len(shapes):
+            raise ValueError("SyntheticScribbles: shapes must be distinct names from %s, got %r" % (SHAPES, shapes))
         if max_objects < 1:
             raise ValueError("SyntheticScribbles: max_objects must be >= 1, got %d" % max_objects)
         self.num_images = int(num_images)
@@ -160,7 +170,10 @@ class SyntheticScribbles(Dataset):
             scribble_fraction=float(scribble_fraction),
             scribble_margin=int(scribble_margin),
             scribble_core_ratio=float(scribble_core_ratio),
+            shapes=shapes,
         )
+        self.classes: Tuple[str, ...] = ("background",) + shapes
+        self.num_classes = len(self.classes)
         self._cache: Optional[List[Optional[Dict[str, np.ndarray]]]] = [None] * self.num_images if cache else None
 
     def __len__(self) -> int:
