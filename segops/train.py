@@ -193,6 +193,7 @@ class ShardedSampler(Sampler):
         self.n, self.seed, self.rank, self.world = int(n), int(seed), int(rank), int(world)
         self.shuffle, self.batch_size, self.drop_last = bool(shuffle), int(batch_size), bool(drop_last)
         self.epoch = 0
+        self.skip = 0  # leading samples of this rank's shard to skip (resuming mid-epoch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -209,7 +210,7 @@ class ShardedSampler(Sampler):
         else:  # pad by wrapping so every rank has the same count
             while len(idx) % self.world:
                 idx.append(idx[len(idx) % max(self.n, 1)])
-        return idx[self.rank :: self.world]
+        return idx[self.rank :: self.world][self.skip :]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices())
@@ -525,11 +526,10 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(loader)
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, int(cfg.max_steps))
+    sched_steps = steps_per_epoch * cfg.epochs  # the poly schedule always spans all epochs
+    stop_step = sched_steps if cfg.max_steps is None else min(sched_steps, int(cfg.max_steps))
     power = cfg.poly_power
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(total_steps, 1)) ** power)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / max(sched_steps, 1)) ** power)
     use_scaler = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     amp_dtype = torch.bfloat16 if device.type == "cpu" else torch.float16
@@ -544,6 +544,11 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
         if ck.get("scaler") is not None:
             scaler.load_state_dict(ck["scaler"])  # type: ignore[arg-type]
         start_epoch, step = int(ck["epoch"]), int(ck["step"])  # type: ignore[arg-type]
+        if step - start_epoch * steps_per_epoch not in range(0, steps_per_epoch):
+            raise ValueError(
+                "checkpoint %s (epoch %d, step %d) does not match this configuration's %d steps per epoch"
+                % (cfg.resume, start_epoch, step, steps_per_epoch)
+            )
         history = list(ck.get("history", []))  # type: ignore[arg-type]
         if ck.get("torch_rng") is not None:
             torch.set_rng_state(ck["torch_rng"])  # type: ignore[arg-type]
@@ -567,8 +572,10 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
     t_train = 0.0
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
-        if step >= total_steps:
+        if step >= stop_step:
             break
+        # a run stopped mid-epoch (--max-steps) resumes with the next batch of the same epoch
+        sampler.skip = (step - epoch * steps_per_epoch) * cfg.batch_size
         sampler.set_epoch(epoch)
         train_aug.set_epoch(epoch)
         sums: Dict[str, float] = {}
@@ -579,7 +586,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
             leave=False, dynamic_ncols=True, mininterval=1.0,
         )  # fmt: skip
         for batch in bar:
-            if step >= total_steps:
+            if step >= stop_step:
                 break
             images = batch["image"].to(device, non_blocking=True)
             target = (batch["mask"] if cfg.supervision == "full" else batch["scribble"]).to(device)
@@ -609,7 +616,8 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
         t_train += epoch_time
         row: Dict[str, object] = {k: v / max(n_batches, 1) for k, v in sums.items()}
         row.update(epoch=epoch + 1, step=step, lr=opt.param_groups[0]["lr"], img_per_s=n_images / max(epoch_time, 1e-9), epoch_time_s=epoch_time)
-        last = (epoch + 1 == cfg.epochs) or step >= total_steps
+        last = (epoch + 1 == cfg.epochs) or step >= stop_step
+        epoch_done = step == (epoch + 1) * steps_per_epoch
         if (epoch + 1) % cfg.eval_every == 0 or last:
             val, rows = evaluate(model, val_loader, K, device, cfg.amp, cfg.panels if rank == 0 else 0)
             row.update(val_miou=val["miou"], val_pixel_acc=val["pixel_acc"], val_mean_acc=val["mean_acc"])
@@ -637,7 +645,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if use_scaler else None,
-                    "epoch": epoch + 1,
+                    "epoch": epoch + 1 if epoch_done else epoch,  # the epoch to resume in
                     "step": step,
                     "config": dataclasses.asdict(cfg),
                     "num_classes": K,
@@ -667,7 +675,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
     if rank == 0:
         log(format_iou_table(val, class_names))
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump({k: v for k, v in summary["val"].items() if k != "matrix"} | {"steps": step, "train_time_s": t_train}, f, indent=2)  # type: ignore[operator]
+            json.dump(dict(summary["val"], steps=step, train_time_s=t_train), f, indent=2)  # type: ignore[call-overload]
     return summary
 
 

@@ -79,20 +79,34 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
+def _user_errors():
+    from segops.data import DatasetError
+
+    return (DatasetError, ValueError, FileNotFoundError)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from segops.train import train
 
-    cfg = config_from_args(args)
     try:
+        cfg = config_from_args(args)
         cfg.validate()
-    except ValueError as e:
+        train(cfg)
+    except _user_errors() as e:
         print("segops train: error: %s" % e, file=sys.stderr)
         return 2
-    train(cfg)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        return _eval(args)
+    except _user_errors() as e:
+        print("segops eval: error: %s" % e, file=sys.stderr)
+        return 2
+
+
+def _eval(args: argparse.Namespace) -> int:
     from segops.metrics import format_iou_table
     from segops.train import evaluate_checkpoint
 
@@ -108,7 +122,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from segops.train import predict_files
 
-    outs = predict_files(args.checkpoint, args.images, args.out_dir, args.device)
+    try:
+        outs = predict_files(args.checkpoint, args.images, args.out_dir, args.device)
+    except _user_errors() as e:
+        print("segops predict: error: %s" % e, file=sys.stderr)
+        return 2
     for o in outs:
         print(o)
     return 0

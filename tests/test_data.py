@@ -254,10 +254,13 @@ def test_augmentation_keeps_alignment_and_marks_padding(scale):
         assert (mask[~inside] == 255).all() and (scr[~inside] == 255).all()
         # nearest-resized labels agree with the label encoded in the (bilinear) image away from label edges
         code = img[0] / 40
-        smooth = (code - code.round()).abs() < 1e-4
-        sel = inside & smooth
+        m = mask.float()[None, None]
+        mx = torch.nn.functional.max_pool2d(m, 3, 1, 1)[0, 0]
+        mn = -torch.nn.functional.max_pool2d(-m, 3, 1, 1)[0, 0]
+        sel = inside & (mx == mn)  # away from label edges (where bilinear mixes labels)
+        sel[0], sel[-1], sel[:, 0], sel[:, -1] = False, False, False, False  # an edge may lie just outside the crop
         assert sel.sum() > 20
-        assert torch.equal(code[sel].round().long(), mask[sel])
+        assert torch.allclose(code[sel], mask[sel].float(), atol=1e-4)
         lab = (scr != 255) & sel
         assert torch.equal(scr[lab], mask[lab])
 

@@ -32,7 +32,7 @@ def _resize(sample: Dict[str, object], h: int, w: int) -> Dict[str, object]:
     for k in LABEL_KEYS + ("roi",):
         v = sample.get(k)
         if isinstance(v, torch.Tensor):
-            r = F.interpolate(v[None, None].float(), size=(h, w), mode="nearest")[0, 0]
+            r = F.interpolate(v[None, None].float(), size=(h, w), mode="nearest-exact")[0, 0]  # pixel centres, like bilinear
             out[k] = r.to(v.dtype)
     return out
 
