@@ -27,7 +27,7 @@ __all__ = ["DEMO_MODEL", "DEMO_CRF", "SETTINGS", "run_demo", "add_arguments", "m
 #: the demo model: a ``segops.models.get_model`` name and width multiplier.
 DEMO_MODEL = {"model": "unet", "model_width": 0.25}
 #: the dense CRF loss settings for 64x64 synthetic images (tuned; see docs/training.md).
-DEMO_CRF = {"crf_weight": 2e-6, "crf_sigma_rgb": 15.0, "crf_sigma_xy": 80.0, "crf_scale": 0.5}
+DEMO_CRF = {"crf_weight": 1e-5, "crf_sigma_rgb": 15.0, "crf_sigma_xy": 80.0, "crf_scale": 0.5}
 
 #: (key, supervision, loss, label) of the three settings, in the order they run.
 SETTINGS = (
