@@ -502,12 +502,10 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
             "training set too small: %d images for batch size %d x %d ranks" % (len(train_aug), cfg.batch_size, world)
         )
     loader = DataLoader(train_aug, cfg.batch_size, sampler=sampler, num_workers=cfg.workers, collate_fn=_collate, drop_last=True)
-    val_sampler = ShardedSampler(len(val_ds), 0, rank, world, shuffle=False, drop_last=False)
-    # padded duplicates (drop_last=False) would be counted twice; shard without padding instead
+    # validation: each rank takes every world-th image, without padding (a duplicate would count twice)
     val_idx = list(range(len(val_ds)))[rank::world]
     val_bs = cfg.batch_size if cfg.data == "synthetic" else 1
     val_loader = DataLoader(torch.utils.data.Subset(val_ds, val_idx), val_bs, shuffle=False, num_workers=cfg.workers, collate_fn=_collate)
-    del val_sampler
 
     model = model_fn(K) if model_fn is not None else build_model(cfg.model, K, cfg.model_width)
     model = model.to(device)
@@ -610,7 +608,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             dt = time.perf_counter() - t0
-            bar.set_postfix({**{k: "%.4g" % v for k, v in terms.items()}, "img/s": "%.1f" % (n_images / max(dt, 1e-9))})
+            bar.set_postfix({**{k: "%.4g" % v for k, v in terms.items()}, "img/s": "%.1f" % (n_images / max(dt, 1e-9))}, refresh=False)
         bar.close()
         epoch_time = time.perf_counter() - t0
         t_train += epoch_time

@@ -98,7 +98,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "segops", "train", "--model", "standins:tiny_fcn", "--model-width", "0.5", "--synthetic-train", "8",
         "--synthetic-val", "5", "--image-size", "32", "--batch-size", "2", "--epochs", "2", "--loss", "pce",
         "--device", "cpu", "--out-dir", str(out), "--no-progress",
