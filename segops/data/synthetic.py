@@ -47,7 +47,7 @@ def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float, angle: fl
     if shape == "disk":  # a round blob (ellipse of aspect 0.8..1)
         return (u / r) ** 2 + (v / (r * (0.8 + 0.2 * aspect))) ** 2 <= 1.0
     if shape == "bar":  # a long thin rotated rectangle
-        return (np.abs(u) <= r * 1.15) & (np.abs(v) <= r * (0.22 + 0.15 * aspect))
+        return (np.abs(u) <= r * 1.15) & (np.abs(v) <= r * (0.3 + 0.12 * aspect))
     if shape == "box":  # rotated rectangle
         return (np.abs(u) <= r * 0.9) & (np.abs(v) <= r * 0.9 * (0.7 + 0.3 * aspect))
     if shape != "triangle":
@@ -90,7 +90,7 @@ def render_sample(
     n_obj = int(rng.integers(1, max_objects + 1))
     for _ in range(n_obj):
         kind = int(rng.integers(1, len(shapes) + 1))
-        r = rng.uniform(0.11, 0.2) * size
+        r = rng.uniform(0.12, 0.21) * size
         aspect = rng.uniform(0.0, 1.0)
         cy, cx = rng.uniform(r, size - r, 2)
         shape = _shape_mask(shapes[kind - 1], size, cy, cx, r, rng.uniform(0, 2 * math.pi), aspect)
