@@ -108,3 +108,38 @@ class TinyFCN(nn.Module):
 def tiny_fcn(name: str = "tiny", num_classes: int = 4, in_channels: int = 3, width: float = 1.0, **kw) -> nn.Module:
     """``get_model``-compatible factory for :class:`TinyFCN` (``width`` 1.0 = 16 base channels)."""
     return TinyFCN(num_classes, in_channels, max(4, int(round(16 * width))), int(kw.get("stem_stride", 1)))
+
+
+class ExactNormalizedCutLoss(ExactDenseCRFLoss):
+    """CVPR'18 normalized cut loss with the exact dense Gaussian: ``weight / B * sum_b sum_k
+    X_k^T W (1 - X_k) / (d^T X_k)``, ``d = W 1`` (stand-in with the ``NormalizedCutLoss`` interface)."""
+
+    def forward(self, images: Tensor, segmentations: Tensor, rois: Optional[Tensor] = None) -> Tensor:
+        B, K, H, W = segmentations.shape
+        if rois is None:
+            rois = segmentations.new_ones((B, H, W))
+        if self.scale_factor != 1.0:
+            h, w = max(1, int(H * self.scale_factor)), max(1, int(W * self.scale_factor))
+            images = F.interpolate(images, size=(h, w), mode="nearest")
+            segmentations = F.interpolate(segmentations, size=(h, w), mode="bilinear", align_corners=False)
+            rois = F.interpolate(rois[:, None].float(), size=(h, w), mode="nearest")[:, 0]
+            H, W = h, w
+        sxy = self.sigma_xy * self.scale_factor
+        rows, cols = torch.meshgrid(
+            torch.arange(H, dtype=segmentations.dtype), torch.arange(W, dtype=segmentations.dtype), indexing="ij"
+        )
+        total = segmentations.new_zeros(())
+        for b in range(B):
+            feat = torch.cat(
+                [(cols / sxy).reshape(-1, 1), (rows / sxy).reshape(-1, 1),
+                 images[b].reshape(3, -1).t().to(segmentations.dtype) / self.sigma_rgb],
+                dim=1,
+            )  # fmt: skip
+            r = rois[b].reshape(-1, 1).to(segmentations.dtype)
+            X = segmentations[b].reshape(K, -1).t() * r
+            with torch.no_grad():
+                Wm = torch.exp(-0.5 * torch.cdist(feat, feat).pow(2))
+            d = Wm @ r
+            WX = Wm @ X
+            total = total + ((X * (Wm @ r - WX)).sum(0) / (d * X).sum(0).clamp_min(1e-12)).sum()
+        return self.weight * total / B
