@@ -94,7 +94,7 @@ def _comparison_png(path: str, val_ds, models: Dict[str, torch.nn.Module], n: in
 def run_demo(
     out_dir: str = "runs/demo",
     seed: int = 0,
-    epochs: int = 12,
+    epochs: int = 16,
     train_images: int = 400,
     val_images: int = 200,
     threads: Optional[int] = 1,
@@ -171,7 +171,7 @@ def run_demo(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default="runs/demo", help="output folder (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="data and model seed (default %(default)s)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs per setting (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=16, help="epochs per setting (default %(default)s)")
     p.add_argument("--train-images", type=int, default=400, help="synthetic training images (default %(default)s)")
     p.add_argument("--val-images", type=int, default=200, help="synthetic validation images (default %(default)s)")
     p.add_argument("--threads", type=int, default=1,

@@ -16,7 +16,7 @@ from segops import demo  # noqa: E402
 ap = argparse.ArgumentParser()
 ap.add_argument("--out-dir", default="/tmp/trdev/demo")
 ap.add_argument("--seed", type=int, default=0)
-ap.add_argument("--epochs", type=int, default=12)
+ap.add_argument("--epochs", type=int, default=16)
 ap.add_argument("--train-images", type=int, default=400)
 ap.add_argument("--val-images", type=int, default=200)
 ap.add_argument("--crf-weight", type=float, default=None)
