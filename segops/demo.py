@@ -160,8 +160,9 @@ def run_demo(
         "epochs": epochs,
         "train_images": train_images,
         "val_images": val_images,
-        "model": DEMO_MODEL,
+        "model": DEMO_MODEL if model_fn is None else {"model": "custom model_fn", "repr": repr(model_fn)},
         "crf": DEMO_CRF,
+        "crf_loss": "segops.nn.DenseCRFLoss" if crf_cls is None else "%s.%s" % (crf_cls.__module__, crf_cls.__name__),
         "torch_threads": torch.get_num_threads(),
         "comparison_png": png,
     }
