@@ -70,7 +70,7 @@ def demo_config(key: str, out_dir: str, seed: int, epochs: int, train_images: in
 
 
 def _comparison_png(path: str, val_ds, models: Dict[str, torch.nn.Module], n: int = 6) -> None:
-    from segops.train import _panel_row, colorize, normalize, save_panels  # noqa: F401
+    from segops.train import colorize, normalize, save_panels
 
     rows: List[np.ndarray] = []
     sep = np.full((64, 2, 3), 255, np.uint8)
@@ -82,7 +82,10 @@ def _comparison_png(path: str, val_ds, models: Dict[str, torch.nn.Module], n: in
             m = models[key]
             m.eval()
             with torch.no_grad():
-                pred = m(normalize(img[None])).argmax(1)[0].numpy()
+                logits = m(normalize(img[None]))
+                if logits.shape[-2:] != img.shape[-2:]:  # strided models: upsample as in training
+                    logits = torch.nn.functional.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
+                pred = logits.argmax(1)[0].numpy()
             parts.append(colorize(pred))
         parts.append(colorize(s["mask"].numpy()))
         row = []

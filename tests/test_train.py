@@ -218,3 +218,22 @@ def test_regularizer_plumbing_with_exact_standins(tmp_path, loss):
         assert h["entropy"] > 0
     # the logged total is the sum of the terms
     assert h["loss"] == pytest.approx(sum(h[t] for t in ("pce", "crf", "ncut", "entropy") if t in h), rel=1e-5)
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    """`segops demo`'s pipeline on a tiny budget (stand-ins for the model and the CRF loss): writes the table,
+    results.json with the three keys, and the comparison PNG."""
+    from standins import ExactDenseCRFLoss
+
+    from segops import demo
+
+    lines = []
+    out = demo.run_demo(str(tmp_path / "demo"), seed=0, epochs=1, train_images=16, val_images=4, threads=None,
+                        model_fn=lambda K: tiny_fcn("t", K, width=0.5, stem_stride=2), crf_cls=ExactDenseCRFLoss,
+                        log=lines.append)  # fmt: skip
+    res = json.load(open(tmp_path / "demo" / "results.json"))
+    for k in ("full", "pce", "pce+crf"):
+        assert 0.0 <= res[k] <= 1.0 and res[k] == pytest.approx(out[k])
+    assert any("gap closed" in ln for ln in lines)
+    im = Image.open(tmp_path / "demo" / "comparison.png")
+    assert im.width > 6 * 64  # image | scribbles | full | pCE | pCE+CRF | ground truth
