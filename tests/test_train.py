@@ -237,3 +237,27 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert any("gap closed" in ln for ln in lines)
     im = Image.open(tmp_path / "demo" / "comparison.png")
     assert im.width > 6 * 64  # image | scribbles | full | pCE | pCE+CRF | ground truth
+
+
+def test_exact_crf_standin_matches_the_formula():
+    """The stand-in used to tune the demo equals -(w/B) sum_k sum_ij W_ij X_ik X_jk, brute force."""
+    import math
+
+    from standins import ExactDenseCRFLoss
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 3, 4, generator=g, dtype=torch.float64) * 255
+    seg = torch.rand(2, 2, 3, 4, generator=g, dtype=torch.float64).softmax(1)
+    roi = (torch.rand(2, 3, 4, generator=g) > 0.2).double()
+    w, srgb, sxy = 0.7, 40.0, 2.0
+    got = ExactDenseCRFLoss(w, srgb, sxy, 1.0)(img, seg, roi)
+    ref = 0.0
+    for b in range(2):
+        pix = [(r, c) for r in range(3) for c in range(4)]
+        for (r1, c1) in pix:
+            for (r2, c2) in pix:
+                d2 = ((c1 - c2) / sxy) ** 2 + ((r1 - r2) / sxy) ** 2 + float(((img[b, :, r1, c1] - img[b, :, r2, c2]) / srgb).pow(2).sum())
+                wij = math.exp(-0.5 * d2)
+                for k in range(2):
+                    ref -= wij * float(seg[b, k, r1, c1] * roi[b, r1, c1] * seg[b, k, r2, c2] * roi[b, r2, c2])
+    assert float(got) == pytest.approx(w * ref / 2, rel=1e-10)
