@@ -1,4 +1,5 @@
-"""The ``segops`` command line: ``segops info``, ``segops bench [losses|...]``."""
+"""The ``segops`` command line: ``segops info``, ``segops bench [losses|...]``, ``segops train / eval / predict``,
+``segops demo``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time segops ops against their pure-PyTorch twins")
     bench.add_arguments(p)
     p.set_defaults(func=_cmd_bench)
+
+    from segops import train_cli
+
+    train_cli.add_subcommands(sub)
     return parser
 
 

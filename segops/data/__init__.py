@@ -1,0 +1,36 @@
+"""Datasets and augmentations: the built-in synthetic scribble dataset, PASCAL VOC / ScribbleSup folder
+loaders, scribble synthesis from full masks, and aligned training augmentations."""
+
+from segops.data.scribbles import connected_components, distance_to_boundary, synthesize_scribbles
+from segops.data.synthetic import SYNTHETIC_CLASSES, SyntheticScribbles, render_sample
+
+__all__ = [
+    "SyntheticScribbles",
+    "SYNTHETIC_CLASSES",
+    "render_sample",
+    "synthesize_scribbles",
+    "distance_to_boundary",
+    "connected_components",
+]
+
+from segops.data.transforms import AugmentedDataset, CenterPad, RandomScaleCropFlip  # noqa: E402
+from segops.data.voc import (  # noqa: E402
+    VOC_CLASSES,
+    DatasetError,
+    VOCSegmentation,
+    read_image,
+    read_label_png,
+    voc_palette,
+)
+
+__all__ += [
+    "AugmentedDataset",
+    "CenterPad",
+    "RandomScaleCropFlip",
+    "VOCSegmentation",
+    "VOC_CLASSES",
+    "DatasetError",
+    "read_image",
+    "read_label_png",
+    "voc_palette",
+]
