@@ -35,8 +35,7 @@ test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 demo: build
-	$(VENV)/bin/segops bench losses
-	$(VENV)/bin/segops info
+	$(VENV)/bin/segops demo
 
 bench: build
 	$(VENV)/bin/segops bench losses

@@ -25,12 +25,12 @@ __all__ = ["DEMO_MODEL", "DEMO_CRF", "SETTINGS", "run_demo", "add_arguments", "m
 
 # ---- the two knobs to revisit when the real model / lattice land -----------------------------------------
 #: the demo model: a ``segops.models.get_model`` name and width multiplier.
-DEMO_MODEL = {"model": "unet", "model_width": 0.25}
+DEMO_MODEL = {"model": "unet", "model_width": 0.125}
 #: the dense CRF loss settings for 64x64 synthetic images, tuned (seed 0) with an exact dense-Gaussian
 #: stand-in of the loss (see docs/training.md): a spatially local kernel (sigma_xy 10 px instead of ECCV'18's 80,
 #: which is larger than these images) with a larger weight than ECCV'18's 2e-9 (tiny images, few pixels).
 #: The permutohedral lattice carries ~0.5-0.6x the exact Gaussian's mass: expect ~2x this weight with it.
-DEMO_CRF = {"crf_weight": 1e-4, "crf_sigma_rgb": 15.0, "crf_sigma_xy": 10.0, "crf_scale": 0.5}
+DEMO_CRF = {"crf_weight": 2e-4, "crf_sigma_rgb": 15.0, "crf_sigma_xy": 10.0, "crf_scale": 0.5}
 
 #: (key, supervision, loss, label) of the three settings, in the order they run.
 SETTINGS = (
