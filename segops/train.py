@@ -58,6 +58,7 @@ class TrainConfig:
     # model
     model: str = "unet"
     model_width: float = 0.25
+    model_args: Dict[str, object] = dataclasses.field(default_factory=dict)  # extra get_model options
     # data
     data: str = "synthetic"  # synthetic | voc
     data_root: Optional[str] = None
@@ -137,18 +138,19 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     _MODEL_REGISTRY[name] = factory
 
 
-def build_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3) -> nn.Module:
+def build_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3, **model_args) -> nn.Module:
     """A model by name: registered names first, then ``module.path:callable`` (any importable factory with
-    the ``segops.models.get_model`` signature), then ``segops.models.get_model(name, ...)``."""
+    the ``segops.models.get_model`` signature), then ``segops.models.get_model(name, ...)``. ``model_args``
+    are passed on (e.g. ``batch_norm=True`` for U-Net)."""
     if name in _MODEL_REGISTRY:
-        return _MODEL_REGISTRY[name](name, num_classes, in_channels=in_channels, width=width)
+        return _MODEL_REGISTRY[name](name, num_classes, in_channels=in_channels, width=width, **model_args)
     if ":" in name:
         mod, _, attr = name.partition(":")
         try:
             factory = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
             raise ValueError("--model %r: cannot import %s from %s (%s)" % (name, attr, mod, e)) from e
-        return factory(name, num_classes, in_channels=in_channels, width=width)
+        return factory(name, num_classes, in_channels=in_channels, width=width, **model_args)
     try:
         from segops.models import get_model  # type: ignore[attr-defined]
     except ImportError as e:
@@ -156,7 +158,7 @@ def build_model(name: str, num_classes: int, width: float = 1.0, in_channels: in
             "--model %r needs segops.models, which is not available in this build (%s); pass a factory as "
             "--model package.module:function" % (name, e)
         ) from e
-    return get_model(name, num_classes, in_channels=in_channels, width=width)
+    return get_model(name, num_classes, in_channels=in_channels, width=width, **model_args)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -506,7 +508,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
     val_bs = cfg.batch_size if cfg.data == "synthetic" else 1
     val_loader = DataLoader(torch.utils.data.Subset(val_ds, val_idx), val_bs, shuffle=False, num_workers=cfg.workers, collate_fn=_collate)
 
-    model = model_fn(K) if model_fn is not None else build_model(cfg.model, K, cfg.model_width)
+    model = model_fn(K) if model_fn is not None else build_model(cfg.model, K, cfg.model_width, **cfg.model_args)
     model = model.to(device)
     ddp_model: nn.Module = model
     if world > 1:
@@ -682,7 +684,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
 def _model_from_checkpoint(ck: Dict[str, object], device: torch.device, model_fn=None) -> Tuple[nn.Module, TrainConfig]:
     cfg = _config_from_dict(ck["config"])  # type: ignore[arg-type]
     K = int(ck["num_classes"])  # type: ignore[arg-type]
-    model = model_fn(K) if model_fn is not None else build_model(cfg.model, K, cfg.model_width)
+    model = model_fn(K) if model_fn is not None else build_model(cfg.model, K, cfg.model_width, **cfg.model_args)
     model.load_state_dict(ck["model"])  # type: ignore[arg-type]
     return model.to(device).eval(), cfg
 

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import Any, Dict, List, Optional
 
 __all__ = ["add_subcommands", "config_from_args"]
 
@@ -21,6 +21,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="segops.models name (unet, deeplabv2_largefov, fcn8s, segnet, deeplabv3plus_resnet50) or "
                         "package.module:factory (default %(default)s)")
     g.add_argument("--model-width", type=float, default=d.model_width, help="channel width multiplier (default %(default)s)")
+    g.add_argument("--model-arg", dest="model_args", action="append", default=None, metavar="KEY=VALUE",
+                   help="extra get_model option, repeatable; values are Python literals "
+                        "(e.g. --model-arg batch_norm=True --model-arg dropout=0.0)")
     g = p.add_argument_group("data")
     g.add_argument("--data", choices=("synthetic", "voc"), default=d.data, help="dataset (default %(default)s)")
     g.add_argument("--data-root", default=None, help="VOC2012 folder with JPEGImages/, SegmentationClass[Aug]/, ImageSets/")
@@ -72,11 +75,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", default=None, help="checkpoint (last.pt) to resume from")
 
 
+def parse_model_args(items: Optional[List[str]]) -> Dict[str, Any]:
+    """['batch_norm=True', 'dropout=0.0'] -> {'batch_norm': True, 'dropout': 0.0} (non-literals stay strings)."""
+    import ast
+
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit("--model-arg expects KEY=VALUE, got %r" % (item,))
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     from segops.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    values = {k: v for k, v in vars(args).items() if k in names}
+    if "model_args" in values:
+        values["model_args"] = parse_model_args(values["model_args"])
+    return TrainConfig(**values)
 
 
 def _user_errors():

@@ -261,3 +261,17 @@ def test_exact_crf_standin_matches_the_formula():
                 for k in range(2):
                     ref -= wij * float(seg[b, k, r1, c1] * roi[b, r1, c1] * seg[b, k, r2, c2] * roi[b, r2, c2])
     assert float(got) == pytest.approx(w * ref / 2, rel=1e-10)
+
+
+def test_model_args_reach_get_model():
+    from segops.train import TrainConfig, build_model
+    from segops.train_cli import parse_model_args
+
+    args = parse_model_args(["batch_norm=True", "dropout=0.0", "name=abc"])
+    assert args == {"batch_norm": True, "dropout": 0.0, "name": "abc"}
+    cfg = TrainConfig(model="unet", model_width=0.125, model_args={"batch_norm": True, "dropout": 0.0})
+    model = build_model(cfg.model, 3, cfg.model_width, **cfg.model_args)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_model_args(["batch_norm"])
