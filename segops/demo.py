@@ -142,13 +142,14 @@ def run_demo(
         DEMO_MODEL["model_width"],
         "".join(", %s=%s" % kv for kv in DEMO_MODEL.get("model_args", {}).items()),
     ) if model_fn is None else "custom model"
+    w = max(len(net), len("train time (s)"))
     lines = [
         "",
         "mIoU (%%) on %d held-out synthetic images, seed %d (cf. ECCV'18 Table: DeepLab-LargeFOV 63.0 / 55.8 / 62.2)"
         % (val_images, seed),
-        "%-22s | %16s | %14s | %16s | %10s" % ("network", "full supervision", "scribbles: pCE", "pCE + DenseCRF", "gap closed"),
-        "%-22s | %16.2f | %14.2f | %16.2f | %9.0f%%" % (net[:22], 100 * full, 100 * pce, 100 * crf, 100 * closed),
-        "%-22s | %16.1f | %14.1f | %16.1f |" % ("train time (s)", times["full"], times["pce"], times["pce+crf"]),
+        "%-*s | %16s | %14s | %16s | %10s" % (w, "network", "full supervision", "scribbles: pCE", "pCE + DenseCRF", "gap closed"),
+        "%-*s | %16.2f | %14.2f | %16.2f | %9.0f%%" % (w, net, 100 * full, 100 * pce, 100 * crf, 100 * closed),
+        "%-*s | %16.1f | %14.1f | %16.1f |" % (w, "train time (s)", times["full"], times["pce"], times["pce+crf"]),
         "gap pCE -> full: %.2f mIoU points; pCE + DenseCRF closes %.0f%% of it (ECCV'18, DeepLab-LargeFOV on VOC: 89%%)" % (100 * gap, 100 * closed),
         "total %.1f s; %d train / %d val images of 64x64, %d epochs x %d steps of 8, torch threads %d"
         % (total, train_images, val_images, epochs, train_images // 8, torch.get_num_threads()),
