@@ -176,7 +176,9 @@ def main(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
         env = environment(ctx.device)
         tag = "gpu" if ctx.device.type == "cuda" else "cpu"
-        name = "%s-%s-%s%s.json" % (env["date"], tag, "-".join(names), "-quick" if args.quick else "")
+        name = "%s-%s-%s-%dthreads%s.json" % (
+            env["date"], tag, "-".join(names), torch.get_num_threads(), "-quick" if args.quick else ""
+        )
         path = os.path.join(args.out, name)
         with open(path, "w") as f:
             json.dump({"environment": env, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
