@@ -142,22 +142,25 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
       "permutohedral_filter: features contain NaN or Inf (or values so large that the elevated lattice "
       "coordinates exceed 1e9; features are expected to be O(1)-O(1e4) after scaling)";
 
-  KeyPacking<D> pk;
-  if (plan_packing<D, T>(feats, scale, pk)) {
-    Tensor tables = at::full({B * cap}, -1, lopt);
-    BuildPacked<D, T> build;
+  auto fill_base = [&](BuildBase<D, T>& build) {
     build.feats = feats.data_ptr<T>();
     build.fsb = feats.stride(0);
     build.fsd = feats.stride(1);
     build.fsn = feats.stride(2);
     for (int i = 0; i < kMaxD; ++i) build.scale[i] = scale[i];
-    build.pk = pk;
     build.N = N;
-    build.tables = tables.data_ptr<int64_t>();
     build.mask = static_cast<uint64_t>(cap - 1);
     build.owner = owner.data_ptr<int32_t>();
     build.bary = lat.bary.data_ptr<T>();
     build.bad = bad.data_ptr<int32_t>();
+  };
+  KeyPacking<D> pk;
+  if (plan_packing<D, T>(feats, scale, pk)) {
+    Tensor tables = at::full({B * cap}, -1, lopt);
+    BuildPacked<D, T> build;
+    fill_base(build);
+    build.pk = pk;
+    build.tables = tables.data_ptr<int64_t>();
     timer.mark("alloc");
     Backend::ranged(B * N, build, 8192);
     timer.mark("build");
@@ -183,18 +186,9 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
     Tensor tables = at::full({B * cap}, -1, iopt);
     Tensor keys = at::empty({B * E * D}, iopt);
     BuildPoints<D, T> build;
-    build.feats = feats.data_ptr<T>();
-    build.fsb = feats.stride(0);
-    build.fsd = feats.stride(1);
-    build.fsn = feats.stride(2);
-    for (int i = 0; i < kMaxD; ++i) build.scale[i] = scale[i];
-    build.N = N;
+    fill_base(build);
     build.tables = tables.data_ptr<int32_t>();
-    build.mask = static_cast<uint64_t>(cap - 1);
     build.keys = keys.data_ptr<int32_t>();
-    build.owner = owner.data_ptr<int32_t>();
-    build.bary = lat.bary.data_ptr<T>();
-    build.bad = bad.data_ptr<int32_t>();
     timer.mark("alloc");
     Backend::ranged(B * N, build, 8192);
     timer.mark("build");

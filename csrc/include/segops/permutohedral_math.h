@@ -230,18 +230,17 @@ SEGOPS_HD_INLINE int32_t table_find(const int32_t* table, uint64_t mask, const i
 // ---- phase 1: simplex + hash insert, one point per call -------------------------------------------------
 // Writes bary[(b N + n)(D+1) + k] and owner[b E + n (D+1) + k] (image-local owning entry id). Keys of
 // entries served by the CPU thread-local cache are never stored nor read.
+// State and simplex step shared by both build functors (general keys and packed keys).
 template <int D, typename T>
-struct BuildPoints {
+struct BuildBase {
   const T* feats;  // (B, D, N) strided view
   index_t fsb, fsd, fsn;
   T scale[kMaxD];
   index_t N;
-  int32_t* tables;  // (B, cap)
-  uint64_t mask;    // cap - 1
-  int32_t* keys;    // (B E, D)
-  int32_t* owner;   // (B E)
-  T* bary;          // (B N, D+1)
-  int32_t* bad;     // set to 1 on NaN / Inf / huge features
+  uint64_t mask;   // cap - 1
+  int32_t* owner;  // (B E)
+  T* bary;         // (B N, D+1)
+  int32_t* bad;    // set to 1 on NaN / Inf / huge features
 
   // Returns false (and flags `bad`) when the features are unusable; `s` is then undefined.
   SEGOPS_HD_INLINE bool simplex(index_t i, index_t b, index_t n, Simplex<D, T>& s) const {
@@ -256,6 +255,17 @@ struct BuildPoints {
     for (int k = 0; k <= D; ++k) bary[i * (D + 1) + k] = s.bary[k];
     return true;
   }
+};
+
+template <int D, typename T>
+struct BuildPoints : BuildBase<D, T> {
+  using Base = BuildBase<D, T>;
+  using Base::N;
+  using Base::mask;
+  using Base::owner;
+  using Base::simplex;
+  int32_t* tables;  // (B, cap)
+  int32_t* keys;    // (B E, D)
 
   SEGOPS_HD_INLINE void insert(index_t i, int k, const int32_t* key, uint64_t h) const {
     const index_t b = i / N, n = i - b * N;
@@ -364,30 +374,14 @@ SEGOPS_HD_INLINE int32_t packed_insert(int64_t* table, uint64_t mask, int64_t co
 }
 
 template <int D, typename T>
-struct BuildPacked {
-  const T* feats;  // (B, D, N) strided view
-  index_t fsb, fsd, fsn;
-  T scale[kMaxD];
+struct BuildPacked : BuildBase<D, T> {  // owner holds the slot of each entry's vertex
+  using Base = BuildBase<D, T>;
+  using Base::N;
+  using Base::mask;
+  using Base::owner;
+  using Base::simplex;
   KeyPacking<D> pk;
-  index_t N;
   int64_t* tables;  // (B, cap)
-  uint64_t mask;
-  int32_t* owner;  // (B E): slot of each entry's vertex
-  T* bary;         // (B N, D+1)
-  int32_t* bad;
-
-  SEGOPS_HD_INLINE bool simplex(index_t i, index_t b, index_t n, Simplex<D, T>& s) const {
-    if (!find_simplex<D, T>(feats + b * fsb + n * fsn, fsd, scale, s)) {
-      *bad = 1;
-      for (int k = 0; k <= D; ++k) {
-        bary[i * (D + 1) + k] = T(0);
-        owner[i * (D + 1) + k] = 0;
-      }
-      return false;
-    }
-    for (int k = 0; k <= D; ++k) bary[i * (D + 1) + k] = s.bary[k];
-    return true;
-  }
 
   SEGOPS_HD_INLINE int64_t code(const Simplex<D, T>& s, int k) const {
     int32_t key[D];
