@@ -7,11 +7,14 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST  archs to compile for; default "8.0;9.0" when no GPU is visible.
   SEGOPS_DEBUG=1      -O0 -g builds (and -G for device code).
   SEGOPS_SANITIZE=1   -fsanitize=address,undefined on the C++ sources (see `make sanitize`).
+  SEGOPS_LDFLAGS      extra linker arguments (space-separated).
 """
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -63,7 +66,7 @@ cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
 # -fno-trapping-math: segops never relies on floating-point traps, and without it GCC refuses to
 # if-convert (and so to vectorise) the branch-free selects of the CPU fast paths.
 cxx_flags += ["-fopenmp", "-fvisibility=hidden", "-fno-trapping-math"]  # cpp_extension adds -DPy_LIMITED_API
-link_flags = ["-fopenmp"]
+link_flags = ["-fopenmp"] + os.environ.get("SEGOPS_LDFLAGS", "").split()
 if SANITIZE:
     cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
     link_flags += ["-fsanitize=address,undefined"]
@@ -92,8 +95,36 @@ else:
 if shutil.which("ninja") is None:
     print("segops: ninja not found, building without it (slower; `pip install ninja`)", file=sys.stderr)
 
+
+def check_libstdcxx_linkage(path: str) -> None:
+    """Refuses an extension that carries its own copy of libstdc++'s exception runtime.
+
+    Some compiler wrappers link libstdc++ statically (measured on the lent GPU machines: CXX=/opt/gcc/bin/g++).
+    torch's c10::Error then crosses two C++ runtimes, and every failing argument check of every op kills
+    Python with SIGSEGV instead of raising. `nm` shows it as __cxa_throw defined in the .so.
+    """
+    nm = shutil.which("nm")
+    if nm is None:
+        return
+    out = subprocess.run([nm, "--defined-only", path], capture_output=True, text=True).stdout
+    if re.search(r" [TtWw] __cxa_throw$", out, re.M):
+        os.remove(path)
+        sys.exit(
+            "segops: the C++ compiler (CXX=%s) linked libstdc++ statically into %s; C++ exceptions from torch\n"
+            "would then crash Python instead of raising. Build with a compiler that links libstdc++ dynamically,\n"
+            "e.g. `CXX=/usr/bin/g++ CC=/usr/bin/gcc pip install --no-build-isolation .`"
+            % (os.environ.get("CXX", "c++"), os.path.basename(path))
+        )
+
+
+class SegopsBuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)):
+    def build_extension(self, extension) -> None:
+        super().build_extension(extension)
+        check_libstdcxx_linkage(self.get_ext_fullpath(extension.name))
+
+
 setup(
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+    cmdclass={"build_ext": SegopsBuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

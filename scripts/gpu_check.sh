@@ -2,8 +2,9 @@
 # The one script to run on a lent GPU machine (Python 3.12 + torch 2.11 CUDA at `python3`, nvcc 13, no
 # network). Builds segops in place for sm_90, runs the CUDA tests, compute-sanitizer (memcheck, racecheck,
 # synccheck, initcheck) over a small driver of every CUDA kernel, and the GPU benchmarks. Everything lands in
-# $OUT (default: ./gpu-check-out): gpu_check.log, summary.json, info.json, pytest-cuda.xml, bench JSON.
-# Budget: < 8 minutes on an H100/H200. Usage: OUT=/some/dir bash scripts/gpu_check.sh [--no-bench]
+# $OUT (default: ./gpu-check-out): gpu_check.log, summary.json, info.json, pytest-cuda.xml and one bench JSON
+# per suite (8 files: the device tool brings back at most 8). Each step has its own timeout and writes its
+# results as it ends, so a run cut short still returns what finished. Budget: < 8 minutes on an H100/H200. Usage: OUT=/some/dir bash scripts/gpu_check.sh [--no-bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-check-out}
@@ -11,6 +12,9 @@ mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# The machines' default CXX (/opt/gcc/bin/g++) links libstdc++ statically, which turns every C++ exception into a
+# SIGSEGV (benchmarks/results/2026-11-26-h200-gpu-check/NOTES.md; setup.py refuses such a build): use the system g++.
+if [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} SEGOPS_CUDA=1
 t_start=$(date +%s)
 declare -A status
@@ -26,9 +30,19 @@ step() {  # step NAME TIMEOUT CMD...: runs a step, records its exit status and d
   return $rc
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.csv"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 step build 300 $PY setup.py -q build_ext --inplace || { echo "build failed"; }
 step info 60 bash -c "$PY -m segops info --json > '$OUT/info.json' && cat '$OUT/info.json'"
+# A failing TORCH_CHECK must surface as a Python exception on both backends (a segfault here was once reported).
+step throw 60 $PY -c "
+import segops, torch
+for dev in ('cpu', 'cuda'):
+    x = torch.randn(1, 3, 2, 2, device=dev); t = torch.zeros(1, 2, 2, dtype=torch.long, device=dev); t[0, 0, 0] = 7
+    try:
+        segops.ops.partial_cross_entropy(x, t); print('throw', dev, 'NO ERROR'); raise SystemExit(1)
+    except (RuntimeError, ValueError) as e:
+        print('throw', dev, 'caught', type(e).__name__, str(e).splitlines()[0][:100])
+"
 # Every test with "cuda" in its id: the @cuda parity tests and each device-parametrised test's cuda case.
 # pytest-xdist workers, so that a crashing test is reported as such and the rest still run.
 step pytest_cuda 300 $PY -m pytest -q -k cuda -n 8 -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests
@@ -41,7 +55,9 @@ else
   echo "compute-sanitizer not found"; status[sanitizer]="127 0"
 fi
 if [ "${1:-}" != "--no-bench" ]; then
-  step bench 240 $PY -m segops bench --device cuda --min-run-time 0.3 --out "$OUT"
+  for suite in losses conv crf models; do
+    step "bench_$suite" 150 $PY -m segops bench "$suite" --device cuda --min-run-time 0.3 --out "$OUT"
+  done
 fi
 
 {

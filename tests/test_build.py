@@ -50,3 +50,42 @@ def test_cli_bench_quick(tmp_path):
     data = json.loads(files[0].read_text())
     assert data["environment"]["torch"] == torch.__version__
     assert all(row["segops_ms"] > 0 and row["torch_ms"] > 0 for row in data["rows"])
+
+
+def _extension_path() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("segops._C")
+    assert spec is not None and spec.origin, "segops._C not found"
+    return spec.origin
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_failed_check_raises_not_crashes(device):
+    # In a fresh process: a compiler that links libstdc++ statically turns every failing argument check into
+    # SIGSEGV (seen on the GPU machines), which would otherwise only show up as a crashed test worker.
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    code = (
+        "import segops, torch\n"
+        "x = torch.randn(1, 3, 2, 2, device=%r); t = torch.zeros(1, 2, 2, dtype=torch.long, device=%r)\n"
+        "t[0, 0, 0] = 7\n"
+        "try:\n"
+        "    segops.ops.partial_cross_entropy(x, t)\n"
+        "except IndexError as e:\n"
+        "    print('raised', 'target value 7' in str(e))\n" % (device, device)
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, "process died with %d: %s" % (r.returncode, r.stderr[-2000:])
+    assert r.stdout.strip() == "raised True", r.stdout + r.stderr
+
+
+def test_extension_links_libstdcxx_dynamically():
+    import re
+    import shutil
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("needs binutils' nm")
+    out = subprocess.run([nm, "--defined-only", _extension_path()], capture_output=True, text=True).stdout
+    assert not re.search(r" [TtWw] __cxa_throw$", out, re.M), "segops._C carries a static libstdc++"

@@ -54,6 +54,22 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
         rows.append(dict(op="DenseCRFLoss fwd+bwd", case="B=%d %dx%d K=%d scale=%g" % (B, S, S, K, scale),
                          segops_ms=ctx.time_ms(ours), torch_ms=ctx.time_ms(twin),
                          segops_mem=ctx.peak_bytes(ours), torch_mem=ctx.peak_bytes(twin)))
+    if ctx.device.type == "cuda":
+        # The rloss comparison: its CRF loss runs on one CPU thread. "torch ms" column = segops on 1 CPU thread.
+        S = 512
+        img = synthetic_image(1, S, S, g)
+        seg = torch.softmax(torch.randn(1, K, S, S, generator=g), 1)
+        loss = DenseCRFLoss(weight, srgb, sxy, 1.0)
+        gpu = _step(loss, img.to(ctx.device), seg.to(ctx.device).requires_grad_())
+        cpu_ctx = BenchContext("cpu", ctx.quick, ctx.min_run_time)
+        old = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            one = cpu_ctx.time_ms(_step(loss, img, seg.clone().requires_grad_()))
+        finally:
+            torch.set_num_threads(old)
+        rows.append(dict(op="DenseCRFLoss GPU vs 1 CPU thread", case="B=1 %dx%d K=%d scale=1 (torch ms = segops, "
+                         "1 CPU thread)" % (S, S, K), segops_ms=ctx.time_ms(gpu), torch_ms=one, cpu_1thread_ms=one))
     if ctx.device.type == "cpu":
         # Thread scaling of the kernel itself: "segops ms" = 2 threads, "torch ms" column = 1 thread.
         S = 64 if ctx.quick else 512
