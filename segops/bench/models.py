@@ -51,6 +51,16 @@ def _plan(ctx: BenchContext):
 
 
 def run(ctx: BenchContext) -> List[Dict[str, Any]]:
+    # As in the conv suite: segops' float32 products are full float32, so cuDNN's TF32 shortcut is switched off.
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _run(ctx)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+
+
+def _run(ctx: BenchContext) -> List[Dict[str, Any]]:
     plan, size = _plan(ctx)
     rows: List[Dict[str, Any]] = []
     K = 21
