@@ -9,12 +9,13 @@ machines move with the load.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib
 import json
 import os
 import platform
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
 import torch.utils.benchmark as tbench
@@ -53,6 +54,18 @@ class BenchContext:
         fn()
         self.sync()
         return torch.cuda.max_memory_allocated(self.device) - base
+
+
+@contextlib.contextmanager
+def cudnn_full_fp32() -> Iterator[None]:
+    """cuDNN's TF32 shortcut off (it is on by default for convolutions): segops computes float32 products in
+    full float32, so both sides of a convolution comparison must do the same arithmetic."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
 
 
 def saved_bytes(fn: Callable[[], Any], inputs: List[torch.Tensor]) -> int:

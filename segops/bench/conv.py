@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from segops import ops
-from segops.bench import BenchContext
+from segops.bench import BenchContext, cudnn_full_fp32
 from segops.nn import ConvTranspose2d
 
 
@@ -34,14 +34,8 @@ def _row(ctx: BenchContext, op: str, case: str, ours, theirs) -> Dict[str, Any]:
 
 
 def run(ctx: BenchContext) -> List[Dict[str, Any]]:
-    # Same arithmetic on both sides: segops computes float32 products in full float32, so cuDNN's TF32
-    # tensor-core shortcut (on by default for convolutions) is switched off while this suite runs.
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with cudnn_full_fp32():
         return _run(ctx)
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
 
 
 def _run(ctx: BenchContext) -> List[Dict[str, Any]]:

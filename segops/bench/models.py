@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 import torch
 import torch.nn.functional as F
 
-from segops.bench import BenchContext
+from segops.bench import BenchContext, cudnn_full_fp32
 from segops.models import count_parameters, freeze_bn, get_model, list_models, to_torch_layers
 
 # Full-width models timed on the CPU by default (the others are only timed at width 0.25 there).
@@ -51,13 +51,8 @@ def _plan(ctx: BenchContext):
 
 
 def run(ctx: BenchContext) -> List[Dict[str, Any]]:
-    # As in the conv suite: segops' float32 products are full float32, so cuDNN's TF32 shortcut is switched off.
-    prev = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    with cudnn_full_fp32():
         return _run(ctx)
-    finally:
-        torch.backends.cudnn.allow_tf32 = prev
 
 
 def _run(ctx: BenchContext) -> List[Dict[str, Any]]:
