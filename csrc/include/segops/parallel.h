@@ -65,12 +65,45 @@ SEGOPS_HD_INLINE T atomic_load(const T* address) {
 
 #if !defined(__CUDACC__)
 // ---- CPU launcher ---------------------------------------------------------------------------------
+#if defined(__SANITIZE_THREAD__)
+#define SEGOPS_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SEGOPS_TSAN 1
+#endif
+#endif
+#if defined(SEGOPS_TSAN)
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+#endif
+
+// at::parallel_for for every segops CPU kernel. Under ThreadSanitizer (`make tsan`) it also tells TSan
+// about the fork and the join of the OpenMP region, which libgomp (not instrumented) implements with
+// futexes TSan cannot see: the caller's writes happen before each chunk (fork), each chunk happens before
+// the caller continues (join). Chunks of one region get no edge between them, so races inside a region
+// (the concurrent hash table, the splat) are still reported. Without TSan this is at::parallel_for.
+template <typename Body>
+inline void omp_parallel_for(int64_t begin, int64_t end, int64_t grain, const Body& body) {
+#if defined(SEGOPS_TSAN)
+  char fork = 0, join = 0;
+  __tsan_release(&fork);
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    __tsan_acquire(&fork);
+    body(b, e);
+    __tsan_release(&join);
+  });
+  __tsan_acquire(&join);
+#else
+  at::parallel_for(begin, end, grain, body);
+#endif
+}
+
 // `grain`: the smallest chunk worth a thread; at::parallel_for only runs multi-threaded when the
 // extension is compiled with -fopenmp (setup.py does; tests/test_threads.py checks it).
 template <typename F>
 inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
   if (n <= 0) return;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) f(i);
   });
 }
