@@ -60,14 +60,16 @@ def test_lattice_threads_bitwise_equal(name):
             out = raw[0]
             out.backward(gout)
             norm = permutohedral_filter(v, f, normalize=True)
-            results.append((out.detach(), x.grad, raw[1], raw[3], norm))
+            # vertex ids depend on which thread claims a hash slot first (not part of the contract); the
+            # number of vertices and every value do not
+            results.append((out.detach(), x.grad, norm, torch.tensor(raw[3].shape[0])))
     finally:
         torch.set_num_threads(old)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
     if name == "distinct_isolated":
-        assert results[0][3].shape[0] == f.shape[2] * f.shape[3] * 6  # every point on its own d+1 vertices
+        assert int(results[0][3]) == B * f.shape[2] * f.shape[3] * 6  # every point on its own d+1 vertices
 
 
 def test_lattice_threads_match_reference():
