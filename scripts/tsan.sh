@@ -13,6 +13,7 @@
 #                                     OpenMP regions, whose joins TSan cannot see (false positives otherwise)
 #   halt_on_error=1 exitcode=66       the first report fails the run
 #   report_signal_unsafe=0            CPython's signal handlers are not segops' business
+# pytest runs with --capture=sys so that a report (written to fd 2) survives the exit it triggers.
 # No suppressions file: nothing in segops is suppressed. Extra pytest arguments: PYTEST_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +32,5 @@ if setarch "$(uname -m)" -R true 2>/dev/null; then norand="setarch $(uname -m) -
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} \
 LD_PRELOAD="$tsan" \
 TSAN_OPTIONS="ignore_noninstrumented_modules=1:halt_on_error=1:exitcode=66:report_signal_unsafe=0:${TSAN_OPTIONS:-}" \
-PYTHONPATH="$stage" $norand "$py" -m pytest -q -p no:cacheprovider -m "not slow and not cuda" \
+PYTHONPATH="$stage" $norand "$py" -m pytest -q -p no:cacheprovider --capture=sys -m "not slow and not cuda" \
   ${PYTEST_ARGS:-tests/test_lattice_threads.py tests/test_permutohedral.py tests/test_crf_loss.py}
