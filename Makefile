@@ -48,7 +48,7 @@ sanitize: venv
 
 # ThreadSanitizer over the OpenMP lattice construction (2 threads), in a staged tree (docs/tsan.md).
 tsan: venv
-	bash scripts/tsan.sh
+	bash scripts/tsan.sh --selftest
 
 # The losses at 4096 x 4096 on the CPU: time, peak RSS, lattice size, crop checks (docs/scale.md).
 SCALE_ARGS ?=

@@ -233,7 +233,8 @@ def child(case: str, S: int, K: int, threads: int, check: bool) -> Dict[str, Any
 
 def run_case(case: str, args) -> Dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--size", str(args.size),
-           "--classes", str(args.classes), "--threads", str(args.threads)] + (["--no-check"] if args.no_check else [])
+           "--classes", str(args.classes), "--threads", str(args.threads), "--max-gb", str(args.max_gb)] + (
+               ["--no-check"] if args.no_check else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -262,10 +263,24 @@ def main() -> int:
     p.add_argument("--cases", default="pce,crf,crf_half,ncut,crf_distinct")
     p.add_argument("--no-check", action="store_true")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--max-gb", type=float, default=0.0,
+                   help="cap each case's address space at the bare process + this many GiB (RLIMIT_AS): "
+                        "a case that needs more must fail with the allocator's error, reported as oom_error")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        res = child(args.child, args.size, args.classes, args.threads, not args.no_check)
+        if args.max_gb:
+            # address-space cap: beyond it the allocator must raise (a clear error), not crash
+            vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+            limit = vm + int(args.max_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            res = child(args.child, args.size, args.classes, args.threads, not args.no_check)
+        except RuntimeError as e:
+            if not args.max_gb:
+                raise
+            res = dict(case=args.child, size=args.size, max_gb=args.max_gb, oom_error=str(e).splitlines()[0],
+                       peak_rss=_peak_rss())
         ru = resource.getrusage(resource.RUSAGE_SELF)
         res["ru_maxrss"] = ru.ru_maxrss * 1024
         print(json.dumps(res))
@@ -286,16 +301,20 @@ def main() -> int:
         if "error" in row:
             print("%-13s FAILED (rc %s): %s" % (case, row["returncode"], row["error"][-600:]))
             continue
+        if "oom_error" in row:
+            print("%-13s over --max-gb %g: %s" % (case, args.max_gb, row["oom_error"]))
+            continue
         gb = lambda b: "%.2f" % (b / 2 ** 30)  # noqa: E731
         chk = {k: ("%.1e" % v if isinstance(v, float) else v) for k, v in row.items() if k.startswith("check_")}
         print(fmt % (case, "%.2f" % row["seconds"], "%.2f" % row["forward_s"], gb(row["peak_rss"]),
                      gb(row["baseline_rss"]), gb(row["min_bytes"]), row.get("lattice_vertices", "-"), chk))
         sys.stdout.flush()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "%s-cpu-scale-%d.json" % (_dt.date.today().isoformat(), args.size))
+    tag = "" if args.cases == p.get_default("cases") else "-" + args.cases.replace(",", "-")
+    path = os.path.join(args.out, "%s-cpu-scale-%d%s.json" % (_dt.date.today().isoformat(), args.size, tag))
     with open(path, "w") as fh:
         json.dump(dict(environment=environment(torch.device("cpu")), threads=args.threads, size=args.size,
-                       classes=args.classes, rows=rows), fh, indent=1)
+                       classes=args.classes, max_gb=args.max_gb or None, rows=rows), fh, indent=1)
     print("wrote", path)
     bad = [r["case"] for r in rows if "error" in r or r.get("check_ok") is False]
     if bad:

@@ -223,3 +223,48 @@ def test_crf_energy_reduction_accurate_for_large_images():
     # batches: per image
     xb, yb = torch.rand(3, 2, 5, 7, generator=g), torch.rand(3, 2, 5, 7, generator=g)
     assert torch.allclose(_batched_dot(xb, yb), (xb * yb).sum((1, 2, 3)), rtol=1e-6)
+
+
+# ---- out of memory: a clear error, and the process goes on ------------------------------------------------
+
+_OOM_CHILD = r"""
+import resource, sys
+import torch, segops
+from segops.ops import permutohedral_filter
+from segops.ops.lattice import crf_features
+from segops import reference_lattice as RL
+vm = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
+limit = vm + (1 << 30)  # 1 GiB of address space beyond what torch + segops already map
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+S = 1536  # distinct colours, tiny sigmas: 6 S^2 = 14M lattice vertices, ~2.5 GB of lattice
+yy, xx = torch.meshgrid(torch.arange(S), torch.arange(S), indexing='ij')
+img = torch.stack([xx % 256, yy % 256, (xx // 256) + 16 * (yy // 256)]).float().unsqueeze(0)
+f = crf_features(img, 0.1, 0.1)
+v = torch.rand(1, 1, S, S)
+try:
+    permutohedral_filter(v, f)
+except RuntimeError as e:
+    print('ERROR:', str(e).splitlines()[0])
+else:
+    print('NO ERROR')
+# the process is intact: a small filter still matches the reference
+g = torch.Generator().manual_seed(0)
+fs, vs = torch.rand(1, 5, 16, 16, generator=g) * 4, torch.rand(1, 2, 16, 16, generator=g)
+err = float((permutohedral_filter(vs, fs) - RL.permutohedral_filter(vs, fs)).abs().max())
+print('AFTER', err)
+"""
+
+
+def test_lattice_out_of_memory_is_a_clear_error():
+    # A lattice that does not fit (address space limited to 1 GiB beyond the bare process) raises torch's
+    # allocator error instead of crashing, and the process keeps working.
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _OOM_CHILD], capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.splitlines()
+    assert any(l.startswith("ERROR:") and "memory" in l for l in lines), r.stdout
+    after = [float(l.split()[1]) for l in lines if l.startswith("AFTER")]
+    assert after and after[0] < 1e-5
