@@ -258,11 +258,14 @@ print('AFTER', err)
 def test_lattice_out_of_memory_is_a_clear_error():
     # A lattice that does not fit (address space limited to 1 GiB beyond the bare process) raises torch's
     # allocator error instead of crashing, and the process keeps working.
+    import os
     import subprocess
     import sys
 
+    if any(s in os.environ.get("LD_PRELOAD", "") for s in ("asan", "tsan")):
+        pytest.skip("address-space limits are meaningless under a sanitizer (terabytes of shadow mappings)")
     r = subprocess.run([sys.executable, "-c", _OOM_CHILD], capture_output=True, text=True, timeout=300,
-                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
     assert any(l.startswith("ERROR:") and "memory" in l for l in lines), r.stdout
