@@ -6,7 +6,8 @@ Switches (environment variables):
                       torch.cuda.is_available(): a GPU-less build machine must still ship CUDA kernels.
   TORCH_CUDA_ARCH_LIST  archs to compile for; default "8.0;9.0" when no GPU is visible.
   SEGOPS_DEBUG=1      -O0 -g builds (and -G for device code).
-  SEGOPS_SANITIZE=1   -fsanitize=address,undefined on the C++ sources (see `make sanitize`).
+  SEGOPS_SANITIZE=1   -fsanitize=address,undefined on the C++ sources (see `make sanitize`);
+  SEGOPS_SANITIZE=thread  -fsanitize=thread instead (see `make tsan`).
   SEGOPS_LDFLAGS      extra linker arguments (space-separated).
 """
 
@@ -60,16 +61,21 @@ if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 DEBUG = os.environ.get("SEGOPS_DEBUG", "0") == "1"
-SANITIZE = os.environ.get("SEGOPS_SANITIZE", "0") == "1"
+SANITIZE = os.environ.get("SEGOPS_SANITIZE", "0").strip()
 
 cxx_flags = ["-O0", "-g"] if DEBUG else ["-O3"]
 # -fno-trapping-math: segops never relies on floating-point traps, and without it GCC refuses to
 # if-convert (and so to vectorise) the branch-free selects of the CPU fast paths.
 cxx_flags += ["-fopenmp", "-fvisibility=hidden", "-fno-trapping-math"]  # cpp_extension adds -DPy_LIMITED_API
 link_flags = ["-fopenmp"] + os.environ.get("SEGOPS_LDFLAGS", "").split()
-if SANITIZE:
+if SANITIZE == "1":
     cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
     link_flags += ["-fsanitize=address,undefined"]
+elif SANITIZE == "thread":
+    cxx_flags += ["-fsanitize=thread", "-fno-omit-frame-pointer", "-O1", "-g"]
+    link_flags += ["-fsanitize=thread"]
+elif SANITIZE not in ("", "0"):
+    sys.exit("segops: SEGOPS_SANITIZE must be 0, 1 (address,undefined) or thread, got %r" % SANITIZE)
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 kwargs = dict(

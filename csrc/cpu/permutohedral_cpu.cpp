@@ -20,7 +20,7 @@ struct CpuBackend {
 
   template <typename F>
   static void ranged(index_t n, const F& f, index_t grain) {
-    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+    omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
   }
 
   // Two-pass chunked prefix sum (one chunk per thread).
@@ -32,7 +32,7 @@ struct CpuBackend {
     const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1));
     const int64_t chunk = (n + T - 1) / T;
     std::vector<int64_t> sums(static_cast<size_t>(T) + 1, 0);
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    omp_parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t s = 0;
         for (int64_t i = t * chunk, e = std::min(n, (t + 1) * chunk); i < e; ++i) s += f[i];
@@ -40,7 +40,7 @@ struct CpuBackend {
       }
     });
     for (int64_t t = 0; t < T; ++t) sums[t + 1] += sums[t];
-    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    omp_parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         int64_t s = sums[t];
         for (int64_t i = t * chunk, e = std::min(n, (t + 1) * chunk); i < e; ++i) o[i] = (s += f[i]);
@@ -53,7 +53,7 @@ struct CpuBackend {
   static void splat(const lattice::SplatAtomic<scalar_t, acc>& p, index_t BN, index_t M, const int64_t* image_lo,
                     const int64_t* image_hi) {
     const int64_t grain = BN * p.V * p.Cv < (int64_t(1) << 17) ? M : 1;  // small splats: one thread
-    at::parallel_for(0, M, grain, [&](int64_t v0, int64_t v1) {
+    omp_parallel_for(0, M, grain, [&](int64_t v0, int64_t v1) {
       std::vector<acc> buf(static_cast<size_t>(p.C));
       const index_t V = p.V;
       for (index_t i = 0, b = 0, n = 0; i < BN; ++i, ++n) {

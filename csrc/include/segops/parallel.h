@@ -65,12 +65,81 @@ SEGOPS_HD_INLINE T atomic_load(const T* address) {
 
 #if !defined(__CUDACC__)
 // ---- CPU launcher ---------------------------------------------------------------------------------
+#if defined(__SANITIZE_THREAD__)
+#define SEGOPS_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define SEGOPS_TSAN 1
+#endif
+#endif
+#if defined(SEGOPS_TSAN)
+#include <omp.h>
+
+#include <algorithm>
+#include <mutex>
+extern "C" void __tsan_acquire(void* addr);
+extern "C" void __tsan_release(void* addr);
+namespace tsan_detail {
+inline char fork_token = 0;  // released by the thread that starts a region, acquired by its chunks
+inline char join_token = 0;  // released by each chunk, acquired by the starting thread after the region
+struct Region {
+  int64_t begin, end;
+  const void* body;
+  void (*run)(const void* body, int64_t b, int64_t e);
+};
+inline const Region* region = nullptr;  // the running region (one at a time: `lock`)
+inline std::mutex lock;
+}  // namespace tsan_detail
+#endif
+
+// at::parallel_for for every segops CPU kernel. Under ThreadSanitizer (`make tsan`, docs/tsan.md) it is
+// the same chunking written out as an OpenMP region that tells TSan about the fork and the join, which
+// libgomp (not instrumented) implements with futexes TSan cannot see: the starting thread's writes happen
+// before each chunk, each chunk happens before the starting thread continues. The region has no shared
+// variables (its arguments travel through tsan_detail::region, read after the fork edge): the block that
+// GCC passes shared variables in is read by each thread before any annotation could run, and torch's
+// at::parallel_for uses one. Chunks of one region get no edge between them, so races inside a region
+// (the concurrent hash table, the splat, blur, slice) are reported. Without TSan: at::parallel_for.
+template <typename Body>
+inline void omp_parallel_for(int64_t begin, int64_t end, int64_t grain, const Body& body) {
+#if defined(SEGOPS_TSAN)
+  if (begin >= end) return;
+  const int64_t n = end - begin;
+  int64_t nt = at::get_num_threads();
+  if (grain > 0) nt = std::min<int64_t>(nt, (n + grain - 1) / grain);
+  if (nt <= 1 || at::in_parallel_region() || omp_in_parallel()) {
+    body(begin, end);
+    return;
+  }
+  std::lock_guard<std::mutex> guard(tsan_detail::lock);
+  const tsan_detail::Region r{begin, end, &body, [](const void* f, int64_t b, int64_t e) {
+                                (*static_cast<const Body*>(f))(b, e);
+                              }};
+  tsan_detail::region = &r;
+  __tsan_release(&tsan_detail::fork_token);
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  {
+    __tsan_acquire(&tsan_detail::fork_token);
+    const tsan_detail::Region& g = *tsan_detail::region;
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t chunk = (g.end - g.begin + T - 1) / T;
+    const int64_t b = g.begin + t * chunk;
+    if (b < g.end) g.run(g.body, b, std::min<int64_t>(g.end, b + chunk));
+    __tsan_release(&tsan_detail::join_token);
+  }
+  __tsan_acquire(&tsan_detail::join_token);
+  tsan_detail::region = nullptr;
+#else
+  at::parallel_for(begin, end, grain, body);
+#endif
+}
+
 // `grain`: the smallest chunk worth a thread; at::parallel_for only runs multi-threaded when the
 // extension is compiled with -fopenmp (setup.py does; tests/test_threads.py checks it).
 template <typename F>
 inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
   if (n <= 0) return;
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+  omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) f(i);
   });
 }

@@ -170,17 +170,19 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
       Backend::launch(cap, MarkSlots{build.tables + b * cap, flag.data_ptr<int32_t>() + b * cap}, kGrainCheap);
     timer.mark("mark");
     Tensor incl = Backend::inclusive_scan(flag);
+    flag.reset();  // peak memory: the build's cap-sized arrays go as soon as they are consumed
     lat.M = incl[B * cap - 1].item<int64_t>();
     timer.mark("scan");
     vkeys = at::empty({lat.M * (D + 1)}, iopt);
-    for (int64_t b = 0; b < B; ++b) {
+    for (int64_t b = 0; b < B; ++b)
       Backend::launch(cap, SlotKeys<D>{build.tables + b * cap, incl.data_ptr<int64_t>() + b * cap, pk,
                                        static_cast<int32_t>(b), vkeys.data_ptr<int32_t>()},
                       kGrainCheap);
+    tables.reset();  // the vertex ids below need only the owners' slots and the prefix sum
+    for (int64_t b = 0; b < B; ++b)
       Backend::launch(E, AssignPacked{build.owner + b * E, incl.data_ptr<int64_t>() + b * cap,
                                       lat.vertex.data_ptr<int64_t>() + b * E},
                       kGrainCheap);
-    }
     timer.mark("assign");
   } else {
     Tensor tables = at::full({B * cap}, -1, iopt);
@@ -198,6 +200,8 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
       Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E}, kGrainCheap);
     timer.mark("mark");
     Tensor incl = Backend::inclusive_scan(flag);
+    flag.reset();
+    tables.reset();  // the owners now say everything the table did
     lat.M = incl[B * E - 1].item<int64_t>();
     timer.mark("scan");
     vkeys = at::empty({lat.M * (D + 1)}, iopt);
@@ -209,6 +213,7 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
     }
     timer.mark("assign");
   }
+  owner.reset();  // the vertex ids are assigned
   TORCH_CHECK(lat.M < (int64_t(1) << 31), "permutohedral_filter: the batch has ", lat.M,
               " lattice vertices, more than the 2^31 supported; filter fewer images per call");
   const int64_t vcap = next_pow2(2 * lat.M + 1);
