@@ -27,7 +27,9 @@ def partial_cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
     )
     if reduction == "mean" and not bool((target != ignore_index).any()):
-        return (logits * 0).sum()  # keeps the graph: zero loss, zero gradient
+        # keeps the graph: zero loss, zero gradient; masked_fill (not logits * 0) so that NaN logits at
+        # unlabelled pixels, which the loss never reads, do not make it NaN (found by tests/test_fuzz.py)
+        return logits.masked_fill(torch.ones_like(logits, dtype=torch.bool), 0).sum()
     return loss
 
 

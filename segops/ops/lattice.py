@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from segops.ops._checks import check_same_device
+
 __all__ = ["permutohedral_filter", "dense_crf_loss", "normalized_cut_loss", "crf_features"]
 
 
@@ -59,6 +61,7 @@ def _filter_fake(values, features, normalize):
     torch._check(values.dim() >= 3, lambda: "permutohedral_filter: values must be (B, C, *spatial)")
     torch._check(features.dim() == values.dim(), lambda: "permutohedral_filter: features must be (B, d, *spatial)")
     torch._check(1 <= features.shape[1] <= 16, lambda: "permutohedral_filter: d must be in [1, 16]")
+    check_same_device("permutohedral_filter", "values", values, features=features)
     B, d = values.shape[0], features.shape[1]
     n = 1
     for s in values.shape[2:]:

@@ -203,7 +203,7 @@ void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, i
       continue;
     }
     const acc l = m[v] + std::log(s[v]), e = tx[v] / s[v];
-    const acc h = l - e > 0.0f ? l - e : 0.0f;
+    const acc h = l - e < 0.0f ? 0.0f : l - e;  // NaN passes through (as in EntropyForward)
     f.lse[i] = l;
     f.ex[i] = e;
     if (f.ent) f.ent[i] = static_cast<scalar_t>(h);

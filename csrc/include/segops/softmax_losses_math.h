@@ -185,8 +185,10 @@ struct EntropyForward {
     st.init(static_cast<acc>(px[0]));
     for (index_t k = 1; k < K; ++k) st.push(static_cast<acc>(px[k * x.sk]));
     const acc l = st.lse(), e = st.mean_x();
-    // lse - E >= 0 mathematically; clamp the rounding of a one-hot softmax (H ~ 1e-8) at 0.
-    const acc h = hd_max(l - e, acc(0));
+    // lse - E >= 0 mathematically; clamp the rounding of a one-hot softmax (H ~ 1e-8) at 0. Written so
+    // that NaN (NaN / Inf logits) passes through: max(NaN, 0) would return 0 (found by tests/test_fuzz.py).
+    const acc d = l - e;
+    const acc h = d < acc(0) ? acc(0) : d;
     lse[i] = l;
     ex[i] = e;
     if (ent) ent[i] = static_cast<scalar_t>(h);
