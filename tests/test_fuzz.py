@@ -650,8 +650,8 @@ def filter_cases(draw):
         feats = other_device(feats)
         words = ["features", "device"]
     elif defect == "values_2d":
-        values = values.reshape(B, -1)
-        feats = feats.reshape(B, -1)
+        values = values.reshape(B, C * numel(spatial))
+        feats = feats.reshape(B, d * numel(spatial))
         words = ["values"]
     if nan is not None and defect is None:
         values = poison(values, seed + 1, nan)
@@ -668,12 +668,13 @@ def lattice_reference64(values: torch.Tensor, features: torch.Tensor, normalize:
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     d = features.shape[1]
     v64 = values.detach().double().requires_grad_(True)
+    n = numel(values.shape[2:])
     outs, mags = [], []
     for b in range(B):
-        f = features[b].reshape(d, -1).t().to(acc)
+        f = features[b].reshape(d, n).t().to(acc)
         lat = rl.build_lattice(f)
         lat = lat._replace(bary=lat.bary.double())
-        x = v64[b].reshape(C, -1).t()
+        x = v64[b].reshape(C, n).t()
         outs.append(rl.lattice_filter(lat, x, normalize).t().reshape(values.shape[1:]))
         with torch.no_grad():
             ax = torch.nan_to_num(x.detach().abs(), nan=0.0, posinf=0.0)
@@ -804,6 +805,11 @@ def crf_cases(draw):
         else:
             images = poison(images, seed, float("nan") if nan is None else nan)
             words = ["images"]
+    if defect in (None, "scale_empty"):  # a resize to nothing is an error unless there is nothing to resize
+        if B * K * H * W > 0 and scale_factor != 1 and min(math.floor(H * scale_factor), math.floor(W * scale_factor)) < 1:
+            defect, words = "scale_empty", ["scale_factor"]
+        elif defect == "scale_empty":
+            defect, words = None, []
     if nan is not None and defect is None:
         segs = poison(segs, seed + 4, nan)
     return Case(dict(images=images, segmentations=segs, weight=weight, sigma_rgb=sigma_rgb, sigma_xy=sigma_xy,
@@ -819,10 +825,11 @@ def _lattice_filter_as(acc: torch.dtype) -> Callable:
         B, C = x.shape[:2]
         d = feats.shape[1]
         outs = []
+        n = numel(x.shape[2:])
         for b in range(B):
-            lat = rl.build_lattice(feats[b].reshape(d, -1).t().to(acc))
+            lat = rl.build_lattice(feats[b].reshape(d, n).t().to(acc))
             lat = lat._replace(bary=lat.bary.double())
-            outs.append(rl.lattice_filter(lat, x[b].reshape(C, -1).t().double()).t().reshape(x.shape[1:]))
+            outs.append(rl.lattice_filter(lat, x[b].reshape(C, n).t().double()).t().reshape(x.shape[1:]))
         return torch.stack(outs) if outs else x * 1
 
     return filt
@@ -887,7 +894,7 @@ def check_crf(case: Case, which: str, module: bool) -> None:
     gscale = 1e-30 + (gr.abs() + abs(a["weight"]) / max(B, 1) * (1 if which == "crf" else 4 * s64.shape[1])) * (d + 1) * 4
     if which == "ncut":
         # d/dS (cut / degree) ~ |W 1| / degree: no simple elementwise bound; relative to the largest entry
-        gscale = gscale + gr.abs().max() * (d + 1)
+        gscale = gscale + (gr.abs().max() if gr.numel() else 0.0) * (d + 1)
     assert_close_scaled(gs, gr, gscale, dtype, "%s backward" % which)
 
 
@@ -1282,3 +1289,47 @@ def test_fuzz_module_constructors(args):
     """Bad constructor arguments raise a clear error naming the argument."""
     name, kwargs, words = args
     expect_error(lambda: getattr(segops.nn, name)(**kwargs), words)
+
+
+# ==== regression tests: one per bug the fuzzer found =================================================================
+
+
+@pytest.mark.parametrize("call", [
+    # bug 1: a 'meta' tensor among CPU arguments dispatched to the fake kernel, which returned an uninitialised
+    # CPU tensor (garbage) instead of raising; the fake kernels now check devices (segops/ops/_checks.py)
+    ("weight", lambda: ops.partial_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long),
+                                                 weight=torch.ones(3, device="meta"), reduction="none")),
+    ("mask", lambda: ops.entropy(torch.zeros(2, 3, 4), torch.ones(2, 4, dtype=torch.bool, device="meta"), "none")),
+    ("weight", lambda: ops.atrous_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 1, 1, device="meta"))),
+    ("bias", lambda: ops.atrous_conv2d(torch.zeros(1, 2, 3, 3), torch.zeros(1, 2, 1, 1), torch.zeros(1, device="meta"))),
+    ("weight", lambda: ops.conv_transpose2d(torch.zeros(1, 2, 3, 3), torch.zeros(2, 1, 1, 1, device="meta"))),
+    ("bias", lambda: ops.conv_transpose2d(torch.zeros(1, 2, 3, 3), torch.zeros(2, 1, 1, 1), torch.zeros(1, device="meta"))),
+    ("features", lambda: ops.permutohedral_filter(torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, device="meta"))),
+], ids=lambda c: c[0] if isinstance(c, tuple) else None)
+def test_regression_meta_device_mix_raises(call):
+    word, fn = call
+    expect_error(fn, [word])
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 3, 1, 1), (2, 4, 8, 8), (1, 3, 16)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_regression_entropy_propagates_nan(shape, value):
+    """bug 2: entropy clamped H = lse - E[x] at 0 with max(h, 0), which turns NaN into 0: all-NaN / Inf logits
+    gave entropy 0 (per-pixel functor and the CPU's blocked NCHW path, both fixed). torch gives NaN."""
+    x = torch.randn(shape)
+    x[0, :] = value
+    out = ops.entropy(x, reduction="none")
+    ref = entropy_reference64(x.double(), None, "none")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and bool(torch.isnan(out[0]).all())
+    assert bool(torch.isnan(ops.entropy(x))) and bool(torch.isnan(ops.entropy(x, reduction="sum")))
+
+
+def test_regression_reference_pce_no_labels_ignores_nan():
+    """bug 3 (in the pure-PyTorch twin): 'mean' over a batch with no labelled pixel returned (logits * 0).sum(),
+    which is NaN when an unlabelled logit is NaN; the op (which never reads unlabelled logits) returns 0."""
+    x = torch.tensor([[float("nan"), 1.0]], requires_grad=True)
+    t = torch.tensor([255])
+    r = reference.partial_cross_entropy(x, t)
+    assert float(r.detach()) == 0.0 and float(ops.partial_cross_entropy(x, t).detach()) == 0.0
+    r.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
