@@ -935,9 +935,10 @@ CONV_DEFECTS = ["int_input", "weight_dtype", "weight_3d", "bias_shape", "bias_dt
                 "output_padding", "stride_triple"]
 
 # segops restrictions where torch returns a result, each a documented clear error (not a failure):
-#   conv_transpose2d with an empty (0-sized) spatial input: torch returns a bias-only map, segops raises
-#   "input spatial size must be positive" (README: "a non-positive transposed output size" / input size)
-ALLOWED_STRICTER = {"conv_transpose2d": ["spatial size", "input"]}
+#   conv_transpose2d with an empty (0-sized) spatial input: torch returns a bias-only or empty map, segops
+#   raises "input spatial size must be positive" or "the output size (0 x 0) would not be positive" (also
+#   when B = 0 and the formula's output size is 0, where torch returns an empty tensor)
+ALLOWED_STRICTER = {"conv_transpose2d": ["spatial size", "input", "output size"]}
 
 
 @st.composite
@@ -1045,6 +1046,20 @@ def _conv(transposed: bool, lib: str):
     return run
 
 
+def conv_geometry(a: dict, transposed: bool):
+    """(H_out, W_out) by the documented formulas."""
+    x, w = a["input"], a["weight"]
+    out = []
+    for i in range(2):
+        size, k = x.shape[-2 + i], w.shape[2 + i]
+        s, p, d = a["stride"][i], a["padding"][i], a["dilation"][i]
+        if transposed:
+            out.append((size - 1) * s - 2 * p + d * (k - 1) + a["output_padding"][i] + 1)
+        else:
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return tuple(out)
+
+
 def check_conv(case: Case) -> None:
     a = case.args
     transposed = case.info["transposed"]
@@ -1063,10 +1078,43 @@ def check_conv(case: Case) -> None:
     b64 = a["bias"].detach().double().requires_grad_(True) if a["bias"] is not None else None
     try:
         ref = tor(a, x64, w64, b64)
-    except RuntimeError as e:  # geometry torch rejects (kernel larger than the padded input, ...)
+    except (RuntimeError, IndexError) as e:  # geometry torch rejects (kernel larger than the padded input, ...)
         note("torch raises: %s" % e)
+        xs, ws = a["input"].shape, a["weight"].shape
+        cout = ws[1] * a["groups"] if transposed else ws[0]
+        if xs[-1] == 0 or xs[-2] == 0 or xs[-3] == 0 or cout == 0:
+            # torch refuses an empty image ("Only zero batch or zero channel inputs are supported") even when
+            # padding makes the output non-empty, and weights with zero channels; segops may instead return
+            # the defined result: every tap reads zero padding (or there is no input channel), so the output
+            # is the bias (0 without one) at the formula's size
+            try:
+                out = seg(a, a["input"], a["weight"], a["bias"])
+            except CLEAR_TYPES as e2:
+                assert_clear(e2, ["input", "weight", "kernel", "output", "padding", "size", "channels"])
+                return
+            geo = conv_geometry(a, transposed)
+            assert tuple(out.shape[-2:]) == geo and out.shape[-3] == cout, "%s: output shape %s, formula %s" % (
+                name, tuple(out.shape), (cout,) + geo)
+            want = torch.zeros_like(out) if a["bias"] is None else a["bias"].view(-1, 1, 1).expand_as(out)
+            fin = torch.isfinite(out) if not finite(w64) else torch.ones_like(out, dtype=torch.bool)
+            assert torch.equal(out[fin], want.to(out.dtype)[fin]), "%s of an empty image must be the bias" % name
+            return
         expect_error(lambda: seg(a, a["input"], a["weight"], a["bias"]),
                      ["input", "weight", "kernel", "output", "padding", "size", "channels"])
+        return
+    ws = a["weight"].shape
+    cout = ws[1] * a["groups"] if transposed else ws[0]
+    want_shape = tuple(a["input"].shape[:-3]) + (cout,) + conv_geometry(a, transposed)
+    if tuple(ref.shape) != want_shape:
+        # torch's empty-input shortcut returns the input's shape for an input without elements
+        # (F.conv2d(empty (1, 0, 1, 1), weight (1, 0, 1, 1)) -> (1, 0, 1, 1)): the formula's shape is right, and
+        # the values are the empty sum over input channels: the bias (0 without one)
+        note("torch returns shape %s, formula %s" % (tuple(ref.shape), want_shape))
+        assert ref.numel() == 0
+        out = seg(a, a["input"], a["weight"], a["bias"])
+        assert tuple(out.shape) == want_shape
+        want = torch.zeros_like(out) if a["bias"] is None else a["bias"].view(-1, 1, 1).expand_as(out)
+        assert torch.equal(out, want.to(out.dtype))
         return
     x = a["input"].detach().requires_grad_(True)
     w = a["weight"].detach().requires_grad_(True)
@@ -1076,7 +1124,8 @@ def check_conv(case: Case) -> None:
             out = seg(a, x, w, b)
     except CLEAR_TYPES as e:
         allowed = ALLOWED_STRICTER.get(name)
-        if allowed and (x.shape[-1] == 0 or x.shape[-2] == 0) and any(word in str(e) for word in allowed):
+        if allowed and (x.shape[-1] == 0 or x.shape[-2] == 0 or min(want_shape[-2:]) <= 0) and any(
+                word in str(e) for word in allowed):
             return
         raise
     assert out.dtype == dtype
@@ -1084,7 +1133,27 @@ def check_conv(case: Case) -> None:
     with torch.no_grad():
         ax, aw = torch.nan_to_num(x64.detach().abs(), posinf=0.0), torch.nan_to_num(w64.detach().abs(), posinf=0.0)
         mag = tor(a, ax, aw, b64.detach().abs() if b64 is not None else None)
-    assert_close_scaled(out, ref, mag + 1e-30, dtype, "%s forward" % name, has_inf(x64) or has_inf(w64))
+    if finite(x64) and finite(w64):
+        assert_close_scaled(out, ref, mag + 1e-30, dtype, "%s forward" % name)
+    else:
+        # NaN / Inf: an output must be non-finite where a non-finite input reaches it through any tap, or a
+        # non-finite weight tap lands on a real input pixel ("defined"). Whether a non-finite weight tap that
+        # lands on zero *padding* also poisons an output is implementation-specific: im2col + GEMM (torch, and
+        # segops' general path) multiplies the padding zeros (0 * NaN = NaN), segops' direct depthwise kernels
+        # skip them. So: defined <= non-finite(out) <= defined | non-finite(torch). Values are compared where
+        # both are finite.
+        nf = lambda t: (~torch.isfinite(t)).double()
+        defined = (tor(a, nf(x64.detach()), torch.ones_like(w64), None) > 0) | (
+            tor(a, torch.ones_like(x64), nf(w64.detach()), None) > 0)
+        got = ~torch.isfinite(out.detach().double())
+        upper = defined | ~torch.isfinite(ref.detach())
+        assert not bool((defined & ~got).any()), "%s: finite at %s where a non-finite input reaches" % (
+            name, (defined & ~got).nonzero()[:5].tolist())
+        assert not bool((got & ~upper).any()), "%s: non-finite at %s where neither definition nor torch is" % (
+            name, (got & ~upper).nonzero()[:5].tolist())
+        both = ~got & torch.isfinite(ref.detach())
+        assert_close_scaled(out.detach().double()[both], ref.detach()[both], mag[both] + 1e-30, dtype,
+                            "%s forward (finite part)" % name)
     if not finite(ref) or not finite(x64) or not finite(w64):
         return
     gout = grad_seeded(out.shape, dtype, case.info["seed"])
