@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import example, given, note, settings
+from hypothesis import event, example, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -251,6 +251,16 @@ class Case:
     info: dict = field(default_factory=dict)
 
 
+def classify(case: "Case", t: torch.Tensor) -> None:
+    """Hypothesis statistics (--hypothesis-show-statistics): which defect, or valid with / without elements and
+    with / without NaN / Inf."""
+    if case.defect is not None:
+        event("invalid: %s" % case.defect)
+    else:
+        event("valid: %s%s" % ("empty" if t.numel() == 0 else "non-empty",
+                               " + non-finite" if case.info.get("nan") is not None else ""))
+
+
 def grad_seeded(shape, dtype, seed) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(tuple(shape), generator=g, dtype=torch.float64).to(dtype)
@@ -387,6 +397,7 @@ def _pce_reference(case: Case, logits64: torch.Tensor, reduction: Optional[str] 
 def check_pce(case: Case, module: bool) -> None:
     note("defect=%s info=%s shapes logits %s target %s" % (case.defect, case.info, tuple(case.args["logits"].shape),
                                                           tuple(case.args["target"].shape)))
+    classify(case, case.args["logits"])
     if case.defect is not None:
         expect_error(lambda: _pce_call(case, module)(case.args["logits"]), case.words)
         return
@@ -519,6 +530,7 @@ def check_entropy(case: Case, module: bool) -> None:
             return segops.nn.EntropyLoss(a["reduction"])(logits, a["mask"])
         return ops.entropy(logits, a["mask"], a["reduction"])
 
+    classify(case, a["logits"])
     if case.defect is not None:
         expect_error(lambda: call(a["logits"]), case.words)
         return
@@ -594,7 +606,8 @@ def make_features(kind: str, B: int, d: int, spatial, dtype, layout, seed, sprea
         f = torch.zeros(shape, dtype=torch.float64)
         flat = f.view(B, d, n)
         pos = torch.arange(n, dtype=torch.float64)
-        flat[:, 0] = pos / 3.0
+        if d > 0:
+            flat[:, 0] = pos / 3.0
         if d > 1:
             flat[:, 1:] = torch.floor(torch.rand((B, d - 1, 1), generator=g, dtype=torch.float64) * 4 + pos / 5) * spread
     t = f.to(dtype)
@@ -691,6 +704,7 @@ def check_filter(case: Case) -> None:
     a = case.args
     note("defect=%s info=%s values %s features %s" % (case.defect, case.info, tuple(a["values"].shape),
                                                      (tuple(a["features"].shape), a["features"].dtype)))
+    classify(case, a["values"])
     if case.defect is not None:
         expect_error(lambda: ops.permutohedral_filter(a["values"], a["features"], a["normalize"]), case.words)
         return
@@ -848,6 +862,7 @@ def check_crf(case: Case, which: str, module: bool) -> None:
             return cls(a["weight"], a["sigma_rgb"], a["sigma_xy"], a["scale_factor"])(a["images"], segs, a["rois"])
         return fn(a["images"], segs, a["weight"], a["sigma_rgb"], a["sigma_xy"], a["scale_factor"], a["rois"])
 
+    classify(case, a["segmentations"])
     if case.defect is not None:
         expect_error(lambda: call(a["segmentations"]), case.words)
         return
@@ -1069,6 +1084,7 @@ def check_conv(case: Case) -> None:
         None if a["bias"] is None else tuple(a["bias"].shape), a["stride"], a["padding"], a["dilation"], a["groups"],
         a["output_padding"]))
     seg, tor = _conv(transposed, "segops"), _conv(transposed, "torch")
+    classify(case, a["input"])
     if case.defect is not None:
         expect_error(lambda: seg(a, a["input"], a["weight"], a["bias"]), case.words)
         return
@@ -1228,7 +1244,7 @@ def compare_module(mod: nn.Module, x: torch.Tensor, dtype: torch.dtype, seed: in
     amp = 1.0
     for m in ref_mod.modules():
         if isinstance(m, nn.BatchNorm2d):
-            amp *= float((m.weight.abs() / (m.running_var + m.eps).sqrt()).max()) if m.weight is not None else 1.0
+            amp *= float((m.weight.detach().abs() / (m.running_var + m.eps).sqrt()).max()) if m.weight is not None else 1.0
             amp = max(amp, 1.0)
     assert_close_scaled(out, ref, (mag + 1e-30) * amp * 4, dtype, "%s forward" % what)
     if not finite(ref) or out.numel() == 0:
@@ -1402,3 +1418,36 @@ def test_regression_reference_pce_no_labels_ignores_nan():
     assert float(r.detach()) == 0.0 and float(ops.partial_cross_entropy(x, t).detach()) == 0.0
     r.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("fn", [ops.dense_crf_loss, ops.normalized_cut_loss])
+@pytest.mark.parametrize("scale_factor", [1.0, 0.5])
+def test_regression_crf_nan_images_named(fn, scale_factor):
+    """bug 4: NaN / Inf in the images of the CRF losses raised "permutohedral_filter: features contain NaN or
+    Inf" (an argument the caller never passed), or, with scale_factor 0.5, nothing at all when the nearest
+    resize happened to drop the NaN pixel. Now always ValueError naming the images."""
+    images = torch.rand(1, 3, 2, 2) * 255
+    images[0, 1, 1, 1] = float("nan")
+    expect_error(lambda: fn(images, torch.rand(1, 2, 2, 2), 1.0, 15.0, 80.0, scale_factor), ["images"])
+
+
+@pytest.mark.parametrize("fn", [ops.dense_crf_loss, ops.normalized_cut_loss])
+def test_regression_crf_empty_and_tiny_resize(fn):
+    """bug 5: with scale_factor != 1, an empty batch / image failed inside F.interpolate ("Input and output sizes
+    should be greater than 0"; the unscaled call returns 0), and a resize to nothing (1x1 image, scale 0.5)
+    failed there too without naming scale_factor. Now: empty input -> 0 with a zero gradient; resize to
+    nothing -> ValueError naming scale_factor."""
+    for shape in [(0, 3, 4, 4), (1, 3, 0, 4)]:
+        segs = torch.rand(shape[0], 2, *shape[2:], requires_grad=True)
+        out = fn(torch.rand(shape) * 255, segs, 1.0, 15.0, 80.0, 0.5)
+        assert float(out.detach()) == 0.0
+        out.backward()
+    expect_error(lambda: fn(torch.rand(1, 3, 1, 1), torch.rand(1, 2, 1, 1), 1.0, 15.0, 80.0, 0.5), ["scale_factor"])
+
+
+@pytest.mark.parametrize("fn", [ops.dense_crf_loss, ops.normalized_cut_loss])
+def test_regression_crf_rois_device(fn):
+    """bug 6: rois on another device than the segmentations failed with torch's "Tensor on device meta is not
+    on the expected device cpu!" (no argument named); now ValueError naming rois."""
+    expect_error(lambda: fn(torch.rand(1, 3, 2, 2), torch.rand(1, 2, 2, 2), 1.0, 15.0, 80.0, 1.0,
+                            other_device(torch.ones(1, 2, 2))), ["rois"])
