@@ -195,6 +195,20 @@ def make_tensor(shape: Sequence[int], dtype: torch.dtype, layout: str, seed: int
     return t.to(device)
 
 
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values in another memory layout: 'permuted' (reversed-dim storage), 'stepped' (every other
+    element of a larger last dim) or 'channels_last' (4-D); anything else returns t."""
+    n = t.dim()
+    if layout == "permuted" and n >= 2:
+        rev = list(range(n))[::-1]
+        return t.permute(*rev).contiguous().permute(*rev)
+    if layout == "stepped" and n >= 1:
+        return torch.stack([t, torch.zeros_like(t)], -1).flatten(-2)[..., ::2] if t.numel() else t
+    if layout == "channels_last" and n == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def poison(t: torch.Tensor, seed: int, value: float, count: int = 1) -> torch.Tensor:
     """A copy of t (same layout where possible) with `count` seeded elements set to value (NaN / Inf)."""
     if t.numel() == 0:
@@ -338,7 +352,7 @@ def pce_cases(draw, module: bool = False):
             defect = None
     elif defect in ("label_too_big", "label_negative"):
         defect = None
-    target = labels.to(tdtype) if not (tdtype == torch.uint8 and bool((labels < 0).any())) else labels
+    target = relayout(labels.to(tdtype), draw(layouts))
     if defect == "float_target":
         target = labels.to(torch.float32)
         words = ["target"]
@@ -491,7 +505,7 @@ def entropy_cases(draw):
     mshape = (B,) + tuple(spatial)
     if mask_kind is not None or defect in ("mask_shape", "mask_device"):
         m = torch.rand(mshape, generator=g) < mask_frac
-        mask = m.to(mask_kind or torch.bool)
+        mask = relayout(m.to(mask_kind or torch.bool), draw(layouts))
         if defect == "mask_shape":
             mask = mask.reshape(-1) if len(mshape) != 1 else mask.unsqueeze(-1).expand(*mshape, 2)
             words = ["mask"]
@@ -783,7 +797,7 @@ def crf_cases(draw):
     rois = None
     if roi_kind is not None or defect in ("rois_shape", "rois_device"):
         g = torch.Generator().manual_seed(seed + 2)
-        rois = (torch.rand((B, H, W), generator=g) < 0.6).to(roi_kind or torch.float32)
+        rois = relayout((torch.rand((B, H, W), generator=g) < 0.6).to(roi_kind or torch.float32), draw(layouts))
     if defect == "images_3d":
         images = images[:, 0]
         words = ["images"]
