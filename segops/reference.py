@@ -36,7 +36,9 @@ def partial_cross_entropy(
 def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Per-pixel Shannon entropy of softmax over dim 1 via log_softmax (nats)."""
     logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
-    h = -(logp.exp() * logp).sum(1)
+    # 0 log 0 = 0: a class with logit -inf has p = 0 and adds nothing (logp * p would be -inf * 0 = NaN)
+    logp0 = logp.masked_fill(logp == float("-inf"), 0)
+    h = -(logp.exp() * logp0).sum(1)
     if mask is not None:
         h = h * mask.to(h.dtype)
     if reduction == "none":

@@ -30,14 +30,20 @@ struct View2 {
 template <typename acc>
 struct OnlineLse {
   acc m, s, t;
-  SEGOPS_HD_INLINE void init(acc x) { m = x; s = acc(1); t = x; }
+  // A logit of -inf (a class masked out) has p = 0 and adds nothing to s and t: computed, it would give
+  // exp(-inf - -inf) = NaN or 0 * -inf = NaN (found by tests/test_fuzz.py). NaN still propagates.
+  SEGOPS_HD_INLINE void init(acc x) {
+    m = x;
+    s = x == acc(-INFINITY) ? acc(0) : acc(1);
+    t = x == acc(-INFINITY) ? acc(0) : x;
+  }
   SEGOPS_HD_INLINE void push(acc x) {
     if (x > m) {  // rescale the running sums to the new max: still one exp per element
       const acc r = hd_exp(m - x);
       s = s * r + acc(1);
       t = t * r + x;
       m = x;
-    } else {
+    } else if (x != acc(-INFINITY)) {
       const acc e = hd_exp(x - m);
       s += e;
       t += e * x;
@@ -225,7 +231,8 @@ struct EntropyBackward {
     const acc l = lse[i], e = ex[i];
     for (index_t k = 0; k < K; ++k) {
       const acc v = static_cast<acc>(px[k * x.sk]);
-      pg[k * gx.sk] = static_cast<scalar_t>(-g * hd_exp(v - l) * (v - e));
+      // p_k = 0 for x_k = -inf: gradient 0, not 0 * -inf = NaN
+      pg[k * gx.sk] = static_cast<scalar_t>(v == acc(-INFINITY) ? acc(0) : -g * hd_exp(v - l) * (v - e));
     }
   }
 };
