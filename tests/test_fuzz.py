@@ -428,8 +428,10 @@ def check_pce(case: Case, module: bool) -> None:
     # scale: per labelled pixel |loss_i| + max_k |x_ik| (the log-sum-exp rounds relative to the largest logit),
     # weighted like the reduction
     with torch.no_grad():
-        per = _pce_reference(case, x64.detach().abs(), "none").abs() if x64.numel() else x64.new_zeros(case.args["target"].shape)
-        mag = x64.detach().abs().amax(1) if x64.shape[1] > 0 and x64.numel() else torch.zeros_like(per)
+        # magnitudes from the finite logits only: a -inf logit has p = 0 and adds nothing to the sums
+        xf = torch.where(torch.isfinite(x64.detach()), x64.detach(), torch.zeros_like(x64.detach())).abs()
+        per = _pce_reference(case, xf, "none").abs() if x64.numel() else x64.new_zeros(case.args["target"].shape)
+        mag = xf.amax(1) if x64.shape[1] > 0 and x64.numel() else torch.zeros_like(per)
         lab = (case.args["target"].long() != case.args["ignore_index"]).double()
         w = case.args["weight"].double() if case.args["weight"] is not None else None
         pix = torch.nan_to_num((per + mag + 1) * lab, posinf=float("inf"))
@@ -565,7 +567,8 @@ def check_entropy(case: Case, module: bool) -> None:
     # scale: H_i <= log K plus the log-sum-exp rounding relative to max_k |x_ik|
     with torch.no_grad():
         K = x64.shape[1]
-        mag = (x64.abs().amax(1) if x64.numel() else x64.new_zeros((x64.shape[0],) + x64.shape[2:])) + math.log(K) + 1
+        xf = torch.where(torch.isfinite(x64), x64, torch.zeros_like(x64)).abs()  # -inf logits: p = 0, no term
+        mag = (xf.amax(1) if x64.numel() else x64.new_zeros((x64.shape[0],) + x64.shape[2:])) + math.log(K) + 1
         if a["mask"] is not None:
             mag = mag * (a["mask"] != 0)
         mag = torch.nan_to_num(mag, nan=0.0)
@@ -1502,3 +1505,15 @@ def test_regression_neg_inf_logits(shape):
             tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(out.double(), ref.detach(), **tol)
             torch.testing.assert_close(gx.double(), gr, **tol)
+
+
+@pytest.mark.parametrize("vshape", [(1, 0, 5), (1, 2, 0), (2, 0, 3, 0)])
+def test_regression_reference_lattice_empty(vshape):
+    """bug 8 (in the pure-PyTorch twin): segops.reference_lattice.permutohedral_filter failed on C = 0
+    (reshape(C, -1) is ambiguous) and build_lattice on N = 0 points (amin of an empty tensor); the op returns an
+    empty result. Both now agree."""
+    values = torch.rand(vshape)
+    feats = torch.rand((vshape[0], 3) + vshape[2:])
+    out = ops.permutohedral_filter(values, feats)
+    ref = rl.permutohedral_filter(values, feats)
+    assert out.shape == ref.shape == values.shape
