@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import event, example, given, note, settings
+from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 from torch import nn
 
