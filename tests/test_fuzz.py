@@ -1447,7 +1447,7 @@ def test_regression_reference_pce_no_labels_ignores_nan():
 def test_regression_crf_nan_images_named(fn, scale_factor):
     """bug 4: NaN / Inf in the images of the CRF losses raised "permutohedral_filter: features contain NaN or
     Inf" (an argument the caller never passed), or, with scale_factor 0.5, nothing at all when the nearest
-    resize happened to drop the NaN pixel. Now always ValueError naming the images."""
+    resize happened to drop the NaN pixel. Now always RuntimeError naming the images."""
     images = torch.rand(1, 3, 2, 2) * 255
     images[0, 1, 1, 1] = float("nan")
     expect_error(lambda: fn(images, torch.rand(1, 2, 2, 2), 1.0, 15.0, 80.0, scale_factor), ["images"])

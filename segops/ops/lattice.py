@@ -166,8 +166,9 @@ def _check_loss_inputs(name: str, images: Tensor, segmentations: Tensor, rois: O
         if not (v > 0 and v < float("inf")):
             raise ValueError("%s: %s must be a positive finite number, got %r" % (name, what, v))
     if images.is_floating_point() and images.numel() > 0 and not bool(torch.isfinite(images).all()):
-        # else the lattice reports NaN "features", which the caller never passed (found by test_fuzz.py)
-        raise ValueError("%s: images contain NaN or Inf" % name)
+        # else the lattice reports NaN "features", which the caller never passed (found by test_fuzz.py);
+        # RuntimeError as the lattice's own check raised before
+        raise RuntimeError("%s: images contain NaN or Inf" % name)
     H, W = images.shape[2:]
     if scale_factor != 1.0 and segmentations.numel() > 0 and min(math.floor(H * scale_factor),
                                                                 math.floor(W * scale_factor)) < 1:
