@@ -16,7 +16,7 @@ The oracle (see docs/fuzz.md). The generator knows whether the example is a vali
   given for that defect), and is not an internal assertion.
 
 A crash (the process dies) fails the whole run, a hang trips the per-example alarm (``TIMEOUT_S``). Found
-failures are kept as ``@example`` rows or regression tests below, each with a comment naming the bug.
+failures are kept as regression tests (``test_regression_*`` at the end), each docstring naming the bug.
 Profiles: tests/conftest.py ("ci" 25 examples per test, "fuzz" 3000; ``SEGOPS_FUZZ_EXAMPLES`` overrides).
 """
 
@@ -215,7 +215,6 @@ def poison(t: torch.Tensor, seed: int, value: float, count: int = 1) -> torch.Te
         return t
     out = t.clone() if t.stride() and 0 not in t.stride() else t.contiguous().clone()
     g = torch.Generator().manual_seed(seed)
-    flat = out.view(-1) if out.is_contiguous() else None
     for _ in range(count):
         i = int(torch.randint(0, t.numel(), (1,), generator=g))
         idx = []
@@ -223,7 +222,6 @@ def poison(t: torch.Tensor, seed: int, value: float, count: int = 1) -> torch.Te
             idx.append(i % s)
             i //= s
         out[tuple(reversed(idx))] = value
-    del flat
     return out
 
 
