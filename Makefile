@@ -9,7 +9,7 @@ export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 PYTEST_ARGS ?=
 
-.PHONY: venv build test demo bench info clean sanitize tsan scale
+.PHONY: venv build test fuzz demo bench info clean sanitize tsan scale
 
 $(VENV)/.deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ build: $(VENV)/.built
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Fuzz the public API (tests/test_fuzz.py) with the "fuzz" hypothesis profile: 3000 examples per test, or
+# FUZZ_EXAMPLES per test when given (`make fuzz FUZZ_EXAMPLES=500`); prints per-test statistics.
+FUZZ_EXAMPLES ?=
+fuzz: build
+	SEGOPS_HYPOTHESIS_PROFILE=fuzz SEGOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(PY) -m pytest -q $(PYTEST_ARGS) --hypothesis-show-statistics tests/test_fuzz.py
 
 demo: build
 	$(VENV)/bin/segops demo

@@ -27,14 +27,18 @@ def partial_cross_entropy(
         logits, target, weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing
     )
     if reduction == "mean" and not bool((target != ignore_index).any()):
-        return (logits * 0).sum()  # keeps the graph: zero loss, zero gradient
+        # keeps the graph: zero loss, zero gradient; masked_fill (not logits * 0) so that NaN logits at
+        # unlabelled pixels, which the loss never reads, do not make it NaN (found by tests/test_fuzz.py)
+        return logits.masked_fill(torch.ones_like(logits, dtype=torch.bool), 0).sum()
     return loss
 
 
 def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mean") -> Tensor:
     """Per-pixel Shannon entropy of softmax over dim 1 via log_softmax (nats)."""
     logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=1)
-    h = -(logp.exp() * logp).sum(1)
+    # 0 log 0 = 0: a class with logit -inf has p = 0 and adds nothing (logp * p would be -inf * 0 = NaN)
+    logp0 = logp.masked_fill(logp == float("-inf"), 0)
+    h = -(logp.exp() * logp0).sum(1)
     if mask is not None:
         h = h * mask.to(h.dtype)
     if reduction == "none":

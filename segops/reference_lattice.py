@@ -79,6 +79,9 @@ def build_lattice(features: Tensor) -> Lattice:
     if not bool(torch.isfinite(features).all()):
         raise ValueError("features contain NaN or Inf")
     dev = features.device
+    if n == 0:  # no points: an empty lattice (amin / amax below need at least one key)
+        empty = torch.empty((0, d + 1), dtype=torch.int64, device=dev)
+        return Lattice(empty, features.new_empty((0, d + 1)), empty, empty, 0, d)
     e = _elevate(features)
     down = 1.0 / (d + 1)
     # step 2: nearest remainder-0 point, ranks of the remainders, back onto the plane
@@ -174,10 +177,11 @@ def permutohedral_filter(values: Tensor, features: Tensor, normalize: bool = Fal
     B, C = values.shape[:2]
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
     d = features.shape[1]
+    n = features[0, 0].numel() if B else 0
     outs = []
     for b in range(B):
-        f = features[b].reshape(d, -1).t().to(acc)
-        x = values[b].reshape(C, -1).t()
+        f = features[b].reshape(d, n).t().to(acc)
+        x = values[b].reshape(C, n).t()  # explicit n: reshape(C, -1) is ambiguous for C = 0
         lat = build_lattice(f)
         outs.append(lattice_filter(lat, x.to(acc), normalize).t().reshape(values.shape[1:]))
     if not outs:

@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from segops.ops._checks import check_same_device
+
 __all__ = ["atrous_conv2d", "conv_transpose2d", "conv_output_size", "conv_transpose_output_size"]
 
 IntPair = Union[int, Sequence[int]]
@@ -107,6 +109,7 @@ def atrous_conv2d(
 @torch.library.register_fake("segops::atrous_conv2d")
 def _atrous_fake(input, weight, bias, stride, padding, dilation, groups):
     _check_common("atrous_conv2d", input, weight, stride, padding, dilation, [0, 0], groups)
+    check_same_device("atrous_conv2d", "input", input, weight=weight, bias=bias)
     torch._check(
         input.shape[1] == weight.shape[1] * groups,
         lambda: "atrous_conv2d: input has %s channels but weight expects in_channels = weight.size(1) * groups = %s"
@@ -191,6 +194,7 @@ def conv_transpose2d(
 @torch.library.register_fake("segops::conv_transpose2d")
 def _transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation):
     _check_common("conv_transpose2d", input, weight, stride, padding, dilation, output_padding, groups)
+    check_same_device("conv_transpose2d", "input", input, weight=weight, bias=bias)
     torch._check(
         weight.shape[0] == input.shape[1],
         lambda: "conv_transpose2d: input has %s channels but weight.size(0) (in_channels) is %s"

@@ -24,11 +24,14 @@ accumulates with float atomicAdd, so results vary at float-rounding level betwee
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from segops.ops._checks import check_same_device
 
 __all__ = ["permutohedral_filter", "dense_crf_loss", "normalized_cut_loss", "crf_features"]
 
@@ -59,6 +62,7 @@ def _filter_fake(values, features, normalize):
     torch._check(values.dim() >= 3, lambda: "permutohedral_filter: values must be (B, C, *spatial)")
     torch._check(features.dim() == values.dim(), lambda: "permutohedral_filter: features must be (B, d, *spatial)")
     torch._check(1 <= features.shape[1] <= 16, lambda: "permutohedral_filter: d must be in [1, 16]")
+    check_same_device("permutohedral_filter", "values", values, features=features)
     B, d = values.shape[0], features.shape[1]
     n = 1
     for s in values.shape[2:]:
@@ -149,6 +153,10 @@ def _check_loss_inputs(name: str, images: Tensor, segmentations: Tensor, rois: O
         )
     if not 1 <= images.shape[1] <= 14:
         raise ValueError("%s: images must have 1..14 channels (d = 2 + C_img <= 16), got %d" % (name, images.shape[1]))
+    for what, t in (("images", images), ("rois", rois)):
+        if t is not None and t.device != segmentations.device:
+            raise ValueError("%s: %s are on %s but segmentations are on %s"
+                             % (name, what, t.device, segmentations.device))
     if not segmentations.is_floating_point():
         raise TypeError("%s: segmentations must be floating point, got %s" % (name, segmentations.dtype))
     if rois is not None and (rois.dim() != 3 or rois.shape[0] != images.shape[0] or rois.shape[1:] != images.shape[2:]):
@@ -157,6 +165,16 @@ def _check_loss_inputs(name: str, images: Tensor, segmentations: Tensor, rois: O
     for what, v in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy), ("scale_factor", scale_factor)):
         if not (v > 0 and v < float("inf")):
             raise ValueError("%s: %s must be a positive finite number, got %r" % (name, what, v))
+    if images.is_floating_point() and images.numel() > 0 and not bool(torch.isfinite(images).all()):
+        # else the lattice reports NaN "features", which the caller never passed (found by test_fuzz.py);
+        # RuntimeError as the lattice's own check raised before
+        raise RuntimeError("%s: images contain NaN or Inf" % name)
+    H, W = images.shape[2:]
+    if scale_factor != 1.0 and segmentations.numel() > 0 and min(math.floor(H * scale_factor),
+                                                                math.floor(W * scale_factor)) < 1:
+        # F.interpolate would fail with "Input and output sizes should be greater than 0" (found by test_fuzz.py)
+        raise ValueError("%s: scale_factor %r resizes the %d x %d images to %d x %d: nothing left"
+                         % (name, scale_factor, H, W, math.floor(H * scale_factor), math.floor(W * scale_factor)))
 
 
 def _prepare(images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float, sigma_xy: float,
@@ -251,6 +269,8 @@ def dense_crf_loss(
     """
     _check_loss_inputs("dense_crf_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     B = images.shape[0]
+    if segmentations.numel() == 0:  # B = 0, K = 0 or an empty image: before resizing, which rejects empty inputs
+        return (segmentations * 0).sum()
     feats, x, _ = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     if x.numel() == 0 or B == 0:
         return (segmentations * 0).sum()
@@ -277,6 +297,8 @@ def normalized_cut_loss(
     """
     _check_loss_inputs("normalized_cut_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     B = images.shape[0]
+    if segmentations.numel() == 0:  # B = 0, K = 0 or an empty image: before resizing, which rejects empty inputs
+        return (segmentations * 0).sum()
     feats, x, roi = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     if x.numel() == 0 or B == 0:
         return (segmentations * 0).sum()

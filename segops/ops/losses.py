@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from segops.ops._checks import check_same_device
+
 __all__ = ["partial_cross_entropy", "entropy", "reduction_code"]
 
 _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
@@ -83,6 +85,7 @@ def _pce_fake(logits, target, weight, reduction, ignore_index, label_smoothing):
         target.device == logits.device,
         lambda: "partial_cross_entropy: target is on %s but logits are on %s" % (target.device, logits.device),
     )
+    check_same_device("partial_cross_entropy", "logits", logits, weight=weight)
     acc = _acc_dtype(logits.dtype)
     loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
     return loss, logits.new_empty((target.numel(),), dtype=acc), logits.new_empty((1,), dtype=acc)
@@ -139,6 +142,7 @@ def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mea
 @torch.library.register_fake("segops::entropy")
 def _entropy_fake(logits, mask, reduction):
     torch._check(logits.dim() >= 2, lambda: "entropy: logits must be (B, K, *spatial)")
+    check_same_device("entropy", "logits", logits, mask=mask)
     acc = _acc_dtype(logits.dtype)
     pixel_shape = logits.shape[:1] + logits.shape[2:]
     n = 1

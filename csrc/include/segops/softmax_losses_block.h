@@ -193,7 +193,7 @@ void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, i
       const acc xv = static_cast<acc>(row[v]);
       const acc e = exp_poly(xv - m[v]);
       s[v] += e;
-      tx[v] += e * xv;
+      tx[v] += xv == -INFINITY ? 0.0f : e * xv;  // p = 0 at -inf (exp_poly clamps it to 1.6e-38)
     }
   }
   for (int v = 0; v < kBlock; ++v) {
@@ -203,7 +203,7 @@ void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, i
       continue;
     }
     const acc l = m[v] + std::log(s[v]), e = tx[v] / s[v];
-    const acc h = l - e > 0.0f ? l - e : 0.0f;
+    const acc h = l - e < 0.0f ? 0.0f : l - e;  // NaN passes through (as in EntropyForward)
     f.lse[i] = l;
     f.ex[i] = e;
     if (f.ent) f.ent[i] = static_cast<scalar_t>(h);
@@ -241,7 +241,7 @@ void entropy_backward(const EntropyBackward<scalar_t>& f, index_t b, index_t s0,
     for (int v = 0; v < kBlock; ++v) {
       const acc xv = static_cast<acc>(row[v]);
       const acc val = -g[v] * exp_poly(xv - l[v]) * (xv - e[v]);
-      grow[v] = static_cast<scalar_t>(on[v] ? val : 0.0f);
+      grow[v] = static_cast<scalar_t>(on[v] && xv != -INFINITY ? val : 0.0f);
     }
   }
 }

@@ -30,14 +30,20 @@ struct View2 {
 template <typename acc>
 struct OnlineLse {
   acc m, s, t;
-  SEGOPS_HD_INLINE void init(acc x) { m = x; s = acc(1); t = x; }
+  // A logit of -inf (a class masked out) has p = 0 and adds nothing to s and t: computed, it would give
+  // exp(-inf - -inf) = NaN or 0 * -inf = NaN (found by tests/test_fuzz.py). NaN still propagates.
+  SEGOPS_HD_INLINE void init(acc x) {
+    m = x;
+    s = x == acc(-INFINITY) ? acc(0) : acc(1);
+    t = x == acc(-INFINITY) ? acc(0) : x;
+  }
   SEGOPS_HD_INLINE void push(acc x) {
     if (x > m) {  // rescale the running sums to the new max: still one exp per element
       const acc r = hd_exp(m - x);
       s = s * r + acc(1);
       t = t * r + x;
       m = x;
-    } else {
+    } else if (x != acc(-INFINITY)) {
       const acc e = hd_exp(x - m);
       s += e;
       t += e * x;
@@ -185,8 +191,10 @@ struct EntropyForward {
     st.init(static_cast<acc>(px[0]));
     for (index_t k = 1; k < K; ++k) st.push(static_cast<acc>(px[k * x.sk]));
     const acc l = st.lse(), e = st.mean_x();
-    // lse - E >= 0 mathematically; clamp the rounding of a one-hot softmax (H ~ 1e-8) at 0.
-    const acc h = hd_max(l - e, acc(0));
+    // lse - E >= 0 mathematically; clamp the rounding of a one-hot softmax (H ~ 1e-8) at 0. Written so
+    // that NaN (NaN / Inf logits) passes through: max(NaN, 0) would return 0 (found by tests/test_fuzz.py).
+    const acc d = l - e;
+    const acc h = d < acc(0) ? acc(0) : d;
     lse[i] = l;
     ex[i] = e;
     if (ent) ent[i] = static_cast<scalar_t>(h);
@@ -223,7 +231,8 @@ struct EntropyBackward {
     const acc l = lse[i], e = ex[i];
     for (index_t k = 0; k < K; ++k) {
       const acc v = static_cast<acc>(px[k * x.sk]);
-      pg[k * gx.sk] = static_cast<scalar_t>(-g * hd_exp(v - l) * (v - e));
+      // p_k = 0 for x_k = -inf: gradient 0, not 0 * -inf = NaN
+      pg[k * gx.sk] = static_cast<scalar_t>(v == acc(-INFINITY) ? acc(0) : -g * hd_exp(v - l) * (v - e));
     }
   }
 };
