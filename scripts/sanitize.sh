@@ -5,7 +5,8 @@
 #                 alloc_dealloc_mismatch=0  torch's libraries (not built with ASan) mix allocators legitimately
 #                 halt_on_error=1 abort_on_error=1   the first real error stops the run with a report
 #   UBSAN_OPTIONS: halt_on_error=1 print_stacktrace=1
-# Nothing from segops is suppressed. Extra pytest arguments: PYTEST_ARGS.
+# Nothing from segops is suppressed. --capture=sys: pytest must not hold fd 2, or an aborting report is lost.
+# Extra pytest arguments: PYTEST_ARGS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -19,4 +20,4 @@ cd "$stage"
 LD_PRELOAD="$asan $ubsan" \
 ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:halt_on_error=1:abort_on_error=1 \
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-PYTHONPATH="$stage" "$py" -m pytest -q -p no:cacheprovider -m "not slow and not cuda" ${PYTEST_ARGS:-} tests
+PYTHONPATH="$stage" "$py" -m pytest -q -p no:cacheprovider --capture=sys -m "not slow and not cuda" ${PYTEST_ARGS:-} tests
