@@ -53,11 +53,11 @@ info: build
 sanitize: venv
 	bash scripts/sanitize.sh
 
-# ThreadSanitizer over the OpenMP lattice construction (2 threads), in a staged tree (docs/tsan.md).
+# ThreadSanitizer over the OpenMP lattice construction (2 threads), in a staged tree (README, "Thread safety").
 tsan: venv
 	bash scripts/tsan.sh --selftest
 
-# The losses at 4096 x 4096 on the CPU: time, peak RSS, lattice size, crop checks (docs/scale.md).
+# The losses at 4096 x 4096 on the CPU: time, peak RSS, lattice size, crop checks (README, "Scale").
 SCALE_ARGS ?=
 scale: build
 	$(PY) scripts/scale_check.py $(SCALE_ARGS)

@@ -5,7 +5,7 @@ permuted views, stepped slices, expanded stride-0, channels_last), dtypes (float
 float64, integers where floats are expected), NaN / Inf values, out-of-range / negative / void labels, wrongly
 shaped optional arguments and mismatched devices ('meta' here; cuda vs cpu where CUDA exists).
 
-The oracle (see docs/fuzz.md). The generator knows whether the example is a valid call:
+The oracle (see README, "Fuzzing the public API"). The generator knows whether the example is a valid call:
 
 * valid: the op must return, and the result (and the gradient, where defined and finite) must match the
   pure-PyTorch reference evaluated in float64 on the same (already rounded) input values, within a tolerance

@@ -5,7 +5,7 @@ points), with many threads inserting the same keys at once (constant colour: eve
 vertices with its neighbours), every key new (distinct colours, tiny sigmas), and both key paths (packed
 int64 codes; general per-entry int32 keys when the key ranges are too wide to pack). The CPU kernels are
 deterministic, so 1, 2 and 4 threads must agree bitwise, forward and backward. `make tsan` runs this file
-(and the lattice tests) under ThreadSanitizer with OMP_NUM_THREADS=2 (docs/tsan.md).
+(and the lattice tests) under ThreadSanitizer with OMP_NUM_THREADS=2 (README, "Thread safety").
 """
 
 from __future__ import annotations

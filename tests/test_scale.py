@@ -3,7 +3,7 @@
 The >2^31-element tensors are cheap: their storage is an anonymous private mmap, which the kernel hands out
 as zero pages on demand, so only the pages a test writes (a few values) or an op writes (its outputs)
 cost memory. The ops read the untouched zeros like any other value. scripts/scale_check.py (`make scale`)
-runs the losses at 4096 x 4096 with peak-RSS accounting; docs/scale.md has the numbers.
+runs the losses at 4096 x 4096 with peak-RSS accounting; README, "Scale" has the numbers.
 """
 
 from __future__ import annotations

@@ -92,7 +92,7 @@ inline std::mutex lock;
 }  // namespace tsan_detail
 #endif
 
-// at::parallel_for for every segops CPU kernel. Under ThreadSanitizer (`make tsan`, docs/tsan.md) it is
+// at::parallel_for for every segops CPU kernel. Under ThreadSanitizer (`make tsan`, README "Thread safety") it is
 // the same chunking written out as an OpenMP region that tells TSan about the fork and the join, which
 // libgomp (not instrumented) implements with futexes TSan cannot see: the starting thread's writes happen
 // before each chunk, each chunk happens before the starting thread continues. The region has no shared
