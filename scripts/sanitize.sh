@@ -14,6 +14,8 @@ py=${PYTHON:-$repo/.venv/bin/python}
 stage=${TMPDIR:-/tmp}/segops-sanitize
 bash scripts/stage_tree.sh "$stage"
 (cd "$stage" && SEGOPS_SANITIZE=1 SEGOPS_CUDA=0 "$py" setup.py -q build_ext --inplace)
+# A run against an uninstrumented build would pass vacuously.
+nm "$stage"/segops/_C*.so | grep -q __asan_init || { echo "sanitize: the staged build is not ASan-instrumented"; exit 1; }
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 cd "$stage"
