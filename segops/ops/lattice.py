@@ -198,6 +198,17 @@ def _prepare(images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigm
     return feats, segmentations * roi, roi
 
 
+def _checked_prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float,
+                     sigma_xy: float, scale_factor: float) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Both losses' prologue: the argument checks, then :func:`_prepare`; None when nothing is left to filter
+    (B = 0, K = 0 or an empty image), in which case the loss is 0."""
+    _check_loss_inputs(name, images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    if segmentations.numel() == 0:  # before resizing, which rejects empty inputs
+        return None
+    feats, x, roi = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    return None if x.numel() == 0 else (feats, x, roi)
+
+
 def _batched_dot(x: Tensor, y: Tensor, block: int = 1 << 14) -> Tensor:
     """Per image ``<x_b, y_b>`` without a temporary: float32 (or the input dtype) dot products over blocks of
     ``block`` elements, summed in float64. One BLAS dot over a whole 4096 x 4096 x 21 image in float32 is off
@@ -267,13 +278,11 @@ def dense_crf_loss(
         lattice's quadratic form, ``-(weight / B) (W + W^T) X * roi``, differs from it at the 1e-4..1e-2
         level (see :func:`permutohedral_filter`).
     """
-    _check_loss_inputs("dense_crf_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    prepared = _checked_prepare("dense_crf_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    if prepared is None:
+        return (segmentations * 0).sum()
+    feats, x, _ = prepared
     B = images.shape[0]
-    if segmentations.numel() == 0:  # B = 0, K = 0 or an empty image: before resizing, which rejects empty inputs
-        return (segmentations * 0).sum()
-    feats, x, _ = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
-    if x.numel() == 0 or B == 0:
-        return (segmentations * 0).sum()
     energy = _QuadraticForm.apply(x, feats)
     return -(weight / B) * energy.sum()
 
@@ -295,13 +304,11 @@ def normalized_cut_loss(
     ``[0, weight * K]``. The gradient is exact (autograd through the filter, whose backward applies the
     adjoint ``W^T`` on the saved lattice).
     """
-    _check_loss_inputs("normalized_cut_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    prepared = _checked_prepare("normalized_cut_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    if prepared is None:
+        return (segmentations * 0).sum()
+    feats, x, roi = prepared
     B = images.shape[0]
-    if segmentations.numel() == 0:  # B = 0, K = 0 or an empty image: before resizing, which rejects empty inputs
-        return (segmentations * 0).sum()
-    feats, x, roi = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
-    if x.numel() == 0 or B == 0:
-        return (segmentations * 0).sum()
     if roi is None:
         roi = x.new_ones((x.shape[0], 1) + x.shape[2:])
     # One lattice pass over the K+1 channels [X, roi]; autograd applies W^T to the gradient (the exact
