@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,8 @@ class ExactDenseCRFLoss(nn.Module):
         self.sigma_xy = float(sigma_xy)
         self.scale_factor = float(scale_factor)
 
-    def forward(self, images: Tensor, segmentations: Tensor, rois: Optional[Tensor] = None) -> Tensor:
+    def _per_image(self, images: Tensor, segmentations: Tensor, rois: Optional[Tensor]) -> Iterator[Tuple[Tensor, Tensor, Tensor]]:
+        """Per image at ``scale_factor`` resolution: the dense ``W`` (N, N), ``X = S * roi`` (N, K), roi (N, 1)."""
         B, K, H, W = segmentations.shape
         if rois is None:
             rois = segmentations.new_ones((B, H, W))
@@ -48,21 +49,22 @@ class ExactDenseCRFLoss(nn.Module):
         rows, cols = torch.meshgrid(
             torch.arange(H, dtype=segmentations.dtype), torch.arange(W, dtype=segmentations.dtype), indexing="ij"
         )
-        total = segmentations.new_zeros(())
         for b in range(B):
             feat = torch.cat(
-                [
-                    (cols / sxy).reshape(-1, 1),
-                    (rows / sxy).reshape(-1, 1),
-                    images[b].reshape(3, -1).t().to(segmentations.dtype) / self.sigma_rgb,
-                ],
+                [(cols / sxy).reshape(-1, 1), (rows / sxy).reshape(-1, 1),
+                 images[b].reshape(3, -1).t().to(segmentations.dtype) / self.sigma_rgb],
                 dim=1,
-            )
-            X = (segmentations[b] * rois[b].to(segmentations.dtype)).reshape(K, -1).t()  # (N, K)
+            )  # fmt: skip
+            r = rois[b].reshape(-1, 1).to(segmentations.dtype)
             with torch.no_grad():
                 Wm = torch.exp(-0.5 * torch.cdist(feat, feat).pow(2))
+            yield Wm, segmentations[b].reshape(K, -1).t() * r, r
+
+    def forward(self, images: Tensor, segmentations: Tensor, rois: Optional[Tensor] = None) -> Tensor:
+        total = segmentations.new_zeros(())
+        for Wm, X, _ in self._per_image(images, segmentations, rois):
             total = total - (X * (Wm @ X)).sum()
-        return self.weight * total / B
+        return self.weight * total / segmentations.shape[0]
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -115,31 +117,8 @@ class ExactNormalizedCutLoss(ExactDenseCRFLoss):
     X_k^T W (1 - X_k) / (d^T X_k)``, ``d = W 1`` (stand-in with the ``NormalizedCutLoss`` interface)."""
 
     def forward(self, images: Tensor, segmentations: Tensor, rois: Optional[Tensor] = None) -> Tensor:
-        B, K, H, W = segmentations.shape
-        if rois is None:
-            rois = segmentations.new_ones((B, H, W))
-        if self.scale_factor != 1.0:
-            h, w = max(1, int(H * self.scale_factor)), max(1, int(W * self.scale_factor))
-            images = F.interpolate(images, size=(h, w), mode="nearest")
-            segmentations = F.interpolate(segmentations, size=(h, w), mode="bilinear", align_corners=False)
-            rois = F.interpolate(rois[:, None].float(), size=(h, w), mode="nearest")[:, 0]
-            H, W = h, w
-        sxy = self.sigma_xy * self.scale_factor
-        rows, cols = torch.meshgrid(
-            torch.arange(H, dtype=segmentations.dtype), torch.arange(W, dtype=segmentations.dtype), indexing="ij"
-        )
         total = segmentations.new_zeros(())
-        for b in range(B):
-            feat = torch.cat(
-                [(cols / sxy).reshape(-1, 1), (rows / sxy).reshape(-1, 1),
-                 images[b].reshape(3, -1).t().to(segmentations.dtype) / self.sigma_rgb],
-                dim=1,
-            )  # fmt: skip
-            r = rois[b].reshape(-1, 1).to(segmentations.dtype)
-            X = segmentations[b].reshape(K, -1).t() * r
-            with torch.no_grad():
-                Wm = torch.exp(-0.5 * torch.cdist(feat, feat).pow(2))
+        for Wm, X, r in self._per_image(images, segmentations, rois):
             d = Wm @ r
-            WX = Wm @ X
-            total = total + ((X * (Wm @ r - WX)).sum(0) / (d * X).sum(0).clamp_min(1e-12)).sum()
-        return self.weight * total / B
+            total = total + ((X * (d - Wm @ X)).sum(0) / (d * X).sum(0).clamp_min(1e-12)).sum()
+        return self.weight * total / segmentations.shape[0]
