@@ -62,6 +62,20 @@ int load_labels(const F& f, index_t b, index_t s0, index_t n, int64_t* t) {
 }
 
 // Sparse (scribble) or ragged blocks go to the per-pixel functor, which reads only labelled pixels.
+// m[v] = max over the K classes of the block's pixel v (px: the block's class-0 row, sk: the class stride).
+template <typename scalar_t>
+inline void block_max(const scalar_t* px, index_t sk, index_t K, float* m) {
+  for (int v = 0; v < kBlock; ++v) m[v] = static_cast<float>(px[v]);
+  for (index_t k = 1; k < K; ++k) {
+    const scalar_t* row = px + k * sk;
+#pragma omp simd
+    for (int v = 0; v < kBlock; ++v) {
+      const float xv = static_cast<float>(row[v]);
+      m[v] = xv > m[v] ? xv : m[v];
+    }
+  }
+}
+
 inline bool use_per_pixel(index_t n, int count) { return n < kBlock || count * 4 < kBlock; }
 
 template <typename scalar_t, typename target_t>
@@ -76,15 +90,7 @@ void pce_forward(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0,
   const scalar_t* px = f.x.pixel(b, s0);
   const index_t sk = f.x.sk;
   acc m[kBlock], sum[kBlock], swx[kBlock];
-  for (int v = 0; v < kBlock; ++v) m[v] = static_cast<acc>(px[v]);
-  for (index_t k = 1; k < f.K; ++k) {
-    const scalar_t* row = px + k * sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc xv = static_cast<acc>(row[v]);
-      m[v] = xv > m[v] ? xv : m[v];
-    }
-  }
+  block_max(px, sk, f.K, m);
   for (int v = 0; v < kBlock; ++v) sum[v] = swx[v] = 0.0f;
   for (index_t k = 0; k < f.K; ++k) {
     const scalar_t* row = px + k * sk;
@@ -176,15 +182,7 @@ void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, i
   }
   const scalar_t* px = f.x.pixel(b, s0);
   acc m[kBlock], s[kBlock], tx[kBlock];
-  for (int v = 0; v < kBlock; ++v) m[v] = static_cast<acc>(px[v]);
-  for (index_t k = 1; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc xv = static_cast<acc>(row[v]);
-      m[v] = xv > m[v] ? xv : m[v];
-    }
-  }
+  block_max(px, f.x.sk, f.K, m);
   for (int v = 0; v < kBlock; ++v) s[v] = tx[v] = 0.0f;
   for (index_t k = 0; k < f.K; ++k) {
     const scalar_t* row = px + k * f.x.sk;
