@@ -56,6 +56,17 @@ inline void fill_kj_table(const Geom& g, index_t* tab) {
 // Number of segments of length seg covering n (seg >= 1).
 SEGOPS_HD_INLINE index_t n_segments(index_t n, index_t seg) { return (n + seg - 1) / seg; }
 
+// Work item i of a grid (outer, row < rows, segment of a row of `width` in pieces of `seg`), segment fastest:
+// the decomposition every per-row kernel below shares.
+struct RowSegment {
+  index_t outer, row, lo, hi;  // the segment covers [lo, hi) of the row
+};
+SEGOPS_HD_INLINE RowSegment row_segment(index_t i, index_t rows, index_t width, index_t seg) {
+  const index_t nseg = n_segments(width, seg);
+  const index_t t = i / nseg, lo = (i % nseg) * seg;
+  return RowSegment{t / rows, t % rows, lo, hd_min<index_t>(lo + seg, width)};
+}
+
 // ---- general path: im2col / col2im around ATen matrix products --------------------------------------
 
 // col (C * kh * kw, Nb, Ho * Wo), contiguous, from Nb samples of an image slice of C channels (any
@@ -69,17 +80,12 @@ struct Im2Col {
   Geom g;
   index_t seg;
   SEGOPS_HD void operator()(index_t i) const {
-    const index_t nseg = n_segments(g.Wo, seg);
-    const index_t sgi = i % nseg;
-    index_t t = i / nseg;
-    const index_t oh = t % g.Ho;
-    t /= g.Ho;
-    const index_t n = t % Nb;
-    const index_t r = t / Nb;
+    const RowSegment it = row_segment(i, g.Ho, g.Wo, seg);
+    const index_t oh = it.row, n = it.outer % Nb, r = it.outer / Nb;
     const index_t kj = r % g.kw;
     const index_t ki = (r / g.kw) % g.kh;
     const index_t c = r / (g.kw * g.kh);
-    const index_t o0 = sgi * seg, o1 = hd_min<index_t>(o0 + seg, g.Wo);
+    const index_t o0 = it.lo, o1 = it.hi;
     A* out = col + ((r * Nb + n) * g.Ho + oh) * g.Wo;
     const index_t h = oh * g.sh - g.ph + ki * g.dh;
     if (h < 0 || h >= g.H) {
@@ -113,14 +119,9 @@ struct Col2Im {
   index_t seg;
   const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
-    const index_t nseg = n_segments(g.W, seg);
-    const index_t sgi = i % nseg;
-    index_t t = i / nseg;
-    const index_t h = t % g.H;
-    t /= g.H;
-    const index_t c = t % C;
-    const index_t n = t / C;
-    const index_t w0 = sgi * seg, w1 = hd_min<index_t>(w0 + seg, g.W);
+    const RowSegment it = row_segment(i, g.H, g.W, seg);
+    const index_t h = it.row, c = it.outer % C, n = it.outer / C;
+    const index_t w0 = it.lo, w1 = it.hi;
     A* out = img + n * sN + c * sC + h * g.W;
     const index_t L = g.Ho * g.Wo, plane = Nb * L;  // col row (c, ki, kj) holds Nb planes of L
     const A b0 = bias != nullptr ? bias[c] : A(0);
@@ -185,14 +186,9 @@ struct DwCorrelate {
   index_t seg;
   const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
-    const index_t nseg = n_segments(g.Wo, seg);
-    const index_t sgi = i % nseg;
-    index_t t = i / nseg;
-    const index_t oh = t % g.Ho;
-    t /= g.Ho;
-    const index_t c = t % C;
-    const index_t n = t / C;
-    const index_t o0 = sgi * seg, o1 = hd_min<index_t>(o0 + seg, g.Wo);
+    const RowSegment it = row_segment(i, g.Ho, g.Wo, seg);
+    const index_t oh = it.row, c = it.outer % C, n = it.outer / C;
+    const index_t o0 = it.lo, o1 = it.hi;
     A* dst = out + ((n * C + c) * g.Ho + oh) * g.Wo;
     const A* wc = weight + c * g.kh * g.kw;
     const T* src_c = img + n * sN + c * sC;
@@ -259,14 +255,9 @@ struct DwAdjoint {
   index_t seg;
   const index_t* kjr;  // optional full-row table of col_range per kj (CPU), or nullptr
   SEGOPS_HD void operator()(index_t i) const {
-    const index_t nseg = n_segments(g.W, seg);
-    const index_t sgi = i % nseg;
-    index_t t = i / nseg;
-    const index_t h = t % g.H;
-    t /= g.H;
-    const index_t c = t % C;
-    const index_t n = t / C;
-    const index_t w0 = sgi * seg, w1 = hd_min<index_t>(w0 + seg, g.W);
+    const RowSegment it = row_segment(i, g.H, g.W, seg);
+    const index_t h = it.row, c = it.outer % C, n = it.outer / C;
+    const index_t w0 = it.lo, w1 = it.hi;
     A* dst = out + ((n * C + c) * g.H + h) * g.W;
     const A* wc = weight + c * g.kh * g.kw;
     const T* src_c = col + n * sN + c * sC;
