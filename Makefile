@@ -19,17 +19,18 @@ $(VENV)/.deps:
 
 venv: $(VENV)/.deps
 
-# First build: an editable install (registers the package and the `segops` command). Later builds:
-# build_ext --inplace with ninja, which recompiles only the changed sources.
-$(VENV)/.installed: $(VENV)/.deps pyproject.toml
-	$(PIP) install -q --no-build-isolation --no-deps -e .
-	touch $@ $(VENV)/.built
-
-$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+# The extension is compiled once, in place, by build_ext --inplace with ninja (later builds recompile only the
+# changed sources). The editable install only registers the package and the `segops` command:
+# SEGOPS_NO_BUILD_EXT=1 keeps it from compiling everything a second time in a throw-away folder.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
-build: $(VENV)/.built
+$(VENV)/.installed: $(VENV)/.deps pyproject.toml
+	SEGOPS_NO_BUILD_EXT=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built $(VENV)/.installed
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -9,6 +9,9 @@ Switches (environment variables):
   SEGOPS_SANITIZE=1   -fsanitize=address,undefined on the C++ sources (see `make sanitize`);
   SEGOPS_SANITIZE=thread  -fsanitize=thread instead (see `make tsan`).
   SEGOPS_LDFLAGS      extra linker arguments (space-separated).
+  SEGOPS_NO_BUILD_EXT=1  compile nothing: an editable install that only registers the package and the
+                      `segops` command, for a tree whose extension is built in place (`make build` does
+                      `setup.py build_ext --inplace` first, so a fresh clone compiles once, not twice).
 """
 
 import glob
@@ -130,7 +133,7 @@ class SegopsBuildExt(BuildExtension.with_options(use_ninja=shutil.which("ninja")
 
 
 setup(
-    ext_modules=[ext],
+    ext_modules=[] if os.environ.get("SEGOPS_NO_BUILD_EXT") == "1" else [ext],
     cmdclass={"build_ext": SegopsBuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

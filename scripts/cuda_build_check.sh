@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # CUDA compile + link check on a machine without a GPU: builds segops with SEGOPS_CUDA=1 for sm_90 against the
-# CUDA build of torch (torch==2.14.1, whose CUDA 13.0 matches the local nvcc) in its own venv, installs that
-# wheel there and runs the CPU test suite against it from outside the source tree (importing a CUDA-built
-# segops where no GPU exists must work).
+# CUDA build of torch (torch==2.14.1, whose CUDA 13.0 matches the local nvcc) in its own venv, unpacks that
+# wheel into a folder of its own (so several checkouts can share one venv: SEGOPS_CUDA_VENV) and runs the CPU
+# test suite against it from outside the source tree (importing a CUDA-built segops where no GPU exists must work).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 venv=${SEGOPS_CUDA_VENV:-$repo/.venv-cuda}
-stage=${TMPDIR:-/tmp}/segops-cuda-build
+stage=${TMPDIR:-/tmp}/segops-cuda-build-$(echo "$repo" | md5sum | cut -c1-8)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
@@ -24,7 +24,9 @@ bash scripts/stage_tree.sh "$stage"
 t0=$(date +%s)
 (cd "$stage" && SEGOPS_CUDA=1 "$venv/bin/python" -m pip wheel -q --no-build-isolation --no-deps -w "$stage/dist" .)
 echo "cuda_build_check: CUDA build + link for sm_${TORCH_CUDA_ARCH_LIST/./} took $(( $(date +%s) - t0 )) s"
-"$venv/bin/python" -m pip install -q --force-reinstall --no-deps "$stage"/dist/segops-*.whl
+rm -rf "$stage/site"
+"$venv/bin/python" -m pip install -q --no-deps --target "$stage/site" "$stage"/dist/segops-*.whl
+export PYTHONPATH="$stage/site"
 
 cd "${TMPDIR:-/tmp}"
 "$venv/bin/python" - <<'PY'
@@ -32,7 +34,8 @@ import segops, torch
 d = segops.info()
 assert d["cuda_kernels_compiled"], d
 assert "sm_90" in d["cuda_archs"], d
-assert "site-packages" in segops.__file__, segops.__file__
+import os
+assert segops.__file__.startswith(os.environ["PYTHONPATH"]), segops.__file__
 print("cuda_build_check: segops", d["segops"], "torch", d["torch"], "CUDA kernels for", d["cuda_archs"], "- imported from", segops.__file__)
 PY
 "$venv/bin/python" -m pytest -q -m "not slow" -p no:cacheprovider "$repo/tests"

@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 py=${SEGOPS_BUILD_PYTHON:-$repo/.venv/bin/python}
-stage=${TMPDIR:-/tmp}/segops-wheel-build
-fresh=${TMPDIR:-/tmp}/segops-wheel-venv
+tag=$(echo "$repo" | md5sum | cut -c1-8)  # one staging folder per checkout: several may run at once
+stage=${TMPDIR:-/tmp}/segops-wheel-build-$tag
+fresh=${TMPDIR:-/tmp}/segops-wheel-venv-$tag
 
 bash scripts/stage_tree.sh "$stage"
 (cd "$stage" && SEGOPS_CUDA=0 "$py" -m pip wheel -q --no-build-isolation --no-deps -w "$stage/dist" .)
