@@ -33,6 +33,19 @@ settings.register_profile(
 settings.load_profile(os.environ.get("SEGOPS_HYPOTHESIS_PROFILE", "ci"))
 
 
+def require_optional(module: str):
+    """Imports an optional test dependency (scikit-image, pydensecrf2, ...).
+
+    Under `make test` (SEGOPS_TEST_REQUIRE_OPTIONAL=1, which also installs them) a missing one is an error, so
+    CI can never pass by skipping; a bare `pytest` in an environment without it skips with the reason.
+    """
+    if os.environ.get("SEGOPS_TEST_REQUIRE_OPTIONAL") == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason="optional test dependency %s is not installed" % module)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device and segops built with CUDA kernels")
     for item in items:
