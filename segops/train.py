@@ -1,7 +1,7 @@
 """Training, evaluation and prediction for (weakly-supervised) semantic segmentation.
 
 ``train(cfg)`` runs the whole loop: data (synthetic or PASCAL VOC / ScribbleSup folders), the model, the loss
-(``ce``, ``pce``, ``pce+crf``, ``pce+crf+entropy``, ``pce+ncut``), SGD/Adam with DeepLab's poly learning
+(any ``{ce|pce}[+crf][+ncut][+entropy]``, see :mod:`segops.weak.losses`), SGD/Adam with DeepLab's poly learning
 rate, optional AMP, tqdm progress bars with the loss terms and throughput, a CSV log (and TensorBoard when
 installed), checkpoints with exact resume, evaluation every N epochs, PNG panels
 (image | scribbles | prediction | ground truth). Under ``torchrun`` it trains with DDP (NCCL on GPUs,
@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segops.metrics import ConfusionMatrix, format_iou_table
+from segops.weak.losses import RegularizedLoss, parse_loss
 
 __all__ = [
     "TrainConfig",
@@ -46,7 +47,8 @@ __all__ = [
     "colorize",
 ]
 
-LOSSES = ("ce", "pce", "pce+crf", "pce+crf+entropy", "pce+ncut")
+#: named examples of the loss grammar {ce|pce}[+crf][+ncut][+entropy] (segops.weak.losses parses any of it)
+LOSSES = ("ce", "pce", "pce+crf", "pce+entropy", "pce+crf+entropy", "pce+ncut")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -109,8 +111,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.data not in ("synthetic", "voc"):
             raise ValueError("--data must be 'synthetic' or 'voc', got %r" % self.data)
-        if self.loss not in LOSSES:
-            raise ValueError("--loss must be one of %s, got %r" % (", ".join(LOSSES), self.loss))
+        parse_loss(self.loss)  # ValueError showing the grammar
         if self.supervision not in ("full", "scribble"):
             raise ValueError("--supervision must be 'full' or 'scribble', got %r" % self.supervision)
         if self.optimizer not in ("sgd", "adam", "adamw"):
@@ -238,70 +239,6 @@ def normalize(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) * 255
     return (images - mean) / std
-
-
-# ------------------------------------------------------------------------------------------------ loss
-
-
-class RegularizedLoss(nn.Module):
-    """The training loss: ``ce`` / ``pce`` on the target, plus the dense CRF, normalized cut or entropy
-    regularizers on the softmax of the logits over the unpadded region (``roi``).
-
-    ``forward(logits, target, images_0_255, roi)`` returns ``(total, terms)`` with ``terms`` a dict of
-    detached per-term values (``ce``/``pce``, ``crf``, ``ncut``, ``entropy``).
-    """
-
-    def __init__(self, cfg: TrainConfig, crf_cls=None, ncut_cls=None) -> None:
-        super().__init__()
-        import segops.nn as snn
-
-        self.kind = cfg.loss
-        parts = self.kind.split("+")
-        self.ce_name = parts[0]
-        if self.ce_name == "pce":
-            self.pce = snn.PartialCrossEntropyLoss(ignore_index=255)
-        self.crf = None
-        self.ncut = None
-        self.entropy = None
-        if "crf" in parts:
-            cls = crf_cls or getattr(snn, "DenseCRFLoss", None)
-            if cls is None:
-                raise RuntimeError("--loss %s needs segops.nn.DenseCRFLoss, which this build lacks" % self.kind)
-            self.crf = cls(cfg.crf_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_scale)
-        if "ncut" in parts:
-            cls = ncut_cls or getattr(snn, "NormalizedCutLoss", None)
-            if cls is None:
-                raise RuntimeError("--loss %s needs segops.nn.NormalizedCutLoss, which this build lacks" % self.kind)
-            self.ncut = cls(cfg.ncut_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_scale)
-        if "entropy" in parts:
-            self.entropy = snn.EntropyLoss()
-            self.entropy_weight = float(cfg.entropy_weight)
-
-    def forward(self, logits: Tensor, target: Tensor, images: Tensor, roi: Optional[Tensor]) -> Tuple[Tensor, Dict[str, float]]:
-        logits = logits.float()  # the regularizers and the CE run in float32 under AMP
-        terms: Dict[str, float] = {}
-        if self.ce_name == "pce":
-            total = self.pce(logits, target)
-        else:
-            total = F.cross_entropy(logits, target, ignore_index=255)
-        terms[self.ce_name] = float(total.detach())
-        if self.crf is not None or self.ncut is not None:
-            probs = logits.softmax(1)
-            roi_f = None if roi is None else roi.float()
-            if self.crf is not None:
-                t = self.crf(images.float(), probs, roi_f)
-                terms["crf"] = float(t.detach())
-                total = total + t
-            if self.ncut is not None:
-                t = self.ncut(images.float(), probs, roi_f)
-                terms["ncut"] = float(t.detach())
-                total = total + t
-        if self.entropy is not None:
-            mask = None if roi is None else roi > 0.5
-            t = self.entropy_weight * self.entropy(logits, mask)
-            terms["entropy"] = float(t.detach())
-            total = total + t
-        return total, terms
 
 
 # ------------------------------------------------------------------------------------------ utilities

@@ -14,6 +14,7 @@ __all__ = ["add_subcommands", "config_from_args"]
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from segops.train import LOSSES, TrainConfig
+    from segops.weak.losses import LOSS_GRAMMAR, loss_choice
 
     d = TrainConfig()
     g = p.add_argument_group("model")
@@ -44,7 +45,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("supervision and loss")
     g.add_argument("--supervision", choices=("full", "scribble"), default=d.supervision,
                    help="train on full masks or on scribbles (default %(default)s)")
-    g.add_argument("--loss", choices=LOSSES, default=d.loss, help="loss (default %(default)s)")
+    g.add_argument("--loss", type=loss_choice, default=d.loss, metavar="LOSS",
+                   help="%s: data term plus any regularizers, e.g. %s (default %%(default)s)" % (LOSS_GRAMMAR, ", ".join(LOSSES)))
     g.add_argument("--crf-weight", type=float, default=d.crf_weight, help="dense CRF loss weight (ECCV'18: %(default)s)")
     g.add_argument("--crf-sigma-rgb", type=float, default=d.crf_sigma_rgb, help="colour bandwidth (ECCV'18: %(default)s)")
     g.add_argument("--crf-sigma-xy", type=float, default=d.crf_sigma_xy, help="spatial bandwidth in pixels (ECCV'18: %(default)s)")
