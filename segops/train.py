@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from segops.metrics import ConfusionMatrix, format_iou_table
 from segops.weak.losses import RegularizedLoss, parse_loss
+from segops.weak.supervision import check_supervision, prepare_training_set
 
 __all__ = [
     "TrainConfig",
@@ -78,7 +79,7 @@ class TrainConfig:
     scale_max: float = 1.0
     flip: bool = True
     # supervision and loss
-    supervision: str = "scribble"  # full | scribble
+    supervision: str = "scribble"  # full | scribble | clicks | tags (segops.weak.supervision)
     loss: str = "pce"
     crf_weight: float = 2e-9  # ECCV'18 defaults (DeepLab on 513x513 VOC crops)
     crf_sigma_rgb: float = 15.0
@@ -86,6 +87,10 @@ class TrainConfig:
     crf_scale: float = 0.5
     ncut_weight: float = 0.5
     entropy_weight: float = 0.1
+    # image-level tags (--supervision tags): the CAM classifier's epochs and its seed thresholds
+    cam_epochs: int = 32
+    cam_fg: float = 0.5
+    cam_bg: float = 0.1
     # optimisation
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
@@ -112,8 +117,7 @@ class TrainConfig:
         if self.data not in ("synthetic", "voc"):
             raise ValueError("--data must be 'synthetic' or 'voc', got %r" % self.data)
         parse_loss(self.loss)  # ValueError showing the grammar
-        if self.supervision not in ("full", "scribble"):
-            raise ValueError("--supervision must be 'full' or 'scribble', got %r" % self.supervision)
+        self.supervision = check_supervision(self.supervision)
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError("--optimizer must be sgd, adam or adamw, got %r" % self.optimizer)
         for name in ("epochs", "batch_size", "eval_every", "save_every"):
@@ -178,7 +182,7 @@ def build_datasets(cfg: TrainConfig) -> Tuple[Dataset, Dataset, int, Sequence[st
         k = cfg.num_classes or 21
         tr = VOCSegmentation(
             cfg.data_root, cfg.train_split, cfg.mask_dir, cfg.scribble_dir, num_classes=k, seed=cfg.seed,
-            require_masks=cfg.supervision == "full" or cfg.scribble_dir is None,
+            require_masks=cfg.supervision != "scribble" or cfg.scribble_dir is None,
         )  # fmt: skip
         va = VOCSegmentation(cfg.data_root, cfg.val_split, cfg.mask_dir, None, num_classes=k, synthesize=False)
         names = tr.classes if k == 21 else [str(i) for i in range(k)]
@@ -431,6 +435,7 @@ def _train(cfg, model_fn, crf_cls, ncut_cls, log, rank, world, local_rank) -> Di
     np.random.seed(cfg.seed % (2**32))
 
     train_ds, val_ds, K, class_names = build_datasets(cfg)
+    train_ds = prepare_training_set(cfg, train_ds, K, device, log)  # clicks / CAM seeds in place of scribbles
     crop = cfg.crop_size if cfg.crop_size is not None else (None if cfg.data == "synthetic" else 321)
     aug = RandomScaleCropFlip(crop, (cfg.scale_min, cfg.scale_max), cfg.flip)
     train_aug = AugmentedDataset(train_ds, aug, seed=cfg.seed)

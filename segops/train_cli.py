@@ -43,8 +43,14 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scale-max", type=float, default=d.scale_max, help="random scale upper bound (default %(default)s)")
     g.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
     g = p.add_argument_group("supervision and loss")
-    g.add_argument("--supervision", choices=("full", "scribble"), default=d.supervision,
-                   help="train on full masks or on scribbles (default %(default)s)")
+    g.add_argument("--supervision", choices=("full", "scribble", "scribbles", "clicks", "tags"), default=d.supervision,
+                   help="full masks; scribbles; clicks (one per object region, synthesized from the masks); tags "
+                        "(image-level tags: a CAM classifier's seeds) (default %(default)s)")
+    g.add_argument("--cam-epochs", type=int, default=d.cam_epochs, help="--supervision tags: classifier epochs (default %(default)s)")
+    g.add_argument("--cam-fg", type=float, default=d.cam_fg,
+                   help="--supervision tags: normalised CAM of a foreground seed, at least (default %(default)s)")
+    g.add_argument("--cam-bg", type=float, default=d.cam_bg,
+                   help="--supervision tags: every present class's normalised CAM of a background seed, below (default %(default)s)")
     g.add_argument("--loss", type=loss_choice, default=d.loss, metavar="LOSS",
                    help="%s: data term plus any regularizers, e.g. %s (default %%(default)s)" % (LOSS_GRAMMAR, ", ".join(LOSSES)))
     g.add_argument("--crf-weight", type=float, default=d.crf_weight, help="dense CRF loss weight (ECCV'18: %(default)s)")
