@@ -195,3 +195,9 @@ def add_subcommands(sub: Any) -> None:
     p = sub.add_parser("demo", help="the ECCV'18 experiment in miniature: full+CE vs scribbles+pCE vs pCE+DenseCRF")
     demo.add_arguments(p)
     p.set_defaults(func=_cmd_demo)
+
+    from segops.weak import segment
+
+    p = sub.add_parser("segment", help="segment one photo from a few strokes (pCE + dense CRF loss, no dataset)")
+    segment.add_arguments(p)
+    p.set_defaults(func=segment.main)
