@@ -91,6 +91,7 @@ class TrainConfig:
     cam_epochs: int = 32
     cam_fg: float = 0.5
     cam_bg: float = 0.1
+    cam_seeds: Optional[str] = None  # seeds.pt of an earlier tags run: reuse its seeds, train no classifier
     # optimisation
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01

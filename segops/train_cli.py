@@ -51,6 +51,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="--supervision tags: normalised CAM of a foreground seed, at least (default %(default)s)")
     g.add_argument("--cam-bg", type=float, default=d.cam_bg,
                    help="--supervision tags: every present class's normalised CAM of a background seed, below (default %(default)s)")
+    g.add_argument("--cam-seeds", default=None, metavar="SEEDS.pt",
+                   help="--supervision tags: reuse the seeds an earlier run wrote (<out-dir>/cam/seeds.pt)")
     g.add_argument("--loss", type=loss_choice, default=d.loss, metavar="LOSS",
                    help="%s: data term plus any regularizers, e.g. %s (default %%(default)s)" % (LOSS_GRAMMAR, ", ".join(LOSSES)))
     g.add_argument("--crf-weight", type=float, default=d.crf_weight, help="dense CRF loss weight (ECCV'18: %(default)s)")

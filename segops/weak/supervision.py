@@ -126,13 +126,21 @@ def prepare_training_set(cfg, train_ds: Dataset, num_classes: int, device: torch
                          log: Callable[[str], None] = print) -> Dataset:
     """The training set as ``cfg.supervision`` asks: unchanged for ``full`` / ``scribble``, clicks for
     ``clicks``, class-activation-map seeds for ``tags`` (this trains the tag classifier first; its checkpoint,
-    settings and a seed panel go to ``<out_dir>/cam/``)."""
+    the seeds, settings and a seed panel go to ``<out_dir>/cam/``; with ``cfg.cam_seeds`` the seeds are read
+    from that file instead, e.g. ``<earlier run>/cam/seeds.pt``)."""
     sup = check_supervision(cfg.supervision)
     if sup == "clicks":
         return ClickLabels(train_ds, cfg.seed)
     if sup == "tags":
-        from segops.weak.tags import CAMSettings, tag_seeds
+        from segops.weak.tags import CAMSettings, load_seeds, tag_seeds
 
-        seeds = tag_seeds(train_ds, num_classes, CAMSettings.from_config(cfg), device, cfg.seed, cfg.out_dir, log)
+        if getattr(cfg, "cam_seeds", None):
+            seeds = load_seeds(cfg.cam_seeds, len(train_ds))  # type: ignore[arg-type]
+            log("cam seeds: read %d seed maps from %s" % (len(seeds), cfg.cam_seeds))
+        else:
+            # the classifier draws from torch's global generator: leave it as the caller seeded it, so the
+            # segmentation network starts the same whether the seeds are computed here or read from a file
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                seeds = tag_seeds(train_ds, num_classes, CAMSettings.from_config(cfg), device, cfg.seed, cfg.out_dir, log)
         return SeedLabels(train_ds, seeds)
     return train_ds

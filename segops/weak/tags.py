@@ -47,6 +47,7 @@ __all__ = [
     "cam_seeds",
     "cam_segmentation",
     "tag_seeds",
+    "load_seeds",
 ]
 
 
@@ -259,7 +260,8 @@ def tag_seeds(
 ) -> List[Tensor]:
     """Trains the tag classifier on ``dataset`` (unless ``model`` is given) and returns the seed map of every
     sample (``(H, W) int64``, 255 = unlabelled), from the sample's tags and the classifier's CAMs.
-    With ``out_dir``, writes ``cam/classifier.pt``, ``cam/settings.json`` and ``cam/seeds.png``
+    With ``out_dir``, writes ``cam/classifier.pt``, ``cam/seeds.pt`` (for :func:`load_seeds`), ``cam/settings.json``
+    and ``cam/seeds.png``
     (image | CAM of each class | seeds | mask for the first samples) and logs the seeds' coverage and
     precision against the masks (a diagnostic; the masks never reach the seeds)."""
     from segops.data.scribbles import image_tags
@@ -291,6 +293,7 @@ def tag_seeds(
         d = os.path.join(out_dir, "cam")
         os.makedirs(d, exist_ok=True)
         torch.save({"model": model.state_dict(), "settings": asdict(settings), "num_classes": num_classes}, os.path.join(d, "classifier.pt"))
+        torch.save({"seeds": torch.stack(seeds).to(torch.uint8), "settings": asdict(settings)}, os.path.join(d, "seeds.pt"))
         with open(os.path.join(d, "settings.json"), "w") as f:
             json.dump(dict(asdict(settings), seed_coverage=labelled / max(pixels, 1), seed_precision=correct / max(labelled, 1)), f, indent=2)
         save_panels(os.path.join(d, "seeds.png"), rows, scale=2)
@@ -318,3 +321,17 @@ def _seed_rows(images: Tensor, cams: Tensor, seeds: Tensor, masks: Tensor, n: in
             row += [p] + ([sep] if i < len(parts) - 1 else [])
         rows.append(np.concatenate(row, 1))
     return rows
+
+
+def load_seeds(path: str, n: int) -> List[Tensor]:
+    """The seed maps saved by :func:`tag_seeds` (``<out_dir>/cam/seeds.pt``); ``ValueError`` if the file does not
+    hold ``n`` of them."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("CAM seeds file not found: %s" % path)
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    seeds = d.get("seeds") if isinstance(d, dict) else None
+    if not isinstance(seeds, Tensor) or seeds.dim() != 3:
+        raise ValueError("%s holds no (N, H, W) 'seeds' tensor" % path)
+    if seeds.shape[0] != n:
+        raise ValueError("%s holds %d seed maps but the training set has %d images" % (path, seeds.shape[0], n))
+    return [s.to(torch.int64) for s in seeds]
