@@ -203,10 +203,11 @@ def test_weak_label_wrappers_on_the_synthetic_data():
 
 def test_cam_is_the_map_whose_mean_is_the_class_score():
     torch.manual_seed(0)
-    model = CAMClassifier(2, width=0.125).double().eval()
+    model = CAMClassifier(2, width=0.125, blocks=4).double().eval()
     x = torch.randn(3, 3, 40, 24, dtype=torch.float64)
     cams = model.cams(x)
-    assert cams.shape == (3, 2, 5, 3)  # stride 8, ceil mode
+    assert cams.shape == (3, 2, 5, 3) and model.stride == 8  # ceil mode
+    assert CAMClassifier(2, blocks=3).cams(x.float()).shape == (3, 2, 10, 6)
     # GAP then the linear classifier = the classifier then GAP (Zhou et al.'s identity), in float64
     torch.testing.assert_close(model(x), cams.mean((2, 3)) + model.classifier.bias, rtol=1e-12, atol=1e-12)
 

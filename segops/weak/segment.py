@@ -44,7 +44,7 @@ class SegmentSettings:
     features: int = 64  # random Fourier features per pixel
     hidden: int = 32  # hidden units of the perceptron
     feature_sigma_xy: float = 0.1  # position bandwidth of the features, a fraction of the longer image side
-    feature_sigma_rgb: float = 20.0  # colour bandwidth of the features, 0..255 units
+    feature_sigma_rgb: float = 40.0  # colour bandwidth of the features, 0..255 units
     crf_weight: float = 5e-4  # weight of the per-pixel mean CRF term
     crf_sigma_rgb: float = 15.0  # ECCV'18
     crf_sigma_xy: float = 80.0  # ECCV'18, full-resolution pixels

@@ -4,8 +4,8 @@ and the seeds drawn from them.
 The pipeline (Zhou et al., CVPR'16 "Learning deep features for discriminative localization"; Kolesnikov &
 Lampert, ECCV'16 "Seed, expand and constrain"):
 
-1. **Classifier.** A segops backbone (VGG16's first four blocks, :func:`segops.models.backbones.vgg16_features`,
-   width-scaled, with BatchNorm) gives features ``f (B, C, h, w)``; a 1x1 convolution ``W`` maps them to one
+1. **Classifier.** A segops backbone (VGG16's first three blocks, :func:`segops.models.backbones.vgg16_features`,
+   width-scaled, with BatchNorm; stride 4) gives features ``f (B, C, h, w)``; a 1x1 convolution ``W`` maps them to one
    map per foreground class and global average pooling makes the image-level logits:
    ``logit_c = mean_xy (W f)_c(x, y) + b_c``. It is trained with binary cross-entropy on the tags (which
    foreground classes the image contains; background is in every image and is not a tag).
@@ -55,10 +55,11 @@ __all__ = [
 class CAMSettings:
     """Settings of the tag classifier and of its seeds (``segops train --cam-*``)."""
 
-    epochs: int = 8  # classifier training epochs
+    epochs: int = 32  # classifier training epochs
     batch_size: int = 16
     lr: float = 3e-3  # Adam, poly-decayed
-    width: float = 0.25  # backbone channel width multiplier
+    width: float = 0.125  # backbone channel width multiplier
+    blocks: int = 3  # VGG16 conv blocks: stride 4 maps
     fg_threshold: float = 0.5  # normalised CAM of a foreground seed, at least
     bg_threshold: float = 0.1  # every present class's normalised CAM of a background seed, below
 
@@ -92,37 +93,33 @@ class CAMClassifier(nn.Module):
     Args:
         num_tags: number of foreground classes (the tags; background excluded).
         in_channels: input channels.
-        width: channel width multiplier of the VGG16 backbone (conv1_1 .. conv4_3, stride 8, BatchNorm).
+        width: channel width multiplier of the VGG16 backbone (with BatchNorm).
+        blocks: how many of VGG16's conv blocks to keep (1..5): the maps have stride ``2 ** (blocks - 1)``
+            (3: conv1_1 .. conv3_3, stride 4, receptive field 40 px; 4: .. conv4_3, stride 8, 92 px).
 
     ``forward(x (B, in_channels, H, W)) -> logits (B, num_tags)``; :meth:`cams` gives the maps
-    ``(B, num_tags, ceil(H / 8), ceil(W / 8))`` whose spatial mean plus the bias is exactly the logits.
+    ``(B, num_tags, ceil(H / stride), ceil(W / stride))`` whose spatial mean plus the bias is exactly the logits.
     """
 
-    def __init__(self, num_tags: int, in_channels: int = 3, width: float = 0.25, backbone: str = "vgg") -> None:
+    def __init__(self, num_tags: int, in_channels: int = 3, width: float = 0.125, blocks: int = 3) -> None:
         super().__init__()
         from segops.models.backbones import vgg16_features
         from segops.nn import AtrousConv2d
 
         if int(num_tags) < 1:
             raise ValueError("CAMClassifier: num_tags must be >= 1, got %r" % (num_tags,))
-        if backbone.startswith("vgg"):
-            pools = [nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(5)]
-            feats = vgg16_features(in_channels, width, batch_norm=True, pools=pools)
-            nblk = 4 if backbone == "vgg" else int(backbone[3:])
-            cut = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)][nblk - 1]  # up to conv<nblk>_x + ReLU
-            self.features = nn.Sequential(*list(feats)[:cut])
-            channels = [m for m in self.features if isinstance(m, nn.Conv2d)][-1].out_channels
-        else:
-            from segops.models.unet import UNet
-
-            unet = UNet(num_tags, in_channels, width, dropout=0.0, batch_norm=True)
-            channels = unet.classifier.in_channels
-            unet.classifier = nn.Identity()  # type: ignore[assignment]
-            self.features = unet
+        if not 1 <= int(blocks) <= 5:
+            raise ValueError("CAMClassifier: blocks must be in 1..5, got %r" % (blocks,))
+        pools = [nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(5)]
+        feats = vgg16_features(in_channels, width, batch_norm=True, pools=pools)
+        cut = [i for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)][int(blocks) - 1]  # the pool after the last block
+        self.features = nn.Sequential(*list(feats)[:cut])
+        channels = [m for m in self.features if isinstance(m, nn.Conv2d)][-1].out_channels
         self.classifier = AtrousConv2d(channels, int(num_tags), 1)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
         self.num_tags = int(num_tags)
+        self.stride = 2 ** (int(blocks) - 1)
 
     def cams(self, x: Tensor) -> Tensor:
         """Class activation maps ``sum_k W_ck f_k(x, y)`` (no bias): ``(B, num_tags, h, w)``."""
@@ -152,7 +149,7 @@ def train_cam_classifier(
     settings.validate()
     tagged = TaggedDataset(dataset, num_classes)
     torch.manual_seed(seed)
-    model = CAMClassifier(num_classes - 1, width=settings.width).to(device)
+    model = CAMClassifier(num_classes - 1, width=settings.width, blocks=settings.blocks).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr)
     n = len(tagged)
     steps_per_epoch = max(n // settings.batch_size, 1)
