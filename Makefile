@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 # (SEGOPS_TEST_REQUIRE_OPTIONAL=1); a bare `pytest` without them skips those tests with a reason.
 TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm scikit-image pydensecrf2
 
-.PHONY: venv build test fuzz demo bench info clean sanitize tsan scale
+.PHONY: venv build test fuzz demo bench info clean sanitize tsan scale docs
 
 $(VENV)/.deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,15 @@ tsan: venv
 SCALE_ARGS ?=
 scale: build
 	$(PY) scripts/scale_check.py $(SCALE_ARGS)
+
+# The documentation site (mkdocs + material + mkdocstrings), strict: a warning fails the build. Output: build/site.
+DOCS_DEPS := mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
+$(VENV)/.docs-deps: $(VENV)/.deps
+	$(PIP) install -q $(DOCS_DEPS)
+	touch $@
+
+docs: $(VENV)/.docs-deps
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 clean:
 	rm -rf build dist *.egg-info segops/_C*.so $(VENV)/.built $(VENV)/.installed
