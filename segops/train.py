@@ -89,8 +89,8 @@ class TrainConfig:
     entropy_weight: float = 0.1
     # image-level tags (--supervision tags): the CAM classifier's epochs and its seed thresholds
     cam_epochs: int = 32
-    cam_fg: float = 0.5
-    cam_bg: float = 0.1
+    cam_bg_level: float = 0.6
+    cam_confidence: float = 0.9
     cam_seeds: Optional[str] = None  # seeds.pt of an earlier tags run: reuse its seeds, train no classifier
     # optimisation
     optimizer: str = "sgd"  # sgd | adam | adamw

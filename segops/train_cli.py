@@ -47,10 +47,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="full masks; scribbles; clicks (one per object region, synthesized from the masks); tags "
                         "(image-level tags: a CAM classifier's seeds) (default %(default)s)")
     g.add_argument("--cam-epochs", type=int, default=d.cam_epochs, help="--supervision tags: classifier epochs (default %(default)s)")
-    g.add_argument("--cam-fg", type=float, default=d.cam_fg,
-                   help="--supervision tags: normalised CAM of a foreground seed, at least (default %(default)s)")
-    g.add_argument("--cam-bg", type=float, default=d.cam_bg,
-                   help="--supervision tags: every present class's normalised CAM of a background seed, below (default %(default)s)")
+    g.add_argument("--cam-bg-level", type=float, default=d.cam_bg_level,
+                   help="--supervision tags: background score against the normalised CAMs (default %(default)s)")
+    g.add_argument("--cam-confidence", type=float, default=d.cam_confidence,
+                   help="--supervision tags: refined class probability of a seed, at least (default %(default)s)")
     g.add_argument("--cam-seeds", default=None, metavar="SEEDS.pt",
                    help="--supervision tags: reuse the seeds an earlier run wrote (<out-dir>/cam/seeds.pt)")
     g.add_argument("--loss", type=loss_choice, default=d.loss, metavar="LOSS",

@@ -378,3 +378,31 @@ def test_the_shipped_coffee_labels_fit_the_photo():
     assert check_strokes(np.zeros((321, 481, 3), np.uint8), strokes) == 3
     lab = strokes != 255
     assert (strokes[lab] == ref[lab]).all() and 0.005 < lab.mean() < 0.05
+
+
+def test_crf_refinement_moves_bloated_cams_onto_the_colour_edges():
+    """CAMs that spill beyond a red square and a green bar (the truth dilated by 2 pixels and blurred) become the
+    exact objects once refined by the dense CRF on the photo's colours; the raw maps do not."""
+    from segops.weak.tags import refine_cams
+
+    img = torch.full((1, 3, 32, 40), 128.0)
+    img[0, :, 4:14, 6:16] = torch.tensor([230.0, 20.0, 20.0]).view(3, 1, 1)
+    img[0, :, 20:26, 10:36] = torch.tensor([20.0, 220.0, 30.0]).view(3, 1, 1)
+    img += torch.randn(img.shape, generator=torch.Generator().manual_seed(0)) * 4  # sensor noise, 4 of 255
+    truth = torch.zeros(1, 32, 40, dtype=torch.int64)
+    truth[0, 4:14, 6:16] = 1
+    truth[0, 20:26, 10:36] = 2
+    onehot = torch.stack([(truth == 1), (truth == 2)], 1).float()
+    bloated = torch.nn.functional.max_pool2d(onehot, 5, 1, 2)  # 2 pixels too far on every side
+    yy, xx = torch.meshgrid(torch.arange(-4.0, 5), torch.arange(-4.0, 5), indexing="ij")
+    k = torch.exp(-(yy**2 + xx**2) / 8).view(1, 1, 9, 9)
+    cams = torch.nn.functional.conv2d(bloated.view(2, 1, 32, 40), k / k.sum(), padding=4).view(1, 2, 32, 40)
+    cams = cams / cams.amax((2, 3), keepdim=True)
+    tags = torch.tensor([[1, 1, 1]])
+    raw = refine_cams(cams, tags, img, bg_level=0.5, iterations=0).argmax(1)
+    assert (raw != truth).sum() > 150  # the raw maps take a ring of background around both objects (216 px)
+    refined = refine_cams(cams, tags, img, bg_level=0.5, iterations=5, sigma_rgb=15.0, sigma_xy=5.0)
+    assert torch.equal(refined.argmax(1), truth)
+    torch.testing.assert_close(refined.sum(1), torch.ones(1, 32, 40))  # probabilities; 1e-6: float32 softmax
+    only_red = refine_cams(cams, torch.tensor([[1, 1, 0]]), img, 0.5)
+    assert (only_red[:, 2] == 0).all()  # an absent class gets no probability anywhere

@@ -9,15 +9,19 @@ Lampert, ECCV'16 "Seed, expand and constrain"):
    map per foreground class and global average pooling makes the image-level logits:
    ``logit_c = mean_xy (W f)_c(x, y) + b_c``. It is trained with binary cross-entropy on the tags (which
    foreground classes the image contains; background is in every image and is not a tag).
-2. **CAM.** ``CAM_c = (W f)_c``, the map whose average is the class score, upsampled to the image size; for
-   seeds it is normalised per image and class by its maximum (after ReLU), so 1 marks the most
-   discriminative pixel of class c.
-3. **Seeds.** On a training image with tags T: a pixel is a seed of class ``c in T`` where ``c`` has the
-   largest normalised CAM among T and that value is at least ``fg_threshold``; it is a background seed where
-   every class of T is below ``bg_threshold``; every other pixel is unlabelled (255). An image tagged with no
-   foreground class is all background.
-4. **Expand and constrain.** A segmentation network is trained on the seeds with pCE, or pCE + the dense CRF
-   loss, which expands the seeds to the colour edges (the role of SEC's constrain-to-boundary loss).
+2. **CAM.** ``CAM_c = (W f)_c``, the map whose average is the class score, upsampled (bilinear) to the image
+   size, ReLU'd and divided by its per-image maximum, so 1 marks the most discriminative pixel of class c.
+3. **Constrain to boundaries.** The maps of a stride-4 network with a 40-pixel receptive field spread a few
+   pixels beyond their objects (thin bars become blobs). Scores ``s = [bg_level, CAM_c for the tagged classes]``
+   become probabilities ``Q = softmax(s / temperature)``, refined by a few mean-field steps of a dense CRF
+   with the bilateral kernel of the CRF loss (``Q <- softmax(s / temperature + weight * (W Q - Q))``, ``W`` the
+   permutohedral-lattice Gaussian on position and colour), which moves label changes onto colour edges
+   (SEC's "constrain to boundary", Kolesnikov & Lampert ECCV'16, here as inference on the seeds).
+4. **Seeds.** A pixel is a seed of the tagged class with the largest refined probability if that probability
+   is at least ``confidence``, a background seed if every tagged class is below ``1 - confidence``, and
+   unlabelled (255) otherwise; an image tagged with no foreground class is all background.
+5. **Expand and constrain.** A segmentation network is trained on the seeds with pCE, or pCE + the dense CRF
+   loss, which expands the seeds to the colour edges of the unlabelled band.
 
 The baseline ``cam`` segmentation of a test image uses the classifier's own tags (sigmoid > 0.5) and labels
 each pixel with the argmax of ``[bg_level, CAM_c for the predicted classes]``.
@@ -45,6 +49,7 @@ __all__ = [
     "train_cam_classifier",
     "normalized_cams",
     "cam_seeds",
+    "refine_cams",
     "cam_segmentation",
     "tag_seeds",
     "load_seeds",
@@ -60,28 +65,37 @@ class CAMSettings:
     lr: float = 3e-3  # Adam, poly-decayed
     width: float = 0.125  # backbone channel width multiplier
     blocks: int = 3  # VGG16 conv blocks: stride 4 maps
-    fg_threshold: float = 0.5  # normalised CAM of a foreground seed, at least
-    bg_threshold: float = 0.1  # every present class's normalised CAM of a background seed, below
+    bg_level: float = 0.6  # the background score against the normalised CAMs
+    confidence: float = 0.9  # refined probability of a seed, at least
+    temperature: float = 0.2  # softmax temperature of the scores
+    crf_iterations: int = 5  # mean-field steps (0: no refinement)
+    crf_weight: float = 1.0  # weight of the pairwise messages
+    crf_sigma_rgb: float = 15.0  # the CRF loss's kernel of the demo (64 x 64 images)
+    crf_sigma_xy: float = 10.0
 
     def validate(self) -> None:
-        if int(self.epochs) < 1 or int(self.batch_size) < 1:
-            raise ValueError("--cam-epochs and the CAM batch size must be >= 1, got %r, %r" % (self.epochs, self.batch_size))
-        if not self.lr > 0 or not self.width > 0:
-            raise ValueError("CAM lr and width must be > 0, got %r, %r" % (self.lr, self.width))
-        if not 0.0 <= self.bg_threshold <= self.fg_threshold <= 1.0:
-            raise ValueError(
-                "CAM seed thresholds must satisfy 0 <= --cam-bg <= --cam-fg <= 1, got bg %r, fg %r"
-                % (self.bg_threshold, self.fg_threshold)
-            )
+        if int(self.epochs) < 1 or int(self.batch_size) < 1 or int(self.crf_iterations) < 0:
+            raise ValueError("CAM settings: --cam-epochs and the batch size must be >= 1 and the CRF iterations >= 0, "
+                             "got %r, %r, %r" % (self.epochs, self.batch_size, self.crf_iterations))
+        for name in ("lr", "width", "temperature", "crf_sigma_rgb", "crf_sigma_xy"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError("CAM settings: %s must be > 0, got %r" % (name, getattr(self, name)))
+        if not 0.0 <= self.bg_level <= 1.0:
+            raise ValueError("--cam-bg-level must be in [0, 1], got %r" % (self.bg_level,))
+        if not 0.5 < self.confidence <= 1.0:
+            raise ValueError("--cam-confidence must be in (0.5, 1], got %r" % (self.confidence,))
 
     @classmethod
     def from_config(cls, cfg) -> "CAMSettings":
-        """The settings a :class:`segops.train.TrainConfig` carries (``cam_epochs``, ``cam_fg``, ``cam_bg``)."""
+        """The settings a :class:`segops.train.TrainConfig` carries (``cam_epochs``, ``cam_bg_level``,
+        ``cam_confidence``, and the CRF loss's ``crf_sigma_rgb`` / ``crf_sigma_xy`` for the refinement)."""
         d = cls()
         s = cls(
             epochs=int(getattr(cfg, "cam_epochs", d.epochs)),
-            fg_threshold=float(getattr(cfg, "cam_fg", d.fg_threshold)),
-            bg_threshold=float(getattr(cfg, "cam_bg", d.bg_threshold)),
+            bg_level=float(getattr(cfg, "cam_bg_level", d.bg_level)),
+            confidence=float(getattr(cfg, "cam_confidence", d.confidence)),
+            crf_sigma_rgb=float(getattr(cfg, "crf_sigma_rgb", d.crf_sigma_rgb)),
+            crf_sigma_xy=float(getattr(cfg, "crf_sigma_xy", d.crf_sigma_xy)),
         )
         s.validate()
         return s
@@ -229,6 +243,45 @@ def cam_seeds(cams: Tensor, tags: Tensor, fg_threshold: float, bg_threshold: flo
     return out
 
 
+def refine_cams(
+    cams: Tensor,
+    tags: Tensor,
+    images: Tensor,
+    bg_level: float,
+    temperature: float = 0.2,
+    iterations: int = 5,
+    weight: float = 1.0,
+    sigma_rgb: float = 15.0,
+    sigma_xy: float = 10.0,
+) -> Tensor:
+    """Class probabilities ``(B, T + 1, H, W)`` (background first) from normalised CAMs, refined by a dense CRF.
+
+    Scores ``s = [bg_level, CAM_c]`` (classes absent from ``tags`` get no probability) give
+    ``Q = softmax(s / temperature)``; each of ``iterations`` mean-field steps sets
+    ``Q = softmax(s / temperature + weight * (W Q - Q))`` with ``W`` the bilateral Gaussian on
+    ``(x / sigma_xy, y / sigma_xy, RGB / sigma_rgb)`` (:func:`segops.ops.permutohedral_filter`): a pixel leans
+    towards the labels of the pixels of similar colour around it. ``images``: ``(B, 3, H, W)`` RGB 0..255;
+    ``tags``: ``(B, T)`` or ``(B, T + 1)`` presence.
+    """
+    from segops.ops.lattice import crf_features, permutohedral_filter
+
+    B, T = cams.shape[:2]
+    if tags.shape == (B, T + 1):
+        tags = tags[:, 1:]
+    if tuple(tags.shape) != (B, T):
+        raise ValueError("refine_cams: tags must be (B, %d) or (B, %d), got shape %s" % (T, T + 1, tuple(tags.shape)))
+    present = (tags > 0.5).view(B, T, 1, 1)
+    scores = torch.cat([torch.full_like(cams[:, :1], float(bg_level)), cams], 1) / float(temperature)
+    absent = torch.cat([torch.zeros_like(present[:, :1]), ~present], 1).expand_as(scores)
+    scores = scores.masked_fill(absent, float("-inf"))
+    q = scores.softmax(1)
+    if iterations > 0:
+        feats = crf_features(images.float(), sigma_rgb, sigma_xy)
+        for _ in range(int(iterations)):
+            q = (scores + weight * (permutohedral_filter(q.contiguous(), feats) - q)).softmax(1)
+    return q
+
+
 def cam_segmentation(cams: Tensor, logits: Tensor, bg_level: float) -> Tensor:
     """The CAM baseline segmentation ``(B, H, W) int64``: classes predicted present (``logits > 0``) compete
     with a constant background score ``bg_level`` on their normalised CAMs; absent classes never win."""
@@ -256,7 +309,8 @@ def tag_seeds(
     model: Optional[CAMClassifier] = None,
 ) -> List[Tensor]:
     """Trains the tag classifier on ``dataset`` (unless ``model`` is given) and returns the seed map of every
-    sample (``(H, W) int64``, 255 = unlabelled), from the sample's tags and the classifier's CAMs.
+    sample (``(H, W) int64``, 255 = unlabelled), from the sample's tags and the classifier's CAMs refined by
+    :func:`refine_cams` (see the module docstring).
     With ``out_dir``, writes ``cam/classifier.pt``, ``cam/seeds.pt`` (for :func:`load_seeds`), ``cam/settings.json``
     and ``cam/seeds.png``
     (image | CAM of each class | seeds | mask for the first samples) and logs the seeds' coverage and
@@ -274,7 +328,9 @@ def tag_seeds(
         masks = batch["mask"]
         tags = torch.stack([torch.from_numpy(image_tags(m.numpy(), num_classes)) for m in masks]).to(device)  # type: ignore[union-attr]
         cams, _ = normalized_cams(model, images)
-        s = cam_seeds(cams, tags, settings.fg_threshold, settings.bg_threshold).cpu()
+        probs = refine_cams(cams, tags, images, settings.bg_level, settings.temperature, settings.crf_iterations,
+                            settings.crf_weight, settings.crf_sigma_rgb, settings.crf_sigma_xy)
+        s = cam_seeds(probs[:, 1:], tags, settings.confidence, 1.0 - settings.confidence).cpu()
         seeds.extend(list(s))
         lab = s != 255
         labelled += int(lab.sum())

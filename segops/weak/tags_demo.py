@@ -61,20 +61,23 @@ def _cam_stage(args) -> Dict[str, object]:
     k = train_ds.num_classes
     settings = CAMSettings(**settings)
     model = train_cam_classifier(train_ds, k, settings, torch.device("cpu"), seed, log)
-    tag_seeds(train_ds, k, settings, torch.device("cpu"), seed, out_dir, log, model=model)
-    with open(os.path.join(out_dir, "cam", "settings.json")) as f:
-        seed_stats = json.load(f)
-    # the background level of the CAM baseline: chosen on the selection split, then applied to the reported one
+    # the background level: chosen for the CAM baseline on the selection split, then used for the reported
+    # split's CAM segmentation and for the seeds of the training images
     sel_x, sel_y = _stack(SyntheticScribbles(val_images, size=64, seed=seed, offset=train_images))
     cams, logits = normalized_cams(model, sel_x)
     by_level = {lv: _miou(cam_segmentation(cams, logits, lv), sel_y, k) for lv in BG_LEVELS}
     level = max(BG_LEVELS, key=lambda lv: (by_level[lv], -lv))
+    settings.bg_level = level
+    tag_seeds(train_ds, k, settings, torch.device("cpu"), seed, out_dir, log, model=model)
+    with open(os.path.join(out_dir, "cam", "settings.json")) as f:
+        seed_stats = json.load(f)
     test_x, test_y = _stack(SyntheticScribbles(val_images, size=64, seed=seed + 1))
     cams, logits = normalized_cams(model, test_x)
     tags = torch.stack([(test_y == c).flatten(1).any(1) for c in range(1, k)], 1)
     return {
         "cam": _miou(cam_segmentation(cams, logits, level), test_y, k),
         "bg_level": level,
+        "settings": dataclasses.asdict(settings),
         "selection_miou_by_level": by_level,
         "tag_accuracy": float(((logits > 0) == tags).float().mean()),
         "seed_coverage": seed_stats["seed_coverage"],
@@ -189,8 +192,8 @@ def run_tags_demo(
     out.update(
         gap_closed=((results["tags:pce+crf"] - results["tags:pce"]) / (results["full"] - results["tags:pce"])
                     if results["full"] > results["tags:pce"] else None),
-        cam_stage={k: v for k, v in cam.items() if k not in ("seeds_file", "classifier")},
-        cam_settings=settings,
+        cam_stage={k: v for k, v in cam.items() if k not in ("seeds_file", "classifier", "settings")},
+        cam_settings=cam["settings"],
         times_s={k: float(res[k]["time_s"]) for k in res},  # type: ignore[arg-type]
         cpu_s=cpu,
         total_time_s=total,
