@@ -14,9 +14,10 @@ Lampert, ECCV'16 "Seed, expand and constrain"):
 3. **Constrain to boundaries.** The maps of a stride-4 network with a 40-pixel receptive field spread a few
    pixels beyond their objects (thin bars become blobs). Scores ``s = [bg_level, CAM_c for the tagged classes]``
    become probabilities ``Q = softmax(s / temperature)``, refined by a few mean-field steps of a dense CRF
-   with the bilateral kernel of the CRF loss (``Q <- softmax(s / temperature + weight * (W Q - Q))``, ``W`` the
-   permutohedral-lattice Gaussian on position and colour), which moves label changes onto colour edges
-   (SEC's "constrain to boundary", Kolesnikov & Lampert ECCV'16, here as inference on the seeds).
+   with the bilateral kernel of the CRF loss, ``Q <- softmax((s + weight * W~Q) / temperature)`` where ``W~Q``
+   is the label distribution averaged over the pixels of similar position and colour (the permutohedral-lattice
+   Gaussian, normalised); label changes move onto colour edges (SEC's "constrain to boundary", Kolesnikov &
+   Lampert ECCV'16, here as inference on the seeds).
 4. **Seeds.** A pixel is a seed of the tagged class with the largest refined probability if that probability
    is at least ``confidence``, a background seed if every tagged class is below ``1 - confidence``, and
    unlabelled (255) otherwise; an image tagged with no foreground class is all background.
@@ -69,7 +70,7 @@ class CAMSettings:
     confidence: float = 0.9  # refined probability of a seed, at least
     temperature: float = 0.2  # softmax temperature of the scores
     crf_iterations: int = 5  # mean-field steps (0: no refinement)
-    crf_weight: float = 1.0  # weight of the pairwise messages
+    crf_weight: float = 0.5  # weight of the neighbourhood's label shares
     crf_sigma_rgb: float = 15.0  # the CRF loss's kernel of the demo (64 x 64 images)
     crf_sigma_xy: float = 10.0
 
@@ -250,7 +251,7 @@ def refine_cams(
     bg_level: float,
     temperature: float = 0.2,
     iterations: int = 5,
-    weight: float = 1.0,
+    weight: float = 0.5,
     sigma_rgb: float = 15.0,
     sigma_xy: float = 10.0,
 ) -> Tensor:
@@ -258,10 +259,10 @@ def refine_cams(
 
     Scores ``s = [bg_level, CAM_c]`` (classes absent from ``tags`` get no probability) give
     ``Q = softmax(s / temperature)``; each of ``iterations`` mean-field steps sets
-    ``Q = softmax(s / temperature + weight * (W Q - Q))`` with ``W`` the bilateral Gaussian on
-    ``(x / sigma_xy, y / sigma_xy, RGB / sigma_rgb)`` (:func:`segops.ops.permutohedral_filter`): a pixel leans
-    towards the labels of the pixels of similar colour around it. ``images``: ``(B, 3, H, W)`` RGB 0..255;
-    ``tags``: ``(B, T)`` or ``(B, T + 1)`` presence.
+    ``Q = softmax((s + weight * (W Q) / (W 1)) / temperature)`` with ``W`` the bilateral Gaussian on
+    ``(x / sigma_xy, y / sigma_xy, RGB / sigma_rgb)`` (:func:`segops.ops.permutohedral_filter`, normalised): a
+    pixel's score for a label grows by ``weight`` times the share of that label among the pixels of similar
+    position and colour. ``images``: ``(B, 3, H, W)`` RGB 0..255; ``tags``: ``(B, T)`` or ``(B, T + 1)``.
     """
     from segops.ops.lattice import crf_features, permutohedral_filter
 
@@ -271,14 +272,14 @@ def refine_cams(
     if tuple(tags.shape) != (B, T):
         raise ValueError("refine_cams: tags must be (B, %d) or (B, %d), got shape %s" % (T, T + 1, tuple(tags.shape)))
     present = (tags > 0.5).view(B, T, 1, 1)
-    scores = torch.cat([torch.full_like(cams[:, :1], float(bg_level)), cams], 1) / float(temperature)
+    scores = torch.cat([torch.full_like(cams[:, :1], float(bg_level)), cams], 1)
     absent = torch.cat([torch.zeros_like(present[:, :1]), ~present], 1).expand_as(scores)
     scores = scores.masked_fill(absent, float("-inf"))
-    q = scores.softmax(1)
+    q = (scores / temperature).softmax(1)
     if iterations > 0:
         feats = crf_features(images.float(), sigma_rgb, sigma_xy)
         for _ in range(int(iterations)):
-            q = (scores + weight * (permutohedral_filter(q.contiguous(), feats) - q)).softmax(1)
+            q = ((scores + weight * permutohedral_filter(q.contiguous(), feats, normalize=True)) / temperature).softmax(1)
     return q
 
 
