@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--val-images", type=int, default=200)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work-dir", default="runs/demo-weights")
+    ap.add_argument("--extend", action="store_true",
+                    help="an extension of an earlier sweep: no full / pCE / pCE + CRF runs; the one --crf-weights value "
+                         "is the CRF weight of the pCE + CRF + entropy runs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     crf_ws = [float(v) for v in a.crf_weights.split(",")]
@@ -47,9 +50,12 @@ def main() -> None:
         return name, c
 
     t0 = time.perf_counter()
-    phase1 = [cfg("full"), cfg("pce")] + [cfg("pce+crf", crf_w=w) for w in crf_ws] + [cfg("pce+entropy", ent_w=w) for w in ent_ws]
+    phase1 = [] if a.extend else [cfg("full"), cfg("pce")] + [cfg("pce+crf", crf_w=w) for w in crf_ws]
+    phase1 += [cfg("pce+entropy", ent_w=w) for w in ent_ws]
     res = run_settings(phase1, a.jobs, 1)
-    best_crf = max(crf_ws, key=lambda w: float(res["pce+crf@crf=%g" % w]["miou"]))  # type: ignore[arg-type]
+    if a.extend and len(crf_ws) != 1:
+        raise SystemExit("--extend takes exactly one --crf-weights value")
+    best_crf = crf_ws[0] if a.extend else max(crf_ws, key=lambda w: float(res["pce+crf@crf=%g" % w]["miou"]))  # type: ignore[arg-type]
     best_ent = max(ent_ws, key=lambda w: float(res["pce+entropy@entropy=%g" % w]["miou"]))  # type: ignore[arg-type]
     phase2 = [cfg("pce+crf+entropy", crf_w=best_crf, ent_w=w) for w in ent_ws]
     res.update(run_settings(phase2, a.jobs, 1))
