@@ -3,9 +3,10 @@
 ``train(cfg)`` runs the whole loop: data (synthetic or PASCAL VOC / ScribbleSup folders), the model, the loss
 (``ce``, ``pce``, ``pce+crf``, ``pce+crf+entropy``, ``pce+ncut``), SGD/Adam with DeepLab's poly learning
 rate, optional AMP, tqdm progress bars with the loss terms and throughput, a CSV log (and TensorBoard when
-installed), checkpoints with exact resume, evaluation every N epochs, PNG panels
-(image | scribbles | prediction | ground truth). Under ``torchrun`` it trains with DDP (NCCL on GPUs,
-gloo on CPU); every rank sees a disjoint shard of each epoch and metrics are all-reduced.
+installed), checkpoints with exact resume (``last.pt``) and the best validation mIoU (``best.pt``), evaluation
+every N epochs, labelled PNG panels (image | scribbles | prediction | ground truth, with a class legend) and a
+loss / mIoU curve (``curves.png``). Under ``torchrun`` it trains with DDP (NCCL on GPUs, gloo on CPU); every
+rank sees a disjoint shard of each epoch and metrics are all-reduced.
 
 Reproducibility: the model is initialised from ``cfg.seed``; the sample order of epoch ``e`` is a
 permutation seeded by ``(seed, e)`` and the augmentation of sample ``i`` in epoch ``e`` is seeded by
@@ -29,7 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segops.figures import colorize, save_labelled_panels, save_training_curves
 from segops.metrics import ConfusionMatrix, format_iou_table
+from segops.progress import progress_bar
 
 __all__ = [
     "TrainConfig",
@@ -47,18 +50,35 @@ __all__ = [
 ]
 
 LOSSES = ("ce", "pce", "pce+crf", "pce+crf+entropy", "pce+ncut")
+# Settings of one invocation, not of the run: left out of the run's saved config.json.
+RUN_CONTROL_KEYS = ("resume", "overwrite")
+# What `segops train` writes into its output folder (removed first by --overwrite; nothing else is touched).
+RUN_FILES = ("config.json", "log.csv", "metrics.json", "last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "curves.png")
+RUN_FILE_PATTERNS = ("panels_epoch*.png",)
+RUN_FOLDERS = ("tb",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def default_workers() -> int:
+    """Data loader worker processes by default: min(4, the CPU cores this process may use)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(4, cores)
+
+
 @dataclass
 class TrainConfig:
-    """All settings of a training run (saved in every checkpoint)."""
+    """All settings of a training run (saved in every checkpoint and, without ``resume`` / ``overwrite``, in
+    the run folder's ``config.json``, which ``segops train --config`` reads back)."""
 
     # model
     model: str = "unet"
     model_width: float = 0.25
     model_args: Dict[str, object] = dataclasses.field(default_factory=dict)  # extra get_model options
+    backbone_weights: Optional[str] = None  # local torchvision-format ImageNet checkpoint for the encoder
     # data
     data: str = "synthetic"  # synthetic | voc
     data_root: Optional[str] = None
@@ -90,20 +110,22 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
+    head_lr_mult: float = 1.0  # learning-rate multiplier of the head (DeepLab: 10); see head_parameter_names
     epochs: int = 10
     batch_size: int = 8
     max_steps: Optional[int] = None  # stop after this many optimizer steps in total (smoke tests)
     amp: bool = False
     device: str = "auto"
     seed: int = 0
-    workers: int = 0
+    workers: int = dataclasses.field(default_factory=default_workers)
     # outputs
     out_dir: str = "runs/train"
     eval_every: int = 1
     panels: int = 4
     tensorboard: bool = False
     progress: bool = True
-    resume: Optional[str] = None
+    resume: Optional[str] = None  # a run folder (its last.pt) or a checkpoint file
+    overwrite: bool = False  # replace a previous run in out_dir (else a non-empty out_dir is refused)
     save_every: int = 1
 
     def validate(self) -> None:
@@ -120,6 +142,10 @@ class TrainConfig:
                 raise ValueError("--%s must be >= 1, got %r" % (name.replace("_", "-"), getattr(self, name)))
         if self.lr <= 0:
             raise ValueError("--lr must be > 0, got %r" % self.lr)
+        if not self.head_lr_mult > 0:
+            raise ValueError("--head-lr-mult must be > 0, got %r" % self.head_lr_mult)
+        if int(self.workers) < 0:
+            raise ValueError("--workers must be >= 0, got %r" % self.workers)
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError("--scale-min/--scale-max must satisfy 0 < min <= max")
         if self.crf_sigma_rgb <= 0 or self.crf_sigma_xy <= 0 or not 0 < self.crf_scale <= 1:
@@ -138,10 +164,16 @@ def register_model(name: str, factory: Callable[..., nn.Module]) -> None:
     _MODEL_REGISTRY[name] = factory
 
 
-def build_model(name: str, num_classes: int, width: float = 1.0, in_channels: int = 3, **model_args) -> nn.Module:
+def build_model(
+    name: str, num_classes: int, width: float = 1.0, in_channels: int = 3, backbone_weights: Optional[str] = None,
+    **model_args,
+) -> nn.Module:  # fmt: skip
     """A model by name: registered names first, then ``module.path:callable`` (any importable factory with
     the ``segops.models.get_model`` signature), then ``segops.models.get_model(name, ...)``. ``model_args``
-    are passed on (e.g. ``batch_norm=True`` for U-Net)."""
+    are passed on (e.g. ``batch_norm=True`` for U-Net); ``backbone_weights`` (a local torchvision-format
+    ImageNet checkpoint) too, and to a registered or ``module:callable`` factory only when it is given."""
+    if backbone_weights is not None:
+        model_args = dict(model_args, backbone_weights=backbone_weights)
     if name in _MODEL_REGISTRY:
         return _MODEL_REGISTRY[name](name, num_classes, in_channels=in_channels, width=width, **model_args)
     if ":" in name:
@@ -161,6 +193,46 @@ def build_model(name: str, num_classes: int, width: float = 1.0, in_channels: in
     return get_model(name, num_classes, in_channels=in_channels, width=width, **model_args)
 
 
+def head_parameter_names(model: nn.Module) -> List[str]:
+    """Names of the parameters ``--head-lr-mult`` applies to: the layers that do not come from an ImageNet
+    checkpoint (DeepLab trains its new classifier 10x faster than the pretrained encoder).
+
+    - a model with a ``head_parameter_names()`` method decides for itself;
+    - a :mod:`segops.models` model with an ImageNet encoder (FCN, SegNet, the DeepLabs): every parameter whose
+      name is not among its ``encoder_keys()``;
+    - any other model (U-Net, which has no pretrained encoder): ``ValueError``.
+    """
+    own_rule = getattr(model, "head_parameter_names", None)
+    if callable(own_rule):
+        return list(own_rule())
+    encoder_keys = getattr(model, "encoder_keys", None)
+    encoder: set = set()
+    if callable(encoder_keys):
+        try:
+            encoder = set(encoder_keys())
+        except ValueError:  # SegmentationModel without an ImageNet encoder
+            encoder = set()
+    if not encoder:
+        raise ValueError(
+            "--head-lr-mult needs a model with a pretrained encoder (FCN, SegNet, DeepLab) or a "
+            "head_parameter_names() method; %s has neither" % type(model).__name__
+        )
+    return [name for name, _ in model.named_parameters() if name not in encoder]
+
+
+def parameter_groups(model: nn.Module, lr: float, head_lr_mult: float = 1.0) -> List[Dict[str, object]]:
+    """Optimizer parameter groups: one at ``lr``, or with ``head_lr_mult != 1`` the encoder at ``lr`` (group 0)
+    and the head (:func:`head_parameter_names`) at ``lr * head_lr_mult`` (group 1). Frozen parameters are left out."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if head_lr_mult == 1.0:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    head = set(head_parameter_names(model))
+    return [
+        {"params": [p for name, p in trainable if name not in head], "lr": lr},
+        {"params": [p for name, p in trainable if name in head], "lr": lr * head_lr_mult},
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -178,6 +250,7 @@ def build_datasets(cfg: TrainConfig) -> Tuple[Dataset, Dataset, int, Sequence[st
         train_set = VOCSegmentation(
             cfg.data_root, cfg.train_split, cfg.mask_dir, cfg.scribble_dir, num_classes=num_classes, seed=cfg.seed,
             require_masks=cfg.supervision == "full" or cfg.scribble_dir is None,
+            synthesize=cfg.supervision != "full",  # full masks need no scribbles (nor the synthesis warning)
         )  # fmt: skip
         val_set = VOCSegmentation(cfg.data_root, cfg.val_split, cfg.mask_dir, None, num_classes=num_classes, synthesize=False)
         class_names = train_set.classes if num_classes == 21 else [str(i) for i in range(num_classes)]
@@ -343,33 +416,18 @@ def _select_device(spec: str, local_rank: int) -> torch.device:
     return device
 
 
-_PALETTE: Optional[np.ndarray] = None
+PANEL_COLUMNS = ("image", "scribbles", "prediction", "ground truth")
 
 
-def colorize(labels: np.ndarray) -> np.ndarray:
-    """Class indices ``(H, W)`` -> VOC-palette RGB ``(H, W, 3) uint8`` (255 = light grey-beige)."""
-    global _PALETTE
-    if _PALETTE is None:
-        from segops.data.voc import voc_palette
-
-        _PALETTE = voc_palette(256)
-    return _PALETTE[np.clip(labels, 0, 255).astype(np.int64)]
-
-
-def _panel_row(image: Tensor, scribble: Tensor, pred: Tensor, gt: Tensor) -> np.ndarray:
+def _panel_cells(image: Tensor, scribble: Tensor, pred: Tensor, gt: Tensor) -> List[np.ndarray]:
+    """One panel row, RGB ``(H, W, 3) uint8`` per :data:`PANEL_COLUMNS` entry."""
     image_rgb = image.detach().cpu().permute(1, 2, 0).clamp(0, 255).round().to(torch.uint8).numpy()
-    columns = [image_rgb] + [colorize(labels.detach().cpu().numpy()) for labels in (scribble, pred, gt)]
-    separator = np.full((image_rgb.shape[0], 2, 3), 255, np.uint8)
-    out = []
-    for i, column in enumerate(columns):
-        out.append(column)
-        if i < len(columns) - 1:
-            out.append(separator)
-    return np.concatenate(out, 1)
+    return [image_rgb] + [colorize(labels.detach().cpu().numpy()) for labels in (scribble, pred, gt)]
 
 
 def save_panels(path: str, rows: List[np.ndarray], scale: int = 1) -> None:
-    """Writes rows (equal widths are padded) stacked vertically as one PNG."""
+    """Writes rows (equal widths are padded) stacked vertically as one PNG, without titles or legend
+    (:func:`segops.figures.save_labelled_panels` draws those)."""
     from PIL import Image
 
     if not rows:
@@ -395,6 +453,11 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, object]:
     return checkpoint
 
 
+def saved_config(cfg: TrainConfig) -> Dict[str, object]:
+    """The run's settings as written to its config.json: everything but :data:`RUN_CONTROL_KEYS`."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUN_CONTROL_KEYS}
+
+
 def _config_from_dict(values: Dict[str, object]) -> TrainConfig:
     """A saved configuration -> TrainConfig (keys this version does not know are dropped)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -409,13 +472,15 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     panels: int = 0,
-) -> Tuple[Dict[str, object], List[np.ndarray]]:
+    progress: bool = False,
+) -> Tuple[Dict[str, object], List[List[np.ndarray]]]:
     """Confusion-matrix metrics of ``model`` on ``loader`` (all-reduced under DDP) and up to ``panels``
-    visualisation rows (from this rank's first batches)."""
+    visualisation rows (from this rank's first batches; cells per :data:`PANEL_COLUMNS`). ``progress``: a
+    progress bar on a terminal."""
     model.eval()
     confusion = ConfusionMatrix(num_classes, 255, device=device)
-    rows: List[np.ndarray] = []
-    for batch in loader:
+    rows: List[List[np.ndarray]] = []
+    for batch in progress_bar(loader, enabled=progress, desc="evaluating", unit="batch", leave=False):
         images = batch["image"].to(device)  # type: ignore[union-attr]
         mask = batch["mask"].to(device)  # type: ignore[union-attr]
         with torch.autocast(device.type, enabled=amp, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16):
@@ -430,7 +495,7 @@ def evaluate(
         for j in range(pred.shape[0]):
             if len(rows) >= panels:
                 break
-            rows.append(_panel_row(images[j], batch["scribble"][j], pred[j], batch["mask"][j]))  # type: ignore[index]
+            rows.append(_panel_cells(images[j], batch["scribble"][j], pred[j], batch["mask"][j]))  # type: ignore[index]
     model.train()
     return confusion.compute(sync=True), rows
 
@@ -515,6 +580,8 @@ class _Progress:
     history: List[Dict[str, object]] = dataclasses.field(default_factory=list)  # one row per epoch
     train_time_s: float = 0.0
     val_metrics: Dict[str, object] = dataclasses.field(default_factory=dict)  # the latest validation
+    best_miou: float = -1.0  # the best validation mIoU so far (best.pt holds its weights)
+    best_epoch: int = 0  # the epoch after which it was measured (1-based; 0: none yet)
 
 
 def train(
@@ -528,6 +595,8 @@ def train(
     ``train_time_s``). ``model_fn(num_classes)`` overrides ``cfg.model``; ``crf_cls`` / ``ncut_cls`` override
     ``segops.nn.DenseCRFLoss`` / ``NormalizedCutLoss`` (same constructor and call)."""
     cfg.validate()
+    # every rank checks before the rendezvous in _maybe_init_distributed, so before rank 0 writes anything
+    _prepare_output_folder(cfg)
     started_process_group = _maybe_init_distributed(cfg.device)
     rank, world_size, local_rank = _dist_info()
     try:
@@ -545,6 +614,11 @@ def _run_training(ctx: _RunContext, model_fn, crf_cls, ncut_cls) -> Dict[str, ob
     data = _build_data(ctx)
     optim = _build_model_and_optimizer(ctx, data, model_fn, crf_cls, ncut_cls)
     progress = _resume_if_requested(ctx, data, optim)
+    if progress.step >= optim.stop_step:
+        ctx.log(
+            "nothing to train: the run has taken %d of its %d steps (--epochs %d, --max-steps %s); raise them to "
+            "continue" % (progress.step, optim.stop_step, ctx.cfg.epochs, ctx.cfg.max_steps)
+        )
     logs = _RunLogs(ctx)
     try:
         for epoch in range(progress.epoch, ctx.cfg.epochs):
@@ -555,6 +629,47 @@ def _run_training(ctx: _RunContext, model_fn, crf_cls, ncut_cls) -> Dict[str, ob
     finally:
         logs.close()
     return _finish(ctx, data, optim, progress)
+
+
+def _prepare_output_folder(cfg: TrainConfig) -> None:
+    """Refuses to mix two runs in one folder: a non-empty ``out_dir`` needs ``resume`` (continue the run in it)
+    or ``overwrite`` (remove the files a previous run wrote there: :data:`RUN_FILES`, panels, ``tb/``; nothing
+    else is touched)."""
+    out_dir = cfg.out_dir
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError("--out-dir %s exists and is not a folder" % out_dir)
+    if not os.path.isdir(out_dir) or cfg.resume:
+        return
+    entries = sorted(os.listdir(out_dir))
+    if not entries:
+        return
+    if not cfg.overwrite:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            "output folder %s is not empty (%s): pass --resume %s to continue the run in it, --overwrite to "
+            "replace it, or another --out-dir" % (out_dir, shown, out_dir)
+        )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 alone cleans up
+        return
+    import fnmatch
+    import shutil
+
+    for entry in entries:
+        path = os.path.join(out_dir, entry)
+        if entry in RUN_FOLDERS and os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.isfile(path) and (entry in RUN_FILES or any(fnmatch.fnmatch(entry, pat) for pat in RUN_FILE_PATTERNS)):
+            os.remove(path)
+
+
+def resolve_resume_checkpoint(resume: str) -> str:
+    """``--resume`` value -> the checkpoint file: a run folder means its ``last.pt``."""
+    if os.path.isdir(resume):
+        path = os.path.join(resume, "last.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError("--resume %s: the folder holds no last.pt (not a segops train run folder?)" % resume)
+        return path
+    return resume
 
 
 def _prepare_output_and_seeds(ctx: _RunContext) -> None:
@@ -598,7 +713,9 @@ def _build_model_and_optimizer(ctx: _RunContext, data: _TrainData, model_fn, crf
     if model_fn is not None:
         model = model_fn(data.num_classes)
     else:
-        model = build_model(cfg.model, data.num_classes, cfg.model_width, **cfg.model_args)
+        # a resumed run takes every weight from its checkpoint: the ImageNet file is not read again
+        backbone_weights = None if cfg.resume else cfg.backbone_weights
+        model = build_model(cfg.model, data.num_classes, cfg.model_width, backbone_weights=backbone_weights, **cfg.model_args)
     model = model.to(device)
     forward_model: nn.Module = model
     if ctx.world_size > 1:
@@ -607,13 +724,13 @@ def _build_model_and_optimizer(ctx: _RunContext, data: _TrainData, model_fn, crf
         forward_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     criterion = RegularizedLoss(cfg, crf_cls, ncut_cls).to(device)
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = parameter_groups(model, cfg.lr, cfg.head_lr_mult)
     if cfg.optimizer == "sgd":
-        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule_steps = data.steps_per_epoch * cfg.epochs
     stop_step = schedule_steps if cfg.max_steps is None else min(schedule_steps, int(cfg.max_steps))
     power = cfg.poly_power
@@ -634,7 +751,10 @@ def _resume_if_requested(ctx: _RunContext, data: _TrainData, optim: _Optimizatio
     cfg = ctx.cfg
     if not cfg.resume:
         return _Progress()
-    checkpoint = load_checkpoint(cfg.resume, map_location=ctx.device)
+    path = resolve_resume_checkpoint(cfg.resume)
+    checkpoint = load_checkpoint(path, map_location=ctx.device)
+    if "optimizer" not in checkpoint:
+        raise ValueError("%s holds the best weights only (no optimizer state); resume from last.pt" % path)
     optim.model.load_state_dict(checkpoint["model"])  # type: ignore[arg-type]
     optim.optimizer.load_state_dict(checkpoint["optimizer"])  # type: ignore[arg-type]
     optim.scheduler.load_state_dict(checkpoint["scheduler"])  # type: ignore[arg-type]
@@ -644,16 +764,20 @@ def _resume_if_requested(ctx: _RunContext, data: _TrainData, optim: _Optimizatio
     if step - epoch * data.steps_per_epoch not in range(0, data.steps_per_epoch):
         raise ValueError(
             "checkpoint %s (epoch %d, step %d) does not match this configuration's %d steps per epoch"
-            % (cfg.resume, epoch, step, data.steps_per_epoch)
+            % (path, epoch, step, data.steps_per_epoch)
         )
     if checkpoint.get("torch_rng") is not None:
         torch.set_rng_state(checkpoint["torch_rng"])  # type: ignore[arg-type]
-    ctx.log("resumed from %s at epoch %d, step %d" % (cfg.resume, epoch, step))
-    return _Progress(epoch=epoch, step=step, history=list(checkpoint.get("history", [])))  # type: ignore[arg-type]
+    ctx.log("resumed from %s at epoch %d, step %d" % (path, epoch, step))
+    return _Progress(
+        epoch=epoch, step=step, history=list(checkpoint.get("history", [])),  # type: ignore[arg-type]
+        best_miou=float(checkpoint.get("best_miou", -1.0)), best_epoch=int(checkpoint.get("best_epoch", 0)),  # type: ignore[arg-type]
+    )  # fmt: skip
 
 
 class _RunLogs:
-    """Rank 0's outputs besides checkpoints: the CSV log, TensorBoard (optional) and config.json."""
+    """Rank 0's outputs besides checkpoints: the CSV log, TensorBoard (optional), config.json (the settings
+    without :data:`RUN_CONTROL_KEYS`: ``segops train --config`` reproduces the run from it) and curves.png."""
 
     def __init__(self, ctx: _RunContext) -> None:
         cfg = ctx.cfg
@@ -670,11 +794,13 @@ class _RunLogs:
             except ImportError:
                 ctx.log("note: tensorboard is not installed; only the CSV log is written")
         with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
+            json.dump(saved_config(cfg), f, indent=2)
+        self.curves_path = os.path.join(cfg.out_dir, "curves.png")
 
-    def write(self, row: Dict[str, object], step: int) -> None:
+    def write(self, row: Dict[str, object], step: int, history: List[Dict[str, object]]) -> None:
         if self.csv is not None:
             self.csv.write(row)
+            save_training_curves(self.curves_path, history)
         if self.tensorboard is not None:
             for key, value in row.items():
                 if isinstance(value, float) and key not in ("epoch", "step"):
@@ -695,8 +821,6 @@ def _training_target(cfg: TrainConfig, batch: Dict[str, object]) -> Tensor:
 def _train_one_epoch(ctx: _RunContext, epoch: int, data: _TrainData, optim: _Optimization, progress: _Progress) -> Dict[str, object]:
     """Optimizer steps over this rank's shard of ``epoch`` (from where a stopped run left off, up to
     ``stop_step``); returns the epoch's log row (mean loss terms, learning rate, throughput)."""
-    from tqdm import tqdm
-
     cfg, device = ctx.cfg, ctx.device
     # a run stopped mid-epoch (--max-steps) resumes with the next batch of the same epoch
     data.sampler.skip = (progress.step - epoch * data.steps_per_epoch) * cfg.batch_size
@@ -705,9 +829,9 @@ def _train_one_epoch(ctx: _RunContext, epoch: int, data: _TrainData, optim: _Opt
     term_sums: Dict[str, float] = {}
     batches_done, images_seen = 0, 0
     epoch_start = time.perf_counter()
-    bar = tqdm(
-        data.train_loader, desc="epoch %d/%d" % (epoch + 1, cfg.epochs), disable=(not ctx.is_main or not cfg.progress),
-        leave=False, dynamic_ncols=True, mininterval=1.0,
+    bar = progress_bar(
+        data.train_loader, enabled=ctx.is_main and cfg.progress, desc="epoch %d/%d" % (epoch + 1, cfg.epochs),
+        leave=False, mininterval=1.0,
     )  # fmt: skip
     optim.model.train()
     for batch in bar:
@@ -751,27 +875,45 @@ def _validate_and_checkpoint(
     ctx: _RunContext, epoch: int, row: Dict[str, object], data: _TrainData, optim: _Optimization, progress: _Progress,
     logs: _RunLogs,
 ) -> None:  # fmt: skip
-    """Evaluates when due (every ``eval_every`` epochs and at the end), writes panels, logs the epoch's row and
-    saves ``last.pt`` when due."""
+    """Evaluates when due (every ``eval_every`` epochs and at the end), writes panels and ``best.pt`` (when the
+    validation mIoU improves), logs the epoch's row and saves ``last.pt`` when due."""
     cfg = ctx.cfg
     is_last = (epoch + 1 == cfg.epochs) or progress.step >= optim.stop_step
     epoch_done = progress.step == (epoch + 1) * data.steps_per_epoch
+    improved = False
     if (epoch + 1) % cfg.eval_every == 0 or is_last:
         progress.val_metrics, panel_rows = evaluate(
-            optim.model, data.val_loader, data.num_classes, ctx.device, cfg.amp, cfg.panels if ctx.is_main else 0
-        )
+            optim.model, data.val_loader, data.num_classes, ctx.device, cfg.amp, cfg.panels if ctx.is_main else 0,
+            progress=ctx.is_main and cfg.progress,
+        )  # fmt: skip
+        val_miou = float(progress.val_metrics["miou"])  # type: ignore[arg-type]
         row.update(
-            val_miou=progress.val_metrics["miou"], val_pixel_acc=progress.val_metrics["pixel_acc"],
+            val_miou=val_miou, val_pixel_acc=progress.val_metrics["pixel_acc"],
             val_mean_acc=progress.val_metrics["mean_acc"],
         )  # fmt: skip
+        if val_miou > progress.best_miou:  # metrics are all-reduced: every rank agrees
+            progress.best_miou, progress.best_epoch, improved = val_miou, epoch + 1, True
         if ctx.is_main and panel_rows:
             panel_path = os.path.join(cfg.out_dir, "panels_epoch%03d.png" % (epoch + 1))
-            save_panels(panel_path, panel_rows, scale=2 if cfg.data == "synthetic" else 1)
+            save_labelled_panels(
+                panel_path, panel_rows, PANEL_COLUMNS, data.class_names, scale=2 if cfg.data == "synthetic" else 1
+            )
     progress.history.append(row)
     if not ctx.is_main:
         return
     ctx.log(_epoch_summary(cfg, row))
-    logs.write(row, progress.step)
+    logs.write(row, progress.step, progress.history)
+    if improved:
+        best = {
+            "model": optim.model.state_dict(),
+            "config": dataclasses.asdict(cfg),
+            "num_classes": data.num_classes,
+            "class_names": data.class_names,
+            "best_epoch": progress.best_epoch,
+            "step": progress.step,
+            "val": {k: progress.val_metrics[k] for k in ("miou", "pixel_acc", "mean_acc")},
+        }
+        _save_atomically(best, os.path.join(cfg.out_dir, "best.pt"))
     if (epoch + 1) % cfg.save_every == 0 or is_last:
         checkpoint = {
             "model": optim.model.state_dict(),
@@ -784,6 +926,8 @@ def _validate_and_checkpoint(
             "num_classes": data.num_classes,
             "class_names": data.class_names,
             "history": progress.history,
+            "best_miou": progress.best_miou,
+            "best_epoch": progress.best_epoch,
             "torch_rng": torch.get_rng_state(),
         }
         _save_atomically(checkpoint, os.path.join(cfg.out_dir, "last.pt"))
@@ -818,6 +962,9 @@ def _finish(ctx: _RunContext, data: _TrainData, optim: _Optimization, progress: 
         "steps": progress.step,
         "train_time_s": progress.train_time_s,
         "checkpoint": os.path.join(cfg.out_dir, "last.pt"),
+        "best_checkpoint": os.path.join(cfg.out_dir, "best.pt"),
+        "best_miou": progress.best_miou,
+        "best_epoch": progress.best_epoch,
         "num_classes": data.num_classes,
         "class_names": data.class_names,
         "model": optim.model,
@@ -825,7 +972,8 @@ def _finish(ctx: _RunContext, data: _TrainData, optim: _Optimization, progress: 
     if ctx.is_main:
         ctx.log(format_iou_table(progress.val_metrics, data.class_names))
         with open(os.path.join(cfg.out_dir, "metrics.json"), "w") as f:
-            json.dump(dict(summary["val"], steps=progress.step, train_time_s=progress.train_time_s), f, indent=2)  # type: ignore[call-overload]
+            final = dict(summary["val"], steps=progress.step, train_time_s=progress.train_time_s)  # type: ignore[call-overload]
+            json.dump(dict(final, best_miou=progress.best_miou, best_epoch=progress.best_epoch), f, indent=2)
     return summary
 
 
@@ -852,8 +1000,10 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int = 8,
     model_fn=None,
+    progress: bool = False,
 ) -> Dict[str, object]:
-    """Metrics of a checkpoint on its validation set (or ``data`` / ``data_root`` / ``split`` overrides)."""
+    """Metrics of a checkpoint on its validation set (or ``data`` / ``data_root`` / ``split`` overrides);
+    ``progress``: a progress bar on a terminal."""
     target_device = _select_device(device, 0)
     saved = load_checkpoint(checkpoint, map_location=target_device)
     model, cfg = _model_from_checkpoint(saved, target_device, model_fn)
@@ -868,7 +1018,7 @@ def evaluate_checkpoint(
     if num_classes != int(saved["num_classes"]):  # type: ignore[arg-type]
         raise ValueError("the checkpoint has %s classes but the dataset has %d" % (saved["num_classes"], num_classes))
     loader = DataLoader(val_set, batch_size if cfg.data == "synthetic" else 1, shuffle=False, collate_fn=_collate)
-    metrics, _ = evaluate(model, loader, num_classes, target_device)
+    metrics, _ = evaluate(model, loader, num_classes, target_device, progress=progress)
     metrics["class_names"] = list(class_names)
     return metrics
 
