@@ -632,13 +632,19 @@ def _run_training(ctx: _RunContext, model_fn, crf_cls, ncut_cls) -> Dict[str, ob
 
 
 def _prepare_output_folder(cfg: TrainConfig) -> None:
-    """Refuses to mix two runs in one folder: a non-empty ``out_dir`` needs ``resume`` (continue the run in it)
-    or ``overwrite`` (remove the files a previous run wrote there: :data:`RUN_FILES`, panels, ``tb/``; nothing
-    else is touched)."""
+    """Refuses to mix two runs in one folder: a non-empty ``out_dir`` must be the folder of the run being resumed,
+    or ``overwrite`` is needed (it removes the files a previous run wrote there: :data:`RUN_FILES`, panels,
+    ``tb/``; nothing else is touched)."""
     out_dir = cfg.out_dir
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError("--out-dir %s exists and is not a folder" % out_dir)
-    if not os.path.isdir(out_dir) or cfg.resume:
+    if cfg.resume:
+        checkpoint = resolve_resume_checkpoint(cfg.resume)
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError("--resume: checkpoint not found: %s" % checkpoint)
+        if os.path.isdir(out_dir) and os.path.samefile(out_dir, os.path.dirname(os.path.abspath(checkpoint))):
+            return  # continuing the run in its own folder
+    if not os.path.isdir(out_dir):
         return
     entries = sorted(os.listdir(out_dir))
     if not entries:

@@ -137,6 +137,10 @@ def parse_model_args(items: Optional[List[str]]) -> Dict[str, Any]:
     return out
 
 
+# Settings holding paths: a leading ~ in a config file is expanded, as the shell expands it on the command line.
+PATH_SETTINGS = ("data_root", "mask_dir", "scribble_dir", "backbone_weights", "out_dir", "resume")
+
+
 class ConfigFileError(ValueError):
     """A config file that cannot be read, or a key / value in it that is not a valid setting."""
 
@@ -239,6 +243,8 @@ def config_file_values(path: str) -> Dict[str, Any]:
             raise ConfigFileError("%s: unknown option %r%s; keys are the long option names of segops train" % (path, raw_key, hint))
         action, inverted = table[key]
         values[action.dest] = _config_value(path, str(raw_key), value, action, inverted, action.dest in nullable)
+        if action.dest in PATH_SETTINGS and isinstance(values[action.dest], str):
+            values[action.dest] = os.path.expanduser(values[action.dest])  # the shell does this for typed flags
     return values
 
 

@@ -124,6 +124,9 @@ def test_json_config_and_missing_file(tmp_path, capsys):
     args = cli.build_parser().parse_args(["train", "--config", str(config), "--model-arg", "dropout=0.0"])
     cfg = train_cli.config_from_args(args)
     assert cfg.epochs == 3 and cfg.model_args == {"batch_norm": True, "dropout": 0.0}
+    config.write_text(json.dumps({"data_root": "~/VOC2012", "train-split": "~not-a-path"}))
+    cfg = train_cli.config_from_args(cli.build_parser().parse_args(["train", "--config", str(config)]))
+    assert cfg.data_root == os.path.join(os.path.expanduser("~"), "VOC2012") and cfg.train_split == "~not-a-path"
     assert cfg.lr == TrainConfig().lr  # untouched settings keep their defaults
     assert _train("--config", str(tmp_path / "absent.yaml")) == 2
     assert "no such file" in capsys.readouterr().err
@@ -180,6 +183,13 @@ def test_non_empty_output_folder_needs_resume_or_overwrite(tmp_path, capsys):
     assert (run / "notes.txt").read_text() == "mine"
     assert not (run / "panels_epoch009.png").exists()
     assert _config_json(run)["lr"] == 0.5
+    # resuming writes into the run's own folder; into another non-empty one it is refused like a new run
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log.csv").write_text("someone else's")
+    capsys.readouterr()
+    assert _train("--resume", str(run), "--out-dir", str(other), "--max-steps", "2") == 2
+    assert "output folder %s is not empty" % other in capsys.readouterr().err
     # an existing but empty folder is fine
     (tmp_path / "empty").mkdir()
     assert _train(*TINY, "--max-steps", "1", "--out-dir", str(tmp_path / "empty")) == 0
