@@ -28,6 +28,7 @@ from segops.train import (
 )
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import require_optional  # noqa: E402
 from standins import tiny_fcn  # noqa: E402
 
 register_model("tiny", tiny_fcn)
@@ -55,6 +56,7 @@ def _log_rows(run):
 
 
 def test_config_file_keys_values_and_flag_override(tmp_path):
+    require_optional("yaml")  # a dependency of segops; a venv installed with --no-deps may lack it
     config = tmp_path / "run.yaml"
     config.write_text(
         "model: tiny\n"
@@ -110,6 +112,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
     ],
 )
 def test_config_file_errors_name_the_key(tmp_path, capsys, text, message):
+    require_optional("yaml")
     config = tmp_path / "bad.yaml"
     config.write_text(text)
     assert _train("--config", str(config), "--out-dir", str(tmp_path / "never")) == 2
