@@ -47,6 +47,13 @@ __all__ = [
     "RegularizedLoss",
     "load_checkpoint",
     "colorize",
+    "head_parameter_names",
+    "parameter_groups",
+    "default_workers",
+    "resolve_resume_checkpoint",
+    "saved_config",
+    "RUN_CONTROL_KEYS",
+    "PANEL_COLUMNS",
 ]
 
 LOSSES = ("ce", "pce", "pce+crf", "pce+crf+entropy", "pce+ncut")
