@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # Test and benchmark peers: scikit-image ships the real photos (astronaut, coffee) the lattice tests and benchmarks
 # use; pydensecrf2 is the dense-CRF inference reference; torchmetrics holds the mIoU definitions. `make test`
 # requires them (SEGOPS_TEST_REQUIRE_OPTIONAL=1); a bare `pytest` without them skips those tests with a reason.
-TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm scikit-image pydensecrf2 torchmetrics
+TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm pyyaml scikit-image pydensecrf2 torchmetrics
 
 .PHONY: venv build test fuzz demo bench info clean sanitize tsan scale docs
 

@@ -29,7 +29,7 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
     base = dict(
         model="tiny", model_width=0.5, data="synthetic", synthetic_train=8, synthetic_val=4, image_size=32,
         batch_size=2, epochs=1, max_steps=2, lr=0.01, out_dir=str(tmp_path / "run"), progress=False, panels=2,
-        crf_weight=1e-6, crf_sigma_xy=20.0, ncut_weight=0.1,
+        crf_weight=1e-6, crf_sigma_xy=20.0, ncut_weight=0.1, workers=0,
     )  # fmt: skip
     base.update(kw)
     return TrainConfig(**base)
@@ -101,7 +101,7 @@ def test_ddp_two_gloo_processes(tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "segops", "train", "--model", "standins:tiny_fcn", "--model-width", "0.5", "--synthetic-train", "8",
         "--synthetic-val", "5", "--image-size", "32", "--batch-size", "2", "--epochs", "2", "--loss", "pce",
-        "--device", "cpu", "--out-dir", str(out), "--no-progress",
+        "--device", "cpu", "--out-dir", str(out), "--no-progress", "--workers", "0",
     ]  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -166,7 +166,8 @@ def _fake_voc(root, corrupt=False, bad_label=False):
 
 def _cli_train(tmp_path, *extra):
     return cli.main(["train", "--model", "tiny", "--out-dir", str(tmp_path / "o"), "--no-progress", "--max-steps", "1",
-                     "--batch-size", "2", "--crop-size", "16", "--model-width", "0.5"] + list(extra))  # fmt: skip
+                     "--batch-size", "2", "--crop-size", "16", "--model-width", "0.5", "--workers", "0",
+                     "--overwrite"] + list(extra))  # fmt: skip
 
 
 def test_voc_training_smoke(tmp_path):
