@@ -15,7 +15,8 @@ TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm pyyaml scikit-image 
 
 .PHONY: venv build test fuzz demo bench info clean sanitize tsan scale docs
 
-$(VENV)/.deps:
+# Depends on this Makefile so that a change of TEST_DEPS reaches existing venvs.
+$(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q ninja setuptools wheel $(TEST_DEPS)

@@ -88,6 +88,8 @@ def test_resume_reproduces_the_next_steps(tmp_path):
     sa, sb = full["model"].state_dict(), resumed["model"].state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg="parameter %s differs after resume" % k)
+    # identical weights (checked bitwise above) give the same float32 loss; 1e-6 only absorbs the float64
+    # averaging of the logged per-step values, which may group the steps differently after a resume
     assert resumed["history"][-1]["loss"] == pytest.approx(full["history"][-1]["loss"], rel=1e-6)
     # a checkpoint from another configuration is refused
     with pytest.raises(ValueError, match="steps per epoch"):
@@ -117,6 +119,8 @@ def test_eval_and_predict_from_checkpoint(tmp_path):
     ck = str(tmp_path / "run" / "last.pt")
     res = evaluate_checkpoint(ck)
     m = json.load(open(tmp_path / "run" / "metrics.json"))
+    # the same checkpoint on the same images: equal confusion counts, so equal float64 ratios (approx's 1e-6 default
+    # only absorbs a JSON round trip)
     assert res["miou"] == pytest.approx(m["miou"])
     img = tmp_path / "x.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(img)
@@ -218,6 +222,8 @@ def test_regularizer_plumbing_with_exact_standins(tmp_path, loss):
     if "entropy" in loss:
         assert h["entropy"] > 0
     # the logged total is the sum of the terms
+    # the total is a float32 sum of <= 4 float32 terms, logged per term: rounding ~4 * eps32 = 5e-7 relative per
+    # step, averaged over the epoch's steps in float64; 1e-5 leaves 20x margin
     assert h["loss"] == pytest.approx(sum(h[t] for t in ("pce", "crf", "ncut", "entropy") if t in h), rel=1e-5)
 
 
@@ -234,6 +240,7 @@ def test_demo_end_to_end_tiny(tmp_path):
                         log=lines.append)  # fmt: skip
     res = json.load(open(tmp_path / "demo" / "results.json"))
     for k in ("full", "pce", "pce+crf"):
+        # results.json holds the returned float64 value through a JSON round trip (repr: exact)
         assert 0.0 <= res[k] <= 1.0 and res[k] == pytest.approx(out[k])
     assert any("gap closed" in ln for ln in lines)
     im = Image.open(tmp_path / "demo" / "comparison.png")
@@ -261,6 +268,8 @@ def test_exact_crf_standin_matches_the_formula():
                 wij = math.exp(-0.5 * d2)
                 for k in range(2):
                     ref -= wij * float(seg[b, k, r1, c1] * roi[b, r1, c1] * seg[b, k, r2, c2] * roi[b, r2, c2])
+    # float64 on both sides, 2 images x 12^2 pixel pairs x 2 classes = 576 terms: reordering error
+    # ~576 * eps64 ~ 1e-13 relative, so 1e-10 (a wrong pair, factor or sigma moves it by >= 1e-3)
     assert float(got) == pytest.approx(w * ref / 2, rel=1e-10)
 
 
