@@ -130,6 +130,7 @@ def demo_config(
         batch_size=8,
         seed=seed,
         out_dir=os.path.join(out_dir, key.replace("+", "_").replace(":", "_")),
+        overwrite=True,  # a rerun of the demo replaces its previous runs
         eval_every=epochs,
         panels=4,
         progress=True,

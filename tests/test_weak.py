@@ -296,8 +296,13 @@ def test_training_from_tags_writes_and_reuses_the_seeds(tmp_path):
                   log=lines.append)
     assert any("read 8 seed maps" in ln for ln in lines)
     assert again["history"][0]["pce"] == out["history"][0]["pce"]
+    # resuming the first run continues on its own seeds (no second classifier)
+    lines.clear()
+    train(_cfg(tmp_path, supervision="tags", loss="pce", resume=str(tmp_path / "run"), max_steps=3), log=lines.append)
+    assert any("read 8 seed maps from %s" % seeds_file in ln for ln in lines)
     with pytest.raises(ValueError, match="holds 8 seed maps but the training set has 16"):
-        train(_cfg(tmp_path, supervision="tags", synthetic_train=16, cam_seeds=str(seeds_file)), log=lambda s: None)
+        train(_cfg(tmp_path, supervision="tags", synthetic_train=16, out_dir=str(tmp_path / "c"), cam_seeds=str(seeds_file)),
+              log=lambda s: None)
 
 
 # ----------------------------------------------------------------------------------------- segops segment

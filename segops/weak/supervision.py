@@ -9,6 +9,7 @@ the grammar works with every kind of weak supervision.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -127,16 +128,20 @@ def prepare_training_set(cfg, train_ds: Dataset, num_classes: int, device: torch
     """The training set as ``cfg.supervision`` asks: unchanged for ``full`` / ``scribble``, clicks for
     ``clicks``, class-activation-map seeds for ``tags`` (this trains the tag classifier first; its checkpoint,
     the seeds, settings and a seed panel go to ``<out_dir>/cam/``; with ``cfg.cam_seeds`` the seeds are read
-    from that file instead, e.g. ``<earlier run>/cam/seeds.pt``)."""
+    from that file instead, e.g. ``<earlier run>/cam/seeds.pt``; a resumed run reads its own ``cam/seeds.pt``)."""
     sup = check_supervision(cfg.supervision)
     if sup == "clicks":
         return ClickLabels(train_ds, cfg.seed)
     if sup == "tags":
         from segops.weak.tags import CAMSettings, load_seeds, tag_seeds
 
-        if getattr(cfg, "cam_seeds", None):
-            seeds = load_seeds(cfg.cam_seeds, len(train_ds))  # type: ignore[arg-type]
-            log("cam seeds: read %d seed maps from %s" % (len(seeds), cfg.cam_seeds))
+        seeds_file = getattr(cfg, "cam_seeds", None)
+        own_seeds = os.path.join(cfg.out_dir, "cam", "seeds.pt")
+        if not seeds_file and getattr(cfg, "resume", None) and os.path.isfile(own_seeds):
+            seeds_file = own_seeds  # a resumed run continues on the seeds it started with
+        if seeds_file:
+            seeds = load_seeds(seeds_file, len(train_ds))  # type: ignore[arg-type]
+            log("cam seeds: read %d seed maps from %s" % (len(seeds), seeds_file))
         else:
             # the classifier draws from torch's global generator: leave it as the caller seeded it, so the
             # segmentation network starts the same whether the seeds are computed here or read from a file
