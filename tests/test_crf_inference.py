@@ -15,6 +15,7 @@ from conftest import require_optional
 from segops import nn as snn
 from segops import reference_lattice as R
 from segops.ops import CRFKernel, MeanFieldCRF, dense_crf_inference, unary_from_labels, unary_from_softmax
+from segops.ops.crf_inference import crf_mean_field_update
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -192,6 +193,140 @@ def test_pydensecrf_utils_unaries():
         np.testing.assert_allclose(got, ref, rtol=2 * EPS32, atol=0)  # float32 constants rounded alike
 
 
+# ---- the fused update op -------------------------------------------------------------------------------------
+
+
+def update_twin(unary, messages, scales, weights):
+    """softmax(-unary + sum_j w_j s_j m_j) in float64 torch ops."""
+    logits = -unary.double()
+    for m, s, w in zip(messages, scales, weights):
+        logits = logits + w * (m.double() if s is None else s.double() * m.double())
+    return torch.softmax(logits, 1)
+
+
+def update_inputs(shape, terms, scaled, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    unary = (torch.rand(shape, generator=g, dtype=torch.float64) * 6 - 1).to(dtype)
+    messages = [(torch.rand(shape, generator=g, dtype=torch.float64) * 2).to(dtype) for _ in range(terms)]
+    sshape = (shape[0], 1) + tuple(shape[2:])
+    scales = [(torch.rand(sshape, generator=g, dtype=torch.float64) + 0.5).to(dtype) if scaled[j % len(scaled)]
+              else None for j in range(terms)]
+    weights = [float(w) for w in (torch.rand(terms, generator=g, dtype=torch.float64) * 20 - 10)]
+    return unary, messages, scales, weights
+
+
+@given(
+    B=st.integers(0, 3), K=st.integers(1, 23), spatial=st.lists(st.integers(0, 70), min_size=0, max_size=2),
+    terms=st.integers(0, 8), scaled=st.lists(st.booleans(), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    layout=st.sampled_from(["contiguous", "channels_last", "sliced"]), seed=st.integers(0, 2**16),
+)
+def test_update_matches_twin(B, K, spatial, terms, scaled, dtype, layout, seed):
+    shape = (B, K) + tuple(spatial)
+    unary, messages, scales, weights = update_inputs(shape, terms, scaled, dtype, seed)
+    if layout == "channels_last" and unary.dim() == 4:
+        unary = unary.contiguous(memory_format=torch.channels_last)
+        messages = [m.contiguous(memory_format=torch.channels_last) for m in messages]
+    if layout == "sliced":  # every other class of twice as many: strided inputs
+        unary = torch.cat([unary, unary], 1)[:, ::2]
+    q = crf_mean_field_update(unary, messages, scales, weights)
+    assert q.shape == unary.shape and q.dtype == dtype and q.is_contiguous()
+    want = update_twin(unary, messages, scales, weights)
+    # float32: logits |l| <= ~6 + 8 * 10 * 1.5 * 2 accumulate <= 9 rounded terms (~9 eps * 250 absolute) before
+    # an exp with ~1 ulp (exp_poly) and a K-term normalisation; marginals <= 1: bound 2e-4 absolute. float64:
+    # the same with eps = 2.2e-16. Half types round the inputs first (the twin reads the same rounded values)
+    # and the output to 8 (bfloat16) / 11 (float16) bits: half an ulp of a value <= 1.
+    atol = {torch.float32: 2e-4, torch.float64: 1e-12, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    torch.testing.assert_close(q.double(), want, rtol=0, atol=atol)
+
+
+def test_update_blocked_path_matches_per_pixel_path():
+    """float32 NCHW runs the CPU's pixel-blocked path (tails included: N = 3 * 64 + 37); float64 the per-pixel
+    functor the GPU runs. Same terms in the same order, so they differ by exp's rounding only."""
+    shape = (2, 21, 7, 33)
+    unary, messages, scales, weights = update_inputs(shape, 3, [True, False], torch.float32, 0)
+    q32 = crf_mean_field_update(unary, messages, scales, weights)
+    q64 = crf_mean_field_update(unary.double(), [m.double() for m in messages],
+                                [s.double() if s is not None else None for s in scales], weights)
+    # the float32 logits carry ~4 eps * 70 of rounding; exp_poly ~1 ulp: bound 1e-5 on marginals <= 1
+    torch.testing.assert_close(q32.double(), q64, rtol=0, atol=1e-5)
+
+
+def test_update_out_op_writes_the_buffer():
+    unary, messages, scales, weights = update_inputs((2, 5, 9, 70), 2, [True], torch.float32, 1)
+    out = torch.full_like(unary, float("nan"))
+    fixed = [s if s is not None else unary.new_empty(0) for s in scales]
+    torch.ops.segops._crf_mean_field_update_out(unary, messages, fixed, weights, out)
+    assert torch.equal(out, crf_mean_field_update(unary, messages, scales, weights))
+    with pytest.raises(RuntimeError, match="out shares memory with messages"):
+        torch.ops.segops._crf_mean_field_update_out(unary, messages, fixed, weights, messages[1])
+    with pytest.raises(RuntimeError, match="out must be a contiguous tensor of the unary's shape"):
+        torch.ops.segops._crf_mean_field_update_out(unary, messages, fixed, weights, out[:1])
+
+
+def test_update_opcheck():
+    unary, messages, scales, weights = update_inputs((2, 4, 5, 6), 2, [True, False], torch.float64, 2)
+    fixed = [s if s is not None else unary.new_empty(0) for s in scales]
+    unary.requires_grad_()
+    for m in messages:
+        m.requires_grad_()
+    torch.library.opcheck(torch.ops.segops.crf_mean_field_update.default, (unary, messages, fixed, weights))
+    q = crf_mean_field_update(unary, messages, scales, weights).detach()
+    grad = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.library.opcheck(torch.ops.segops._crf_mean_field_update_backward.default,
+                          (grad.requires_grad_(), q.requires_grad_()))
+    out = torch.empty_like(unary).detach()
+    torch.library.opcheck(torch.ops.segops._crf_mean_field_update_out.default,
+                          (unary.detach(), [m.detach() for m in messages], fixed, weights, out))
+
+
+def test_update_gradcheck_and_double_backward():
+    unary, messages, scales, weights = update_inputs((2, 4, 3, 5), 3, [True, False], torch.float64, 3)
+    scales = [s.requires_grad_() if s is not None else None for s in scales]
+    args = [unary.requires_grad_()] + [m.requires_grad_() for m in messages] + [s for s in scales if s is not None]
+
+    def f(u, m0, m1, m2, *ss):
+        it = iter(ss)
+        return crf_mean_field_update(u, [m0, m1, m2], [next(it) if s is not None else None for s in scales], weights)
+
+    assert torch.autograd.gradcheck(f, tuple(args))
+    assert torch.autograd.gradgradcheck(f, tuple(args))
+
+
+def test_update_errors():
+    unary, messages, scales, weights = update_inputs((1, 3, 4, 5), 2, [True], torch.float32, 4)
+    fixed = [s if s is not None else unary.new_empty(0) for s in scales]
+    op = torch.ops.segops.crf_mean_field_update.default
+    cases = [
+        ((unary, messages[:1], fixed, weights), r"messages, scales and weights must have the same length"),
+        ((unary, [messages[0][:, :2]] * 2, fixed, weights), r"messages\[0\] must have the unary's shape"),
+        ((unary, [messages[0].double()] * 2, fixed, weights), r"dtype Double must equal the unary dtype Float"),
+        ((unary, messages, [fixed[0][:, :, :2]] * 2, weights), r"scales\[0\] must be empty or \(B, 1, \*spatial\)"),
+        ((unary, messages, fixed, [1.0, float("inf")]), r"weights\[1\] must be finite"),
+        ((unary, messages * 5, fixed * 5, weights * 5), r"at most 8 messages"),
+        ((unary.long(), [], [], []), r"unary must be float32, float64, float16 or bfloat16"),
+        ((unary[:, :0], [], [], []), r"at least one class"),
+        ((unary[0, 0, 0], [], [], []), r"unary must have shape \(B, K, \*spatial\)"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+    with pytest.raises(RuntimeError, match="grad must have q's shape"):
+        torch.ops.segops._crf_mean_field_update_backward.default(unary[:, :2], unary)
+
+
+def test_no_grad_path_equals_autograd_path():
+    """Inference without autograd reuses buffers (the _out op); with autograd it builds a graph. Same ops."""
+    unary, images = small_case(B=2, K=5, H=20, W=70, seed=6)
+    kern = [CRFKernel(torch.rand(1, 3, 20, 70, generator=torch.Generator().manual_seed(0)), torch.ones(5) * 0.5)]
+    with torch.no_grad():
+        a = dense_crf_inference(unary, images, 4, kernels=kern)
+    u = unary.clone().requires_grad_()
+    b = dense_crf_inference(u, images, 4, kernels=kern)
+    assert b.requires_grad
+    assert torch.equal(a, b.detach())
+
+
 # ---- a pure-PyTorch twin (the reference lattice, per image, no shared lattice) -----------------------------
 
 
@@ -254,9 +389,11 @@ def small_case(B=2, K=4, H=11, W=13, seed=0, dtype=torch.float32):
 def test_zero_iterations_and_switched_off_kernels_give_softmax():
     unary, images = small_case()
     expected = torch.softmax(-unary, 1)
-    assert torch.equal(dense_crf_inference(unary, images, 0), expected)
-    assert torch.equal(dense_crf_inference(unary, images, 7, gaussian_compat=0, bilateral_compat=0), expected)
-    assert torch.equal(dense_crf_inference(unary, None, 3, gaussian_compat=0, bilateral_compat=0), expected)
+    got = dense_crf_inference(unary, images, 0)
+    # the fused update's exp (~1 ulp) and a K-term normalisation against torch's softmax: 4 eps on values <= 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=4 * EPS32)
+    assert torch.equal(dense_crf_inference(unary, images, 7, gaussian_compat=0, bilateral_compat=0), got)
+    assert torch.equal(dense_crf_inference(unary, None, 3, gaussian_compat=0, bilateral_compat=0), got)
 
 
 def test_marginals_are_distributions_and_smooth_the_unary():
@@ -372,9 +509,10 @@ def test_module_learns_compat():
     q[:, 0].sum().backward()
     assert logits.grad is not None and crf.gaussian_compat.grad is not None and crf.bilateral_compat.grad is not None
     assert float(crf.gaussian_compat.grad.abs()) > 0 and float(crf.bilateral_compat.grad.abs()) > 0
-    # the module is the functional op on unary = -logits
+    # the module is the functional op on unary = -logits; tensor weights take the message path (weight * W q
+    # in torch, then -1 in the update) instead of passing the weight to the update: float64 rounding order only
     want = dense_crf_inference(-logits.detach(), images, 3, 3.0, 3.0, 80.0, 13.0, 10.0)
-    torch.testing.assert_close(q.detach(), want, rtol=0, atol=0)
+    torch.testing.assert_close(q.detach(), want, rtol=0, atol=1e-14)
 
 
 def test_module_deeplab_defaults_and_overrides():
@@ -474,6 +612,21 @@ def test_cuda_matches_cpu(mode):
     # float32 on both; the CUDA splat adds in another order (atomics): the pydensecrf bound of rounding-order
     # differences applies, with pairwise logits S <= ~40 here
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=128 * EPS32 * 40)
+    # the fused update alone: the same per-pixel functor (float64), and float32 against the CPU's blocked path
+    upd = update_inputs((3, 21, 40, 48), 2, [True, False], torch.float64, 5)
+    moved = [upd[0].cuda(), [m.cuda() for m in upd[1]], [s.cuda() if s is not None else None for s in upd[2]],
+             upd[3]]
+    torch.testing.assert_close(crf_mean_field_update(*moved).cpu(), crf_mean_field_update(*upd), rtol=0,
+                               atol=1e-14)  # float64 exp rounding on the two devices
+    upd32 = update_inputs((3, 21, 40, 48), 2, [True, False], torch.float32, 5)
+    moved32 = [upd32[0].cuda(), [m.cuda() for m in upd32[1]],
+               [s.cuda() if s is not None else None for s in upd32[2]], upd32[3]]
+    torch.testing.assert_close(crf_mean_field_update(*moved32).cpu(), crf_mean_field_update(*upd32), rtol=0,
+                               atol=2e-4)  # exp_poly vs expf, logits up to ~250 (see test_update_matches_twin)
+    g = torch.randn(3, 21, 40, 48, dtype=torch.float64)
+    q = crf_mean_field_update(*upd)
+    torch.testing.assert_close(torch.ops.segops._crf_mean_field_update_backward(g.cuda(), q.cuda()).cpu(),
+                               torch.ops.segops._crf_mean_field_update_backward(g, q), rtol=0, atol=1e-14)
     u = unary.double().cuda().requires_grad_()
     dense_crf_inference(u, images.cuda(), 3)[:, 0].sum().backward()
     u_cpu = unary.double().requires_grad_()

@@ -29,12 +29,15 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from segops.ops._checks import check_same_device
+
 __all__ = [
     "dense_crf_inference",
     "MeanFieldCRF",
     "CRFKernel",
     "unary_from_softmax",
     "unary_from_labels",
+    "crf_mean_field_update",
     "NORMALIZATIONS",
 ]
 
@@ -97,9 +100,109 @@ def _bandwidths(what: str, v: object, n: int) -> List[float]:
     return [_positive(what, v)] * n
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every element is finite, with one reduction and one host read: a NaN or Inf makes the sum
+    non-finite; only then (or when finite values overflow the sum) is each element checked."""
+    if t.numel() == 0:
+        return True
+    t = t.detach()
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Marginals and lattices are computed in float64 for float64 unaries, else in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- the fused update op -----------------------------------------------------------------------------------
+
+MAX_TERMS = 8  # messages per crf_mean_field_update call (the Python layer folds any beyond that)
+
+
+def crf_mean_field_update(unary: Tensor, messages: Sequence[Tensor], scales: Sequence[Optional[Tensor]],
+                          weights: Sequence[float]) -> Tensor:
+    """One mean-field update in one pass: ``softmax over dim 1 of (-unary + sum_j weights[j] * scales[j] *
+    messages[j])``.
+
+    Args:
+        unary: ``(B, K, *spatial)`` float32 / float64 / float16 / bfloat16 energies.
+        messages: up to 8 tensors shaped like ``unary`` (filtered marginals, or compatibilities applied to them).
+        scales: one per message: ``(B, 1, *spatial)`` per-pixel factors (a kernel's normalisation) or None.
+        weights: one finite number per message (a Potts weight; -1 subtracts a message as it is).
+
+    Returns:
+        The marginals, contiguous, ``unary``'s shape and dtype (half types accumulate in float32).
+        Differentiable in every tensor argument.
+    """
+    fixed = [s if s is not None else unary.new_empty((0,)) for s in scales]
+    return torch.ops.segops.crf_mean_field_update.default(unary, list(messages), fixed, [float(w) for w in weights])
+
+
+@torch.library.register_fake("segops::crf_mean_field_update")
+def _update_fake(unary, messages, scales, weights):
+    torch._check(unary.dim() >= 2, lambda: "crf_mean_field_update: unary must have shape (B, K, *spatial)")
+    torch._check(len(messages) == len(scales) == len(weights),
+                 lambda: "crf_mean_field_update: messages, scales and weights must have the same length")
+    torch._check(len(messages) <= MAX_TERMS, lambda: "crf_mean_field_update: at most 8 messages")
+    for m in messages:
+        torch._check(m.shape == unary.shape, lambda: "crf_mean_field_update: messages must have the unary's shape")
+        check_same_device("crf_mean_field_update", "unary", unary, messages=m)
+    for t in scales:
+        check_same_device("crf_mean_field_update", "unary", unary, scales=t)
+    return torch.empty_like(unary, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("segops::_crf_mean_field_update_out")
+def _update_out_fake(unary, messages, scales, weights, out):
+    _update_fake(unary, messages, scales, weights)
+    torch._check(out.shape == unary.shape, lambda: "crf_mean_field_update: out must have the unary's shape")
+
+
+@torch.library.register_fake("segops::_crf_mean_field_update_backward")
+def _update_backward_fake(grad, q):
+    torch._check(grad.shape == q.shape, lambda: "_crf_mean_field_update_backward: grad must have q's shape")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _update_setup_context(ctx, inputs, output) -> None:
+    _, messages, scales, weights = inputs
+    ctx.n = len(messages)
+    ctx.weights = list(weights)
+    ctx.has_scale = [s.numel() > 0 for s in scales]
+    # the messages are needed only for the scales' gradient (normalisation scales are constants in inference)
+    ctx.scale_grad = any(s.requires_grad for s in scales)
+    ctx.save_for_backward(output, *scales, *(messages if ctx.scale_grad else ()))
+
+
+def _update_backward(ctx, grad: Tensor):
+    q, *rest = ctx.saved_tensors
+    scales, messages = rest[: ctx.n], rest[ctx.n:]
+    gl = torch.ops.segops._crf_mean_field_update_backward.default(grad.contiguous(), q)
+    grad_messages = [gl * (w * s) if has else gl * w for w, s, has in zip(ctx.weights, scales, ctx.has_scale)]
+    grad_scales = [None] * ctx.n
+    if ctx.scale_grad:
+        grad_scales = [(gl * m).sum(1, keepdim=True) * w if has else None
+                       for w, m, has in zip(ctx.weights, messages, ctx.has_scale)]
+    # torch.library treats a non-empty list of floats as one leaf (gradient None), an empty one as an empty list
+    return -gl, grad_messages, grad_scales, (None if ctx.n else [])
+
+
+def _update_backward_setup_context(ctx, inputs, output) -> None:
+    grad, q = inputs
+    ctx.save_for_backward(grad, q)
+
+
+def _update_backward_backward(ctx, c: Tensor):
+    # gl_k = q_k (g_k - <g, q>): d/dg is the same map applied to c; d/dq_j = c_j (g_j - <g, q>) - g_j <c, q>
+    grad, q = ctx.saved_tensors
+    gg = torch.ops.segops._crf_mean_field_update_backward.default(c.contiguous(), q)
+    gq = c * (grad - (grad * q).sum(1, keepdim=True)) - grad * (c * q).sum(1, keepdim=True)
+    return gg, gq
+
+
+torch.library.register_autograd("segops::crf_mean_field_update", _update_backward, setup_context=_update_setup_context)
+torch.library.register_autograd("segops::_crf_mean_field_update_backward", _update_backward_backward,
+                                setup_context=_update_backward_setup_context)
 
 
 # ---- the lattice (one adapter over the lattice ops) --------------------------------------------------------
@@ -154,7 +257,7 @@ def _compat(what: str, compat: Compat, K: int, dtype: torch.dtype, device: torch
     if t.device != device and t.device.type != "cpu":
         raise ValueError("%s is on %s but the unary is on %s" % (what, t.device, device))
     t = t.to(device=device, dtype=dtype)
-    if t.numel() > 0 and not bool(torch.isfinite(t.detach()).all()):
+    if not _all_finite(t):
         raise ValueError("%s contains NaN or Inf" % what)
     if t.dim() == 0:
         return "potts", t
@@ -169,12 +272,13 @@ def _compat(what: str, compat: Compat, K: int, dtype: torch.dtype, device: torch
 class _Kernel:
     """One pairwise term: its lattice, normalisation scales and compatibility (pydensecrf's PairwisePotential)."""
 
-    def __init__(self, lattice: _Lattice, normalization: str, kind: str, compat: object) -> None:
+    def __init__(self, lattice: _Lattice, normalization: str, kind: str, compat: object, batch: int) -> None:
         self.lattice = lattice
         self.normalization = normalization
         self.kind = kind
         self.compat = compat
-        w1 = lattice.w1
+        # a lattice shared by the batch has one W 1 for all images: per image for the fused update
+        w1 = lattice.w1.expand((batch,) + tuple(lattice.w1.shape[1:])).contiguous()
         self.pre: Optional[Tensor] = None  # multiplies the values before filtering, per pixel
         self.post: Optional[Tensor] = None  # multiplies the filtered values, per pixel
         # pydensecrf's DenseKernel: norm = 1 / (W 1 + 1e-20) (its square root for "symmetric")
@@ -225,7 +329,7 @@ class MeanFieldCRF:
             raise TypeError("unary must be floating point (energies -log p), got %s" % unary.dtype)
         if unary.shape[1] < 1:
             raise ValueError("unary must have K >= 1 labels, got shape %s" % (tuple(unary.shape),))
-        if unary.numel() > 0 and not bool(torch.isfinite(unary.detach()).all()):
+        if not _all_finite(unary):
             raise ValueError("unary contains NaN or Inf (energies are -log p: clip p, e.g. unary_from_softmax)")
         self.out_dtype = unary.dtype
         self.dtype = _acc_dtype(unary.dtype)
@@ -248,7 +352,7 @@ class MeanFieldCRF:
         norm = _normalization(normalization, "%s: normalization" % what)
         if kind == "off" or self._empty:
             return  # a Potts weight of 0 adds nothing: no lattice is built
-        self.kernels.append(_Kernel(_Lattice(features, self.dtype), norm, kind, value))
+        self.kernels.append(_Kernel(_Lattice(features, self.dtype), norm, kind, value, self.unary.shape[0]))
 
     def _positions(self, sxy: List[float]) -> Tensor:
         """``(1, 2, H, W)``: (column / sx, row / sy), 0-based, as pydensecrf's features."""
@@ -293,7 +397,7 @@ class MeanFieldCRF:
                              % (images.device, self.device))
         s = _bandwidths("add_pairwise_bilateral: sxy", sxy, 2)
         srgb_ = _bandwidths("add_pairwise_bilateral: srgb", srgb, C)
-        if images.is_floating_point() and images.numel() > 0 and not bool(torch.isfinite(images).all()):
+        if images.is_floating_point() and not _all_finite(images):
             raise ValueError("add_pairwise_bilateral: images contain NaN or Inf")
         colours = images.to(self.dtype) / torch.tensor(srgb_, dtype=self.dtype, device=self.device).view(1, C, 1, 1)
         feats = torch.cat([self._positions(s).expand(B, 2, H, W), colours], 1)
@@ -317,7 +421,7 @@ class MeanFieldCRF:
             raise TypeError("%s: features must be floating point, got %s" % (what, features.dtype))
         if features.device != self.device:
             raise ValueError("%s: features are on %s but the unary is on %s" % (what, features.device, self.device))
-        if features.numel() > 0 and not bool(torch.isfinite(features).all()):
+        if not _all_finite(features):
             raise ValueError("%s: features contain NaN or Inf" % what)
         self._add(features.detach(), compat, normalization, what)
 
@@ -327,28 +431,88 @@ class MeanFieldCRF:
         return q.to(self.out_dtype)
 
     def _logits(self, q: Tensor) -> Tensor:
+        """``-U - sum_m compat_m(filter_m(q))`` in plain torch ops (the reference of :meth:`_update`)."""
         logits = -self.unary
         for k in self.kernels:
             logits = logits - k.message(q)
         return logits
 
+    def _terms(self, q: Tensor, pre_out: Optional[List[Tensor]] = None
+               ) -> Tuple[List[Tensor], List[Optional[Tensor]], List[float]]:
+        """The update's (messages, scales, weights): a Potts kernel with a number as weight passes its filtered
+        marginals, normalisation scale and weight (the sum is fused into the update); other compatibilities
+        pass their message with weight -1. ``pre_out[m]``: a buffer for kernel m's pre-scaled marginals."""
+        messages: List[Tensor] = []
+        scales: List[Optional[Tensor]] = []
+        weights: List[float] = []
+        for m, k in enumerate(self.kernels):
+            if k.kind == "potts" and not isinstance(k.compat, Tensor):
+                x = q
+                if k.pre is not None:
+                    x = torch.mul(q, k.pre, out=pre_out[m]) if pre_out is not None else q * k.pre
+                messages.append(k.lattice.filter(x))
+                scales.append(k.post)
+                weights.append(k.compat)  # type: ignore[arg-type]
+            else:
+                messages.append(k.message(q))
+                scales.append(None)
+                weights.append(-1.0)
+        if len(messages) > MAX_TERMS:  # fold the rest into one message
+            rest = zip(messages[MAX_TERMS - 1:], scales[MAX_TERMS - 1:], weights[MAX_TERMS - 1:])
+            folded = sum(mm * w if sc is None else mm * (w * sc) for mm, sc, w in rest)
+            del messages[MAX_TERMS - 1:], scales[MAX_TERMS - 1:], weights[MAX_TERMS - 1:]
+            messages.append(folded)  # type: ignore[arg-type]
+            scales.append(None)
+            weights.append(1.0)
+        return messages, scales, weights
+
+    def _update(self, q: Tensor) -> Tensor:
+        """``softmax(self._logits(q))`` with the sum and the softmax fused into one pass (differentiable)."""
+        return crf_mean_field_update(self.unary, *self._terms(q))
+
+    def _iterate_without_grad(self, q: Tensor, iterations: int) -> Tensor:
+        """The same updates, reusing the marginals' and pre-scaled marginals' buffers across iterations: a fresh
+        (B, K, H, W) tensor per pass costs more in first-touch page faults than the pass itself."""
+        pre_out = [torch.empty_like(q) if k.pre is not None else q for k in self.kernels]
+        spare = torch.empty_like(q)
+        for _ in range(iterations):
+            messages, scales, weights = self._terms(q, pre_out)
+            fixed = [sc if sc is not None else q.new_empty((0,)) for sc in scales]
+            torch.ops.segops._crf_mean_field_update_out(self.unary, messages, fixed, weights, spare)
+            q, spare = spare, q
+        return q
+
+    def _needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return self.unary.requires_grad or any(isinstance(k.compat, Tensor) and k.compat.requires_grad
+                                               for k in self.kernels)
+
     def start_inference(self) -> Tensor:
         """``Q = softmax(-U)`` over the labels (pydensecrf's ``startInference``), ``(B, K, ...)``."""
-        return self._out(torch.softmax(-self.unary, 1))
+        return self._out(self._softmax_of_unary())
+
+    def _softmax_of_unary(self) -> Tensor:
+        return crf_mean_field_update(self.unary, [], [], [])  # no messages: softmax(-U) in one pass
 
     def step_inference(self, q: Tensor) -> Tensor:
         """One mean-field update ``softmax(-U - sum_m compat_m(filter_m(q)))`` (pydensecrf's ``stepInference``,
         returning the new marginals instead of updating in place)."""
         self._check_marginals("step_inference", q)
-        return self._out(torch.softmax(self._logits(q.to(self.dtype)), 1))
+        return self._out(self._update(q.to(self.dtype)))
 
     def inference(self, iterations: int = 5) -> Tensor:
         """The marginals after ``iterations`` mean-field updates (0: ``softmax(-U)``), ``(B, K, ...)``."""
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError("iterations must be an integer >= 0, got %r" % (iterations,))
-        q = torch.softmax(-self.unary, 1)
-        for _ in range(iterations if self.kernels else 0):
-            q = torch.softmax(self._logits(q), 1)
+        q = self._softmax_of_unary()
+        if not self.kernels or iterations == 0:
+            return self._out(q)
+        if not self._needs_grad():
+            with torch.no_grad():
+                return self._out(self._iterate_without_grad(q, iterations))
+        for _ in range(iterations):
+            q = self._update(q)
         return self._out(q)
 
     def kl_divergence(self, q: Tensor) -> Tensor:
