@@ -409,11 +409,14 @@ def evaluate(
     device: torch.device,
     amp: bool = False,
     panels: int = 0,
+    crf: Optional[nn.Module] = None,
 ) -> Tuple[Dict[str, object], List[np.ndarray]]:
     """Confusion-matrix metrics of ``model`` on ``loader`` (all-reduced under DDP) and up to ``panels``
-    visualisation rows (from this rank's first batches)."""
+    visualisation rows (from this rank's first batches). With ``crf`` (a :class:`segops.nn.DenseCRF`), the
+    metrics of the CRF-refined predictions as well, under the key ``"crf"``."""
     model.eval()
     cm = ConfusionMatrix(num_classes, 255, device=device)
+    cm_crf = ConfusionMatrix(num_classes, 255, device=device) if crf is not None else None
     rows: List[np.ndarray] = []
     for batch in loader:
         images = batch["image"].to(device)  # type: ignore[union-attr]
@@ -427,12 +430,17 @@ def evaluate(
         if isinstance(roi, Tensor):  # padded pixels are void
             mask = torch.where(roi.to(device) > 0.5, mask, torch.full_like(mask, 255))
         cm.update(pred, mask)
+        if cm_crf is not None:
+            cm_crf.update(crf(logits.float(), images).argmax(1), mask)  # type: ignore[misc]
         for j in range(pred.shape[0]):
             if len(rows) >= panels:
                 break
             rows.append(_panel_row(images[j], batch["scribble"][j], pred[j], batch["mask"][j]))  # type: ignore[index]
     model.train()
-    return cm.compute(sync=True), rows
+    res = cm.compute(sync=True)
+    if cm_crf is not None:
+        res["crf"] = cm_crf.compute(sync=True)
+    return res, rows
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -697,8 +705,10 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int = 8,
     model_fn=None,
+    crf: Optional[nn.Module] = None,
 ) -> Dict[str, object]:
-    """Metrics of a checkpoint on its validation set (or ``data`` / ``data_root`` / ``split`` overrides)."""
+    """Metrics of a checkpoint on its validation set (or ``data`` / ``data_root`` / ``split`` overrides); with
+    ``crf``, also those of the CRF-refined predictions (key ``"crf"``)."""
     dev = _select_device(device, 0)
     ck = load_checkpoint(checkpoint, map_location=dev)
     model, cfg = _model_from_checkpoint(ck, dev, model_fn)
@@ -713,14 +723,16 @@ def evaluate_checkpoint(
     if K != int(ck["num_classes"]):  # type: ignore[arg-type]
         raise ValueError("the checkpoint has %s classes but the dataset has %d" % (ck["num_classes"], K))
     loader = DataLoader(val_ds, batch_size if cfg.data == "synthetic" else 1, shuffle=False, collate_fn=_collate)
-    res, _ = evaluate(model, loader, K, dev)
+    res, _ = evaluate(model, loader, K, dev, crf=crf)
     res["class_names"] = list(names)
     return res
 
 
 @torch.no_grad()
-def predict_files(checkpoint: str, inputs: Sequence[str], out_dir: str, device: str = "auto", model_fn=None) -> List[str]:
-    """Writes one palette PNG mask (VOC colours) per input image into ``out_dir``; returns the paths."""
+def predict_files(checkpoint: str, inputs: Sequence[str], out_dir: str, device: str = "auto", model_fn=None,
+                  crf: Optional[nn.Module] = None) -> List[str]:
+    """Writes one palette PNG mask (VOC colours) per input image into ``out_dir``; returns the paths. With
+    ``crf`` (a :class:`segops.nn.DenseCRF`) the masks are the argmax of the CRF-refined marginals."""
     from PIL import Image
 
     from segops.data.voc import read_image, voc_palette
@@ -737,6 +749,8 @@ def predict_files(checkpoint: str, inputs: Sequence[str], out_dir: str, device: 
         logits = model(normalize(x))
         if logits.shape[-2:] != x.shape[-2:]:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if crf is not None:
+            logits = crf(logits.float(), x)
         pred = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
         im = Image.fromarray(pred, mode="P")
         im.putpalette(pal)

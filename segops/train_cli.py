@@ -129,23 +129,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from segops.crf_postprocess import crf_from_args, crf_report
     from segops.metrics import format_iou_table
     from segops.train import evaluate_checkpoint
 
-    res = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.device, args.batch_size)
+    crf = crf_from_args(args)
+    res = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.split, args.device, args.batch_size,
+                              crf=crf)
     print(format_iou_table(res, res["class_names"]))  # type: ignore[arg-type]
+    if crf is not None:
+        print(crf_report(res, format_iou_table))
     if args.json:
         out = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in res.items()}
+        if crf is not None:
+            out["crf"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in res["crf"].items()}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from segops.crf_postprocess import crf_from_args
     from segops.train import predict_files
 
     try:
-        outs = predict_files(args.checkpoint, args.images, args.out_dir, args.device)
+        outs = predict_files(args.checkpoint, args.images, args.out_dir, args.device, crf=crf_from_args(args))
     except _user_errors() as e:
         print("segops predict: error: %s" % e, file=sys.stderr)
         return 2
@@ -161,6 +169,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: Any) -> None:
+    from segops.crf_postprocess import add_crf_arguments
+
     p = sub.add_parser("train", help="train a segmentation model (full masks or scribbles; CE / pCE / CRF / ncut losses)")
     _add_train_args(p)
     p.set_defaults(func=_cmd_train)
@@ -173,6 +183,7 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    add_crf_arguments(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="segment image files into colour (VOC palette) PNG masks")
@@ -180,6 +191,7 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("images", nargs="+", help="input image files")
     p.add_argument("--out-dir", "-o", default="predictions", help="output folder (default %(default)s)")
     p.add_argument("--device", default="auto")
+    add_crf_arguments(p)
     p.set_defaults(func=_cmd_predict)
 
     from segops import demo
