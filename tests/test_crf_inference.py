@@ -632,3 +632,67 @@ def test_cuda_matches_cpu(mode):
     u_cpu = unary.double().requires_grad_()
     dense_crf_inference(u_cpu, images, 3)[:, 0].sum().backward()
     torch.testing.assert_close(u.grad.cpu(), u_cpu.grad, rtol=0, atol=1e-10)  # float64 rounding orders only
+
+
+# ---- segops eval / predict --crf --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A two-step model on the synthetic scribble data (enough to have logits worth refining)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from standins import tiny_fcn
+
+    from segops.train import TrainConfig, register_model, train
+
+    register_model("tiny", tiny_fcn)
+    out = tmp_path_factory.mktemp("crf_ck")
+    cfg = TrainConfig(model="tiny", model_width=0.5, data="synthetic", synthetic_train=8, synthetic_val=4,
+                      image_size=32, batch_size=2, epochs=1, max_steps=2, lr=0.01, out_dir=str(out / "run"),
+                      progress=False, panels=0, loss="ce", supervision="full")
+    train(cfg, log=lambda s: None)
+    return str(out / "run" / "last.pt")
+
+
+def test_eval_with_crf(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from segops import cli
+    from segops.train import evaluate_checkpoint
+
+    plain = evaluate_checkpoint(tiny_checkpoint)
+    assert "crf" not in plain
+    res = evaluate_checkpoint(tiny_checkpoint, crf=snn.DenseCRF.deeplab(iterations=2))
+    assert res["miou"] == plain["miou"] and 0.0 <= float(res["crf"]["miou"]) <= 1.0
+    # both kernels off: the refined prediction is argmax softmax(logits) = argmax logits
+    off = evaluate_checkpoint(tiny_checkpoint, crf=snn.DenseCRF(iterations=3, gaussian_compat=0, bilateral_compat=0))
+    assert torch.equal(off["crf"]["matrix"], off["matrix"])
+    out = tmp_path / "e.json"
+    assert cli.main(["eval", tiny_checkpoint, "--crf", "--crf-iterations", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "with the dense CRF:" in text and "without CRF" in text
+    saved = json.load(open(out))
+    assert saved["crf"]["miou"] == pytest.approx(float(res["crf"]["miou"]))
+    assert cli.main(["eval", tiny_checkpoint, "--crf", "--crf-bi-xy-std", "0"]) == 2
+    assert "--crf-bi-xy-std must be a positive finite number" in capsys.readouterr().err
+
+
+def test_predict_with_crf(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from segops import cli
+    from segops.train import predict_files
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(img)
+    crf = snn.DenseCRF(iterations=2, gaussian_compat=0, bilateral_compat=0)
+    plain = np.asarray(Image.open(predict_files(tiny_checkpoint, [str(img)], str(tmp_path / "a"))[0]))
+    off = np.asarray(Image.open(predict_files(tiny_checkpoint, [str(img)], str(tmp_path / "b"), crf=crf)[0]))
+    assert np.array_equal(plain, off)  # kernels off: the argmax of the logits
+    assert cli.main(["predict", tiny_checkpoint, str(img), "-o", str(tmp_path / "c"), "--crf",
+                     "--crf-iterations", "3"]) == 0
+    refined = Image.open(tmp_path / "c" / "x.png")
+    assert refined.mode == "P" and refined.size == (48, 40)
