@@ -21,7 +21,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 # Suite name -> module under segops.bench exposing run(ctx) -> list of row dicts.
-SUITES = ("losses", "crf", "conv", "models")
+SUITES = ("losses", "crf", "conv", "models", "crf-inference")
 
 
 class BenchContext:
@@ -166,7 +166,7 @@ def run_suites(names: List[str], ctx: BenchContext) -> List[Dict[str, Any]]:
     for name in names:
         if name not in SUITES:
             raise SystemExit("segops bench: unknown suite %r (known: %s)" % (name, ", ".join(SUITES)))
-        mod = importlib.import_module("segops.bench." + name)
+        mod = importlib.import_module("segops.bench." + name.replace("-", "_"))
         for row in mod.run(ctx):
             row.setdefault("suite", name)
             row.setdefault("device", str(ctx.device))
