@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from segops.ops._checks import check_same_device
+from segops.ops.lattice import build_lattice
 
 __all__ = [
     "dense_crf_inference",
@@ -216,23 +217,16 @@ class _Lattice:
     """
 
     def __init__(self, features: Tensor, dtype: torch.dtype) -> None:
-        ones = torch.ones((features.shape[0], 1) + tuple(features.shape[2:]), dtype=dtype, device=features.device)
-        # One build gives the lattice and W 1 (the normalisation modes' degree vector) together.
-        w1, self._vertex, self._bary, self._neighbors, self._norm = torch.ops.segops.permutohedral_filter.default(
-            ones, features.to(dtype), False
-        )
+        self._lattice = build_lattice(features.to(dtype))
         self.shared = features.shape[0] == 1
-        self.w1 = w1  # (B or 1, 1, *spatial)
+        self.w1 = self._lattice.norm()  # W 1, (B or 1, 1, *spatial): the normalisation modes' degree vector
 
     def filter(self, values: Tensor) -> Tensor:
         """``W values`` per image, ``values (B, C, *spatial)``; differentiable (the gradient is ``W^T grad``)."""
         shape = values.shape
         if self.shared and shape[0] != 1:
             values = values.reshape((1, shape[0] * shape[1]) + tuple(shape[2:]))
-        out = torch.ops.segops._permutohedral_filter_backward.default(
-            values.contiguous(), self._vertex, self._bary, self._neighbors, self._norm, False, False
-        )
-        return out.reshape(shape)
+        return self._lattice.filter(values.contiguous()).reshape(shape)
 
 
 # ---- compatibilities and kernels ---------------------------------------------------------------------------
