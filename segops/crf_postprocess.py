@@ -16,46 +16,39 @@ from segops.nn.dense_crf import DEEPLAB_DEFAULTS, DenseCRF
 __all__ = ["add_crf_arguments", "crf_from_args", "crf_report"]
 
 
+# (option, DenseCRF argument, type, metavar, what it is, whose default)
+_OPTIONS = (
+    ("--crf-iterations", "iterations", int, "N", "mean-field iterations", "DeepLab"),
+    ("--crf-pos-w", "gaussian_compat", float, "W", "smoothness kernel weight w2", "DeepLab"),
+    ("--crf-pos-xy-std", "gaussian_sxy", float, "PIXELS", "smoothness kernel sigma_gamma", "DeepLab"),
+    ("--crf-bi-w", "bilateral_compat", float, "W", "appearance kernel weight w1", "DeepLab-LargeFOV"),
+    ("--crf-bi-xy-std", "bilateral_sxy", float, "PIXELS", "appearance kernel sigma_alpha", "DeepLab-LargeFOV"),
+    ("--crf-bi-rgb-std", "bilateral_srgb", float, "RGB", "appearance kernel sigma_beta in 0..255 colour units",
+     "DeepLab-LargeFOV"),
+)
+
+
 def add_crf_arguments(p: argparse.ArgumentParser) -> None:
-    d = DEEPLAB_DEFAULTS
     g = p.add_argument_group("dense CRF post-processing (DeepLab; defaults: DeepLab-LargeFOV's)")
     g.add_argument("--crf", action="store_true",
                    help="refine predictions by mean-field inference in the fully connected CRF on the logits")
-    g.add_argument("--crf-iterations", type=int, default=d["iterations"], metavar="N",
-                   help="mean-field iterations (DeepLab: %(default)s)")
-    g.add_argument("--crf-pos-w", type=float, default=d["gaussian_compat"], metavar="W",
-                   help="smoothness kernel weight w2 (DeepLab: %(default)s)")
-    g.add_argument("--crf-pos-xy-std", type=float, default=d["gaussian_sxy"], metavar="PIXELS",
-                   help="smoothness kernel sigma_gamma (DeepLab: %(default)s)")
-    g.add_argument("--crf-bi-w", type=float, default=d["bilateral_compat"], metavar="W",
-                   help="appearance kernel weight w1 (DeepLab-LargeFOV: %(default)s)")
-    g.add_argument("--crf-bi-xy-std", type=float, default=d["bilateral_sxy"], metavar="PIXELS",
-                   help="appearance kernel sigma_alpha (DeepLab-LargeFOV: %(default)s)")
-    g.add_argument("--crf-bi-rgb-std", type=float, default=d["bilateral_srgb"], metavar="RGB",
-                   help="appearance kernel sigma_beta in 0..255 colour units (DeepLab-LargeFOV: %(default)s)")
+    for flag, key, kind, metavar, what, whose in _OPTIONS:
+        g.add_argument(flag, type=kind, default=DEEPLAB_DEFAULTS[key], metavar=metavar,
+                       help="%s (%s: %%(default)s)" % (what, whose))
 
 
 def crf_from_args(args: argparse.Namespace) -> Optional[DenseCRF]:
     """The :class:`DenseCRF` the options describe, or None without ``--crf``; ValueError names a bad option."""
     if not getattr(args, "crf", False):
         return None
+    kwargs = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, *_ in _OPTIONS}
     try:
-        return DenseCRF(
-            iterations=args.crf_iterations,
-            gaussian_sxy=args.crf_pos_xy_std,
-            gaussian_compat=args.crf_pos_w,
-            bilateral_sxy=args.crf_bi_xy_std,
-            bilateral_srgb=args.crf_bi_rgb_std,
-            bilateral_compat=args.crf_bi_w,
-        )
+        return DenseCRF(**kwargs)
     except ValueError as e:
-        names = {"iterations": "--crf-iterations", "gaussian_sxy": "--crf-pos-xy-std", "gaussian_compat": "--crf-pos-w",
-                 "bilateral_sxy": "--crf-bi-xy-std", "bilateral_srgb": "--crf-bi-rgb-std",
-                 "bilateral_compat": "--crf-bi-w"}
         msg = str(e)
-        for k, v in names.items():
-            if msg.startswith(k):
-                msg = v + msg[len(k):]
+        for flag, key, *_ in _OPTIONS:  # the module's message names its argument: name the option instead
+            if msg.startswith(key + " "):
+                msg = flag + msg[len(key):]
                 break
         raise ValueError(msg) from None
 
