@@ -443,6 +443,21 @@ def test_float64_agrees_with_float32():
     torch.testing.assert_close(q32.double(), q64, rtol=0, atol=128 * EPS32 * 13)
 
 
+def test_thread_count_does_not_change_results():
+    """Each pixel's update is computed alone and the lattice is deterministic: bitwise the same for 1 and 2
+    threads (the blocked update splits the pixels into tasks differently)."""
+    unary, images = small_case(B=2, K=21, H=33, W=70, seed=8)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dense_crf_inference(unary, images, 3)
+        torch.set_num_threads(2)
+        two = dense_crf_inference(unary, images, 3)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
 def test_half_unary_is_computed_in_float32():
     unary, images = small_case(K=3)
     q = dense_crf_inference(unary.half(), images, 3)
