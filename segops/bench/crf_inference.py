@@ -71,15 +71,16 @@ def pydensecrf_program(unary: np.ndarray, image: np.ndarray, gaussian, bilateral
     return d
 
 
-def _min_ms(fn: Callable[[], Any], runs: int) -> float:
-    """Smallest of `runs` wall times (ms) after a warm-up: for peers too slow for blocked_autorange."""
+def _min_ms(fn: Callable[[], Any], runs: int) -> Tuple[float, float]:
+    """(smallest wall time, smallest process CPU time) of `runs` calls after a warm-up, in ms: for peers too slow
+    for blocked_autorange. On one thread the CPU time is the work itself, whatever else loads the machine."""
     fn()
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall * 1e3, cpu * 1e3
 
 
 def _threads(n: int):
@@ -136,14 +137,19 @@ def _cpu_rows(ctx: BenchContext, g: torch.Generator) -> List[Dict[str, Any]]:
         case = _case_name(1, S, K, iterations, gaussian, bilateral, picture)
         for threads in (1, 2):
             with _threads(threads):
-                seg = _min_ms(ours, runs)
-                peer = _min_ms(lambda: d.inference(iterations), runs) if d is not None else None
-                eager = _min_ms(lambda: _torch_ops_inference(u, im, iterations, gaussian, bilateral), runs)
+                seg, seg_cpu = _min_ms(ours, runs)
+                peer, peer_cpu = _min_ms(lambda: d.inference(iterations), runs) if d is not None else (None, None)
+                eager, eager_cpu = _min_ms(lambda: _torch_ops_inference(u, im, iterations, gaussian, bilateral), runs)
+            load = os.getloadavg()[0]
             rows.append(dict(op="dense CRF inference vs pydensecrf2 (1 thread)", case=case + ", %d threads" % threads,
                              segops_ms=seg, torch_ms=peer, threads=threads, max_abs_diff_vs_pydensecrf=diff,
-                             eager_torch_ops_ms=eager, loadavg=os.getloadavg()[0]))
+                             segops_cpu_ms=seg_cpu, pydensecrf_cpu_ms=peer_cpu, eager_torch_ops_ms=eager,
+                             eager_torch_ops_cpu_ms=eager_cpu, loadavg=load))
+            if threads == 1 and d is not None:  # process CPU time: robust on a loaded machine
+                rows.append(dict(op="dense CRF inference vs pydensecrf2, CPU time", case=case + ", 1 thread",
+                                 segops_ms=seg_cpu, torch_ms=peer_cpu, threads=1, loadavg=load))
             rows.append(dict(op="dense CRF inference vs torch ops (same lattice)", case=case + ", %d threads"
-                             % threads, segops_ms=seg, torch_ms=eager, threads=threads, loadavg=os.getloadavg()[0]))
+                             % threads, segops_ms=seg, torch_ms=eager, threads=threads, loadavg=load))
         one = [r for r in rows if r["case"] == case + ", 1 threads"][0]["segops_ms"]
         two = [r for r in rows if r["case"] == case + ", 2 threads"][0]["segops_ms"]
         rows.append(dict(op="dense CRF inference threads 2 vs 1", case=case + " (torch ms = 1 thread)",
@@ -173,7 +179,7 @@ def _cuda_rows(ctx: BenchContext, g: torch.Generator) -> List[Dict[str, Any]]:
             q = ours().cpu().numpy()
             diff = max(float(np.abs(q[b] - np.array(p.inference(iterations)).reshape(K, S, S)).max())
                        for b, p in enumerate(progs))
-            peer = _min_ms(lambda: [p.inference(iterations) for p in progs], 1)
+            peer = _min_ms(lambda: [p.inference(iterations) for p in progs], 1)[0]
         rows.append(dict(op="dense CRF inference GPU vs pydensecrf2 (1 CPU thread)",
                          case=_case_name(B, S, K, iterations, gaussian, bilateral, picture), segops_ms=seg,
                          torch_ms=peer, segops_mem=ctx.peak_bytes(ours), max_abs_diff_vs_pydensecrf=diff))
