@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import require_optional
 from segops import nn as snn
+from segops import reference
 from segops import reference_lattice as R
 from segops.ops import CRFKernel, MeanFieldCRF, dense_crf_inference, unary_from_labels, unary_from_softmax
 from segops.ops.crf_inference import crf_mean_field_update
@@ -197,11 +198,9 @@ def test_pydensecrf_utils_unaries():
 
 
 def update_twin(unary, messages, scales, weights):
-    """softmax(-unary + sum_j w_j s_j m_j) in float64 torch ops."""
-    logits = -unary.double()
-    for m, s, w in zip(messages, scales, weights):
-        logits = logits + w * (m.double() if s is None else s.double() * m.double())
-    return torch.softmax(logits, 1)
+    """segops.reference's twin, in float64."""
+    return reference.crf_mean_field_update(unary.double(), [m.double() for m in messages],
+                                           [s.double() if s is not None else None for s in scales], weights)
 
 
 def update_inputs(shape, terms, scaled, dtype, seed):
