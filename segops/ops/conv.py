@@ -40,6 +40,11 @@ IntPair = Union[int, Sequence[int]]
 
 
 def _pair(name: str, v: IntPair) -> List[int]:
+    t = type(v)
+    if t is int:
+        return [v, v]
+    if (t is tuple or t is list) and len(v) == 2 and type(v[0]) is int and type(v[1]) is int:
+        return [v[0], v[1]]  # the layers' (h, w) tuples: the common case, checked without a generator
     if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
         return [v, v]
     try:
@@ -75,6 +80,11 @@ def _require(cond, fmt: str, *args) -> None:
 
 
 def _check_common(op: str, input: Tensor, weight: Tensor, stride, padding, dilation, output_padding, groups) -> None:
+    if (input.dim() == 4 and weight.dim() == 4 and stride[0] > 0 and stride[1] > 0 and padding[0] >= 0
+            and padding[1] >= 0 and dilation[0] > 0 and dilation[1] > 0 and groups > 0
+            and 0 <= output_padding[0] < max(stride[0], dilation[0])
+            and 0 <= output_padding[1] < max(stride[1], dilation[1])):
+        return  # the common case, without building any message
     _require(input.dim() == 4, "%s: input must be 4-D (N, C, H, W), got %d-D", op, input.dim())
     _require(weight.dim() == 4, "%s: weight must be 4-D, got %d-D %s", op, weight.dim(), tuple(weight.shape))
     _require(all(s > 0 for s in stride), "%s: stride must be positive, got %s", op, stride)
@@ -88,6 +98,11 @@ def _check_common(op: str, input: Tensor, weight: Tensor, stride, padding, dilat
 
 def _check_tensors(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor], c_out) -> None:
     """dtype / device / bias checks, as the C++ kernels make them (the vendor route must refuse what segops does)."""
+    dev, dt = input.device, input.dtype
+    if (dt.is_floating_point and weight.device == dev and weight.dtype == dt and weight.shape[2] > 0
+            and weight.shape[3] > 0 and (bias is None or (bias.device == dev and bias.dtype == dt and bias.dim() == 1
+                                                          and bias.shape[0] == c_out))):
+        return
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             _require(t.device == input.device, "%s: %s is on %s but input is on %s", op, name, t.device,
@@ -107,14 +122,16 @@ def _check_tensors(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor
 
 def _atrous_output_size(input: Tensor, weight: Tensor, stride, padding, dilation, groups) -> Tuple[int, int]:
     """Checks an atrous call (every check of the C++ op) and returns (H_out, W_out)."""
+    ho = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
+    wo = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
+    if input.shape[1] == weight.shape[1] * groups and weight.shape[0] % groups == 0 and ho > 0 and wo > 0:
+        return ho, wo
     _require(input.shape[1] == weight.shape[1] * groups,
              "atrous_conv2d: input has %s channels but weight expects in_channels = weight.size(1) * groups = %s",
              input.shape[1], weight.shape[1] * groups)
     _require(weight.shape[0] % groups == 0,
              "atrous_conv2d: out_channels (weight.size(0) = %s) must be divisible by groups (%s)", weight.shape[0],
              groups)
-    ho = conv_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
-    wo = conv_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], dilation[1])
     _require(ho > 0 and wo > 0, "atrous_conv2d: padded input is smaller than the dilated kernel")
     return ho, wo
 
@@ -122,15 +139,18 @@ def _atrous_output_size(input: Tensor, weight: Tensor, stride, padding, dilation
 def _transpose_output_size(input: Tensor, weight: Tensor, stride, padding, output_padding, groups,
                            dilation) -> Tuple[int, int]:
     """Checks a transposed call (every check of the C++ op) and returns (H_out, W_out)."""
+    ho = conv_transpose_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], output_padding[0],
+                                    dilation[0])
+    wo = conv_transpose_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], output_padding[1],
+                                    dilation[1])
+    if (weight.shape[0] == input.shape[1] and input.shape[1] % groups == 0 and ho > 0 and wo > 0
+            and input.shape[2] > 0 and input.shape[3] > 0):
+        return ho, wo
     _require(weight.shape[0] == input.shape[1],
              "conv_transpose2d: input has %s channels but weight.size(0) (in_channels) is %s", input.shape[1],
              weight.shape[0])
     _require(input.shape[1] % groups == 0, "conv_transpose2d: in_channels (%s) must be divisible by groups (%s)",
              input.shape[1], groups)
-    ho = conv_transpose_output_size(input.shape[2], weight.shape[2], stride[0], padding[0], output_padding[0],
-                                    dilation[0])
-    wo = conv_transpose_output_size(input.shape[3], weight.shape[3], stride[1], padding[1], output_padding[1],
-                                    dilation[1])
     _require(ho > 0 and wo > 0, "conv_transpose2d: the output size (%s x %s) would not be positive", ho, wo)
     _require(input.shape[2] > 0 and input.shape[3] > 0, "conv_transpose2d: input spatial size must be positive, got %s",
              tuple(input.shape))

@@ -98,37 +98,37 @@ def segops_kernel(depthwise: bool, kernel: Sequence[int], stride_h: int, stride_
 
 
 def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str, kernel: Sequence[int],
-          image_pixels: int, channels: int, dilated: bool, deterministic: bool) -> Tuple[bool, bool, str]:
-    """(vendor forward, vendor backward, reason) for "auto". Numbers: benchmarks/results, ``segops bench conv``.
+          stride: Sequence[int], dilated: bool, deterministic: bool) -> Tuple[bool, bool, str]:
+    """(vendor forward, vendor backward, reason) under "auto".
 
-    ``image_pixels``: H * W of the image side (the atrous input, the transposed output) per sample;
-    ``channels``: the image side's channel count.
+    The table behind it: ``benchmarks/conv_rule_sweep.py`` (segops against the vendor, forward + backward, at the
+    reference models' shapes) and ``segops bench conv``; the measured ratios are in the benchmark notes.
     """
+    wide = max(kernel) >= 8  # upsampling filters (x4 and more: kernel 2s)
     if device == "cuda":
-        if kernel_family == "depthwise":
-            if transposed and max(kernel) >= 8:
-                # x8 / x32 bilinear upsampling: 3.9x / 37.8x cuDNN on an H200
-                return False, False, "cuda: wide depthwise transposed kernel (upsampling): segops 3.9-38x cuDNN"
-            return True, True, "cuda: small depthwise kernel: cuDNN"
+        if kernel_family == "depthwise" and transposed and wide:
+            return False, False, "cuda: wide depthwise transposed kernel (upsampling): segops 3.9-38x cuDNN"
         if deterministic and dilated:
-            # cuDNN's deterministic dilated backward algorithms are 10-80x slower than its default ones
+            # cuDNN's deterministic dilated backward algorithms are 10-80x slower than its default ones, segops'
+            # gather-formulated backward is deterministic at full speed
             if transposed:
-                return False, False, "cuda, deterministic, dilated: segops' gather kernels are deterministic"
+                return False, False, "cuda, deterministic, dilated: segops' deterministic kernels"
             return True, False, "cuda, deterministic, dilated: cuDNN forward, segops' deterministic backward"
-        return True, True, "cuda: dense convolution: cuDNN (segops 0.5-1.1x on an H200)"
+        return True, True, "cuda: cuDNN (segops' dense kernels 0.5-1.1x on an H200)"
     if device != "cpu":
         return True, True, "%s: the vendor's kernels" % device
-    # ---- CPU (oneDNN for float32 / bfloat16, ATen's own im2col kernels for float64 / float16) ----
-    if dtype in (torch.float64, torch.float16):
-        # ATen has no oneDNN path for these dtypes: its slow (single-sample im2col) kernels lose to segops'
-        return False, False, "cpu %s: ATen's generic kernel; segops' batched kernels win" % str(dtype)[6:]
+    # ---- CPU: oneDNN for float32 / bfloat16; ATen's generic im2col kernels for float64 / float16 ----
+    if dtype == torch.float16:
+        return False, False, "cpu float16: ATen's generic kernel (2.5-14x slower than segops')"
+    if dtype == torch.float64:
+        return False, False, "cpu float64: ATen's generic kernel (segops 0.9-3.6x, mostly > 1)"
     if kernel_family == "depthwise":
-        if transposed and max(kernel) >= 4:
-            return False, False, "cpu: depthwise transposed (upsampling): segops' direct kernels"
-        return True, True, "cpu: small depthwise kernel: oneDNN"
-    if transposed:
-        return False, False, "cpu: dense transposed: segops' GEMM + col2im beats ATen's transposed kernel"
-    return True, True, "cpu: dense convolution: oneDNN"
+        if dtype == torch.bfloat16 and transposed and not wide:
+            return True, True, "cpu bfloat16: small depthwise transposed kernel: oneDNN"
+        return False, False, "cpu: depthwise: segops' direct kernels (1.4-3.9x oneDNN)"
+    if dtype == torch.float32 and max(kernel) == 1 and max(stride) > 1:
+        return False, False, "cpu: strided 1x1: segops' im2col + GEMM (1.4x oneDNN)"
+    return True, True, "cpu: dense convolution: oneDNN (segops' GEMMs 0.5-0.95x here)"
 
 
 @dataclass(frozen=True)
@@ -153,46 +153,54 @@ class KernelChoice:
         return (VENDOR_FORWARD if self.forward == "vendor" else 0) | (VENDOR_BACKWARD if self.backward == "vendor" else 0)
 
 
+def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+            dilation: Sequence[int], groups: int, setting: str) -> Tuple[bool, bool, str, str]:
+    """(vendor forward, vendor backward, segops kernel family, reason): the whole rule, cheap enough for every call."""
+    w_shape = weight.shape
+    if transposed:
+        depthwise = w_shape[1] == 1 and groups == w_shape[0] and groups == w_shape[1] * groups
+    else:
+        depthwise = w_shape[1] == 1 and groups == input.shape[1] and groups == w_shape[0]
+    kernel = (w_shape[2], w_shape[3])
+    family = segops_kernel(depthwise, kernel, stride[0], stride[1], padding)
+    if input.numel() == 0 or weight.numel() == 0:
+        # ATen refuses an empty image ("Only zero batch or zero channel inputs are supported") or returns its
+        # own shapes for empty channel dimensions; segops computes the defined result (the bias).
+        return False, False, family, "empty input or weight: segops' defined result"
+    if setting == "segops":
+        return False, False, family, "forced: segops"
+    if setting == "vendor":
+        return True, True, family, "forced: vendor"
+    dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
+    vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
+                           torch.are_deterministic_algorithms_enabled())
+    return vf, vb, family, "auto: " + reason
+
+
 def explain(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
             dilation: Sequence[int], groups: int, backend: Optional[str] = None) -> KernelChoice:
     """The :class:`KernelChoice` for a call (4-D input; arguments as the ops take them, as pairs)."""
     op = "conv_transpose2d" if transposed else "atrous_conv2d"
     setting = _checked(backend, op + ": backend") if backend is not None else _backend
-    if transposed:
-        c_img, c_col = weight.shape[1] * groups, weight.shape[0]
-    else:
-        c_img, c_col = input.shape[1], weight.shape[0]
-    depthwise = groups == c_img and groups == c_col and weight.shape[1] == 1
-    kernel = (int(weight.shape[2]), int(weight.shape[3]))
-    family = segops_kernel(depthwise, kernel, stride[0], stride[1], padding)
-    if input.numel() == 0 or weight.numel() == 0:
-        # ATen refuses an empty image ("Only zero batch or zero channel inputs are supported") or returns its
-        # own shapes for empty channel dimensions; segops computes the defined result (the bias).
-        if input.shape[0] == 0 or weight.numel() == 0 or input.shape[2] * input.shape[3] == 0 or input.shape[1] == 0:
-            return KernelChoice(op, "segops", "segops", family, setting, "empty input or weight: only segops runs it")
-    if setting == "segops":
-        return KernelChoice(op, "segops", "segops", family, setting, "forced: segops")
-    if setting == "vendor":
-        return KernelChoice(op, "vendor", "vendor", family, setting, "forced: vendor")
-    if transposed:
-        h = (input.shape[2] - 1) * stride[0] + (kernel[0] - 1) * dilation[0] + 1
-        w = (input.shape[3] - 1) * stride[1] + (kernel[1] - 1) * dilation[1] + 1
-    else:
-        h, w = input.shape[2], input.shape[3]
-    dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
-    vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, int(h * w), int(c_img),
-                           dilated, torch.are_deterministic_algorithms_enabled())
-    return KernelChoice(op, "vendor" if vf else "segops", "vendor" if vb else "segops", family, setting,
-                        "auto: " + reason)
+    vf, vb, family, reason = _decide(transposed, input, weight, stride, padding, dilation, groups, setting)
+    return KernelChoice(op, "vendor" if vf else "segops", "vendor" if vb else "segops", family, setting, reason)
 
 
 def choose(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
            dilation: Sequence[int], groups: int, backend: Optional[str] = None) -> int:
     """The ops' ``kernel`` code for a call (see :func:`explain`)."""
-    choice = explain(transposed, input, weight, stride, padding, dilation, groups, backend)
+    if backend is None:
+        setting = _backend
+    elif backend in BACKENDS:
+        setting = backend
+    else:
+        setting = _checked(backend, ("conv_transpose2d" if transposed else "atrous_conv2d") + ": backend")
     if _recorder is not None:
+        choice = explain(transposed, input, weight, stride, padding, dilation, groups, setting)
         _recorder.append(choice, input, weight, stride, padding, dilation, groups)
-    return choice.code
+        return choice.code
+    vf, vb, _, _ = _decide(transposed, input, weight, stride, padding, dilation, groups, setting)
+    return (VENDOR_FORWARD if vf else 0) | (VENDOR_BACKWARD if vb else 0)
 
 
 # ---- recording, for segops.nn.describe_kernels ------------------------------------------------------------------

@@ -162,8 +162,8 @@ inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
 //                                 scratch elements each: 1 on the CPU (one product already uses every core), as
 //                                 many as the scratch holds on CUDA (launches do not grow with the batch).
 //   launch.over_items(n, flops, body)  body(b, e) over [0, n) in ranges: on the CPU in parallel when the items are
-//                                 small (flops each), so that several single-threaded BLAS calls run at once;
-//                                 otherwise one range, whose BLAS calls use every thread.
+//                                 small (flops each) but not tiny, so that several single-threaded BLAS calls run
+//                                 at once; otherwise one range, whose BLAS calls use every thread.
 //   launch.with_index(fits32, f)  f(int32_t{}) or f(int64_t{}): the index type of the kernel bodies; 32-bit
 //                                 where every offset fits and it pays (CUDA's integer division), else 64-bit.
 //   launch.functor_writes_zeros(f), launch.writes_every_gradient(f): gradient policy of the backward functors
@@ -188,8 +188,10 @@ struct CpuLaunch {
   int64_t batch(int64_t /*n*/, int64_t /*per_item*/) const { return 1; }
   template <typename F>
   void over_items(int64_t n, double flops, const F& body) const {
-    // Below ~2^26 flops per item a BLAS call cannot keep every thread busy; items in parallel can.
-    if (n > 1 && flops < double(int64_t(1) << 26) && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+    // Below ~2^26 flops per item a BLAS call cannot keep every thread busy; items in parallel can. Below ~2^21
+    // flops waking the thread pool costs more than it saves (gradcheck-sized problems stay on one thread).
+    const double lo = double(int64_t(1) << 21), hi = double(int64_t(1) << 26);
+    if (n > 1 && flops >= lo && flops < hi && at::get_num_threads() > 1 && !at::in_parallel_region()) {
       // the ranges call ATen ops: they run under the caller's grad mode and dispatch keys, not the pool thread's
       const at::ThreadLocalState caller;
       omp_parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
