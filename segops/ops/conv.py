@@ -233,8 +233,8 @@ def _atrous_backward_fake(grad_output, input, weight, stride, padding, dilation,
 def _grads_like(input: Tensor, weight: Tensor, mask, n_bias: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     gi = torch.empty_like(input, memory_format=torch.contiguous_format) if mask[0] else input.new_empty((0,))
     gw = torch.empty_like(weight, memory_format=torch.contiguous_format) if mask[1] else input.new_empty((0,))
-    nb = weight.shape[0] if n_bias is None else n_bias
-    gb = input.new_empty((nb,)) if mask[2] else input.new_empty((0,))
+    bias_len = weight.shape[0] if n_bias is None else n_bias
+    gb = input.new_empty((bias_len,)) if mask[2] else input.new_empty((0,))
     return gi, gw, gb
 
 

@@ -150,7 +150,8 @@ class KernelChoice:
     @property
     def code(self) -> int:
         """The ops' ``kernel`` argument: VENDOR_FORWARD | VENDOR_BACKWARD bits."""
-        return (VENDOR_FORWARD if self.forward == "vendor" else 0) | (VENDOR_BACKWARD if self.backward == "vendor" else 0)
+        forward = VENDOR_FORWARD if self.forward == "vendor" else 0
+        return forward | (VENDOR_BACKWARD if self.backward == "vendor" else 0)
 
 
 def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],

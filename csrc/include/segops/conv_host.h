@@ -199,11 +199,12 @@ inline int64_t pixel_stride(const Tensor& t) {
   return -1;
 }
 
-// Rows [h0, h0 + rows) of channels [c0, c0 + C) of samples [n0, n0 + nc) of t as a batch of (C, rows * W)
+// Rows [h0, h0 + rows) of channels [c0, c0 + C) of samples [n0, n0 + samples) of t as a batch of (C, rows * W)
 // matrices (t must have a pixel_stride).
-inline Tensor rows_matrices(const Tensor& t, int64_t n0, int64_t nc, int64_t c0, int64_t C, int64_t h0, int64_t rows) {
+inline Tensor rows_matrices(const Tensor& t, int64_t n0, int64_t samples, int64_t c0, int64_t C, int64_t h0,
+                            int64_t rows) {
   const int64_t W = t.size(3);
-  return t.as_strided({nc, C, rows * W}, {t.stride(0), t.stride(1), pixel_stride(t)},
+  return t.as_strided({samples, C, rows * W}, {t.stride(0), t.stride(1), pixel_stride(t)},
                       t.storage_offset() + n0 * t.stride(0) + c0 * t.stride(1) + h0 * t.stride(2));
 }
 
@@ -213,8 +214,8 @@ inline Tensor col_operand(const Tensor& col, at::ScalarType acc) {
   return pixel_stride(c) < 0 ? c.contiguous() : c;
 }
 
-// C[n] += A B[n] for the nc matrices of C (nc, M, N) and B (nc, K, N), one shared A (M, K): one product per
-// matrix when nc == 1 (the CPU's case), one batched product otherwise (a fixed number of launches on CUDA).
+// C[n] += A B[n] for the matrices of C (samples, M, N) and B (samples, K, N), one shared A (M, K): one product
+// per matrix when samples == 1 (the CPU's case), one batched product otherwise (a fixed number of launches on CUDA).
 inline void add_products(Tensor C, const Tensor& A, const Tensor& B) {
   if (C.size(0) == 1) {
     Tensor c = C.select(0, 0);
@@ -274,9 +275,10 @@ inline std::pair<int64_t, int64_t> image_rows(const Geom& g, int64_t a, int64_t 
   return {r0, std::max(r0, r1)};
 }
 
-// The unfold of image rows [r0, r1) of samples [n0, n0 + nc), channels [c0, c0 + Cig) into U (Cig kw, nc, R Wo).
+// The unfold of image rows [r0, r1) of samples [n0, n0 + samples), channels [c0, c0 + Cig) into
+// U (Cig kw, samples, R Wo).
 template <typename T, typename A, typename Launch>
-void unfold_rows(const Tensor& img, int64_t n0, int64_t nc, int64_t c0, int64_t Cig, const Geom& g, int64_t r0,
+void unfold_rows(const Tensor& img, int64_t n0, int64_t samples, int64_t c0, int64_t Cig, const Geom& g, int64_t r0,
                  int64_t r1, Tensor& U, const Launch& launch) {
   Geom gu = g;  // a (1 x kw) correlation whose output row j is image row r0 + j
   gu.kh = 1;
@@ -284,20 +286,21 @@ void unfold_rows(const Tensor& img, int64_t n0, int64_t nc, int64_t c0, int64_t 
   gu.dh = 1;
   gu.ph = -r0;
   gu.Ho = r1 - r0;
-  const int64_t items = Cig * g.kw * nc * gu.Ho;
+  const int64_t items = Cig * g.kw * samples * gu.Ho;
   launch.with_index(fits_int32({extent(img), U.numel(), items * g.Wo}), [&](auto index) {
     using I = decltype(index);
     const I seg = static_cast<I>(launch.segment(g.Wo));
     Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + c0 * img.stride(1), I(img.stride(0)),
-                      I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), U.data_ptr<A>(), I(nc), I(Cig),
+                      I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), U.data_ptr<A>(), I(samples), I(Cig),
                       gu.as<I>(), seg};
     launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
   });
 }
 
-// U as the batch of (Cig kw, rows * Wo) matrices starting at its row j0 (layout (Cig kw, nc, R Wo)).
-inline Tensor unfold_matrices(const Tensor& U, int64_t nc, int64_t KC, int64_t R, int64_t Wo, int64_t j0, int64_t rows) {
-  return U.as_strided({nc, KC, rows * Wo}, {R * Wo, nc * R * Wo, 1}, U.storage_offset() + j0 * Wo);
+// U as the batch of (Cig kw, rows * Wo) matrices starting at its row j0 (layout (Cig kw, samples, R Wo)).
+inline Tensor unfold_matrices(const Tensor& U, int64_t samples, int64_t KC, int64_t R, int64_t Wo, int64_t j0,
+                              int64_t rows) {
+  return U.as_strided({samples, KC, rows * Wo}, {R * Wo, samples * R * Wo, 1}, U.storage_offset() + j0 * Wo);
 }
 
 // Without horizontal taps (kw = 1, sw = 1, pw = 0, and no output_padding column) the unfold is the image itself.
@@ -327,28 +330,28 @@ void correlate_rows(const Tensor& img, const Tensor& w, const Tensor& bias_acc, 
   const int64_t KC = Cig * g.kw, L = g.Ho * g.Wo;
   const Tensor wr = weight_by_kernel_row(w, groups);
   const bool direct = direct_rows<T, A>(g, img);
-  const int64_t nb = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
-  const RowsPlan plan = rows_plan(g, KC * g.Wo * nb, g.Ho, direct, launch);
+  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
+  const RowsPlan plan = rows_plan(g, KC * g.Wo * chunk_samples, g.Ho, direct, launch);
   fill_bias(out, bias_acc);
-  const int64_t chunks = (N + nb - 1) / nb;
-  launch.over_items(chunks, 2.0 * nb * Co * KC * g.kh * L, [&](int64_t q0, int64_t q1) {
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * KC * g.kh * L, [&](int64_t q0, int64_t q1) {
     Tensor U;
-    if (!plan.direct) U = at::empty({KC * nb * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, out.options());
+    if (!plan.direct) U = at::empty({KC * chunk_samples * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, out.options());
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * nb, nc = std::min(nb, N - n0);
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
         for (int64_t a = 0; a < g.Ho; a += plan.block) {
           const int64_t b = std::min(g.Ho, a + plan.block);
           const auto [r0, r1] = image_rows(g, a, b);
           if (r1 <= r0) continue;  // these col rows only meet zero padding: the bias
-          if (!plan.direct) unfold_rows<T, A>(img, n0, nc, gi * Cig, Cig, g, r0, r1, U, launch);
+          if (!plan.direct) unfold_rows<T, A>(img, n0, samples, gi * Cig, Cig, g, r0, r1, U, launch);
           for (int64_t ki = 0; ki < g.kh; ++ki) {
             const auto [oa, ob] = tap_rows(g, ki, a, b);
             if (ob <= oa) continue;
             const int64_t h0 = oa - g.ph + ki * g.dh;
-            Tensor C = rows_matrices(out, n0, nc, gi * Cog, Cog, oa, ob - oa);
-            Tensor B = plan.direct ? rows_matrices(img, n0, nc, gi * Cig, Cig, h0, ob - oa)
-                                   : unfold_matrices(U, nc, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
+            Tensor C = rows_matrices(out, n0, samples, gi * Cog, Cog, oa, ob - oa);
+            Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
+                                   : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
             add_products(C, wr[gi][ki], B);
           }
         }
@@ -363,32 +366,32 @@ void correlate_im2col(const Tensor& img, const Tensor& w, const Tensor& bias_acc
   const int64_t N = img.size(0), Ci = img.size(1), Co = w.size(0), Cig = Ci / groups, Cog = Co / groups;
   const int64_t K = g.kh * g.kw, L = g.Ho * g.Wo;
   const Tensor weight_mat = w.view({groups, Cog, Cig * K});
-  const int64_t nb = launch.batch(N, Cig * K * L);
+  const int64_t chunk_samples = launch.batch(N, Cig * K * L);
   const int64_t block_rows = std::max<int64_t>(
-      1, std::min<int64_t>(g.Ho, launch.scratch_elements() / std::max<int64_t>(1, Cig * K * g.Wo * nb)));
+      1, std::min<int64_t>(g.Ho, launch.scratch_elements() / std::max<int64_t>(1, Cig * K * g.Wo * chunk_samples)));
   fill_bias(out, bias_acc);
-  const int64_t chunks = (N + nb - 1) / nb;
-  launch.over_items(chunks, 2.0 * nb * Co * Cig * K * L, [&](int64_t q0, int64_t q1) {
-    Tensor col = at::empty({Cig * K * nb * block_rows * g.Wo}, out.options());
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * Cig * K * L, [&](int64_t q0, int64_t q1) {
+    Tensor col = at::empty({Cig * K * chunk_samples * block_rows * g.Wo}, out.options());
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * nb, nc = std::min(nb, N - n0);
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
         for (int64_t a = 0; a < g.Ho; a += block_rows) {
           const int64_t rows = std::min(block_rows, g.Ho - a);
           Geom gb = g;  // col rows [a, a + rows) are the correlation with ph shifted by a * sh
           gb.Ho = rows;
           gb.ph = g.ph - a * g.sh;
-          const int64_t items = Cig * K * nc * rows;
+          const int64_t items = Cig * K * samples * rows;
           launch.with_index(fits_int32({extent(img), col.numel(), items * g.Wo}), [&](auto index) {
             using I = decltype(index);
             const I seg = static_cast<I>(launch.segment(g.Wo));
             Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + gi * Cig * img.stride(1),
                               I(img.stride(0)), I(img.stride(1)), I(img.stride(2)), I(img.stride(3)),
-                              col.data_ptr<A>(), I(nc), I(Cig), gb.as<I>(), seg};
+                              col.data_ptr<A>(), I(samples), I(Cig), gb.as<I>(), seg};
             launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
           });
-          Tensor B = col.as_strided({nc, Cig * K, rows * g.Wo}, {rows * g.Wo, nc * rows * g.Wo, 1});
-          add_products(rows_matrices(out, n0, nc, gi * Cog, Cog, a, rows), weight_mat[gi], B);
+          Tensor B = col.as_strided({samples, Cig * K, rows * g.Wo}, {rows * g.Wo, samples * rows * g.Wo, 1});
+          add_products(rows_matrices(out, n0, samples, gi * Cog, Cog, a, rows), weight_mat[gi], B);
         }
       }
     }
@@ -439,7 +442,7 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
 // The horizontal fold of the adjoint: image rows = bias + the sum over kj of the unfold-shaped buffer V. V holds,
 // per (c, 0, kj) row and sample, a plane of (rows x Wo) at the given strides: Col2Im with a (1 x kw) geometry.
 template <typename A, typename Launch>
-void fold_rows(const Tensor& V, int64_t row_stride, int64_t sample_stride, Tensor& out, int64_t n0, int64_t nc,
+void fold_rows(const Tensor& V, int64_t row_stride, int64_t sample_stride, Tensor& out, int64_t n0, int64_t samples,
                int64_t c0, int64_t Cig, const Tensor& bias_acc, const Geom& g, int64_t h0, int64_t rows,
                const Launch& launch) {
   Geom gf = g;
@@ -449,7 +452,7 @@ void fold_rows(const Tensor& V, int64_t row_stride, int64_t sample_stride, Tenso
   gf.sh = 1;
   gf.dh = 1;
   gf.ph = 0;
-  const int64_t items = nc * Cig * rows;
+  const int64_t items = samples * Cig * rows;
   const int64_t Ci = out.size(1), HW = g.H * g.W;
   launch.with_index(fits_int32({V.numel(), out.numel(), items * g.W}), [&](auto index) {
     using I = decltype(index);
@@ -470,23 +473,23 @@ void adjoint_rows(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Te
   const Tensor wr = weight_by_kernel_row(w, groups);
   const Tensor colA = col_operand(col, out.scalar_type());
   const bool direct = no_horizontal_taps(g);  // then V is the output itself
-  const int64_t nb = launch.batch(N, direct ? 1 : KC * g.H * g.Wo);
+  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * g.H * g.Wo);
   Geom gv = g;  // blocks run over image rows; their halo is on the col side, nothing to re-unfold
   gv.kh = 1;
-  const RowsPlan plan = rows_plan(gv, KC * g.Wo * nb, g.H, direct, launch);
+  const RowsPlan plan = rows_plan(gv, KC * g.Wo * chunk_samples, g.H, direct, launch);
   if (plan.direct) fill_bias(out, bias_acc);
-  const int64_t chunks = (N + nb - 1) / nb;
-  launch.over_items(chunks, 2.0 * nb * Co * KC * g.kh * g.Ho * g.Wo, [&](int64_t q0, int64_t q1) {
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * KC * g.kh * g.Ho * g.Wo, [&](int64_t q0, int64_t q1) {
     Tensor V;
-    if (!plan.direct) V = at::empty({nb * KC * plan.block * g.Wo}, out.options());
+    if (!plan.direct) V = at::empty({chunk_samples * KC * plan.block * g.Wo}, out.options());
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * nb, nc = std::min(nb, N - n0);
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
         for (int64_t a = 0; a < g.H; a += plan.block) {
           const int64_t b = std::min(g.H, a + plan.block), R = b - a;
           Tensor Vb;
           if (!plan.direct) {
-            Vb = V.narrow(0, 0, nc * KC * R * g.Wo);
+            Vb = V.narrow(0, 0, samples * KC * R * g.Wo);
             Vb.zero_();
           }
           for (int64_t ki = 0; ki < g.kh; ++ki) {
@@ -494,14 +497,15 @@ void adjoint_rows(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Te
             const int64_t ha = std::max(a, ki * g.dh - g.ph), hb = std::min(b, g.Ho + ki * g.dh - g.ph);
             if (hb <= ha) continue;
             const int64_t oh0 = ha + g.ph - ki * g.dh;
-            Tensor B = rows_matrices(colA, n0, nc, gi * Cog, Cog, oh0, hb - ha);
-            Tensor C = plan.direct ? rows_matrices(out, n0, nc, gi * Cig, Cig, ha, hb - ha)
-                                   : Vb.as_strided({nc, KC, (hb - ha) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
+            Tensor B = rows_matrices(colA, n0, samples, gi * Cog, Cog, oh0, hb - ha);
+            Tensor C = plan.direct ? rows_matrices(out, n0, samples, gi * Cig, Cig, ha, hb - ha)
+                                   : Vb.as_strided({samples, KC, (hb - ha) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
                                                    Vb.storage_offset() + (ha - a) * g.Wo);
             add_products(C, wr[gi][ki].t(), B);
           }
-          if (!plan.direct) fold_rows<A>(Vb, R * g.Wo, KC * R * g.Wo, out, n0, nc, gi * Cig, Cig, bias_acc, g, a, R,
-                                         launch);
+          if (!plan.direct) {
+            fold_rows<A>(Vb, R * g.Wo, KC * R * g.Wo, out, n0, samples, gi * Cig, Cig, bias_acc, g, a, R, launch);
+          }
         }
       }
     }
@@ -515,17 +519,17 @@ void adjoint_im2col(const Tensor& col, const Tensor& w, const Tensor& bias_acc, 
   const int64_t K = g.kh * g.kw, L = g.Ho * g.Wo;
   const Tensor weight_mat = w.view({groups, Cog, Cig * K});
   const Tensor colA = col_operand(col, out.scalar_type());
-  const int64_t nb = launch.batch(N, Cig * K * L);
-  const int64_t chunks = (N + nb - 1) / nb;
-  launch.over_items(chunks, 2.0 * nb * Co * Cig * K * L, [&](int64_t q0, int64_t q1) {
-    Tensor buf = at::empty({nb * Cig * K * L}, out.options());
+  const int64_t chunk_samples = launch.batch(N, Cig * K * L);
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * Cig * K * L, [&](int64_t q0, int64_t q1) {
+    Tensor buf = at::empty({chunk_samples * Cig * K * L}, out.options());
     for (int64_t q = q0; q < q1; ++q) {
-      const int64_t n0 = q * nb, nc = std::min(nb, N - n0);
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        // buf (nc, Cig K, L) = W_g^T col[n, g]: written sample-major, read by Col2Im at those strides
-        Tensor C = buf.narrow(0, 0, nc * Cig * K * L).view({nc, Cig * K, L});
-        set_products(C, weight_mat[gi].t(), rows_matrices(colA, n0, nc, gi * Cog, Cog, 0, g.Ho));
-        const int64_t items = nc * Cig * g.H;
+        // buf (samples, Cig K, L) = W_g^T col[n, g]: written sample-major, read by Col2Im at those strides
+        Tensor C = buf.narrow(0, 0, samples * Cig * K * L).view({samples, Cig * K, L});
+        set_products(C, weight_mat[gi].t(), rows_matrices(colA, n0, samples, gi * Cog, Cog, 0, g.Ho));
+        const int64_t items = samples * Cig * g.H;
         launch.with_index(fits_int32({buf.numel(), out.numel(), items * g.W}), [&](auto index) {
           using I = decltype(index);
           const I seg = static_cast<I>(launch.segment(g.W));
@@ -602,7 +606,7 @@ void accumulate_chunks(Tensor& dW, int64_t chunks, double flops, const Launch& l
   dW.add_(part.sum(0).view(dW.sizes()));
 }
 
-// dst (M, K) += sum_n C[n] B[n]^T over the nc matrices of C (nc, M, N) and B (nc, K, N).
+// dst (M, K) += sum_n C[n] B[n]^T over the matrices of C (samples, M, N) and B (samples, K, N).
 inline void add_gram(Tensor dst, const Tensor& C, const Tensor& B) {
   if (C.size(0) == 1) {
     dst.addmm_(C.select(0, 0), B.select(0, 0).t());
@@ -618,27 +622,27 @@ Tensor weight_grad_rows(const Tensor& img, const Tensor& col, const Geom& g, int
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const Tensor colA = col_operand(col, acc);
   const bool direct = direct_rows<T, A>(g, img);
-  const int64_t nb = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
-  const RowsPlan plan = rows_plan(g, KC * g.Wo * nb, g.Ho, direct, launch);
+  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
+  const RowsPlan plan = rows_plan(g, KC * g.Wo * chunk_samples, g.Ho, direct, launch);
   Tensor dwr = at::zeros({groups, g.kh, Cog, KC}, img.options().dtype(acc));
-  const int64_t chunks = (N + nb - 1) / nb;
-  accumulate_chunks(dwr, chunks, 2.0 * nb * Co * KC * g.kh * L, launch, [&](int64_t q, Tensor& dst) {
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  accumulate_chunks(dwr, chunks, 2.0 * chunk_samples * Co * KC * g.kh * L, launch, [&](int64_t q, Tensor& dst) {
     Tensor U;
-    if (!plan.direct) U = at::empty({KC * nb * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, dst.options());
-    const int64_t n0 = q * nb, nc = std::min(nb, N - n0);
+    if (!plan.direct) U = at::empty({KC * chunk_samples * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, dst.options());
+    const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
     for (int64_t gi = 0; gi < groups; ++gi) {
       for (int64_t a = 0; a < g.Ho; a += plan.block) {
         const int64_t b = std::min(g.Ho, a + plan.block);
         const auto [r0, r1] = image_rows(g, a, b);
         if (r1 <= r0) continue;
-        if (!plan.direct) unfold_rows<T, A>(img, n0, nc, gi * Cig, Cig, g, r0, r1, U, launch);
+        if (!plan.direct) unfold_rows<T, A>(img, n0, samples, gi * Cig, Cig, g, r0, r1, U, launch);
         for (int64_t ki = 0; ki < g.kh; ++ki) {
           const auto [oa, ob] = tap_rows(g, ki, a, b);
           if (ob <= oa) continue;
           const int64_t h0 = oa - g.ph + ki * g.dh;
-          Tensor B = plan.direct ? rows_matrices(img, n0, nc, gi * Cig, Cig, h0, ob - oa)
-                                 : unfold_matrices(U, nc, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
-          add_gram(dst[gi][ki], rows_matrices(colA, n0, nc, gi * Cog, Cog, oa, ob - oa), B);
+          Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
+                                 : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
+          add_gram(dst[gi][ki], rows_matrices(colA, n0, samples, gi * Cog, Cog, oa, ob - oa), B);
         }
       }
     }
@@ -652,31 +656,31 @@ Tensor weight_grad_im2col(const Tensor& img, const Tensor& col, const Geom& g, i
   const int64_t K = g.kh * g.kw, L = g.Ho * g.Wo;
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const Tensor colA = col_operand(col, acc);
-  const int64_t nb = launch.batch(N, Cig * K * L);
+  const int64_t chunk_samples = launch.batch(N, Cig * K * L);
   const int64_t block_rows = std::max<int64_t>(
-      1, std::min<int64_t>(g.Ho, launch.scratch_elements() / std::max<int64_t>(1, Cig * K * g.Wo * nb)));
+      1, std::min<int64_t>(g.Ho, launch.scratch_elements() / std::max<int64_t>(1, Cig * K * g.Wo * chunk_samples)));
   Tensor gw = at::zeros({groups, Cog, Cig * K}, img.options().dtype(acc));
-  const int64_t chunks = (N + nb - 1) / nb;
-  accumulate_chunks(gw, chunks, 2.0 * nb * Co * Cig * K * L, launch, [&](int64_t q, Tensor& dst) {
-    Tensor buf = at::empty({Cig * K * nb * block_rows * g.Wo}, dst.options());
-    const int64_t n0 = q * nb, nc = std::min(nb, N - n0);
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  accumulate_chunks(gw, chunks, 2.0 * chunk_samples * Co * Cig * K * L, launch, [&](int64_t q, Tensor& dst) {
+    Tensor buf = at::empty({Cig * K * chunk_samples * block_rows * g.Wo}, dst.options());
+    const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
     for (int64_t gi = 0; gi < groups; ++gi) {
       for (int64_t a = 0; a < g.Ho; a += block_rows) {
         const int64_t rows = std::min(block_rows, g.Ho - a);
         Geom gb = g;
         gb.Ho = rows;
         gb.ph = g.ph - a * g.sh;
-        const int64_t items = Cig * K * nc * rows;
+        const int64_t items = Cig * K * samples * rows;
         launch.with_index(fits_int32({extent(img), buf.numel(), items * g.Wo}), [&](auto index) {
           using I = decltype(index);
           const I seg = static_cast<I>(launch.segment(g.Wo));
           Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + gi * Cig * img.stride(1), I(img.stride(0)),
-                            I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), buf.data_ptr<A>(), I(nc), I(Cig),
+                            I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), buf.data_ptr<A>(), I(samples), I(Cig),
                             gb.as<I>(), seg};
           launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
         });
-        Tensor B = buf.as_strided({nc, Cig * K, rows * g.Wo}, {rows * g.Wo, nc * rows * g.Wo, 1});
-        add_gram(dst[gi], rows_matrices(colA, n0, nc, gi * Cog, Cog, a, rows), B);
+        Tensor B = buf.as_strided({samples, Cig * K, rows * g.Wo}, {rows * g.Wo, samples * rows * g.Wo, 1});
+        add_gram(dst[gi], rows_matrices(colA, n0, samples, gi * Cog, Cog, a, rows), B);
       }
     }
   });

@@ -77,24 +77,24 @@ SEGOPS_HD_INLINE RowSegment<I> row_segment(I i, I rows, I width, I seg) {
 
 // ---- general path: im2col / col2im around ATen matrix products --------------------------------------
 
-// col (C * kh * kw, Nb, Ho * Wo), contiguous, from Nb samples of an image slice of C channels (any
+// col (C * kh * kw, samples, Ho * Wo), contiguous, from that many samples of an image slice of C channels (any
 // strides). Work item: (row r = (c, ki, kj), n, oh, segment of ow).
 template <typename T, typename A, typename I>
 struct Im2Col {
   const T* img;
   I sN, sC, sH, sW;
   A* col;
-  I Nb, C;
+  I samples, C;
   GeomT<I> g;
   I seg;
   SEGOPS_HD void operator()(I i) const {
     const auto it = row_segment<I>(i, g.Ho, g.Wo, seg);
-    const I oh = it.row, n = it.outer % Nb, r = it.outer / Nb;
+    const I oh = it.row, n = it.outer % samples, r = it.outer / samples;
     const I kj = r % g.kw;
     const I ki = (r / g.kw) % g.kh;
     const I c = r / (g.kw * g.kh);
     const I o0 = it.lo, o1 = it.hi;
-    A* out = col + ((r * Nb + n) * g.Ho + oh) * g.Wo;
+    A* out = col + ((r * samples + n) * g.Ho + oh) * g.Wo;
     const I h = oh * g.sh - g.ph + ki * g.dh;
     if (h < 0 || h >= g.H) {
       for (I o = o0; o < o1; ++o) out[o] = A(0);
@@ -113,10 +113,10 @@ struct Im2Col {
   }
 };
 
-// image (Nb, C, H, W) slice (acc type; sample stride sN, channel stride sC, rows of W contiguous) = sum over
+// image (samples, C, H, W) slice (acc type; sample stride sN, channel stride sC, rows of W contiguous) = sum over
 // the col entries reaching each pixel, plus bias[c] when bias != nullptr. The col buffer holds, for col row
 // r = (c, ki, kj) and sample n, a contiguous Ho x Wo plane at r * col_row_stride + n * col_sample_stride (the
-// Im2Col layout (rows, Nb, Ho Wo) and the batched-product layout (Nb, rows, Ho Wo) are both such layouts).
+// Im2Col layout (rows, samples, Ho Wo) and the batched-product layout (samples, rows, Ho Wo) are both such layouts).
 // Work item: (n, c, h, segment of w).
 template <typename A, typename I>
 struct Col2Im {
