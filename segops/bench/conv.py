@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from segops import ops
 from segops.bench import BenchContext, cudnn_full_fp32
 from segops.nn import ConvTranspose2d
+from segops.nn.describe import text_table
 from segops.ops import conv_choice
 
 VARIANTS = ("torch", "auto", "segops", "vendor")
@@ -102,10 +103,8 @@ def format_choices(rows: List[Dict[str, Any]]) -> str:
         if det:
             line += [r.get("det_auto_kernel", "-"), "%.2fx" % r["det_ratio"] if "det_ratio" in r else "-"]
         table.append(line)
-    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "kernel choice (speed-ups over torch; > 1 is faster):\n" + "\n".join(lines)
+    return "kernel choice (speed-ups over torch; > 1 is faster):\n" + text_table(table)
+
 
 
 def _run(ctx: BenchContext) -> List[Dict[str, Any]]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from segops.bench import BenchContext, cudnn_full_fp32
 from segops.models import count_parameters, freeze_bn, get_model, list_models, to_torch_layers
 from segops.nn import describe_kernels
+from segops.nn.describe import text_table
 from segops.ops import conv_backend
 
 VARIANTS = ("torch", "auto", "segops", "vendor")
@@ -92,10 +93,7 @@ def format_choices(rows: List[Dict[str, Any]]) -> str:
         if det:
             line.insert(5, "%.2fx" % r["det_ratio"] if "det_ratio" in r else "-")
         table.append(line)
-    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "models (speed-ups over the torch.nn-layer model; > 1 is faster):\n" + "\n".join(lines)
+    return "models (speed-ups over the torch.nn-layer model; > 1 is faster):\n" + text_table(table)
 
 
 def _run(ctx: BenchContext) -> List[Dict[str, Any]]:

@@ -9,7 +9,7 @@ same shapes and settings, so the report holds for training too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,10 +47,7 @@ class KernelReport(list):
              str(r.dtype).replace("torch.", ""), r.forward, r.backward, r.reason + ("; " + r.note if r.note else ""))
             for r in self
         ]
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(rows)
 
     def counts(self) -> dict:
         """How many calls ran each (forward, backward) pair of kernels."""
@@ -58,6 +55,14 @@ class KernelReport(list):
         for r in self:
             out[(r.forward, r.backward)] = out.get((r.forward, r.backward), 0) + 1
         return out
+
+
+def text_table(table: List[Sequence[str]]) -> str:
+    """Left-aligned columns, the first row a header underlined with dashes."""
+    widths = [max(len(t[i]) for t in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip() for t in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 def describe_kernels(model: nn.Module, example_input: Any) -> KernelReport:

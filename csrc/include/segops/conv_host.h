@@ -172,6 +172,24 @@ inline const char* range_name(Family f) {
 
 #define SEGOPS_CONV_RANGE(name) RECORD_FUNCTION((name), c10::ArrayRef<const c10::IValue>{})
 
+// Runs the kernel of `family` for `dtype` inside its profiler range: each kernel is a generic lambda called with a
+// value of the storage type T and one of the accumulation type A (tags for template arguments).
+template <typename Depthwise, typename Im2col, typename Rows>
+void by_family(Family family, at::ScalarType dtype, const Depthwise& depthwise, const Im2col& im2col,
+               const Rows& rows) {
+  SEGOPS_CONV_RANGE(range_name(family));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "segops_conv", [&] {
+    using A = acc_t<scalar_t>;
+    if (family == Family::Depthwise) {
+      depthwise(scalar_t{}, A{});
+    } else if (family == Family::GemmIm2col) {
+      im2col(scalar_t{}, A{});
+    } else {
+      rows(scalar_t{}, A{});
+    }
+  });
+}
+
 // Whether every offset below `extents` (element counts / largest offsets of the buffers a kernel touches, and its
 // number of work items) fits a 32-bit index.
 inline bool fits_int32(std::initializer_list<int64_t> extents) {
@@ -422,18 +440,11 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
   Tensor out = at::empty({N, Co, g.Ho, g.Wo}, img.options().dtype(acc));
   if (out.numel() == 0) return out.to(img.scalar_type());
   const Tensor w = weight.to(acc).contiguous();
-  const Family family = family_of(g, is_depthwise(Ci, Co, groups, weight));
-  SEGOPS_CONV_RANGE(range_name(family));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "segops_conv_correlate", [&] {
-    using A = acc_t<scalar_t>;
-    if (family == Family::Depthwise) {
-      depthwise_correlate<scalar_t, A>(img, w, bias_acc, out, g, launch);
-    } else if (family == Family::GemmIm2col) {
-      correlate_im2col<scalar_t, A>(img, w, bias_acc, out, g, groups, launch);
-    } else {
-      correlate_rows<scalar_t, A>(img, w, bias_acc, out, g, groups, launch);
-    }
-  });
+  by_family(
+      family_of(g, is_depthwise(Ci, Co, groups, weight)), img.scalar_type(),
+      [&](auto t, auto a) { depthwise_correlate<decltype(t), decltype(a)>(img, w, bias_acc, out, g, launch); },
+      [&](auto t, auto a) { correlate_im2col<decltype(t), decltype(a)>(img, w, bias_acc, out, g, groups, launch); },
+      [&](auto t, auto a) { correlate_rows<decltype(t), decltype(a)>(img, w, bias_acc, out, g, groups, launch); });
   return out.to(img.scalar_type());
 }
 
@@ -568,18 +579,11 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
   Tensor out = at::empty({N, Ci, g.H, g.W}, col.options().dtype(acc));
   if (out.numel() == 0) return out.to(col.scalar_type());
   const Tensor w = weight.to(acc).contiguous();
-  const Family family = family_of(g, is_depthwise(Ci, Co, groups, weight));
-  SEGOPS_CONV_RANGE(range_name(family));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, col.scalar_type(), "segops_conv_adjoint", [&] {
-    using A = acc_t<scalar_t>;
-    if (family == Family::Depthwise) {
-      depthwise_adjoint<scalar_t, A>(col, w, bias_acc, out, g, launch);
-    } else if (family == Family::GemmIm2col) {
-      adjoint_im2col<scalar_t, A>(col, w, bias_acc, out, g, groups, launch);
-    } else {
-      adjoint_rows<scalar_t, A>(col, w, bias_acc, out, g, groups, launch);
-    }
-  });
+  by_family(
+      family_of(g, is_depthwise(Ci, Co, groups, weight)), col.scalar_type(),
+      [&](auto t, auto a) { depthwise_adjoint<decltype(t), decltype(a)>(col, w, bias_acc, out, g, launch); },
+      [&](auto t, auto a) { adjoint_im2col<decltype(t), decltype(a)>(col, w, bias_acc, out, g, groups, launch); },
+      [&](auto t, auto a) { adjoint_rows<decltype(t), decltype(a)>(col, w, bias_acc, out, g, groups, launch); });
   return out.to(col.scalar_type());
 }
 
@@ -724,19 +728,12 @@ template <typename Launch>
 Tensor weight_grad(const Tensor& img, const Tensor& col, const Geom& g, int64_t groups, const Launch& launch) {
   const int64_t Ci = img.size(1), Co = col.size(1);
   const bool dw = groups == Ci && groups == Co;
-  const Family family = family_of(g, dw);
-  SEGOPS_CONV_RANGE(range_name(family));
   Tensor gw;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "segops_conv_weight_grad", [&] {
-    using A = acc_t<scalar_t>;
-    if (family == Family::Depthwise) {
-      gw = depthwise_weight_grad<scalar_t, A>(img, col, g, launch);
-    } else if (family == Family::GemmIm2col) {
-      gw = weight_grad_im2col<scalar_t, A>(img, col, g, groups, launch);
-    } else {
-      gw = weight_grad_rows<scalar_t, A>(img, col, g, groups, launch);
-    }
-  });
+  by_family(
+      family_of(g, dw), img.scalar_type(),
+      [&](auto t, auto a) { gw = depthwise_weight_grad<decltype(t), decltype(a)>(img, col, g, launch); },
+      [&](auto t, auto a) { gw = weight_grad_im2col<decltype(t), decltype(a)>(img, col, g, groups, launch); },
+      [&](auto t, auto a) { gw = weight_grad_rows<decltype(t), decltype(a)>(img, col, g, groups, launch); });
   return gw.to(img.scalar_type());
 }
 
