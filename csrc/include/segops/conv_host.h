@@ -505,13 +505,13 @@ void adjoint_rows(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Te
           }
           for (int64_t ki = 0; ki < g.kh; ++ki) {
             // image rows h in [a, b) that col row oh = h + ph - ki dh (inside [0, Ho)) reaches
-            const int64_t ha = std::max(a, ki * g.dh - g.ph), hb = std::min(b, g.Ho + ki * g.dh - g.ph);
-            if (hb <= ha) continue;
-            const int64_t oh0 = ha + g.ph - ki * g.dh;
-            Tensor B = rows_matrices(colA, n0, samples, gi * Cog, Cog, oh0, hb - ha);
-            Tensor C = plan.direct ? rows_matrices(out, n0, samples, gi * Cig, Cig, ha, hb - ha)
-                                   : Vb.as_strided({samples, KC, (hb - ha) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
-                                                   Vb.storage_offset() + (ha - a) * g.Wo);
+            const int64_t h_lo = std::max(a, ki * g.dh - g.ph), h_hi = std::min(b, g.Ho + ki * g.dh - g.ph);
+            if (h_hi <= h_lo) continue;
+            const int64_t oh0 = h_lo + g.ph - ki * g.dh;
+            Tensor B = rows_matrices(colA, n0, samples, gi * Cog, Cog, oh0, h_hi - h_lo);
+            Tensor C = plan.direct ? rows_matrices(out, n0, samples, gi * Cig, Cig, h_lo, h_hi - h_lo)
+                                   : Vb.as_strided({samples, KC, (h_hi - h_lo) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
+                                                   Vb.storage_offset() + (h_lo - a) * g.Wo);
             add_products(C, wr[gi][ki].t(), B);
           }
           if (!plan.direct) {
@@ -590,8 +590,9 @@ Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, 
 // ---- weight gradient: dW (C_col, C_img / groups, kh, kw) = sum_n col[n] (x) unfold(image[n]) ------------------
 
 // Runs body(q, dW_part) over the sample chunks q of a weight gradient, adding every chunk's contribution to dW in
-// chunk order: chunks that run in parallel (launch.over_items) each fill a part of their own, summed in a fixed
-// order afterwards, so the result does not depend on the thread count.
+// chunk order: chunks that may run in parallel (launch.over_items) each fill a part of their own, summed in chunk
+// order afterwards, so the result does not depend on which chunks ran on which thread. Whether parts are used
+// depends on the shapes only.
 template <typename Launch, typename Body>
 void accumulate_chunks(Tensor& dW, int64_t chunks, double flops, const Launch& launch, const Body& body) {
   // one part per chunk when that is affordable; otherwise the chunks run one after the other into dW
