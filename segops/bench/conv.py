@@ -14,11 +14,13 @@ like-for-like kernel one; the depthwise rows above it are that).
 
 CPU default (a few minutes on 2 cores): ASPP and LargeFOV at 33x33 batch 4 (65x65 at batch 1), FCN upsampling at
 batch 4, U-Net at batch 2. CUDA: the ASPP / LargeFOV shapes at batch 4 on 33x33 and 65x65. ``--quick``: tiny shapes.
+SEGOPS_BENCH_ROUNDS=2: interleaved rounds (each variant keeps its best); more rounds steady the ratios.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -31,7 +33,7 @@ from segops.nn.describe import text_table
 from segops.ops import conv_choice
 
 VARIANTS = ("torch", "auto", "segops", "vendor")
-ROUNDS = 2
+ROUNDS = int(os.environ.get("SEGOPS_BENCH_ROUNDS", "2"))  # interleaved rounds; each variant keeps its best
 
 
 def _step(fn: Callable[..., torch.Tensor], leaves: List[torch.Tensor], gout: Optional[torch.Tensor]):

@@ -11,7 +11,7 @@ torch under ``torch.use_deterministic_algorithms(True)`` (``det_ratio``).
 
 Default plan: batch 2, width 0.25, images 161x161 and 321x321 (DeepLab's crop), every model; on CUDA also width 1.0.
 Environment knobs: SEGOPS_BENCH_MODELS=name,name  SEGOPS_BENCH_WIDTHS=0.25,1.0  SEGOPS_BENCH_SIZES=161,321
-SEGOPS_BENCH_BATCH=2.
+SEGOPS_BENCH_BATCH=2  SEGOPS_BENCH_ROUNDS=2 (interleaved rounds; more rounds steady the ratios on a loaded machine).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from segops.nn.describe import text_table
 from segops.ops import conv_backend
 
 VARIANTS = ("torch", "auto", "segops", "vendor")
-ROUNDS = 2
+ROUNDS = int(os.environ.get("SEGOPS_BENCH_ROUNDS", "2"))  # interleaved rounds; each variant keeps its best
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, backend: str = "auto"):
