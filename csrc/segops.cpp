@@ -59,7 +59,7 @@ TORCH_LIBRARY(segops, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_parallel_threads(int n) -> int", &parallel_threads);
 
-  // ---- losses (issue: foundation) -----------------------------------------------------------------
+  // ---- losses ---------------------------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel
   // log-sum-exp (the only per-pixel state kept for backward), denom the mean's denominator.
   m.def(
