@@ -68,15 +68,13 @@ def main() -> None:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
     if a.figure:
-        from segops.data.voc import voc_palette
-        from segops.train import colorize
-        from segops.weak.figure import label_grid, legend_entries
+        from segops.figures import colorize, save_labelled_panels
 
         v = out["variants"]
         cells = [[photo, colorize(strokes), colorize(masks["pce"]), colorize(masks["pce+crf"]), colorize(ref)]]
         labels = ["photo", "strokes", "pCE only: mIoU %.3f" % v["pce"]["miou"],  # type: ignore[index]
                   "pCE+CRF: mIoU %.3f" % v["pce+crf"]["miou"], "reference"]  # type: ignore[index]
-        label_grid(cells, labels, legend_entries(CLASSES, voc_palette(256)), scale=1, gap=6).save(a.figure)
+        save_labelled_panels(a.figure, cells, labels, CLASSES)
         print("wrote", a.figure)
 
 

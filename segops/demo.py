@@ -20,7 +20,8 @@ only on the seed (the data, the initialisation, the sample order), not on the nu
 reproduces its table exactly on the same machine.
 
 Regularizer weights: chosen once on an independent replicate of the experiment (training seed 100, validation
-seed 101), never on a reported split; :data:`DEMO_CRF` and :data:`DEMO_ENTROPY` hold the chosen values.
+seed 101; ``benchmarks/demo_weights.py``), never on a reported split; :data:`DEMO_CRF` and :data:`DEMO_ENTROPY`
+hold the chosen values.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ DEMO_MODEL = {"model": "unet", "model_width": 0.125, "model_args": {"batch_norm"
 #: ECCV'18's 80, which is larger than these images) and a larger weight than ECCV'18's 2e-9 (tiny images, few
 #: pixels); the weight was chosen on the selection replicate (see the module docstring).
 DEMO_CRF = {"crf_weight": 2e-4, "crf_sigma_rgb": 15.0, "crf_sigma_xy": 10.0, "crf_scale": 0.5}
-#: the weight of the mean pointwise entropy, chosen on the selection replicate.
-DEMO_ENTROPY = {"entropy_weight": 0.1}
+#: the weight of the mean pointwise entropy, chosen on the selection replicate among 0.03, 0.1, 0.3 and 1 (1 won:
+#: 46.9% mIoU there against 38.0-38.8% for the others). pCE + CRF + entropy uses the two weights chosen separately.
+DEMO_ENTROPY = {"entropy_weight": 1.0}
 
 #: the loss columns of the lecture's table, in its order: (loss, column title).
 LOSS_COLUMNS: Tuple[Tuple[str, str], ...] = (
@@ -220,14 +222,12 @@ def _predict(model: torch.nn.Module, image: torch.Tensor) -> np.ndarray:
     return logits.argmax(1)[0].numpy()
 
 
-def _comparison_png(path: str, val_ds, columns: Sequence[Tuple[str, Callable[[int], np.ndarray]]], class_names, title: str, n: int = 6) -> None:
+def _comparison_png(path: str, val_ds, columns: Sequence[Tuple[str, Callable[[int], np.ndarray]]], class_names, n: int = 6) -> None:
     """Writes the labelled comparison: one row per validation image, one column per (title, cell(i))."""
-    from segops.data.voc import voc_palette
-    from segops.weak.figure import label_grid, legend_entries
+    from segops.figures import save_labelled_panels
 
     rows = [[cell(i) for _, cell in columns] for i in range(min(n, len(val_ds)))]
-    fig = label_grid(rows, [t for t, _ in columns], legend_entries(class_names, voc_palette(256)), scale=3, title=title)
-    fig.save(path)
+    save_labelled_panels(path, rows, [t for t, _ in columns], class_names, scale=3)
 
 
 def _image_cell(ds, i: int) -> np.ndarray:
@@ -335,7 +335,7 @@ def run_demo(
         columns.append((k.replace("pce", "pCE").replace("crf", "CRF"), lambda i, m=models[k]: colorize(_predict(m, val_ds[i]["image"]))))
     columns.append(("truth", lambda i: colorize(val_ds[i]["mask"].numpy())))
     png = os.path.join(out_dir, "comparison.png")
-    _comparison_png(png, val_ds, columns, val_ds.classes, "validation images, seed %d" % seed)
+    _comparison_png(png, val_ds, columns, val_ds.classes)
     out: Dict[str, object] = dict(results)
     out.update(
         gap_closed=gap_closed(results, "pce+crf") if "pce+crf" in results else None,

@@ -106,7 +106,7 @@ def run_tags_demo(
     from segops.data import SyntheticScribbles
     from segops.demo import DEMO_MODEL, _image_cell, _load_model, _net_name, _predict, _train_one, _worker, demo_config
     from segops.train import colorize
-    from segops.weak.figure import label_grid, legend_entries
+    from segops.figures import save_labelled_panels
     from segops.weak.tags import CAMClassifier, CAMSettings, cam_segmentation, normalized_cams
 
     os.makedirs(out_dir, exist_ok=True)
@@ -182,12 +182,9 @@ def run_tags_demo(
     for k, title in (("tags:pce", "tags: pCE"), ("tags:pce+crf", "tags: pCE+CRF"), ("full", "full")):
         columns.append((title, lambda i, m=models[k]: colorize(_predict(m, val_ds[i]["image"]))))
     columns.append(("truth", lambda i: colorize(val_ds[i]["mask"].numpy())))
-    from segops.data.voc import voc_palette
-
     rows = [[cell(i) for _, cell in columns] for i in range(n)]
     png = os.path.join(out_dir, "comparison.png")
-    label_grid(rows, [t for t, _ in columns], legend_entries(val_ds.classes, voc_palette(256), unlabelled=False),
-               scale=3, title="validation images, seed %d (CAM: white = 1, black = 0)" % seed).save(png)
+    save_labelled_panels(png, rows, [t for t, _ in columns], val_ds.classes, scale=3)  # CAM cells: white = 1, black = 0
     out: Dict[str, object] = dict(results)
     out.update(
         gap_closed=((results["tags:pce+crf"] - results["tags:pce"]) / (results["full"] - results["tags:pce"])
