@@ -47,6 +47,7 @@ __all__ = [
     "run_settings",
     "add_arguments",
     "main",
+    "write_results",
     "demo_config",
 ]
 
@@ -341,26 +342,27 @@ def run_demo(
         gap_closed=gap_closed(results, "pce+crf") if "pce+crf" in results else None,
         gap_closed_by={k: gap_closed(results, k) for k in keys if k != "full" and not k.endswith(":pce") and k != "pce"},
         iou={k: res[k]["iou"] for k in keys},
-        times_s=times,
-        cpu_s=cpu,
-        total_time_s=total,
-        seed=seed,
-        epochs=epochs,
-        train_images=train_images,
-        val_images=val_images,
         settings=keys,
-        jobs=max(1, min(jobs, len(keys))),
         model=DEMO_MODEL if model_fn is None else {"model": "custom model_fn", "repr": repr(model_fn)},
         crf=dict(DEMO_CRF, **(crf or {})),
         entropy=dict(DEMO_ENTROPY, **(entropy or {})),
         crf_loss="segops.nn.DenseCRFLoss" if crf_cls is None else "%s.%s" % (crf_cls.__module__, crf_cls.__name__),
-        torch_threads=threads if threads is not None else torch.get_num_threads(),
-        torch_version=torch.__version__,
-        comparison_png=png,
     )
+    return write_results(out_dir, out, dict(times_s=times, cpu_s=cpu, total_time_s=total, seed=seed, epochs=epochs,
+                                            train_images=train_images, val_images=val_images,
+                                            jobs=max(1, min(jobs, len(keys))), threads=threads, comparison_png=png), log)
+
+
+def write_results(out_dir: str, results: Dict[str, object], run: Dict[str, object], log: Callable[[str], None]) -> Dict[str, object]:
+    """Writes ``results`` plus the facts of the run (times, sizes, seed, threads, torch version, figure) to
+    ``out_dir/results.json``; returns the merged dict."""
+    out = dict(results)
+    threads = run.pop("threads")
+    out.update(run)
+    out.update(torch_threads=threads if threads is not None else torch.get_num_threads(), torch_version=torch.__version__)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(out, f, indent=2)
-    log("wrote %s and %s" % (os.path.join(out_dir, "results.json"), png))
+    log("wrote %s and %s" % (os.path.join(out_dir, "results.json"), out.get("comparison_png")))
     return out
 
 

@@ -104,7 +104,7 @@ def run_tags_demo(
     import multiprocessing as mp
 
     from segops.data import SyntheticScribbles
-    from segops.demo import DEMO_MODEL, _image_cell, _load_model, _net_name, _predict, _train_one, _worker, demo_config
+    from segops.demo import DEMO_MODEL, _image_cell, _load_model, _net_name, _predict, _train_one, _worker, demo_config, write_results
     from segops.train import colorize
     from segops.figures import save_labelled_panels
     from segops.weak.tags import CAMClassifier, CAMSettings, cam_segmentation, normalized_cams
@@ -191,20 +191,9 @@ def run_tags_demo(
                     if results["full"] > results["tags:pce"] else None),
         cam_stage={k: v for k, v in cam.items() if k not in ("seeds_file", "classifier", "settings")},
         cam_settings=cam["settings"],
-        times_s={k: float(res[k]["time_s"]) for k in res},  # type: ignore[arg-type]
-        cpu_s=cpu,
-        total_time_s=total,
-        seed=seed,
-        epochs=epochs,
-        train_images=train_images,
-        val_images=val_images,
         model=DEMO_MODEL,
-        jobs=jobs,
-        torch_threads=threads,
-        torch_version=torch.__version__,
-        comparison_png=png,
     )
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(out, f, indent=2)
-    log("wrote %s and %s" % (os.path.join(out_dir, "results.json"), png))
-    return out
+    times = {k: float(res[k]["time_s"]) for k in res}  # type: ignore[arg-type]
+    return write_results(out_dir, out, dict(times_s=times, cpu_s=cpu, total_time_s=total, seed=seed, epochs=epochs,
+                                            train_images=train_images, val_images=val_images, jobs=jobs, threads=threads,
+                                            comparison_png=png), log)
