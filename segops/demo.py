@@ -132,6 +132,9 @@ def demo_config(
         epochs=epochs,
         batch_size=8,
         seed=seed,
+        # no loader processes: the synthetic samples stay cached in the training process (a loader worker would
+        # render them again every epoch); the batches, hence the numbers, are the same either way
+        workers=0,
         out_dir=os.path.join(out_dir, key.replace("+", "_").replace(":", "_")),
         overwrite=True,  # a rerun of the demo replaces its previous runs
         eval_every=epochs,
