@@ -16,14 +16,16 @@ namespace {
 using lattice::SplatArgs;
 
 // Scatter of points [0, B N) into the vertices [v0, v1) of the grid. Points go in blocks of kPoints: a
-// block's values are first copied into a small point-major buffer, one channel plane at a time (reading the
-// C planes of one point at a stride of N values maps every load of that point to the same cache set).
+// block's values are first copied into a point-major buffer, one channel plane at a time in runs of kPoints
+// values (reading the C planes of one point at a stride of N values defeats the hardware prefetchers and maps
+// every load of that point to one cache set).
 template <typename scalar_t, typename acc>
-void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vector<int64_t>& image_start, int64_t v0,
-                   int64_t v1) {
-  constexpr int64_t kPoints = 16;
+SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B,
+                                         const std::vector<int64_t>& image_start, int64_t v0, int64_t v1) {
+  constexpr int64_t kPoints = 256;
   const int64_t V = a.V, C = a.C, Cs = a.Cg, N = a.N;
   std::vector<acc> buf(static_cast<size_t>(kPoints * Cs));
+  std::vector<uint8_t> relevant(kPoints);
   const uint32_t span = static_cast<uint32_t>(v1 - v0);
   for (int64_t b = 0; b < B; ++b) {
     if (image_start[b + 1] <= v0 || image_start[b] >= v1) continue;  // no vertex of this image in range
@@ -31,16 +33,22 @@ void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vect
       const int64_t np = std::min(kPoints, N - n0);
       const int64_t i0 = b * N + n0;
       const int32_t* ids = a.vertex + i0 * V;
-      uint32_t relevant = 0;
+      bool any_relevant = false;
       for (int64_t p = 0; p < np; ++p) {
         bool any = false;
         for (int64_t k = 0; k < V; ++k) any |= static_cast<uint32_t>(ids[p * V + k] - v0) < span;
-        relevant |= uint32_t(any) << p;
+        relevant[p] = any;
+        any_relevant |= any;
       }
-      if (!relevant) continue;
+      if (!any_relevant) continue;
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* src = a.values + b * a.vsb + c * a.vsc + n0 * a.vsn;
-        for (int64_t p = 0; p < np; ++p) buf[p * Cs + c] = static_cast<acc>(src[p * a.vsn]);
+        acc* dst = buf.data() + c;
+        if (a.vsn == 1) {
+          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p]);
+        } else {
+          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p * a.vsn]);
+        }
       }
       if (a.prescale) {
         for (int64_t p = 0; p < np; ++p)
@@ -50,18 +58,54 @@ void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vect
         for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = a.extra_value(b, n0 + p);
       }
       for (int64_t p = 0; p < np; ++p) {
-        if (!(relevant >> p & 1)) continue;
-        const acc* x = buf.data() + p * Cs;
+        if (!relevant[p]) continue;
+        const acc* __restrict x = buf.data() + p * Cs;
         for (int64_t k = 0; k < V; ++k) {
           const int32_t v = ids[p * V + k];
           if (static_cast<uint32_t>(v - v0) >= span) continue;
-          acc* row = a.grid + static_cast<int64_t>(v) * Cs;
-          const acc w = a.bary[(i0 + p) * V + k];
-          for (int64_t c = 0; c < Cs; ++c) row[c] += w * x[c];
+          lattice::axpy_row(a.grid + static_cast<int64_t>(v) * Cs, x, a.bary[(i0 + p) * V + k], Cs);
         }
       }
     }
   }
+}
+
+// The hot loops run in an AVX2 clone where the CPU has AVX2 (the baseline x86-64 build targets SSE2 only).
+// Only the vector width differs: every lane does the same multiplies and adds in the same order (no FMA),
+// so both versions give bitwise identical results.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEGOPS_LATTICE_AVX2 1
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+template <typename F>
+__attribute__((target("avx2"))) void run_range_avx2(const F& f, int64_t begin, int64_t end) {
+  f.run_range(begin, end);
+}
+template <typename scalar_t, typename acc>
+__attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& a, int64_t B,
+                                                        const std::vector<int64_t>& image_start, int64_t v0,
+                                                        int64_t v1) {
+  scatter_range(a, B, image_start, v0, v1);
+}
+#endif
+
+template <typename F>
+void run_range_best(const F& f, int64_t begin, int64_t end) {
+#if defined(SEGOPS_LATTICE_AVX2)
+  if (cpu_has_avx2()) return run_range_avx2(f, begin, end);
+#endif
+  f.run_range(begin, end);
+}
+
+template <typename scalar_t, typename acc>
+void scatter_range_best(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vector<int64_t>& image_start,
+                        int64_t v0, int64_t v1) {
+#if defined(SEGOPS_LATTICE_AVX2)
+  if (cpu_has_avx2()) return scatter_range_avx2(a, B, image_start, v0, v1);
+#endif
+  scatter_range(a, B, image_start, v0, v1);
 }
 
 struct CpuBackend {
@@ -72,7 +116,7 @@ struct CpuBackend {
 
   template <typename F>
   static void ranged(index_t n, const F& f, index_t grain) {
-    omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+    omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { run_range_best(f, begin, end); });
   }
 
   // Two-pass chunked prefix sum of uint8 flags into int32 (one chunk per thread).
@@ -115,7 +159,7 @@ struct CpuBackend {
     const int64_t work = B * a.N * a.V * a.Cg;
     const int64_t tasks = work < (int64_t(1) << 17) ? 1 : std::min<int64_t>(at::get_num_threads(), M);
     omp_parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) scatter_range(a, B, image_start, M * t / tasks, M * (t + 1) / tasks);
+      for (int64_t t = t0; t < t1; ++t) scatter_range_best(a, B, image_start, M * t / tasks, M * (t + 1) / tasks);
     });
   }
 };

@@ -571,9 +571,12 @@ std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::o
   if (B * N == 0 || K == 0 || M == 0) {
     return std::make_tuple(forms, at::zeros({M, Cg}, x.options().dtype(acc)), at::zeros({M, Cg}, x.options().dtype(acc)));
   }
+  PhaseTimer timer;
   const Tensor vflat = vertex.reshape({-1});
   Tensor G = splat<Backend>(as_bcn(x), vflat, bary.reshape({-1}), M, d + 1, Tensor(), degree, extra);
+  timer.mark("splat");
   Tensor Y = blur<Backend>(G, neighbors.contiguous(), d, false, true);
+  timer.mark("blur");
   const int64_t nchunk = (M + kDotChunk - 1) / kDotChunk;
   Tensor starts = image_starts<Backend>(vflat, B, N * (d + 1), M);
   Tensor partial = at::empty({B * K * 2 * nchunk}, x.options().dtype(at::kDouble));
@@ -584,6 +587,7 @@ std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::o
                                          starts.data_ptr<int32_t>(), nchunk, partial.data_ptr<double>()},
                     1);
   });
+  timer.mark("dots");
   {
     SEGOPS_LATTICE_KERNEL("sum_chunks");
     Backend::launch(B * K * 2, SumChunks{partial.data_ptr<double>(), nchunk, slice_alpha(d), forms.data_ptr<double>()},
@@ -624,8 +628,10 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
     });
     scale_a = 1.0;
   }
+  PhaseTimer timer;
   slice<Backend>(grid, vertex.reshape({-1}), bary.reshape({-1}), d, SliceMode::kAffine, out, Tensor(), coef, degree,
                  scale_a);
+  timer.mark("slice");
   return out;
 }
 
