@@ -489,11 +489,13 @@ def test_build_lattice_bad_features(make, match):
         build_lattice(make())
 
 
-def test_crf_features_finite_flag_is_exact():
-    # The finiteness flag of the losses is folded into the colour features by a division that must leave
-    # finite features bitwise unchanged (the lattice decisions depend on every bit), and poison them otherwise.
+def test_crf_features_poison_is_exact():
+    # The losses fold the images' finiteness into the colour features by adding a 0-dim "poison" (0 or NaN)
+    # to sigma_rgb: 0 (or -0) must leave finite features bitwise unchanged (the lattice decisions depend on
+    # every bit), NaN must poison them.
     g = torch.Generator().manual_seed(56)
     img = torch.rand(2, 3, 5, 7, generator=g) * 255
     for sigma in (15.0, 0.3, 7.1):
-        assert torch.equal(crf_features(img, sigma, 3.0, torch.tensor(True)), crf_features(img, sigma, 3.0))
-        assert not bool(torch.isfinite(crf_features(img, sigma, 3.0, torch.tensor(False))[:, 2:]).any())
+        for zero in (0.0, -0.0):
+            assert torch.equal(crf_features(img, sigma, 3.0, torch.tensor(zero)), crf_features(img, sigma, 3.0))
+        assert not bool(torch.isfinite(crf_features(img, sigma, 3.0, torch.tensor(float("nan")))[:, 2:]).any())

@@ -566,11 +566,12 @@ std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::o
                 op, ": roi must be (B, 1, *spatial) like x, got ", roi->sizes(), " ", roi->scalar_type());
     extra = as_bcn(*roi).select(1, 0);
   }
-  Tensor forms = at::zeros({B, K, 2}, x.options().dtype(at::kDouble));
   const int64_t Cg = K + (degree ? 1 : 0);
   if (B * N == 0 || K == 0 || M == 0) {
-    return std::make_tuple(forms, at::zeros({M, Cg}, x.options().dtype(acc)), at::zeros({M, Cg}, x.options().dtype(acc)));
+    return std::make_tuple(at::zeros({B, K, 2}, x.options().dtype(at::kDouble)),
+                           at::zeros({M, Cg}, x.options().dtype(acc)), at::zeros({M, Cg}, x.options().dtype(acc)));
   }
+  Tensor forms = at::empty({B, K, 2}, x.options().dtype(at::kDouble));  // every entry written by sum_chunks
   PhaseTimer timer;
   const Tensor vflat = vertex.reshape({-1});
   Tensor G = splat<Backend>(as_bcn(x), vflat, bary.reshape({-1}), M, d + 1, Tensor(), degree, extra);
