@@ -145,6 +145,8 @@ struct CpuBackend {
     return out;
   }
 
+  static int64_t read_status(const at::Tensor& status) { return status.item<int64_t>(); }
+
   template <typename scalar_t, typename acc>
   static void splat(const SplatArgs<scalar_t, acc>& a, int64_t B, int64_t M, const at::Tensor& vertex) {
     if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat algorithm on the CPU

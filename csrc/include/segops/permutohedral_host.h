@@ -6,6 +6,7 @@
 //   Backend::ranged(n, functor, grain)       the same for functors with a CPU run_range(begin, end)
 //   Backend::splat(SplatArgs, B, M, vertex)  splat of all points into a zeroed (M, Cg) grid
 //   Backend::inclusive_scan(uint8 tensor)    -> int32 inclusive prefix sum
+//   Backend::read_status(int64 tensor (1,))  -> its value on the host: the build's one read (Tensor::item)
 //
 // Every launch sits in a profiler scope named "segops_kernel::<phase>", so torch.profiler shows the launches
 // of a call (their number does not depend on the batch size). The build reads ONE word back to the host
@@ -111,7 +112,7 @@ int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_
                                     status.data_ptr<int64_t>()}, 1);
   }
   timer.mark("scan");
-  return status.item<int64_t>();  // the one device-to-host read of the build
+  return Backend::read_status(status);  // the one device-to-host read of the build
 }
 
 template <typename Backend, int D, typename T>
