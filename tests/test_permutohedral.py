@@ -94,7 +94,7 @@ def test_many_distinct_colours_capacity():
 
 
 def test_impulse_response_constant_colour():
-    # Documented shape (docs/crf.md): on a constant-colour image an impulse spreads into a bump with the
+    # Documented shape (docs/lattice.md): on a constant-colour image an impulse spreads into a bump with the
     # Gaussian's width sigma (second moment within 10%), centred on the impulse (centroid within 0.5 px),
     # non-negative, carrying about half the exact Gaussian's mass (0.45..0.65).
     H = W = 41

@@ -1,5 +1,5 @@
 """Races and large sizes: every compiled op run repeatedly on fresh random inputs, and CPU/CUDA parity at sizes
-well beyond the unit tests' (issue 7, section 4).
+well beyond the unit tests'.
 
 Each case draws a new seed per test run (printed on failure, so a failing input can be replayed with
 SEGOPS_STRESS_SEED). Inputs are float64 so that a difference between runs or devices can only come from a bug:

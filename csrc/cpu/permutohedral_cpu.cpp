@@ -20,10 +20,10 @@ using lattice::SplatArgs;
 // values (reading the C planes of one point at a stride of N values defeats the hardware prefetchers and maps
 // every load of that point to one cache set).
 template <typename scalar_t, typename acc>
-SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B,
+SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, int64_t B,
                                          const std::vector<int64_t>& image_start, int64_t v0, int64_t v1) {
   constexpr int64_t kPoints = 256;
-  const int64_t V = a.V, C = a.C, Cs = a.Cg, N = a.N;
+  const int64_t V = args.V, C = args.C, Cs = args.Cg, N = args.N;
   std::vector<acc> buf(static_cast<size_t>(kPoints * Cs));
   std::vector<uint8_t> relevant(kPoints);
   const uint32_t span = static_cast<uint32_t>(v1 - v0);
@@ -32,7 +32,7 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& a, int6
     for (int64_t n0 = 0; n0 < N; n0 += kPoints) {
       const int64_t np = std::min(kPoints, N - n0);
       const int64_t i0 = b * N + n0;
-      const int32_t* ids = a.vertex + i0 * V;
+      const int32_t* ids = args.vertex + i0 * V;
       bool any_relevant = false;
       for (int64_t p = 0; p < np; ++p) {
         bool any = false;
@@ -42,20 +42,20 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& a, int6
       }
       if (!any_relevant) continue;
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* src = a.values + b * a.vsb + c * a.vsc + n0 * a.vsn;
+        const scalar_t* src = args.values + b * args.vsb + c * args.vsc + n0 * args.vsn;
         acc* dst = buf.data() + c;
-        if (a.vsn == 1) {
+        if (args.vsn == 1) {
           for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p]);
         } else {
-          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p * a.vsn]);
+          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p * args.vsn]);
         }
       }
-      if (a.prescale) {
+      if (args.prescale) {
         for (int64_t p = 0; p < np; ++p)
-          for (int64_t c = 0; c < C; ++c) buf[p * Cs + c] *= a.prescale[i0 + p];
+          for (int64_t c = 0; c < C; ++c) buf[p * Cs + c] *= args.prescale[i0 + p];
       }
-      if (a.has_extra) {
-        for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = a.extra_value(b, n0 + p);
+      if (args.has_extra) {
+        for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = args.extra_value(b, n0 + p);
       }
       for (int64_t p = 0; p < np; ++p) {
         if (!relevant[p]) continue;
@@ -63,7 +63,7 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& a, int6
         for (int64_t k = 0; k < V; ++k) {
           const int32_t v = ids[p * V + k];
           if (static_cast<uint32_t>(v - v0) >= span) continue;
-          lattice::axpy_row(a.grid + static_cast<int64_t>(v) * Cs, x, a.bary[(i0 + p) * V + k], Cs);
+          lattice::axpy_row(args.grid + static_cast<int64_t>(v) * Cs, x, args.bary[(i0 + p) * V + k], Cs);
         }
       }
     }
@@ -84,10 +84,10 @@ __attribute__((target("avx2"))) void run_range_avx2(const F& f, int64_t begin, i
   f.run_range(begin, end);
 }
 template <typename scalar_t, typename acc>
-__attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& a, int64_t B,
+__attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& args, int64_t B,
                                                         const std::vector<int64_t>& image_start, int64_t v0,
                                                         int64_t v1) {
-  scatter_range(a, B, image_start, v0, v1);
+  scatter_range(args, B, image_start, v0, v1);
 }
 #endif
 
@@ -100,12 +100,12 @@ void run_range_best(const F& f, int64_t begin, int64_t end) {
 }
 
 template <typename scalar_t, typename acc>
-void scatter_range_best(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vector<int64_t>& image_start,
+void scatter_range_best(const SplatArgs<scalar_t, acc>& args, int64_t B, const std::vector<int64_t>& image_start,
                         int64_t v0, int64_t v1) {
 #if defined(SEGOPS_LATTICE_AVX2)
-  if (cpu_has_avx2()) return scatter_range_avx2(a, B, image_start, v0, v1);
+  if (cpu_has_avx2()) return scatter_range_avx2(args, B, image_start, v0, v1);
 #endif
-  scatter_range(a, B, image_start, v0, v1);
+  scatter_range(args, B, image_start, v0, v1);
 }
 
 struct CpuBackend {
@@ -148,20 +148,20 @@ struct CpuBackend {
   static int64_t read_status(const at::Tensor& status) { return status.item<int64_t>(); }
 
   template <typename scalar_t, typename acc>
-  static void splat(const SplatArgs<scalar_t, acc>& a, int64_t B, int64_t M, const at::Tensor& vertex) {
+  static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex) {
     if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat algorithm on the CPU
-      lattice::gather_splat<CpuBackend>(a, M, vertex);
+      lattice::gather_splat<CpuBackend>(args, M, vertex);
       return;
     }
     // Image b's vertices are [image_start[b], image_start[b+1]): vertex ids are image-major and an image's
     // first point's vertex 0 is its first vertex.
     std::vector<int64_t> image_start(static_cast<size_t>(B) + 1);
-    for (int64_t b = 0; b < B; ++b) image_start[b] = a.vertex[b * a.N * a.V];
+    for (int64_t b = 0; b < B; ++b) image_start[b] = args.vertex[b * args.N * args.V];
     image_start[B] = M;
-    const int64_t work = B * a.N * a.V * a.Cg;
+    const int64_t work = B * args.N * args.V * args.Cg;
     const int64_t tasks = work < (int64_t(1) << 17) ? 1 : std::min<int64_t>(at::get_num_threads(), M);
     omp_parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) scatter_range_best(a, B, image_start, M * t / tasks, M * (t + 1) / tasks);
+      for (int64_t t = t0; t < t1; ++t) scatter_range_best(args, B, image_start, M * t / tasks, M * (t + 1) / tasks);
     });
   }
 };

@@ -42,8 +42,8 @@ struct CudaBackend {
   }
 
   template <typename scalar_t, typename acc>
-  static void splat(const lattice::SplatArgs<scalar_t, acc>& a, int64_t /*B*/, int64_t M, const at::Tensor& vertex) {
-    lattice::gather_splat<CudaBackend>(a, M, vertex);
+  static void splat(const lattice::SplatArgs<scalar_t, acc>& args, int64_t /*B*/, int64_t M, const at::Tensor& vertex) {
+    lattice::gather_splat<CudaBackend>(args, M, vertex);
   }
 };
 

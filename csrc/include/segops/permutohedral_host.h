@@ -90,7 +90,7 @@ inline const char* bad_features_message() {
 
 // Build phases 1-2 with one key representation; returns the status word (the one host read).
 template <typename Backend, int D, typename T, typename Build>
-int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_flag_buf, Tensor& incl,
+int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_flag_buf, Tensor& owners_so_far,
                         const Tensor& flags, const Tensor& status, PhaseTimer& timer) {
   const int64_t total = B * N * (D + 1);
   {
@@ -104,11 +104,11 @@ int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_
   }
   {
     SEGOPS_LATTICE_KERNEL("scan");
-    incl = Backend::inclusive_scan(owner_flag_buf);
+    owners_so_far = Backend::inclusive_scan(owner_flag_buf);
   }
   {
     SEGOPS_LATTICE_KERNEL("status");
-    Backend::launch(1, FinishStatus{incl.data_ptr<int32_t>(), total, flags.data_ptr<int32_t>(),
+    Backend::launch(1, FinishStatus{owners_so_far.data_ptr<int32_t>(), total, flags.data_ptr<int32_t>(),
                                     status.data_ptr<int64_t>()}, 1);
   }
   timer.mark("scan");
@@ -149,7 +149,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   Tensor owner = at::full({cap}, kNoOwner, iopt);
   Tensor slot = at::empty({total}, iopt);  // becomes the vertex ids
   Tensor owner_flag = at::empty({total}, feats.options().dtype(at::kByte));
-  Tensor incl;
+  Tensor owners_so_far;
   Lattice lat;
   lat.bary = at::empty({total}, feats.options());
   timer.mark("alloc");
@@ -173,7 +173,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   fill_base(packed);
   packed.plan = planner.plan;
   packed.codes = codes.data_ptr<int64_t>();
-  int64_t word = build_and_count<Backend, D, T>(packed, B, N, owner_flag, incl, flags, status, timer);
+  int64_t word = build_and_count<Backend, D, T>(packed, B, N, owner_flag, owners_so_far, flags, status, timer);
   TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
   Tensor keys;
   if (word & kStatusNotPacked) {  // key ranges too wide for one int64: store the keys (a second host read)
@@ -184,21 +184,21 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     BuildStored<D, T> stored;
     fill_base(stored);
     stored.keys = keys.data_ptr<int32_t>();
-    word = build_and_count<Backend, D, T>(stored, B, N, owner_flag, incl, flags, status, timer);
+    word = build_and_count<Backend, D, T>(stored, B, N, owner_flag, owners_so_far, flags, status, timer);
     TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
   }
   owner_flag.reset();
   lat.M = word & kStatusCountMask;
 
-  Tensor vkeys = at::empty({lat.M * (D + 1)}, iopt);
+  Tensor vertex_keys = at::empty({lat.M * (D + 1)}, iopt);
   AssignVertices<D> assign;
   assign.slot_then_vertex = slot.data_ptr<int32_t>();
   assign.owner = owner.data_ptr<int32_t>();
-  assign.incl = incl.data_ptr<int32_t>();
+  assign.owners_so_far = owners_so_far.data_ptr<int32_t>();
   assign.codes = codes.defined() ? codes.data_ptr<int64_t>() : nullptr;
   assign.plan = planner.plan;
   assign.keys = keys.defined() ? keys.data_ptr<int32_t>() : nullptr;
-  assign.vkeys = vkeys.data_ptr<int32_t>();
+  assign.vertex_keys = vertex_keys.data_ptr<int32_t>();
   {
     SEGOPS_LATTICE_KERNEL("assign");
     Backend::launch(total, assign, kGrainCheap);
@@ -207,7 +207,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   codes.reset();
   owner.reset();
   keys.reset();
-  incl.reset();
+  owners_so_far.reset();
   timer.mark("assign");
 
   const int64_t vcap = next_pow2(2 * lat.M + 1);
@@ -215,14 +215,14 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   {
     SEGOPS_LATTICE_KERNEL("vertex_table");
     Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
-                                             vkeys.data_ptr<int32_t>()},
+                                             vertex_keys.data_ptr<int32_t>()},
                     kGrainCheap / 4);
   }
   lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
   {
     SEGOPS_LATTICE_KERNEL("neighbors");
     Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
-                                            vkeys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
+                                            vertex_keys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
                     1024);
   }
   timer.mark("neighbors");
@@ -295,25 +295,25 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
   if (M == 0 || B * N == 0 || Cg == 0) return grid;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "permutohedral_splat", [&] {
     using accT = acc_t<scalar_t>;
-    SplatArgs<scalar_t, accT> a;
-    a.values = values.data_ptr<scalar_t>();
-    a.vsb = values.stride(0);
-    a.vsc = values.stride(1);
-    a.vsn = values.stride(2);
-    a.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
-    a.has_extra = has_extra;
-    a.extra = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;
-    a.esb = extra.defined() ? extra.stride(0) : 0;
-    a.esn = extra.defined() ? extra.stride(1) : 0;
-    a.N = N;
-    a.C = C;
-    a.Cg = Cg;
-    a.V = V;
-    a.vertex = vertex.data_ptr<int32_t>();
-    a.bary = bary.data_ptr<accT>();
-    a.grid = grid.data_ptr<accT>();
+    SplatArgs<scalar_t, accT> args;
+    args.values = values.data_ptr<scalar_t>();
+    args.vsb = values.stride(0);
+    args.vsc = values.stride(1);
+    args.vsn = values.stride(2);
+    args.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
+    args.has_extra = has_extra;
+    args.extra = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;
+    args.esb = extra.defined() ? extra.stride(0) : 0;
+    args.esn = extra.defined() ? extra.stride(1) : 0;
+    args.N = N;
+    args.C = C;
+    args.Cg = Cg;
+    args.V = V;
+    args.vertex = vertex.data_ptr<int32_t>();
+    args.bary = bary.data_ptr<accT>();
+    args.grid = grid.data_ptr<accT>();
     SEGOPS_LATTICE_KERNEL("splat");
-    Backend::splat(a, B, M, vertex);
+    Backend::splat(args, B, M, vertex);
   });
   return grid;
 }
@@ -321,7 +321,7 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
 // The deterministic gather splat: entries sorted (stably) by vertex, then one sum per (vertex, channel) in
 // ascending entry order. CUDA's splat; the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests).
 template <typename Backend, typename scalar_t, typename acc>
-void gather_splat(const SplatArgs<scalar_t, acc>& a, int64_t M, const Tensor& vertex) {
+void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor& vertex) {
   const int64_t T = vertex.numel();
   Tensor sorted, order;
   std::tie(sorted, order) = at::sort(vertex.view({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -329,11 +329,11 @@ void gather_splat(const SplatArgs<scalar_t, acc>& a, int64_t M, const Tensor& ve
   Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start.data_ptr<int64_t>(), static_cast<int32_t>(M)},
                   kGrainCheap);
   SplatGather<scalar_t, acc> g;
-  g.a = a;
+  g.args = args;
   g.order = order.data_ptr<int64_t>();
   g.start = start.data_ptr<int64_t>();
-  g.Cs = a.Cg;
-  Backend::launch(M * a.Cg, g, 64);
+  g.Cs = args.Cg;
+  Backend::launch(M * args.Cg, g, 64);
 }
 
 // d+1 blur passes (directions 0..d, or d..0 for the adjoint) over all Cg channels. Returns the blurred
@@ -342,24 +342,24 @@ template <typename Backend>
 Tensor blur(const Tensor& grid, const Tensor& neighbors, int64_t d, bool adjoint, bool keep_input) {
   const int64_t M = grid.size(0), Cg = grid.size(1), V = d + 1;
   if (M == 0 || Cg == 0) return keep_input ? grid.clone() : grid;
-  Tensor a = grid, b = at::empty_like(grid), spare;
+  Tensor src = grid, dst = at::empty_like(grid), spare;
   if (keep_input) spare = at::empty_like(grid);
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "permutohedral_blur", [&] {
     for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
       const int64_t j = adjoint ? d - step : step;
       SEGOPS_LATTICE_KERNEL("blur");
-      Backend::launch(M, BlurDirection<scalar_t>{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+      Backend::launch(M, BlurDirection<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
                                                  neighbors.data_ptr<int32_t>(), Cg, V, j},
                       std::max<int64_t>(64, 16384 / Cg));
       if (step == 0 && keep_input) {
-        a = b;
-        b = spare;
+        src = dst;
+        dst = spare;
       } else {
-        std::swap(a, b);
+        std::swap(src, dst);
       }
     }
   });
-  return a;
+  return src;
 }
 
 // Slices `grid` (M, Cg) at every point into out (B, C, N) (strided view) per `mode`.
@@ -370,26 +370,26 @@ void slice(const Tensor& grid, const Tensor& vertex, const Tensor& bary, int64_t
   if (B * N == 0 || (C == 0 && mode != SliceMode::kNormalize)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "permutohedral_slice", [&] {
     using accT = acc_t<scalar_t>;
-    Slice<scalar_t, accT> sl;
-    sl.grid = grid.data_ptr<accT>();
-    sl.N = N;
-    sl.C = C;
-    sl.Cg = grid.size(1);
-    sl.V = d + 1;
-    sl.mode = mode;
-    sl.alpha = accT(1.0 / (1.0 + std::pow(2.0, -double(d))));
-    sl.vertex = vertex.data_ptr<int32_t>();
-    sl.bary = bary.data_ptr<accT>();
-    sl.out = out.data_ptr<scalar_t>();
-    sl.osb = out.stride(0);
-    sl.osc = out.stride(1);
-    sl.osn = out.stride(2);
-    sl.norm = norm.defined() ? norm.data_ptr<accT>() : nullptr;
-    sl.coef = coef.defined() ? coef.data_ptr<double>() : nullptr;
-    sl.coef_extra = coef_extra;
-    sl.scale_a = scale_a;
+    Slice<scalar_t, accT> slicer;
+    slicer.grid = grid.data_ptr<accT>();
+    slicer.N = N;
+    slicer.C = C;
+    slicer.Cg = grid.size(1);
+    slicer.V = d + 1;
+    slicer.mode = mode;
+    slicer.alpha = accT(1.0 / (1.0 + std::pow(2.0, -double(d))));
+    slicer.vertex = vertex.data_ptr<int32_t>();
+    slicer.bary = bary.data_ptr<accT>();
+    slicer.out = out.data_ptr<scalar_t>();
+    slicer.osb = out.stride(0);
+    slicer.osc = out.stride(1);
+    slicer.osn = out.stride(2);
+    slicer.norm = norm.defined() ? norm.data_ptr<accT>() : nullptr;
+    slicer.coef = coef.defined() ? coef.data_ptr<double>() : nullptr;
+    slicer.coef_extra = coef_extra;
+    slicer.scale_a = scale_a;
     SEGOPS_LATTICE_KERNEL("slice");
-    Backend::ranged(B * N, sl, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
+    Backend::ranged(B * N, slicer, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
   });
 }
 

@@ -179,13 +179,13 @@ struct Simplex {
 template <int D, typename T>
 SEGOPS_HD_INLINE bool find_simplex(const T* f, index_t fs, const T* scale, Simplex<D, T>& s) {
   T e[D + 1];
-  T sm = T(0);
+  T sum_above = T(0);  // sum_{i >= j} c_i
   for (int j = D; j >= 1; --j) {  // e_j = sum_{i>=j} c_i - j c_{j-1}, accumulated from the top (step 1)
-    const T cf = mul_rn(f[(j - 1) * fs], scale[j - 1]);
-    e[j] = sub_rn(sm, mul_rn(T(j), cf));
-    sm = add_rn(sm, cf);
+    const T c = mul_rn(f[(j - 1) * fs], scale[j - 1]);  // c_{j-1} of the contract
+    e[j] = sub_rn(sum_above, mul_rn(T(j), c));
+    sum_above = add_rn(sum_above, c);
   }
-  e[0] = sm;
+  e[0] = sum_above;
   const T down = T(1.0 / (D + 1));
   int32_t sum = 0;
   T r[D + 1];
@@ -579,12 +579,12 @@ struct MarkOwners {
 
 // The one word the host reads back: the vertex count (last prefix sum) and the flags.
 struct FinishStatus {
-  const int32_t* incl;  // inclusive prefix sum of the owner flags, T entries
+  const int32_t* owners_so_far;  // inclusive prefix sum of the owner flags, T entries
   index_t T;
   const int32_t* flags;
   int64_t* status;
   SEGOPS_HD_INLINE void operator()(index_t) const {
-    int64_t s = T > 0 ? static_cast<int64_t>(incl[T - 1]) : 0;
+    int64_t s = T > 0 ? static_cast<int64_t>(owners_so_far[T - 1]) : 0;
     if (flags[0]) s |= kStatusBadFeatures;
     if (flags[1]) s |= kStatusNotPacked;
     *status = s;
@@ -592,27 +592,27 @@ struct FinishStatus {
 };
 
 // vertex[e] = id of e's vertex (written over the slot array: each entry reads only its own slot); each
-// owner also writes its vertex's [image, key...] row of vkeys (M, D+1).
+// owner also writes its vertex's [image, key...] row of vertex_keys (M, D+1).
 template <int D>
 struct AssignVertices {
   int32_t* slot_then_vertex;  // (T)
   const int32_t* owner;       // (cap)
-  const int32_t* incl;        // (T)
+  const int32_t* owners_so_far;        // (T)
   const int64_t* codes;       // (cap) packed keys, or nullptr
   const PackPlan* plan;       // with codes
   const int32_t* keys;        // (T, D+1) stored keys, or nullptr
-  int32_t* vkeys;             // (M, D+1)
+  int32_t* vertex_keys;             // (M, D+1)
   SEGOPS_HD_INLINE void operator()(index_t e) const {
     const int32_t h = slot_then_vertex[e];
     const int32_t o = owner[h];
-    const int32_t v = incl[o] - 1;
+    const int32_t v = owners_so_far[o] - 1;
     slot_then_vertex[e] = v;
     if (o != e) return;
-    int32_t* vk = vkeys + static_cast<index_t>(v) * (D + 1);
+    int32_t* key_row = vertex_keys + static_cast<index_t>(v) * (D + 1);
     if (codes) {
-      unpack_key<D>(*plan, codes[h], vk);
+      unpack_key<D>(*plan, codes[h], key_row);
     } else {
-      for (int c = 0; c <= D; ++c) vk[c] = keys[e * (D + 1) + c];
+      for (int c = 0; c <= D; ++c) key_row[c] = keys[e * (D + 1) + c];
     }
   }
 };
@@ -623,21 +623,21 @@ template <int D>
 struct InsertVertices {
   int32_t* table;
   uint64_t cap;
-  const int32_t* vkeys;  // (M, D+1)
+  const int32_t* vertex_keys;  // (M, D+1)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    const int32_t* key = vkeys + v * (D + 1);
+    const int32_t* key = vertex_keys + v * (D + 1);
     uint64_t h = slot_of(hash_key<D + 1>(key), cap);
     while (atomic_cas(table + h, int32_t(-1), static_cast<int32_t>(v)) != -1) h = h + 1 == cap ? 0 : h + 1;
   }
 };
 
 template <int D>
-SEGOPS_HD_INLINE int32_t find_vertex(const int32_t* table, uint64_t cap, const int32_t* vkeys, const int32_t* key) {
+SEGOPS_HD_INLINE int32_t find_vertex(const int32_t* table, uint64_t cap, const int32_t* vertex_keys, const int32_t* key) {
   uint64_t h = slot_of(hash_key<D + 1>(key), cap);
   while (true) {
     const int32_t cur = table[h];
     if (cur < 0) return -1;
-    if (keys_equal<D + 1>(vkeys + static_cast<index_t>(cur) * (D + 1), key)) return cur;
+    if (keys_equal<D + 1>(vertex_keys + static_cast<index_t>(cur) * (D + 1), key)) return cur;
     h = h + 1 == cap ? 0 : h + 1;
   }
 }
@@ -649,10 +649,10 @@ template <int D>
 struct FindNeighbors {
   const int32_t* table;
   uint64_t cap;
-  const int32_t* vkeys;  // (M, D+1)
+  const int32_t* vertex_keys;  // (M, D+1)
   int32_t* neighbors;    // (M, D+1, 2)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    const int32_t* key = vkeys + v * (D + 1);
+    const int32_t* key = vertex_keys + v * (D + 1);
     int32_t lo[D + 1], hi[D + 1];
     lo[0] = hi[0] = key[0];
     for (int i = 1; i <= D; ++i) {
@@ -664,8 +664,8 @@ struct FindNeighbors {
         lo[j + 1] = key[j + 1] + D;
         hi[j + 1] = key[j + 1] - D;
       }
-      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex<D>(table, cap, vkeys, lo);
-      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex<D>(table, cap, vkeys, hi);
+      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex<D>(table, cap, vertex_keys, lo);
+      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex<D>(table, cap, vertex_keys, hi);
       if (j < D) {
         lo[j + 1] = key[j + 1] - 1;
         hi[j + 1] = key[j + 1] + 1;
@@ -760,7 +760,7 @@ struct SplatArgs {
 // the CPU's scatter. One call per (vertex, channel).
 template <typename scalar_t, typename acc>
 struct SplatGather {
-  SplatArgs<scalar_t, acc> a;
+  SplatArgs<scalar_t, acc> args;
   const int64_t* order;  // (T) entry ids sorted by vertex
   const int64_t* start;  // (M+1) first position of each vertex in `order`
   index_t Cs;            // channels splatted: C (+1 with the extra channel)
@@ -769,11 +769,11 @@ struct SplatGather {
     acc sum = acc(0);
     for (index_t j = start[v]; j < start[v + 1]; ++j) {
       const index_t e = order[j];
-      const index_t p = e / a.V, b = p / a.N, n = p - b * a.N;
-      const acc x = c < a.C ? a.value(b, n, p, c) : a.extra_value(b, n);
-      sum += a.bary[e] * x;
+      const index_t p = e / args.V, b = p / args.N, n = p - b * args.N;
+      const acc x = c < args.C ? args.value(b, n, p, c) : args.extra_value(b, n);
+      sum += args.bary[e] * x;
     }
-    a.grid[v * a.Cg + c] = sum;
+    args.grid[v * args.Cg + c] = sum;
   }
 };
 
@@ -889,17 +889,17 @@ struct Slice {
     if (mode == SliceMode::kAffine && coef_extra) s_extra = gather_one(i, C);
     return alpha;
   }
-  // kAffine: out = ca s + cx s_extra with ca = alpha scale_a coef[b, c, 0], cx = alpha coef[b, c, 1].
-  SEGOPS_LATTICE_INLINE void affine(index_t b, index_t c, acc& ca, acc& cx) const {
-    const double* cf = coef + (b * C + c) * 2;
-    ca = static_cast<acc>(static_cast<double>(alpha) * scale_a * cf[0]);
-    cx = coef_extra ? static_cast<acc>(static_cast<double>(alpha) * cf[1]) : acc(0);
+  // kAffine: out = on_sum s + on_extra s_extra, on_sum = alpha scale_a coef[b, c, 0], on_extra = alpha coef[b, c, 1].
+  SEGOPS_LATTICE_INLINE void affine(index_t b, index_t c, acc& on_sum, acc& on_extra) const {
+    const double* bc = coef + (b * C + c) * 2;
+    on_sum = static_cast<acc>(static_cast<double>(alpha) * scale_a * bc[0]);
+    on_extra = coef_extra ? static_cast<acc>(static_cast<double>(alpha) * bc[1]) : acc(0);
   }
   SEGOPS_LATTICE_INLINE scalar_t finish(index_t b, index_t c, acc s, acc mul, acc s_extra) const {
     if (mode != SliceMode::kAffine) return static_cast<scalar_t>(s * mul);
-    acc ca, cx;
-    affine(b, c, ca, cx);
-    return static_cast<scalar_t>(ca * s + cx * s_extra);
+    acc on_sum, on_extra;
+    affine(b, c, on_sum, on_extra);
+    return static_cast<scalar_t>(on_sum * s + on_extra * s_extra);
   }
 
   SEGOPS_LATTICE_INLINE void operator()(index_t i) const {
@@ -944,9 +944,10 @@ struct Slice {
         scalar_t* o = out + b * osb + c * osc + n0 * osn;
         const acc* col = buf.data() + c;
         if (mode == SliceMode::kAffine) {
-          acc ca, cx;
-          affine(b, c, ca, cx);
-          for (index_t p = 0; p < np; ++p) o[p * osn] = static_cast<scalar_t>(ca * col[p * Cpad] + cx * extras[p]);
+          acc on_sum, on_extra;
+          affine(b, c, on_sum, on_extra);
+          for (index_t p = 0; p < np; ++p)
+            o[p * osn] = static_cast<scalar_t>(on_sum * col[p * Cpad] + on_extra * extras[p]);
         } else {
           for (index_t p = 0; p < np; ++p) o[p * osn] = static_cast<scalar_t>(col[p * Cpad] * muls[p]);
         }
