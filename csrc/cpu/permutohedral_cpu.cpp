@@ -109,6 +109,8 @@ void scatter_range_best(const SplatArgs<scalar_t, acc>& args, int64_t B, const s
 }
 
 struct CpuBackend {
+  static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
+
   template <typename F>
   static void launch(index_t n, const F& f, index_t grain) {
     cpu_parallel_for(n, f, grain);

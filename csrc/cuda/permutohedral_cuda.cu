@@ -17,6 +17,8 @@ namespace segops {
 namespace {
 
 struct CudaBackend {
+  static constexpr bool kGatherReadsChannelsLast = true;  // a point's channels in one or two cache lines
+
   template <typename F>
   static void launch(index_t n, const F& f, index_t /*grain*/) {
     cuda_parallel_for(n, f, 256);

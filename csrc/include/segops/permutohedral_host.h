@@ -7,6 +7,7 @@
 //   Backend::splat(SplatArgs, B, M, vertex)  splat of all points into a zeroed (M, Cg) grid
 //   Backend::inclusive_scan(uint8 tensor)    -> int32 inclusive prefix sum
 //   Backend::read_status(int64 tensor (1,))  -> its value on the host: the build's one read (Tensor::item)
+//   Backend::kGatherReadsChannelsLast        the splat wants each point's channels contiguous (CUDA's gather)
 //
 // Every launch sits in a profiler scope named "segops_kernel::<phase>", so torch.profiler shows the launches
 // of a call (their number does not depend on the batch size). The build reads ONE word back to the host
@@ -190,15 +191,17 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   owner_flag.reset();
   lat.M = word & kStatusCountMask;
 
-  Tensor vertex_keys = at::empty({lat.M * (D + 1)}, iopt);
+  const bool packed_keys = codes.defined();
+  Tensor vertex_codes = packed_keys ? at::empty({lat.M}, lopt) : Tensor();
+  Tensor vertex_keys = packed_keys ? Tensor() : at::empty({lat.M * (D + 1)}, iopt);
   AssignVertices<D> assign;
   assign.slot_then_vertex = slot.data_ptr<int32_t>();
   assign.owner = owner.data_ptr<int32_t>();
   assign.owners_so_far = owners_so_far.data_ptr<int32_t>();
-  assign.codes = codes.defined() ? codes.data_ptr<int64_t>() : nullptr;
-  assign.plan = planner.plan;
-  assign.keys = keys.defined() ? keys.data_ptr<int32_t>() : nullptr;
-  assign.vertex_keys = vertex_keys.data_ptr<int32_t>();
+  assign.codes = packed_keys ? codes.data_ptr<int64_t>() : nullptr;
+  assign.vertex_codes = packed_keys ? vertex_codes.data_ptr<int64_t>() : nullptr;
+  assign.keys = packed_keys ? nullptr : keys.data_ptr<int32_t>();
+  assign.vertex_keys = packed_keys ? nullptr : vertex_keys.data_ptr<int32_t>();
   {
     SEGOPS_LATTICE_KERNEL("assign");
     Backend::launch(total, assign, kGrainCheap);
@@ -212,14 +215,26 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
 
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
-  {
-    SEGOPS_LATTICE_KERNEL("vertex_table");
-    Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
-                                             vertex_keys.data_ptr<int32_t>()},
-                    kGrainCheap / 4);
-  }
   lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
-  {
+  if (packed_keys) {
+    {
+      SEGOPS_LATTICE_KERNEL("vertex_table");
+      Backend::launch(lat.M, InsertVertexCodes{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                               vertex_codes.data_ptr<int64_t>()},
+                      kGrainCheap / 4);
+    }
+    SEGOPS_LATTICE_KERNEL("neighbors");
+    Backend::launch(lat.M, FindNeighborCodes<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                                vertex_codes.data_ptr<int64_t>(), planner.plan,
+                                                lat.neighbors.data_ptr<int32_t>()},
+                    1024);
+  } else {
+    {
+      SEGOPS_LATTICE_KERNEL("vertex_table");
+      Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                               vertex_keys.data_ptr<int32_t>()},
+                      kGrainCheap / 4);
+    }
     SEGOPS_LATTICE_KERNEL("neighbors");
     Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
                                             vertex_keys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
@@ -293,13 +308,18 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
   const auto acc = acc_dtype(values.scalar_type());
   Tensor grid = at::zeros({M, Cg}, values.options().dtype(acc));
   if (M == 0 || B * N == 0 || Cg == 0) return grid;
+  Tensor src = values;
+  if (Backend::kGatherReadsChannelsLast && C > 1 && values.stride(1) != 1) {
+    // the gather reads a point's C values together: one transposing copy makes them contiguous
+    src = values.transpose(1, 2).contiguous().transpose(1, 2);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "permutohedral_splat", [&] {
     using accT = acc_t<scalar_t>;
     SplatArgs<scalar_t, accT> args;
-    args.values = values.data_ptr<scalar_t>();
-    args.vsb = values.stride(0);
-    args.vsc = values.stride(1);
-    args.vsn = values.stride(2);
+    args.values = src.data_ptr<scalar_t>();
+    args.vsb = src.stride(0);
+    args.vsc = src.stride(1);
+    args.vsn = src.stride(2);
     args.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
     args.has_extra = has_extra;
     args.extra = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;

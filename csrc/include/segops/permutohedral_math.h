@@ -328,15 +328,6 @@ SEGOPS_HD_INLINE int64_t pack_key(const PackPlan& p, const int32_t* key, int64_t
   return static_cast<int64_t>(code);
 }
 
-// (image, key) of a code, written as D+1 int32 [image, key_0, ..., key_{D-1}].
-template <int D>
-SEGOPS_HD_INLINE void unpack_key(const PackPlan& p, int64_t code, int32_t* out) {
-  const uint64_t c = static_cast<uint64_t>(code);
-  out[0] = static_cast<int32_t>(c >> p.image_shift);
-  for (int i = 0; i < D; ++i)
-    out[i + 1] = static_cast<int32_t>((c >> p.shift[i]) & ((uint64_t(1) << p.bits[i]) - 1)) + p.lo[i];
-}
-
 // Plans the packing from the per-axis feature minima / maxima (device memory); one call.
 template <int D, typename T>
 struct PlanPacking {
@@ -592,27 +583,69 @@ struct FinishStatus {
 };
 
 // vertex[e] = id of e's vertex (written over the slot array: each entry reads only its own slot); each
-// owner also writes its vertex's [image, key...] row of vertex_keys (M, D+1).
+// owner also records its vertex's key: the packed code (vertex_codes (M)) or the stored [image, key...] row
+// (vertex_keys (M, D+1)).
 template <int D>
 struct AssignVertices {
-  int32_t* slot_then_vertex;  // (T)
-  const int32_t* owner;       // (cap)
-  const int32_t* owners_so_far;        // (T)
-  const int64_t* codes;       // (cap) packed keys, or nullptr
-  const PackPlan* plan;       // with codes
-  const int32_t* keys;        // (T, D+1) stored keys, or nullptr
-  int32_t* vertex_keys;             // (M, D+1)
+  int32_t* slot_then_vertex;     // (T)
+  const int32_t* owner;          // (cap)
+  const int32_t* owners_so_far;  // (T) inclusive prefix sum of the owner flags
+  const int64_t* codes;          // (cap) packed keys, or nullptr
+  int64_t* vertex_codes;         // (M), with codes
+  const int32_t* keys;           // (T, D+1) stored keys, or nullptr
+  int32_t* vertex_keys;          // (M, D+1), with keys
   SEGOPS_HD_INLINE void operator()(index_t e) const {
     const int32_t h = slot_then_vertex[e];
     const int32_t o = owner[h];
     const int32_t v = owners_so_far[o] - 1;
     slot_then_vertex[e] = v;
     if (o != e) return;
-    int32_t* key_row = vertex_keys + static_cast<index_t>(v) * (D + 1);
     if (codes) {
-      unpack_key<D>(*plan, codes[h], key_row);
+      vertex_codes[v] = codes[h];
     } else {
+      int32_t* key_row = vertex_keys + static_cast<index_t>(v) * (D + 1);
       for (int c = 0; c <= D; ++c) key_row[c] = keys[e * (D + 1) + c];
+    }
+  }
+};
+
+// The compact vertex table for packed keys: code -> vertex id (one int64 compare per probe).
+struct InsertVertexCodes {
+  int32_t* table;
+  uint64_t cap;
+  const int64_t* vertex_codes;  // (M)
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    uint64_t h = slot_of(mix64(static_cast<uint64_t>(vertex_codes[v])), cap);
+    while (atomic_cas(table + h, int32_t(-1), static_cast<int32_t>(v)) != -1) h = h + 1 == cap ? 0 : h + 1;
+  }
+};
+
+SEGOPS_HD_INLINE int32_t find_vertex_code(const int32_t* table, uint64_t cap, const int64_t* vertex_codes,
+                                          int64_t code) {
+  uint64_t h = slot_of(mix64(static_cast<uint64_t>(code)), cap);
+  while (true) {
+    const int32_t cur = table[h];
+    if (cur < 0 || vertex_codes[cur] == code) return cur;
+    h = h + 1 == cap ? 0 : h + 1;
+  }
+}
+
+// FindNeighbors for packed keys: a neighbour's code is the vertex's code plus a per-direction offset (the
+// packing leaves a margin of 2 (D+1) around every vertex key, so neighbour keys stay in their fields).
+template <int D>
+struct FindNeighborCodes {
+  const int32_t* table;
+  uint64_t cap;
+  const int64_t* vertex_codes;  // (M)
+  const PackPlan* plan;
+  int32_t* neighbors;  // (M, D+1, 2)
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    const PackPlan& p = *plan;
+    const int64_t code = vertex_codes[v];
+    for (int j = 0; j <= D; ++j) {
+      const int64_t wrap = j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0);
+      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex_code(table, cap, vertex_codes, code - p.ones + wrap);
+      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex_code(table, cap, vertex_codes, code + p.ones - wrap);
     }
   }
 };
@@ -963,7 +996,7 @@ struct Slice {
 // the slice is alpha times the splat's transpose. Per (image b, channel k, chunk of kDotChunk vertices of
 // image b): partial[((b K + k) 2 + q) nchunk + chunk] = sum_v G[v, k] Y[v, k or C], q = 0 / 1; summed in
 // double, in vertex order, then over chunks in chunk order: deterministic.
-constexpr index_t kDotChunk = 4096;
+constexpr index_t kDotChunk = 1024;
 
 template <typename acc>
 struct VertexDots {
