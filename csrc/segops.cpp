@@ -117,6 +117,18 @@ TORCH_LIBRARY(segops, m) {
   m.def(
       "_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
       "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- dense CRF mean-field inference ----------------------------------------------------------------
+  // One update: softmax over dim 1 of (-unary + sum_j weights[j] * scales[j] * messages[j]); unary and
+  // messages[j] (B, K, *spatial), scales[j] (B, 1, *spatial) or empty (no scale), at most 8 terms. Returns
+  // the marginals (contiguous). Non-finite inputs propagate (the Python layer checks the unary). _out writes
+  // them into a contiguous `out` that overlaps no input (buffer reuse in no-grad inference).
+  // _backward: grad_logits = q * (grad - sum_k grad_k q_k) (the softmax's gradient; the rest is linear).
+  m.def("crf_mean_field_update(Tensor unary, Tensor[] messages, Tensor[] scales, float[] weights) -> Tensor");
+  m.def(
+      "_crf_mean_field_update_out(Tensor unary, Tensor[] messages, Tensor[] scales, float[] weights, "
+      "Tensor(a!) out) -> ()");
+  m.def("_crf_mean_field_update_backward(Tensor grad, Tensor q) -> Tensor");
 }
 
 #ifndef SEGOPS_WITH_CUDA

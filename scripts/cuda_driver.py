@@ -96,7 +96,33 @@ def lattice(dev: torch.device) -> None:
                 check("%s scale=%g images on %s" % (fn.__name__, scale, images.device), loss, gs)
 
 
-DRIVERS = [losses, convolutions, lattice]
+def crf_inference(dev: torch.device) -> None:
+    # the mean-field update (forward, _out, backward, double backward) on sizes that do not divide the block,
+    # every dtype, 0..3 messages with and without scales; then whole inference runs through it
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for terms in range(4):
+            u = torch.randn(2, 21, 13, 11, generator=g).to(dev, dtype).requires_grad_()
+            ms = [torch.randn(2, 21, 13, 11, generator=g).to(dev, dtype).requires_grad_() for _ in range(terms)]
+            ss = [torch.rand(2, 1, 13, 11, generator=g).to(dev, dtype) if j % 2 == 0 else None for j in range(terms)]
+            ws = [float(j) - 1.5 for j in range(terms)]
+            q = ops.crf_inference.crf_mean_field_update(u, ms, ss, ws)
+            out = torch.empty_like(q)
+            fixed = [s if s is not None else u.new_empty(0) for s in ss]
+            torch.ops.segops._crf_mean_field_update_out(u.detach(), [m.detach() for m in ms], fixed, ws, out)
+            (gu,) = torch.autograd.grad(q.float().square().sum(), u, create_graph=True)
+            (ggu,) = torch.autograd.grad(gu.float().sum(), u)
+            check("crf_mean_field_update %s terms=%d" % (dtype, terms), q, out, gu, ggu)
+    img = (torch.rand(3, 3, 37, 29, generator=g) * 255).to(dev)
+    unary = (torch.rand(3, 21, 37, 29, generator=g) * 4).to(dev)
+    for mode in ("symmetric", "none"):
+        q = ops.dense_crf_inference(unary, img, 3, normalization=mode)
+        u = unary.double().requires_grad_()
+        (gu,) = torch.autograd.grad(ops.dense_crf_inference(u, img, 2, normalization=mode)[:, 0].sum(), u)
+        check("dense_crf_inference %s" % mode, q, gu)
+
+
+DRIVERS = [losses, convolutions, lattice, crf_inference]
 
 
 def main() -> int:

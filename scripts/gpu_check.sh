@@ -55,7 +55,7 @@ else
   echo "compute-sanitizer not found"; status[sanitizer]="127 0"
 fi
 if [ "${1:-}" != "--no-bench" ]; then
-  for suite in losses conv crf models; do
+  for suite in losses conv crf models crf-inference; do
     step "bench_$suite" 150 $PY -m segops bench "$suite" --device cuda --min-run-time 0.3 --out "$OUT"
   done
 fi

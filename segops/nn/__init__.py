@@ -5,6 +5,8 @@ from segops.nn.aspp import ASPP
 from segops.nn.conv import AtrousConv2d, ConvTranspose2d
 from segops.nn.crf import DenseCRFLoss, NormalizedCutLoss
 from segops.nn.losses import EntropyLoss, PartialCrossEntropyLoss
+# dense CRF inference (mean field)
+from segops.nn.dense_crf import DenseCRF
 
 __all__ = [
     "PartialCrossEntropyLoss",
@@ -15,4 +17,6 @@ __all__ = [
     "ConvTranspose2d",
     "ASPP",
     "init",
+    # dense CRF inference
+    "DenseCRF",
 ]

@@ -4,6 +4,9 @@ from segops.ops.conv import atrous_conv2d, conv_transpose2d
 from segops.ops.crf_losses import dense_crf_loss, normalized_cut_loss
 from segops.ops.lattice import PermutohedralLattice, build_lattice, permutohedral_filter
 from segops.ops.losses import entropy, partial_cross_entropy
+# dense CRF inference (mean field)
+from segops.ops.crf_inference import (CRFKernel, MeanFieldCRF, dense_crf_inference, unary_from_labels,
+                                      unary_from_softmax)
 
 __all__ = [
     "partial_cross_entropy",
@@ -15,4 +18,10 @@ __all__ = [
     "normalized_cut_loss",
     "atrous_conv2d",
     "conv_transpose2d",
+    # dense CRF inference
+    "dense_crf_inference",
+    "MeanFieldCRF",
+    "CRFKernel",
+    "unary_from_softmax",
+    "unary_from_labels",
 ]
