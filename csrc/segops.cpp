@@ -59,7 +59,7 @@ TORCH_LIBRARY(segops, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_parallel_threads(int n) -> int", &parallel_threads);
 
-  // ---- losses (issue: foundation) -----------------------------------------------------------------
+  // ---- losses ---------------------------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel
   // log-sum-exp (the only per-pixel state kept for backward), denom the mean's denominator.
   m.def(
@@ -102,21 +102,24 @@ TORCH_LIBRARY(segops, m) {
       "_lattice_quadratic_forms_backward(Tensor grad_forms, Tensor splatted, Tensor blurred, Tensor vertex, "
       "Tensor bary, Tensor neighbors, bool exact, ScalarType dtype) -> Tensor");
 
-  // ---- transposed / atrous convolution (issue: conv) ---------------------------------------------
+  // ---- transposed / atrous convolution --------------------------------------------------------------
   // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return
   // (grad_input, grad_weight, grad_bias); output_mask selects which are computed (the others are empty (0,) tensors).
+  // kernel: which side runs. Forward ops: bit 0 = the vendor's forward (ATen convolution), bit 1 = the vendor's
+  // backward (read by the autograd formula, which passes it on); backward ops: 1 = the vendor's backward. 0: segops.
   m.def(
       "atrous_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups) -> Tensor");
+      "int groups, int kernel=0) -> Tensor");
   m.def(
       "_atrous_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[2] dilation, int groups, bool[3] output_mask, int kernel=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation) -> Tensor");
+      "int[2] output_padding, int groups, int[2] dilation, int kernel=0) -> Tensor");
   m.def(
       "_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask, int kernel=0) -> "
+      "(Tensor, Tensor, Tensor)");
 
   // ---- dense CRF mean-field inference ----------------------------------------------------------------
   // One update: softmax over dim 1 of (-unary + sum_j weights[j] * scales[j] * messages[j]); unary and

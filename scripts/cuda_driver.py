@@ -53,6 +53,8 @@ def convolutions(dev: torch.device) -> None:
         (6, 6, 6, 3, 1, 6, 6, 0),     # depthwise atrous
         (6, 6, 6, 4, 2, 1, 1, 0),     # depthwise transposed x2 (bilinear-like)
         (1, 5, 7, 2, 2, 0, 1, 0),     # U-Net 2x2 stride 2
+        (1, 6, 8, 1, 1, 0, 1, 0),     # 1x1 (gemm-1x1: products over the input itself)
+        (2, 6, 4, 1, 2, 0, 1, 0),     # strided 1x1 (im2col)
     ]
     for dtype in (torch.float32, torch.float16, torch.float64):
         for groups, cin, cout, k, stride, pad, dil, opad in cases:
@@ -67,6 +69,13 @@ def convolutions(dev: torch.device) -> None:
             y = ops.conv_transpose2d(xt, wt, b, stride, pad, opad if stride > 1 else 0, groups, dil)
             y.float().square().sum().backward()
             check("conv_transpose2d %s g=%d k=%d s=%d d=%d" % (dtype, groups, k, stride, dil), y, xt.grad, wt.grad)
+            # the mixed plans: vendor forward + segops backward (deterministic dilated), and the reverse
+            for kernel in (1, 2):
+                x.grad = w.grad = None
+                y = torch.ops.segops.atrous_conv2d.default(x, w, b, [stride] * 2, [pad] * 2, [dil] * 2, groups,
+                                                           kernel)
+                y.float().square().sum().backward()
+                check("atrous_conv2d kernel=%d %s g=%d k=%d" % (kernel, dtype, groups, k), y, x.grad, w.grad)
 
 
 def lattice(dev: torch.device) -> None:

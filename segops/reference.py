@@ -51,7 +51,7 @@ def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mea
     return (h.sum() / count).to(logits.dtype)
 
 
-# ---- transposed / atrous convolution (issue: conv) -------------------------------------------------------
+# ---- transposed / atrous convolution -------------------------------------------------------------------
 
 
 def atrous_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,

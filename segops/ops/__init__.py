@@ -7,6 +7,7 @@ from segops.ops.losses import entropy, partial_cross_entropy
 # dense CRF inference (mean field)
 from segops.ops.crf_inference import (CRFKernel, MeanFieldCRF, dense_crf_inference, unary_from_labels,
                                       unary_from_softmax)
+from segops.ops.conv_choice import conv_backend, get_conv_backend, set_conv_backend
 
 __all__ = [
     "partial_cross_entropy",
@@ -24,4 +25,7 @@ __all__ = [
     "CRFKernel",
     "unary_from_softmax",
     "unary_from_labels",
+    "conv_backend",
+    "get_conv_backend",
+    "set_conv_backend",
 ]
