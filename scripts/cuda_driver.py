@@ -1,5 +1,6 @@
 """Runs every CUDA kernel of segops once (forward, backward; the lattice also double backward, both key paths,
-the normalised filter and the CRF / normalized-cut losses) on small inputs, for compute-sanitizer.
+the normalised filter, a lattice built once and applied with W and W^T, and the CRF / normalized-cut losses,
+also with CPU images) on small inputs, for compute-sanitizer.
 
 `compute-sanitizer --tool memcheck python scripts/cuda_driver.py`: every launch sees sizes that do not
 divide the block size, strided / channels_last inputs, half precision and ignored pixels, so out-of-bounds
@@ -88,14 +89,20 @@ def lattice(dev: torch.device) -> None:
                 (gv,) = torch.autograd.grad(out.float().square().sum(), v, create_graph=True)
                 (ggv,) = torch.autograd.grad(gv.float().sum(), v)
                 check("filter d=%d %s normalize=%s" % (d, dtype, normalize), out, gv, ggv)
+            lat = ops.build_lattice(f.to(torch.float64 if dtype == torch.float64 else torch.float32))
+            for transposed in (False, True):  # build once, filter many: splat gather, blur order, slice
+                out = lat.filter(v, normalize=True, transposed=transposed)
+                (gv,) = torch.autograd.grad(out.float().square().sum(), v)
+                check("lattice.filter d=%d %s transposed=%s" % (d, dtype, transposed), out, gv)
     img = (torch.rand(3, 3, 37, 29, generator=g) * 255).to(dev)
     seg = torch.softmax(torch.randn(3, 21, 37, 29, generator=g), 1).to(dev).requires_grad_()
     roi = (torch.rand(3, 37, 29, generator=g) > 0.2).float().to(dev)
     for fn in (ops.dense_crf_loss, ops.normalized_cut_loss):
         for scale in (1.0, 0.5):
-            loss = fn(img, seg, 1e-3, 15.0, 8.0, scale, roi)
-            (gs,) = torch.autograd.grad(loss, seg)
-            check("%s scale=%g" % (fn.__name__, scale), loss, gs)
+            for images, rois in ((img, roi), (img.cpu(), roi.cpu())):  # CPU images / rois: moved to the GPU
+                loss = fn(images, seg, 1e-3, 15.0, 8.0, scale, rois)
+                (gs,) = torch.autograd.grad(loss, seg)
+                check("%s scale=%g images on %s" % (fn.__name__, scale, images.device), loss, gs)
 
 
 def crf_inference(dev: torch.device) -> None:

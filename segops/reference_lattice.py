@@ -5,7 +5,7 @@ Two twins of ``segops.ops.permutohedral_filter`` (``W_ij ~ exp(-|f_i - f_j|^2 / 
 (a) :func:`dense_gaussian_filter` -- the exact dense Gaussian ``W x``, O(N^2) time (chunked, O(chunk N)
     memory): small images only. The lattice approximates it (see :func:`permutohedral_filter`).
 (b) :func:`permutohedral_filter` -- a vectorised pure-PyTorch permutohedral lattice with the semantics of
-    the compatibility contract (shared/DESIGN.md "Lattice semantics", the lattice of Kraehenbuehl &
+    the compatibility contract (docs/lattice.md, "The contract": the lattice of Kraehenbuehl &
     Koltun's densecrf code used by the ECCV'18 loss): the test reference of the C++/CUDA kernels and the
     "pure PyTorch" benchmark baseline. It is differentiable in ``values`` through ordinary autograd.
 

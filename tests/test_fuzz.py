@@ -819,11 +819,11 @@ def crf_cases(draw):
     elif defect == "rois_shape":
         rois = rois.unsqueeze(1)
         words = ["rois"]
-    elif defect == "rois_device":
-        rois = other_device(rois)
+    elif defect == "rois_device":  # the losses move CPU/CUDA images and rois to the segmentations' device;
+        rois = meta_like(rois)      # only a 'meta' mismatch is an error
         words = ["rois"]
     elif defect == "segs_device":
-        segs = other_device(segs)
+        segs = meta_like(segs)
         words = ["segmentations"]
     elif defect == "sigma_rgb":
         sigma_rgb = draw(st.sampled_from([0.0, -1.0, float("inf"), float("nan")]))
@@ -1469,9 +1469,10 @@ def test_regression_crf_empty_and_tiny_resize(fn):
 @pytest.mark.parametrize("fn", [ops.dense_crf_loss, ops.normalized_cut_loss])
 def test_regression_crf_rois_device(fn):
     """bug 6: rois on another device than the segmentations failed with torch's "Tensor on device meta is not
-    on the expected device cpu!" (no argument named); now ValueError naming rois."""
+    on the expected device cpu!" (no argument named); now ValueError naming rois (CPU / CUDA rois are moved to
+    the segmentations' device; a meta tensor cannot be)."""
     expect_error(lambda: fn(torch.rand(1, 3, 2, 2), torch.rand(1, 2, 2, 2), 1.0, 15.0, 80.0, 1.0,
-                            other_device(torch.ones(1, 2, 2))), ["rois"])
+                            meta_like(torch.ones(1, 2, 2))), ["rois"])
 
 
 @pytest.mark.parametrize("shape", [(3, 5), (1, 5, 3), (2, 5, 8, 8)])  # per-pixel functors; (2, 5, 8, 8): CPU block path

@@ -84,5 +84,6 @@ def test_lattice_threads_match_reference():
         torch.set_num_threads(old)
     want = RL.permutohedral_filter(v, f)
     err = float((out[0] - want).abs().max() / want.abs().max())
+    # float32, the same lattice: accumulation order only, u = 6e-8 over up to ~300 terms per vertex
     assert err < 2e-5
     assert out[3].shape[0] == RL.build_lattice(f[0].reshape(5, -1).t().contiguous()).num_vertices

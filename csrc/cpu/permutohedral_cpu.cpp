@@ -16,55 +16,101 @@ namespace {
 using lattice::SplatArgs;
 
 // Scatter of points [0, B N) into the vertices [v0, v1) of the grid. Points go in blocks of kPoints: a
-// block's values are first copied into a small point-major buffer, one channel plane at a time (reading the
-// C planes of one point at a stride of N values maps every load of that point to the same cache set).
+// block's values are first copied into a point-major buffer, one channel plane at a time in runs of kPoints
+// values (reading the C planes of one point at a stride of N values defeats the hardware prefetchers and maps
+// every load of that point to one cache set).
 template <typename scalar_t, typename acc>
-void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vector<int64_t>& image_start, int64_t v0,
-                   int64_t v1) {
-  constexpr int64_t kPoints = 16;
-  const int64_t V = a.V, C = a.C, Cs = a.Cg, N = a.N;
+SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, int64_t B,
+                                         const std::vector<int64_t>& image_start, int64_t v0, int64_t v1) {
+  constexpr int64_t kPoints = 256;
+  const int64_t V = args.V, C = args.C, Cs = args.Cg, N = args.N;
   std::vector<acc> buf(static_cast<size_t>(kPoints * Cs));
+  std::vector<uint8_t> relevant(kPoints);
   const uint32_t span = static_cast<uint32_t>(v1 - v0);
   for (int64_t b = 0; b < B; ++b) {
     if (image_start[b + 1] <= v0 || image_start[b] >= v1) continue;  // no vertex of this image in range
     for (int64_t n0 = 0; n0 < N; n0 += kPoints) {
       const int64_t np = std::min(kPoints, N - n0);
       const int64_t i0 = b * N + n0;
-      const int32_t* ids = a.vertex + i0 * V;
-      uint32_t relevant = 0;
+      const int32_t* ids = args.vertex + i0 * V;
+      bool any_relevant = false;
       for (int64_t p = 0; p < np; ++p) {
         bool any = false;
         for (int64_t k = 0; k < V; ++k) any |= static_cast<uint32_t>(ids[p * V + k] - v0) < span;
-        relevant |= uint32_t(any) << p;
+        relevant[p] = any;
+        any_relevant |= any;
       }
-      if (!relevant) continue;
+      if (!any_relevant) continue;
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* src = a.values + b * a.vsb + c * a.vsc + n0 * a.vsn;
-        for (int64_t p = 0; p < np; ++p) buf[p * Cs + c] = static_cast<acc>(src[p * a.vsn]);
+        const scalar_t* src = args.values + b * args.vsb + c * args.vsc + n0 * args.vsn;
+        acc* dst = buf.data() + c;
+        if (args.vsn == 1) {
+          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p]);
+        } else {
+          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p * args.vsn]);
+        }
       }
-      if (a.prescale) {
+      if (args.prescale) {
         for (int64_t p = 0; p < np; ++p)
-          for (int64_t c = 0; c < C; ++c) buf[p * Cs + c] *= a.prescale[i0 + p];
+          for (int64_t c = 0; c < C; ++c) buf[p * Cs + c] *= args.prescale[i0 + p];
       }
-      if (a.has_extra) {
-        for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = a.extra_value(b, n0 + p);
+      if (args.has_extra) {
+        for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = args.extra_value(b, n0 + p);
       }
       for (int64_t p = 0; p < np; ++p) {
-        if (!(relevant >> p & 1)) continue;
-        const acc* x = buf.data() + p * Cs;
+        if (!relevant[p]) continue;
+        const acc* __restrict x = buf.data() + p * Cs;
         for (int64_t k = 0; k < V; ++k) {
           const int32_t v = ids[p * V + k];
           if (static_cast<uint32_t>(v - v0) >= span) continue;
-          acc* row = a.grid + static_cast<int64_t>(v) * Cs;
-          const acc w = a.bary[(i0 + p) * V + k];
-          for (int64_t c = 0; c < Cs; ++c) row[c] += w * x[c];
+          lattice::axpy_row(args.grid + static_cast<int64_t>(v) * Cs, x, args.bary[(i0 + p) * V + k], Cs);
         }
       }
     }
   }
 }
 
+// The hot loops run in an AVX2 clone where the CPU has AVX2 (the baseline x86-64 build targets SSE2 only).
+// Only the vector width differs: every lane does the same multiplies and adds in the same order (no FMA),
+// so both versions give bitwise identical results.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define SEGOPS_LATTICE_AVX2 1
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+template <typename F>
+__attribute__((target("avx2"))) void run_range_avx2(const F& f, int64_t begin, int64_t end) {
+  f.run_range(begin, end);
+}
+template <typename scalar_t, typename acc>
+__attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& args, int64_t B,
+                                                        const std::vector<int64_t>& image_start, int64_t v0,
+                                                        int64_t v1) {
+  scatter_range(args, B, image_start, v0, v1);
+}
+#endif
+
+template <typename F>
+void run_range_best(const F& f, int64_t begin, int64_t end) {
+#if defined(SEGOPS_LATTICE_AVX2)
+  if (cpu_has_avx2()) return run_range_avx2(f, begin, end);
+#endif
+  f.run_range(begin, end);
+}
+
+template <typename scalar_t, typename acc>
+void scatter_range_best(const SplatArgs<scalar_t, acc>& args, int64_t B, const std::vector<int64_t>& image_start,
+                        int64_t v0, int64_t v1) {
+#if defined(SEGOPS_LATTICE_AVX2)
+  if (cpu_has_avx2()) return scatter_range_avx2(args, B, image_start, v0, v1);
+#endif
+  scatter_range(args, B, image_start, v0, v1);
+}
+
 struct CpuBackend {
+  static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
+
   template <typename F>
   static void launch(index_t n, const F& f, index_t grain) {
     cpu_parallel_for(n, f, grain);
@@ -72,7 +118,7 @@ struct CpuBackend {
 
   template <typename F>
   static void ranged(index_t n, const F& f, index_t grain) {
-    omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
+    omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { run_range_best(f, begin, end); });
   }
 
   // Two-pass chunked prefix sum of uint8 flags into int32 (one chunk per thread).
@@ -101,21 +147,23 @@ struct CpuBackend {
     return out;
   }
 
+  static int64_t read_status(const at::Tensor& status) { return status.item<int64_t>(); }
+
   template <typename scalar_t, typename acc>
-  static void splat(const SplatArgs<scalar_t, acc>& a, int64_t B, int64_t M, const at::Tensor& vertex) {
+  static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex) {
     if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat algorithm on the CPU
-      lattice::gather_splat<CpuBackend>(a, M, vertex);
+      lattice::gather_splat<CpuBackend>(args, M, vertex);
       return;
     }
     // Image b's vertices are [image_start[b], image_start[b+1]): vertex ids are image-major and an image's
     // first point's vertex 0 is its first vertex.
     std::vector<int64_t> image_start(static_cast<size_t>(B) + 1);
-    for (int64_t b = 0; b < B; ++b) image_start[b] = a.vertex[b * a.N * a.V];
+    for (int64_t b = 0; b < B; ++b) image_start[b] = args.vertex[b * args.N * args.V];
     image_start[B] = M;
-    const int64_t work = B * a.N * a.V * a.Cg;
+    const int64_t work = B * args.N * args.V * args.Cg;
     const int64_t tasks = work < (int64_t(1) << 17) ? 1 : std::min<int64_t>(at::get_num_threads(), M);
     omp_parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) scatter_range(a, B, image_start, M * t / tasks, M * (t + 1) / tasks);
+      for (int64_t t = t0; t < t1; ++t) scatter_range_best(args, B, image_start, M * t / tasks, M * (t + 1) / tasks);
     });
   }
 };

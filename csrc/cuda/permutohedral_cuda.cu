@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <ATen/ops/cumsum.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "segops/parallel_cuda.cuh"
@@ -16,6 +17,8 @@ namespace segops {
 namespace {
 
 struct CudaBackend {
+  static constexpr bool kGatherReadsChannelsLast = true;  // a point's channels in one or two cache lines
+
   template <typename F>
   static void launch(index_t n, const F& f, index_t /*grain*/) {
     cuda_parallel_for(n, f, 256);
@@ -28,9 +31,21 @@ struct CudaBackend {
 
   static at::Tensor inclusive_scan(const at::Tensor& flag) { return at::cumsum(flag, 0, at::kInt); }
 
+  // The build's one device-to-host read (vertex count and error flags: the host needs the count to allocate
+  // the neighbour table). It is exempt from torch.cuda.set_sync_debug_mode, which then flags every OTHER
+  // synchronisation of a lattice call: the mode is set to "disabled" for this one read and restored after.
+  static int64_t read_status(const at::Tensor& status) {
+    struct Relax {
+      c10::cuda::SyncDebugMode previous = c10::cuda::warning_state().get_sync_debug_mode();
+      Relax() { c10::cuda::warning_state().set_sync_debug_mode(c10::cuda::SyncDebugMode::L_DISABLED); }
+      ~Relax() { c10::cuda::warning_state().set_sync_debug_mode(previous); }
+    } relax;
+    return status.item<int64_t>();
+  }
+
   template <typename scalar_t, typename acc>
-  static void splat(const lattice::SplatArgs<scalar_t, acc>& a, int64_t /*B*/, int64_t M, const at::Tensor& vertex) {
-    lattice::gather_splat<CudaBackend>(a, M, vertex);
+  static void splat(const lattice::SplatArgs<scalar_t, acc>& args, int64_t /*B*/, int64_t M, const at::Tensor& vertex) {
+    lattice::gather_splat<CudaBackend>(args, M, vertex);
   }
 };
 

@@ -129,14 +129,17 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
     is left to filter (B = 0, K = 0 or an empty image): the loss is then 0.
 
     The images' finiteness (of the full-resolution images: a nearest resize may drop a NaN pixel) is folded
-    into the features instead of read back here; the lattice build reports it with its one host read.
+    into the features (:func:`crf_features`' poison) instead of read back here; the lattice build reports it
+    with its one host read.
     """
     _check_loss_inputs(name, images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
     device = segmentations.device
     images = _to_device(images, device)
-    finite = torch.isfinite(images).all() if images.is_floating_point() else None
+    # 0 for finite images, NaN otherwise (the sum of NaN / Inf values is NaN / Inf); summed in the features'
+    # dtype, which holds any 0..255 image without overflow
+    poison = images.sum(dtype=_acc_dtype(images.dtype)) * 0 if images.is_floating_point() else None
     if segmentations.numel() == 0:  # before resizing, which rejects empty inputs
-        if finite is not None and images.numel() > 0 and not bool(finite):
+        if poison is not None and images.numel() > 0 and not bool(poison == 0):
             raise _bad_images(name)
         return None
     if rois is not None:
@@ -149,7 +152,7 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         sigma_xy = sigma_xy * scale_factor
     if segmentations.numel() == 0:
         return None
-    feats = crf_features(images, sigma_rgb, sigma_xy, finite).to(_acc_dtype(segmentations.dtype))
+    feats = crf_features(images, sigma_rgb, sigma_xy, poison).to(_acc_dtype(segmentations.dtype))
     if rois is None:
         return feats, segmentations, None
     roi = rois.unsqueeze(1)
@@ -169,6 +172,27 @@ def _forms(name: str, feats: Tensor, x: Tensor, roi: Optional[Tensor], degree: b
     vertex, bary, neighbors = _lattice(name, feats)
     forms, _, _ = ops._lattice_quadratic_forms.default(x, roi, vertex, bary, neighbors, degree, exact)
     return forms
+
+
+class _CutRatios(torch.autograd.Function):
+    """``sum_bk (degree_bk - assoc_bk) / degree_bk`` over the classes with ``degree > 0`` (the others count 0;
+    a NaN degree propagates), from forms ``(B, K, 2)`` = [assoc, degree]; float64. A hand-written backward:
+    d/d assoc = -1 / degree, d/d degree = assoc / degree^2 (0 for the classes that count 0) -- a few ops
+    instead of autograd's trace through the masking."""
+
+    @staticmethod
+    def forward(ctx, forms: Tensor) -> Tensor:
+        assoc, degree = forms.unbind(2)
+        dead = degree <= 0  # False for NaN: NaN propagates
+        safe = torch.where(dead, 1.0, degree)
+        ctx.save_for_backward(assoc, safe, dead)
+        return torch.where(dead, 0.0, (degree - assoc) / safe).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        assoc, safe, dead = ctx.saved_tensors
+        scale = torch.where(dead, 0.0, grad / safe)
+        return torch.stack([-scale, scale * (assoc / safe)], 2)
 
 
 # ---- the losses ---------------------------------------------------------------------------------------------
@@ -248,8 +272,4 @@ def normalized_cut_loss(
         return (segmentations * 0).sum()
     feats, x, roi = prepared
     forms = _forms(name, feats, x, roi, degree=True, exact=True)
-    assoc, degree = forms.unbind(2)
-    live = ~(degree <= 0)  # classes absent from the region contribute 0; NaN (non-finite input) propagates
-    safe = torch.where(live, degree, torch.ones_like(degree))
-    terms = torch.where(live, (degree - assoc) / safe, torch.zeros_like(degree))
-    return (terms.sum() * (weight / images.shape[0])).to(segmentations.dtype)
+    return (_CutRatios.apply(forms) * (weight / images.shape[0])).to(segmentations.dtype)

@@ -283,16 +283,17 @@ def build_lattice(features: Tensor) -> PermutohedralLattice:
     return PermutohedralLattice(vertex, bary, neighbors, features.shape[2:])
 
 
-def crf_features(images: Tensor, sigma_rgb: float, sigma_xy: float, finite: Optional[Tensor] = None) -> Tensor:
+def crf_features(images: Tensor, sigma_rgb: float, sigma_xy: float, poison: Optional[Tensor] = None) -> Tensor:
     """Bilateral features ``(B, 2 + Ci, H, W)``: (column / sigma_xy, row / sigma_xy, image channels / sigma_rgb).
 
-    Rows and columns are 0-based pixel indices; float32 (float64 for float64 images). ``finite`` (a 0-dim
-    bool tensor) turns the colour features non-finite when it is False, so that the lattice build reports
-    a check made elsewhere without reading it back to the host.
+    Rows and columns are 0-based pixel indices; float32 (float64 for float64 images). ``poison``, a 0-dim
+    tensor added to sigma_rgb, is 0 (leaving the features bitwise unchanged) or NaN (making every colour
+    feature NaN): it carries a check made elsewhere into the lattice build, which reports it with its one
+    host read instead of a read of its own.
     """
     B, _, H, W = images.shape
     acc = _acc_dtype(images.dtype)
     xs = (torch.arange(W, device=images.device, dtype=acc) / sigma_xy).view(1, 1, 1, W).expand(B, 1, H, W)
     ys = (torch.arange(H, device=images.device, dtype=acc) / sigma_xy).view(1, 1, H, 1).expand(B, 1, H, W)
-    divisor = sigma_rgb if finite is None else finite.to(acc) * sigma_rgb  # sigma_rgb * 1 is exact
+    divisor = sigma_rgb if poison is None else poison + sigma_rgb  # sigma_rgb + (+-0) is sigma_rgb exactly
     return torch.cat([xs, ys, images.to(acc) / divisor], 1)

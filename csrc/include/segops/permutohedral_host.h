@@ -6,6 +6,8 @@
 //   Backend::ranged(n, functor, grain)       the same for functors with a CPU run_range(begin, end)
 //   Backend::splat(SplatArgs, B, M, vertex)  splat of all points into a zeroed (M, Cg) grid
 //   Backend::inclusive_scan(uint8 tensor)    -> int32 inclusive prefix sum
+//   Backend::read_status(int64 tensor (1,))  -> its value on the host: the build's one read (Tensor::item)
+//   Backend::kGatherReadsChannelsLast        the splat wants each point's channels contiguous (CUDA's gather)
 //
 // Every launch sits in a profiler scope named "segops_kernel::<phase>", so torch.profiler shows the launches
 // of a call (their number does not depend on the batch size). The build reads ONE word back to the host
@@ -89,7 +91,7 @@ inline const char* bad_features_message() {
 
 // Build phases 1-2 with one key representation; returns the status word (the one host read).
 template <typename Backend, int D, typename T, typename Build>
-int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_flag_buf, Tensor& incl,
+int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_flag_buf, Tensor& owners_so_far,
                         const Tensor& flags, const Tensor& status, PhaseTimer& timer) {
   const int64_t total = B * N * (D + 1);
   {
@@ -103,15 +105,15 @@ int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_
   }
   {
     SEGOPS_LATTICE_KERNEL("scan");
-    incl = Backend::inclusive_scan(owner_flag_buf);
+    owners_so_far = Backend::inclusive_scan(owner_flag_buf);
   }
   {
     SEGOPS_LATTICE_KERNEL("status");
-    Backend::launch(1, FinishStatus{incl.data_ptr<int32_t>(), total, flags.data_ptr<int32_t>(),
+    Backend::launch(1, FinishStatus{owners_so_far.data_ptr<int32_t>(), total, flags.data_ptr<int32_t>(),
                                     status.data_ptr<int64_t>()}, 1);
   }
   timer.mark("scan");
-  return status.item<int64_t>();  // the one device-to-host read of the build
+  return Backend::read_status(status);  // the one device-to-host read of the build
 }
 
 template <typename Backend, int D, typename T>
@@ -148,7 +150,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   Tensor owner = at::full({cap}, kNoOwner, iopt);
   Tensor slot = at::empty({total}, iopt);  // becomes the vertex ids
   Tensor owner_flag = at::empty({total}, feats.options().dtype(at::kByte));
-  Tensor incl;
+  Tensor owners_so_far;
   Lattice lat;
   lat.bary = at::empty({total}, feats.options());
   timer.mark("alloc");
@@ -172,7 +174,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   fill_base(packed);
   packed.plan = planner.plan;
   packed.codes = codes.data_ptr<int64_t>();
-  int64_t word = build_and_count<Backend, D, T>(packed, B, N, owner_flag, incl, flags, status, timer);
+  int64_t word = build_and_count<Backend, D, T>(packed, B, N, owner_flag, owners_so_far, flags, status, timer);
   TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
   Tensor keys;
   if (word & kStatusNotPacked) {  // key ranges too wide for one int64: store the keys (a second host read)
@@ -183,21 +185,23 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     BuildStored<D, T> stored;
     fill_base(stored);
     stored.keys = keys.data_ptr<int32_t>();
-    word = build_and_count<Backend, D, T>(stored, B, N, owner_flag, incl, flags, status, timer);
+    word = build_and_count<Backend, D, T>(stored, B, N, owner_flag, owners_so_far, flags, status, timer);
     TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
   }
   owner_flag.reset();
   lat.M = word & kStatusCountMask;
 
-  Tensor vkeys = at::empty({lat.M * (D + 1)}, iopt);
+  const bool packed_keys = codes.defined();
+  Tensor vertex_codes = packed_keys ? at::empty({lat.M}, lopt) : Tensor();
+  Tensor vertex_keys = packed_keys ? Tensor() : at::empty({lat.M * (D + 1)}, iopt);
   AssignVertices<D> assign;
   assign.slot_then_vertex = slot.data_ptr<int32_t>();
   assign.owner = owner.data_ptr<int32_t>();
-  assign.incl = incl.data_ptr<int32_t>();
-  assign.codes = codes.defined() ? codes.data_ptr<int64_t>() : nullptr;
-  assign.plan = planner.plan;
-  assign.keys = keys.defined() ? keys.data_ptr<int32_t>() : nullptr;
-  assign.vkeys = vkeys.data_ptr<int32_t>();
+  assign.owners_so_far = owners_so_far.data_ptr<int32_t>();
+  assign.codes = packed_keys ? codes.data_ptr<int64_t>() : nullptr;
+  assign.vertex_codes = packed_keys ? vertex_codes.data_ptr<int64_t>() : nullptr;
+  assign.keys = packed_keys ? nullptr : keys.data_ptr<int32_t>();
+  assign.vertex_keys = packed_keys ? nullptr : vertex_keys.data_ptr<int32_t>();
   {
     SEGOPS_LATTICE_KERNEL("assign");
     Backend::launch(total, assign, kGrainCheap);
@@ -206,22 +210,34 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   codes.reset();
   owner.reset();
   keys.reset();
-  incl.reset();
+  owners_so_far.reset();
   timer.mark("assign");
 
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
-  {
-    SEGOPS_LATTICE_KERNEL("vertex_table");
-    Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
-                                             vkeys.data_ptr<int32_t>()},
-                    kGrainCheap / 4);
-  }
   lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
-  {
+  if (packed_keys) {
+    {
+      SEGOPS_LATTICE_KERNEL("vertex_table");
+      Backend::launch(lat.M, InsertVertexCodes{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                               vertex_codes.data_ptr<int64_t>()},
+                      kGrainCheap / 4);
+    }
+    SEGOPS_LATTICE_KERNEL("neighbors");
+    Backend::launch(lat.M, FindNeighborCodes<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                                vertex_codes.data_ptr<int64_t>(), planner.plan,
+                                                lat.neighbors.data_ptr<int32_t>()},
+                    1024);
+  } else {
+    {
+      SEGOPS_LATTICE_KERNEL("vertex_table");
+      Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                               vertex_keys.data_ptr<int32_t>()},
+                      kGrainCheap / 4);
+    }
     SEGOPS_LATTICE_KERNEL("neighbors");
     Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
-                                            vkeys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
+                                            vertex_keys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
                     1024);
   }
   timer.mark("neighbors");
@@ -292,27 +308,32 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
   const auto acc = acc_dtype(values.scalar_type());
   Tensor grid = at::zeros({M, Cg}, values.options().dtype(acc));
   if (M == 0 || B * N == 0 || Cg == 0) return grid;
+  Tensor src = values;
+  if (Backend::kGatherReadsChannelsLast && C > 1 && values.stride(1) != 1) {
+    // the gather reads a point's C values together: one transposing copy makes them contiguous
+    src = values.transpose(1, 2).contiguous().transpose(1, 2);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "permutohedral_splat", [&] {
     using accT = acc_t<scalar_t>;
-    SplatArgs<scalar_t, accT> a;
-    a.values = values.data_ptr<scalar_t>();
-    a.vsb = values.stride(0);
-    a.vsc = values.stride(1);
-    a.vsn = values.stride(2);
-    a.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
-    a.has_extra = has_extra;
-    a.extra = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;
-    a.esb = extra.defined() ? extra.stride(0) : 0;
-    a.esn = extra.defined() ? extra.stride(1) : 0;
-    a.N = N;
-    a.C = C;
-    a.Cg = Cg;
-    a.V = V;
-    a.vertex = vertex.data_ptr<int32_t>();
-    a.bary = bary.data_ptr<accT>();
-    a.grid = grid.data_ptr<accT>();
+    SplatArgs<scalar_t, accT> args;
+    args.values = src.data_ptr<scalar_t>();
+    args.vsb = src.stride(0);
+    args.vsc = src.stride(1);
+    args.vsn = src.stride(2);
+    args.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
+    args.has_extra = has_extra;
+    args.extra = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;
+    args.esb = extra.defined() ? extra.stride(0) : 0;
+    args.esn = extra.defined() ? extra.stride(1) : 0;
+    args.N = N;
+    args.C = C;
+    args.Cg = Cg;
+    args.V = V;
+    args.vertex = vertex.data_ptr<int32_t>();
+    args.bary = bary.data_ptr<accT>();
+    args.grid = grid.data_ptr<accT>();
     SEGOPS_LATTICE_KERNEL("splat");
-    Backend::splat(a, B, M, vertex);
+    Backend::splat(args, B, M, vertex);
   });
   return grid;
 }
@@ -320,7 +341,7 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
 // The deterministic gather splat: entries sorted (stably) by vertex, then one sum per (vertex, channel) in
 // ascending entry order. CUDA's splat; the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests).
 template <typename Backend, typename scalar_t, typename acc>
-void gather_splat(const SplatArgs<scalar_t, acc>& a, int64_t M, const Tensor& vertex) {
+void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor& vertex) {
   const int64_t T = vertex.numel();
   Tensor sorted, order;
   std::tie(sorted, order) = at::sort(vertex.view({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
@@ -328,11 +349,11 @@ void gather_splat(const SplatArgs<scalar_t, acc>& a, int64_t M, const Tensor& ve
   Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start.data_ptr<int64_t>(), static_cast<int32_t>(M)},
                   kGrainCheap);
   SplatGather<scalar_t, acc> g;
-  g.a = a;
+  g.args = args;
   g.order = order.data_ptr<int64_t>();
   g.start = start.data_ptr<int64_t>();
-  g.Cs = a.Cg;
-  Backend::launch(M * a.Cg, g, 64);
+  g.Cs = args.Cg;
+  Backend::launch(M * args.Cg, g, 64);
 }
 
 // d+1 blur passes (directions 0..d, or d..0 for the adjoint) over all Cg channels. Returns the blurred
@@ -341,24 +362,24 @@ template <typename Backend>
 Tensor blur(const Tensor& grid, const Tensor& neighbors, int64_t d, bool adjoint, bool keep_input) {
   const int64_t M = grid.size(0), Cg = grid.size(1), V = d + 1;
   if (M == 0 || Cg == 0) return keep_input ? grid.clone() : grid;
-  Tensor a = grid, b = at::empty_like(grid), spare;
+  Tensor src = grid, dst = at::empty_like(grid), spare;
   if (keep_input) spare = at::empty_like(grid);
   AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "permutohedral_blur", [&] {
     for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
       const int64_t j = adjoint ? d - step : step;
       SEGOPS_LATTICE_KERNEL("blur");
-      Backend::launch(M, BlurDirection<scalar_t>{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+      Backend::launch(M, BlurDirection<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
                                                  neighbors.data_ptr<int32_t>(), Cg, V, j},
                       std::max<int64_t>(64, 16384 / Cg));
       if (step == 0 && keep_input) {
-        a = b;
-        b = spare;
+        src = dst;
+        dst = spare;
       } else {
-        std::swap(a, b);
+        std::swap(src, dst);
       }
     }
   });
-  return a;
+  return src;
 }
 
 // Slices `grid` (M, Cg) at every point into out (B, C, N) (strided view) per `mode`.
@@ -369,26 +390,26 @@ void slice(const Tensor& grid, const Tensor& vertex, const Tensor& bary, int64_t
   if (B * N == 0 || (C == 0 && mode != SliceMode::kNormalize)) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "permutohedral_slice", [&] {
     using accT = acc_t<scalar_t>;
-    Slice<scalar_t, accT> sl;
-    sl.grid = grid.data_ptr<accT>();
-    sl.N = N;
-    sl.C = C;
-    sl.Cg = grid.size(1);
-    sl.V = d + 1;
-    sl.mode = mode;
-    sl.alpha = accT(1.0 / (1.0 + std::pow(2.0, -double(d))));
-    sl.vertex = vertex.data_ptr<int32_t>();
-    sl.bary = bary.data_ptr<accT>();
-    sl.out = out.data_ptr<scalar_t>();
-    sl.osb = out.stride(0);
-    sl.osc = out.stride(1);
-    sl.osn = out.stride(2);
-    sl.norm = norm.defined() ? norm.data_ptr<accT>() : nullptr;
-    sl.coef = coef.defined() ? coef.data_ptr<double>() : nullptr;
-    sl.coef_extra = coef_extra;
-    sl.scale_a = scale_a;
+    Slice<scalar_t, accT> slicer;
+    slicer.grid = grid.data_ptr<accT>();
+    slicer.N = N;
+    slicer.C = C;
+    slicer.Cg = grid.size(1);
+    slicer.V = d + 1;
+    slicer.mode = mode;
+    slicer.alpha = accT(1.0 / (1.0 + std::pow(2.0, -double(d))));
+    slicer.vertex = vertex.data_ptr<int32_t>();
+    slicer.bary = bary.data_ptr<accT>();
+    slicer.out = out.data_ptr<scalar_t>();
+    slicer.osb = out.stride(0);
+    slicer.osc = out.stride(1);
+    slicer.osn = out.stride(2);
+    slicer.norm = norm.defined() ? norm.data_ptr<accT>() : nullptr;
+    slicer.coef = coef.defined() ? coef.data_ptr<double>() : nullptr;
+    slicer.coef_extra = coef_extra;
+    slicer.scale_a = scale_a;
     SEGOPS_LATTICE_KERNEL("slice");
-    Backend::ranged(B * N, sl, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
+    Backend::ranged(B * N, slicer, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
   });
 }
 
@@ -566,14 +587,18 @@ std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::o
                 op, ": roi must be (B, 1, *spatial) like x, got ", roi->sizes(), " ", roi->scalar_type());
     extra = as_bcn(*roi).select(1, 0);
   }
-  Tensor forms = at::zeros({B, K, 2}, x.options().dtype(at::kDouble));
   const int64_t Cg = K + (degree ? 1 : 0);
   if (B * N == 0 || K == 0 || M == 0) {
-    return std::make_tuple(forms, at::zeros({M, Cg}, x.options().dtype(acc)), at::zeros({M, Cg}, x.options().dtype(acc)));
+    return std::make_tuple(at::zeros({B, K, 2}, x.options().dtype(at::kDouble)),
+                           at::zeros({M, Cg}, x.options().dtype(acc)), at::zeros({M, Cg}, x.options().dtype(acc)));
   }
+  Tensor forms = at::empty({B, K, 2}, x.options().dtype(at::kDouble));  // every entry written by sum_chunks
+  PhaseTimer timer;
   const Tensor vflat = vertex.reshape({-1});
   Tensor G = splat<Backend>(as_bcn(x), vflat, bary.reshape({-1}), M, d + 1, Tensor(), degree, extra);
+  timer.mark("splat");
   Tensor Y = blur<Backend>(G, neighbors.contiguous(), d, false, true);
+  timer.mark("blur");
   const int64_t nchunk = (M + kDotChunk - 1) / kDotChunk;
   Tensor starts = image_starts<Backend>(vflat, B, N * (d + 1), M);
   Tensor partial = at::empty({B * K * 2 * nchunk}, x.options().dtype(at::kDouble));
@@ -584,6 +609,7 @@ std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::o
                                          starts.data_ptr<int32_t>(), nchunk, partial.data_ptr<double>()},
                     1);
   });
+  timer.mark("dots");
   {
     SEGOPS_LATTICE_KERNEL("sum_chunks");
     Backend::launch(B * K * 2, SumChunks{partial.data_ptr<double>(), nchunk, slice_alpha(d), forms.data_ptr<double>()},
@@ -624,8 +650,10 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
     });
     scale_a = 1.0;
   }
+  PhaseTimer timer;
   slice<Backend>(grid, vertex.reshape({-1}), bary.reshape({-1}), d, SliceMode::kAffine, out, Tensor(), coef, degree,
                  scale_a);
+  timer.mark("slice");
   return out;
 }
 

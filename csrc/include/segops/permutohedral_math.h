@@ -26,6 +26,14 @@
 #include <vector>
 #endif
 
+// Hot helpers of the CPU loops are forced inline so that the CPU backend's AVX2 clone of a loop (a function
+// compiled with target("avx2") around the same body) vectorises them too; on CUDA: the usual HD inline.
+#if defined(__CUDACC__) || !defined(__GNUC__)
+#define SEGOPS_LATTICE_INLINE SEGOPS_HD_INLINE
+#else
+#define SEGOPS_LATTICE_INLINE inline __attribute__((always_inline))
+#endif
+
 namespace segops {
 namespace lattice {
 
@@ -171,13 +179,13 @@ struct Simplex {
 template <int D, typename T>
 SEGOPS_HD_INLINE bool find_simplex(const T* f, index_t fs, const T* scale, Simplex<D, T>& s) {
   T e[D + 1];
-  T sm = T(0);
+  T sum_above = T(0);  // sum_{i >= j} c_i
   for (int j = D; j >= 1; --j) {  // e_j = sum_{i>=j} c_i - j c_{j-1}, accumulated from the top (step 1)
-    const T cf = mul_rn(f[(j - 1) * fs], scale[j - 1]);
-    e[j] = sub_rn(sm, mul_rn(T(j), cf));
-    sm = add_rn(sm, cf);
+    const T c = mul_rn(f[(j - 1) * fs], scale[j - 1]);  // c_{j-1} of the contract
+    e[j] = sub_rn(sum_above, mul_rn(T(j), c));
+    sum_above = add_rn(sum_above, c);
   }
-  e[0] = sm;
+  e[0] = sum_above;
   const T down = T(1.0 / (D + 1));
   int32_t sum = 0;
   T r[D + 1];
@@ -320,15 +328,6 @@ SEGOPS_HD_INLINE int64_t pack_key(const PackPlan& p, const int32_t* key, int64_t
   return static_cast<int64_t>(code);
 }
 
-// (image, key) of a code, written as D+1 int32 [image, key_0, ..., key_{D-1}].
-template <int D>
-SEGOPS_HD_INLINE void unpack_key(const PackPlan& p, int64_t code, int32_t* out) {
-  const uint64_t c = static_cast<uint64_t>(code);
-  out[0] = static_cast<int32_t>(c >> p.image_shift);
-  for (int i = 0; i < D; ++i)
-    out[i + 1] = static_cast<int32_t>((c >> p.shift[i]) & ((uint64_t(1) << p.bits[i]) - 1)) + p.lo[i];
-}
-
 // Plans the packing from the per-axis feature minima / maxima (device memory); one call.
 template <int D, typename T>
 struct PlanPacking {
@@ -443,7 +442,7 @@ struct BuildPacked : BuildBase<D, T> {
   // misses the cache and claims the slot.
   void run_range(index_t begin, index_t end) const {
     const PackPlan p = *plan;
-    constexpr int kCache = 4096;
+    constexpr int kCache = 16384;  // ~1% misses on 512^2 photos at the ECCV'18 settings (4096: ~4%)
     std::vector<int64_t> cache_code(kCache, int64_t(-1));
     std::vector<int32_t> cache_slot(kCache);
     Simplex<D, T> s;
@@ -461,7 +460,7 @@ struct BuildPacked : BuildBase<D, T> {
       }
       vertex_codes(p, s, b, [&](int k, int64_t code) {
         const uint64_t mixed = mix64(static_cast<uint64_t>(code));
-        const int c = static_cast<int>(mixed >> 52) & (kCache - 1);
+        const int c = static_cast<int>(mixed >> 50) & (kCache - 1);
         const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
         if (cache_code[c] == code) {
           slot[entry] = cache_slot[c];
@@ -526,7 +525,7 @@ struct BuildStored : BuildBase<D, T> {
 #if !defined(__CUDACC__)
   // CPU: as BuildPacked::run_range, with a thread-local direct-mapped cache key -> slot.
   void run_range(index_t begin, index_t end) const {
-    constexpr int kCache = 4096;
+    constexpr int kCache = 16384;
     struct Cached {
       int32_t slot;
       int32_t key[D + 1];
@@ -546,7 +545,7 @@ struct BuildStored : BuildBase<D, T> {
       for (int k = 0; k <= D; ++k) {
         vertex_key<D, T>(s, k, key + 1);
         const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
-        Cached& c = cache[(hash_key<D + 1>(key) >> 52) & (kCache - 1)];
+        Cached& c = cache[(hash_key<D + 1>(key) >> 50) & (kCache - 1)];
         if (c.slot >= 0 && keys_equal<D + 1>(c.key, key)) {
           slot[entry] = c.slot;
           continue;
@@ -571,12 +570,12 @@ struct MarkOwners {
 
 // The one word the host reads back: the vertex count (last prefix sum) and the flags.
 struct FinishStatus {
-  const int32_t* incl;  // inclusive prefix sum of the owner flags, T entries
+  const int32_t* owners_so_far;  // inclusive prefix sum of the owner flags, T entries
   index_t T;
   const int32_t* flags;
   int64_t* status;
   SEGOPS_HD_INLINE void operator()(index_t) const {
-    int64_t s = T > 0 ? static_cast<int64_t>(incl[T - 1]) : 0;
+    int64_t s = T > 0 ? static_cast<int64_t>(owners_so_far[T - 1]) : 0;
     if (flags[0]) s |= kStatusBadFeatures;
     if (flags[1]) s |= kStatusNotPacked;
     *status = s;
@@ -584,27 +583,69 @@ struct FinishStatus {
 };
 
 // vertex[e] = id of e's vertex (written over the slot array: each entry reads only its own slot); each
-// owner also writes its vertex's [image, key...] row of vkeys (M, D+1).
+// owner also records its vertex's key: the packed code (vertex_codes (M)) or the stored [image, key...] row
+// (vertex_keys (M, D+1)).
 template <int D>
 struct AssignVertices {
-  int32_t* slot_then_vertex;  // (T)
-  const int32_t* owner;       // (cap)
-  const int32_t* incl;        // (T)
-  const int64_t* codes;       // (cap) packed keys, or nullptr
-  const PackPlan* plan;       // with codes
-  const int32_t* keys;        // (T, D+1) stored keys, or nullptr
-  int32_t* vkeys;             // (M, D+1)
+  int32_t* slot_then_vertex;     // (T)
+  const int32_t* owner;          // (cap)
+  const int32_t* owners_so_far;  // (T) inclusive prefix sum of the owner flags
+  const int64_t* codes;          // (cap) packed keys, or nullptr
+  int64_t* vertex_codes;         // (M), with codes
+  const int32_t* keys;           // (T, D+1) stored keys, or nullptr
+  int32_t* vertex_keys;          // (M, D+1), with keys
   SEGOPS_HD_INLINE void operator()(index_t e) const {
     const int32_t h = slot_then_vertex[e];
     const int32_t o = owner[h];
-    const int32_t v = incl[o] - 1;
+    const int32_t v = owners_so_far[o] - 1;
     slot_then_vertex[e] = v;
     if (o != e) return;
-    int32_t* vk = vkeys + static_cast<index_t>(v) * (D + 1);
     if (codes) {
-      unpack_key<D>(*plan, codes[h], vk);
+      vertex_codes[v] = codes[h];
     } else {
-      for (int c = 0; c <= D; ++c) vk[c] = keys[e * (D + 1) + c];
+      int32_t* key_row = vertex_keys + static_cast<index_t>(v) * (D + 1);
+      for (int c = 0; c <= D; ++c) key_row[c] = keys[e * (D + 1) + c];
+    }
+  }
+};
+
+// The compact vertex table for packed keys: code -> vertex id (one int64 compare per probe).
+struct InsertVertexCodes {
+  int32_t* table;
+  uint64_t cap;
+  const int64_t* vertex_codes;  // (M)
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    uint64_t h = slot_of(mix64(static_cast<uint64_t>(vertex_codes[v])), cap);
+    while (atomic_cas(table + h, int32_t(-1), static_cast<int32_t>(v)) != -1) h = h + 1 == cap ? 0 : h + 1;
+  }
+};
+
+SEGOPS_HD_INLINE int32_t find_vertex_code(const int32_t* table, uint64_t cap, const int64_t* vertex_codes,
+                                          int64_t code) {
+  uint64_t h = slot_of(mix64(static_cast<uint64_t>(code)), cap);
+  while (true) {
+    const int32_t cur = table[h];
+    if (cur < 0 || vertex_codes[cur] == code) return cur;
+    h = h + 1 == cap ? 0 : h + 1;
+  }
+}
+
+// FindNeighbors for packed keys: a neighbour's code is the vertex's code plus a per-direction offset (the
+// packing leaves a margin of 2 (D+1) around every vertex key, so neighbour keys stay in their fields).
+template <int D>
+struct FindNeighborCodes {
+  const int32_t* table;
+  uint64_t cap;
+  const int64_t* vertex_codes;  // (M)
+  const PackPlan* plan;
+  int32_t* neighbors;  // (M, D+1, 2)
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    const PackPlan& p = *plan;
+    const int64_t code = vertex_codes[v];
+    for (int j = 0; j <= D; ++j) {
+      const int64_t wrap = j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0);
+      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex_code(table, cap, vertex_codes, code - p.ones + wrap);
+      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex_code(table, cap, vertex_codes, code + p.ones - wrap);
     }
   }
 };
@@ -615,21 +656,21 @@ template <int D>
 struct InsertVertices {
   int32_t* table;
   uint64_t cap;
-  const int32_t* vkeys;  // (M, D+1)
+  const int32_t* vertex_keys;  // (M, D+1)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    const int32_t* key = vkeys + v * (D + 1);
+    const int32_t* key = vertex_keys + v * (D + 1);
     uint64_t h = slot_of(hash_key<D + 1>(key), cap);
     while (atomic_cas(table + h, int32_t(-1), static_cast<int32_t>(v)) != -1) h = h + 1 == cap ? 0 : h + 1;
   }
 };
 
 template <int D>
-SEGOPS_HD_INLINE int32_t find_vertex(const int32_t* table, uint64_t cap, const int32_t* vkeys, const int32_t* key) {
+SEGOPS_HD_INLINE int32_t find_vertex(const int32_t* table, uint64_t cap, const int32_t* vertex_keys, const int32_t* key) {
   uint64_t h = slot_of(hash_key<D + 1>(key), cap);
   while (true) {
     const int32_t cur = table[h];
     if (cur < 0) return -1;
-    if (keys_equal<D + 1>(vkeys + static_cast<index_t>(cur) * (D + 1), key)) return cur;
+    if (keys_equal<D + 1>(vertex_keys + static_cast<index_t>(cur) * (D + 1), key)) return cur;
     h = h + 1 == cap ? 0 : h + 1;
   }
 }
@@ -641,10 +682,10 @@ template <int D>
 struct FindNeighbors {
   const int32_t* table;
   uint64_t cap;
-  const int32_t* vkeys;  // (M, D+1)
+  const int32_t* vertex_keys;  // (M, D+1)
   int32_t* neighbors;    // (M, D+1, 2)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    const int32_t* key = vkeys + v * (D + 1);
+    const int32_t* key = vertex_keys + v * (D + 1);
     int32_t lo[D + 1], hi[D + 1];
     lo[0] = hi[0] = key[0];
     for (int i = 1; i <= D; ++i) {
@@ -656,8 +697,8 @@ struct FindNeighbors {
         lo[j + 1] = key[j + 1] + D;
         hi[j + 1] = key[j + 1] - D;
       }
-      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex<D>(table, cap, vkeys, lo);
-      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex<D>(table, cap, vkeys, hi);
+      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex<D>(table, cap, vertex_keys, lo);
+      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex<D>(table, cap, vertex_keys, hi);
       if (j < D) {
         lo[j + 1] = key[j + 1] - 1;
         hi[j + 1] = key[j + 1] + 1;
@@ -681,6 +722,48 @@ struct ImageStarts {
 // ---- splat / blur / slice over channels --------------------------------------------------------------------
 // Vertex values: (M, Cg) rows ("grid"). Point values: (B, C, N) strided.
 
+// row[0..n) += w * x[0..n) in 32-byte and 16-byte pieces, then single values: a runtime-length loop leaves
+// the vectoriser's peeling and remainder code, which costs more than the arithmetic at n ~ 20. On the host
+// the pieces are GCC vector types (two SSE registers each at the baseline flags, one in the AVX2 clone).
+template <typename acc>
+SEGOPS_LATTICE_INLINE void axpy_row(acc* __restrict row, const acc* __restrict x, acc w, index_t n) {
+  index_t c = 0;
+#if !defined(__CUDACC__) && defined(__GNUC__)
+  typedef acc wide __attribute__((vector_size(32)));
+  typedef acc half __attribute__((vector_size(16)));
+  constexpr index_t kWide = 32 / sizeof(acc), kHalf = 16 / sizeof(acc);
+  for (; c + kWide <= n; c += kWide) {
+    wide r, v;
+    __builtin_memcpy(&r, row + c, sizeof(wide));
+    __builtin_memcpy(&v, x + c, sizeof(wide));
+    r += w * v;
+    __builtin_memcpy(row + c, &r, sizeof(wide));
+  }
+  for (; c + kHalf <= n; c += kHalf) {
+    half r, v;
+    __builtin_memcpy(&r, row + c, sizeof(half));
+    __builtin_memcpy(&v, x + c, sizeof(half));
+    r += w * v;
+    __builtin_memcpy(row + c, &r, sizeof(half));
+  }
+  switch (n - c) {  // at most 3 left: straight-line code, no loop for the vectoriser to dress up
+    case 3:
+      row[c + 2] += w * x[c + 2];
+      [[fallthrough]];
+    case 2:
+      row[c + 1] += w * x[c + 1];
+      [[fallthrough]];
+    case 1:
+      row[c] += w * x[c];
+      [[fallthrough]];
+    default:
+      return;
+  }
+#else
+  for (; c < n; ++c) row[c] += w * x[c];
+#endif
+}
+
 // What the splat reads: x = values * prescale over C channels, plus optionally one extra channel (index C
 // of the grid) holding `extra` (a (B, N) strided tensor) or 1 when `extra` is null.
 template <typename scalar_t, typename acc>
@@ -696,11 +779,11 @@ struct SplatArgs {
   const acc* bary;        // (B N V)
   acc* grid;              // (M, Cg)
 
-  SEGOPS_HD_INLINE acc value(index_t b, index_t n, index_t i, index_t c) const {
+  SEGOPS_LATTICE_INLINE acc value(index_t b, index_t n, index_t i, index_t c) const {
     const acc ps = prescale ? prescale[i] : acc(1);
     return static_cast<acc>(values[b * vsb + c * vsc + n * vsn]) * ps;
   }
-  SEGOPS_HD_INLINE acc extra_value(index_t b, index_t n) const {
+  SEGOPS_LATTICE_INLINE acc extra_value(index_t b, index_t n) const {
     return extra ? static_cast<acc>(extra[b * esb + n * esn]) : acc(1);
   }
 };
@@ -710,7 +793,7 @@ struct SplatArgs {
 // the CPU's scatter. One call per (vertex, channel).
 template <typename scalar_t, typename acc>
 struct SplatGather {
-  SplatArgs<scalar_t, acc> a;
+  SplatArgs<scalar_t, acc> args;
   const int64_t* order;  // (T) entry ids sorted by vertex
   const int64_t* start;  // (M+1) first position of each vertex in `order`
   index_t Cs;            // channels splatted: C (+1 with the extra channel)
@@ -719,11 +802,11 @@ struct SplatGather {
     acc sum = acc(0);
     for (index_t j = start[v]; j < start[v + 1]; ++j) {
       const index_t e = order[j];
-      const index_t p = e / a.V, b = p / a.N, n = p - b * a.N;
-      const acc x = c < a.C ? a.value(b, n, p, c) : a.extra_value(b, n);
-      sum += a.bary[e] * x;
+      const index_t p = e / args.V, b = p / args.N, n = p - b * args.N;
+      const acc x = c < args.C ? args.value(b, n, p, c) : args.extra_value(b, n);
+      sum += args.bary[e] * x;
     }
-    a.grid[v * a.Cg + c] = sum;
+    args.grid[v * args.Cg + c] = sum;
   }
 };
 
@@ -804,22 +887,32 @@ struct Slice {
   bool coef_extra;     // kAffine: the extra channel (grid channel C) enters with coef[b, c, 1]
   double scale_a;      // kAffine
 
-  SEGOPS_HD_INLINE acc gather_one(index_t i, index_t c) const {
+  SEGOPS_LATTICE_INLINE acc gather_one(index_t i, index_t c) const {
     acc t = acc(0);
     for (index_t k = 0; k < V; ++k) t += bary[i * V + k] * grid[static_cast<index_t>(vertex[i * V + k]) * Cg + c];
     return t;
   }
   // Sums of channels [c0, c0 + kChannelBlock) with a fixed trip count: the 8 sums stay in registers.
-  SEGOPS_HD_INLINE void gather_block(index_t i, index_t c0, acc* sums) const {
-    for (int c = 0; c < kChannelBlock; ++c) sums[c] = acc(0);
+  SEGOPS_LATTICE_INLINE void gather_block(index_t i, index_t c0, acc* sums) const {
+    acc t[kChannelBlock];  // a local array (not `sums`, which may alias the grid): kept in registers
+    for (int c = 0; c < kChannelBlock; ++c) t[c] = acc(0);
     for (index_t k = 0; k < V; ++k) {
       const acc wk = bary[i * V + k];
       const acc* row = grid + static_cast<index_t>(vertex[i * V + k]) * Cg + c0;
-      for (int c = 0; c < kChannelBlock; ++c) sums[c] += wk * row[c];
+      for (int c = 0; c < kChannelBlock; ++c) t[c] += wk * row[c];
     }
+    for (int c = 0; c < kChannelBlock; ++c) sums[c] = t[c];
+  }
+  // The same for the last nc < kChannelBlock channels (one pass over the point's vertices, not nc).
+  SEGOPS_LATTICE_INLINE void gather_tail(index_t i, index_t c0, index_t nc, acc* sums) const {
+    acc t[kChannelBlock];
+    for (int c = 0; c < kChannelBlock; ++c) t[c] = acc(0);
+    for (index_t k = 0; k < V; ++k)
+      axpy_row(t, grid + static_cast<index_t>(vertex[i * V + k]) * Cg + c0, bary[i * V + k], nc);
+    for (index_t c = 0; c < nc; ++c) sums[c] = t[c];
   }
   // Per point: the extra-channel sum and the multiplier of channel sums (kNormalize: 1 / s_extra).
-  SEGOPS_HD_INLINE acc prologue(index_t i, acc& s_extra) const {
+  SEGOPS_LATTICE_INLINE acc prologue(index_t i, acc& s_extra) const {
     s_extra = acc(0);
     if (mode == SliceMode::kNormalize) {
       s_extra = gather_one(i, C);
@@ -829,15 +922,20 @@ struct Slice {
     if (mode == SliceMode::kAffine && coef_extra) s_extra = gather_one(i, C);
     return alpha;
   }
-  SEGOPS_HD_INLINE scalar_t finish(index_t b, index_t c, acc s, acc mul, acc s_extra) const {
+  // kAffine: out = on_sum s + on_extra s_extra, on_sum = alpha scale_a coef[b, c, 0], on_extra = alpha coef[b, c, 1].
+  SEGOPS_LATTICE_INLINE void affine(index_t b, index_t c, acc& on_sum, acc& on_extra) const {
+    const double* bc = coef + (b * C + c) * 2;
+    on_sum = static_cast<acc>(static_cast<double>(alpha) * scale_a * bc[0]);
+    on_extra = coef_extra ? static_cast<acc>(static_cast<double>(alpha) * bc[1]) : acc(0);
+  }
+  SEGOPS_LATTICE_INLINE scalar_t finish(index_t b, index_t c, acc s, acc mul, acc s_extra) const {
     if (mode != SliceMode::kAffine) return static_cast<scalar_t>(s * mul);
-    const double* cf = coef + (b * C + c) * 2;
-    acc r = static_cast<acc>(scale_a * cf[0]) * s;
-    if (coef_extra) r += static_cast<acc>(cf[1]) * s_extra;
-    return static_cast<scalar_t>(alpha * r);
+    acc on_sum, on_extra;
+    affine(b, c, on_sum, on_extra);
+    return static_cast<scalar_t>(on_sum * s + on_extra * s_extra);
   }
 
-  SEGOPS_HD_INLINE void operator()(index_t i) const {
+  SEGOPS_LATTICE_INLINE void operator()(index_t i) const {
     const index_t b = i / N, n = i - b * N;
     acc s_extra;
     const acc mul = prologue(i, s_extra);
@@ -848,36 +946,44 @@ struct Slice {
       gather_block(i, c0, sums);
       for (int c = 0; c < kChannelBlock; ++c) o[(c0 + c) * osc] = finish(b, c0 + c, sums[c], mul, s_extra);
     }
-    for (; c0 < C; ++c0) o[c0 * osc] = finish(b, c0, gather_one(i, c0), mul, s_extra);
+    if (c0 < C) {
+      acc sums[kChannelBlock];
+      gather_tail(i, c0, C - c0, sums);
+      for (index_t c = 0; c0 + c < C; ++c) o[(c0 + c) * osc] = finish(b, c0 + c, sums[c], mul, s_extra);
+    }
   }
 
 #if !defined(__CUDACC__)
   // CPU: blocks of kPoints points; the sums of a block go through a small buffer so that the output is
-  // written one channel plane at a time (writing the C planes of one point at a stride of N values maps
-  // every store of that point to the same cache set).
-  void run_range(index_t begin, index_t end) const {
-    constexpr index_t kPoints = 16;
+  // written one channel plane at a time, in runs of kPoints values (writing the C planes of one point at a
+  // stride of N values defeats the hardware prefetchers and maps every store of a point to one cache set).
+  SEGOPS_LATTICE_INLINE void run_range(index_t begin, index_t end) const {
+    constexpr index_t kPoints = 256;
     const index_t Cpad = (C + kChannelBlock - 1) / kChannelBlock * kChannelBlock;
     std::vector<acc> buf(static_cast<size_t>(kPoints * Cpad));
-    acc muls[kPoints], extras[kPoints];
+    std::vector<acc> muls(kPoints), extras(kPoints);
     for (index_t i0 = begin; i0 < end;) {
       const index_t b = i0 / N, n0 = i0 - b * N;
       const index_t np = std::min<index_t>({kPoints, end - i0, N - n0});  // a block stays in one image
       for (index_t p = 0; p < np; ++p) {
         const index_t i = i0 + p;
         muls[p] = prologue(i, extras[p]);
-        acc* row = buf.data() + p * Cpad;
-        for (index_t c0 = 0; c0 < Cpad; c0 += kChannelBlock) {
-          if (c0 + kChannelBlock <= C) {
-            gather_block(i, c0, row + c0);
-          } else {
-            for (index_t c = c0; c < C; ++c) row[c] = gather_one(i, c);
-          }
-        }
+        acc* row = buf.data() + p * Cpad;  // the same sums as gather_block, all C channels per vertex row
+        for (index_t c = 0; c < C; ++c) row[c] = acc(0);
+        for (index_t k = 0; k < V; ++k)
+          axpy_row(row, grid + static_cast<index_t>(vertex[i * V + k]) * Cg, bary[i * V + k], C);
       }
       for (index_t c = 0; c < C; ++c) {
         scalar_t* o = out + b * osb + c * osc + n0 * osn;
-        for (index_t p = 0; p < np; ++p) o[p * osn] = finish(b, c, buf[p * Cpad + c], muls[p], extras[p]);
+        const acc* col = buf.data() + c;
+        if (mode == SliceMode::kAffine) {
+          acc on_sum, on_extra;
+          affine(b, c, on_sum, on_extra);
+          for (index_t p = 0; p < np; ++p)
+            o[p * osn] = static_cast<scalar_t>(on_sum * col[p * Cpad] + on_extra * extras[p]);
+        } else {
+          for (index_t p = 0; p < np; ++p) o[p * osn] = static_cast<scalar_t>(col[p * Cpad] * muls[p]);
+        }
       }
       i0 += np;
     }
@@ -890,7 +996,7 @@ struct Slice {
 // the slice is alpha times the splat's transpose. Per (image b, channel k, chunk of kDotChunk vertices of
 // image b): partial[((b K + k) 2 + q) nchunk + chunk] = sum_v G[v, k] Y[v, k or C], q = 0 / 1; summed in
 // double, in vertex order, then over chunks in chunk order: deterministic.
-constexpr index_t kDotChunk = 4096;
+constexpr index_t kDotChunk = 1024;
 
 template <typename acc>
 struct VertexDots {
