@@ -1,22 +1,35 @@
-// CPU fast path of the softmax losses for unit pixel stride (NCHW logits): kBlock consecutive pixels of
-// one image per task with the pixel loop innermost, so that the compiler vectorises across pixels (the
-// per-pixel functors loop over classes at stride S, which it cannot). Same math as the functors in
-// softmax_losses_math.h, which remain the path for other layouts, double precision and the GPU; sparse
-// blocks (scribbles: mostly unlabelled) fall back to them so unlabelled logits are still never read.
-// tests/test_losses.py compares the two paths (contiguous vs channels_last inputs).
+// CPU launch policy of the softmax losses, with a fast path for unit pixel stride (NCHW float / half /
+// bfloat16 logits): a task is a chunk of kChunk consecutive pixels of one image, and its loops run over the
+// K class rows of the chunk with the pixels innermost, so that reads are row-sequential and the compiler
+// vectorises across pixels (the per-pixel functors loop over classes at stride S, which it cannot). A chunk
+// visits either all its pixels ("dense" lanes: contiguous loads) or, when fewer than a quarter are labelled
+// (scribbles), only the labelled ones ("sparse" lanes: gathers), so unlabelled logits are never read. The
+// gradient is written once, row by row, with non-temporal stores: no zero fill first, no read for ownership.
+//
+// Same math as the functors in softmax_losses_math.h (they share pixel_loss / store / skip), which remain the
+// path for other layouts, double precision and the GPU; tests/test_losses.py compares the two paths.
+//
+// Determinism: a task's loss share is summed in pixel order, and cpu_parallel_reduce combines the shares by a
+// fixed tree, so the bits do not depend on the thread count.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "segops/softmax_losses_math.h"
 
 namespace segops {
 namespace block {
 
-constexpr int kBlock = 32;
+constexpr int kChunk = 256;  // pixels per task: also the fixed unit of the loss reduction
 
 // exp for x <= 88 with ~1 ulp error: Cody-Waite reduction x = n ln2 + r, degree-6 Taylor on |r| <= ln2/2
 // (truncation r^7/7! < 1.2e-7 relative), 2^n by exponent bits. Branch-free, so loops over it vectorise.
@@ -40,245 +53,387 @@ inline float exp_poly(float x) {
   return p * scale;
 }
 
-// Zeroes the gradient rows of pixels [s0, s0+n) of image b: the blocked launcher owns the whole
-// gradient (no up-front memset), so sparse blocks clear their slice before the per-pixel pass.
+// Writes n elements of a gradient row: non-temporal 16-byte stores where aligned (the op never reads the
+// gradient back, so it should neither evict the logits nor be read for ownership first), plain stores at the
+// unaligned ends. Callers issue store_fence() before their task ends.
+template <typename T>
+inline void stream_row(T* dst, const T* src, index_t n) {
+  static_assert(16 % sizeof(T) == 0, "element size must divide 16");
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+#if defined(__SSE2__)
+  static const int nt_mode = std::getenv("SEGOPS_NT") ? std::getenv("SEGOPS_NT")[0] - '0' : 1;
+  if (nt_mode == 0) { std::memcpy(d, s, bytes); return; }
+  size_t head = (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15;
+  if (head > bytes) head = bytes;
+  std::memcpy(d, s, head);
+  size_t i = head;
+  for (; i + 16 <= bytes; i += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+  std::memcpy(d + i, s + i, bytes - i);
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();  // non-temporal stores are weakly ordered: publish them before the task counts as done
+#endif
+}
+
+// The pixels of a chunk a loop visits, as lanes: lane j is pixel j (dense: idx == nullptr) or pixel idx[j]
+// (sparse: the labelled / counted pixels only, fewer than a quarter of the chunk).
+inline bool use_sparse(int visited, int n) { return visited * 4 < n; }
+inline int pixel_of(const int32_t* idx, int j) { return idx ? idx[j] : j; }
+
+// Staging buffer: the logits a chunk's loops work on, as float, class-major (xs[k * L + j]). Loading them in one
+// tight loop and computing from the copy matters twice over: the K rows of a chunk lie S elements apart, so for
+// the usual power-of-two S they all map to the same L1 and L2 cache sets and evict each other between passes
+// (max, then sum of exponentials); and a labelled pixel's K logits lie in K cache lines that no hardware
+// prefetcher guesses, so only a loop of independent loads keeps enough of those misses in flight.
+constexpr int kStage = 8192;
+
+// xs[(k - k0) * L + j] = logit of class k in [k0, k0 + kb) at lane j0 + j, for j in [0, L).
 template <typename scalar_t>
-void zero_rows(const View3<scalar_t>& gx, index_t K, index_t b, index_t s0, index_t n) {
+inline void stage(const scalar_t* px, index_t sk, index_t k0, index_t kb, const int32_t* idx, int j0, int L,
+                  float* xs) {
+  for (index_t k = 0; k < kb; ++k) {
+    const scalar_t* row = px + (k0 + k) * sk;
+    float* dst = xs + k * L;
+    if (idx) {
+      for (int j = 0; j < L; ++j) dst[j] = static_cast<float>(row[idx[j0 + j]]);
+    } else {
+#pragma omp simd
+      for (int j = 0; j < L; ++j) dst[j] = static_cast<float>(row[j0 + j]);
+    }
+  }
+}
+
+// Lanes per staging group when all K classes of a lane are staged together (the forward's passes need them all).
+inline int lanes_per_group(index_t K, int L) {
+  return static_cast<int>(std::min<index_t>(L, std::max<index_t>(1, kStage / K)));
+}
+
+// mx[j] = max over the K classes of lane j; row_of(k) points at class k's L lanes (contiguous). A NaN logit is
+// never the max, and then makes the lane's sum of exponentials NaN.
+template <typename RowOf>
+inline void lane_max(const RowOf& row_of, index_t K, int L, float* mx) {
+  const auto* first = row_of(0);
+  for (int j = 0; j < L; ++j) mx[j] = static_cast<float>(first[j]);
+  for (index_t k = 1; k < K; ++k) {
+    const auto* row = row_of(k);
+#pragma omp simd
+    for (int j = 0; j < L; ++j) {
+      const float xv = static_cast<float>(row[j]);
+      mx[j] = xv > mx[j] ? xv : mx[j];
+    }
+  }
+}
+
+// Runs lanes_fn(j0, Lg, row_of) over the lanes [0, L) of a chunk in groups: dense lanes in one group whose rows
+// are the chunk's own (read in place: each pass streams the K rows), sparse lanes staged, lanes_per_group at a
+// time, with all K classes (the forward's passes need them all).
+template <typename scalar_t, typename LanesFn>
+inline void for_lane_groups(const View3<const scalar_t>& x, index_t b, index_t s0, index_t K, int L,
+                            const int32_t* idx, const LanesFn& lanes_fn) {
+  const scalar_t* px = x.pixel(b, s0);
+  if (!idx) {
+    lanes_fn(0, L, [&](index_t k) { return px + k * x.sk; });
+    return;
+  }
+  float xs[kStage];
+  const int G = lanes_per_group(K, L);
+  for (int j0 = 0; j0 < L; j0 += G) {
+    const int Lg = std::min(G, L - j0);
+    stage(px, x.sk, 0, K, idx, j0, Lg, xs);
+    lanes_fn(j0, Lg, [&](index_t k) -> const float* { return xs + k * Lg; });
+  }
+}
+
+// Writes the gradient rows of a chunk, class by class, each row once: row_fn(k, xr, vals) computes the L lanes'
+// values of class k from their logits xr[0..L), and pixels outside the lanes (sparse) get zeros. Dense lanes read
+// each logit once, straight from the chunk's rows; sparse lanes are staged, kStage logits at a time.
+template <typename scalar_t, typename RowFn>
+void write_gradient_rows(const View3<const scalar_t>& x, const View3<scalar_t>& gx, index_t K, index_t b, index_t s0,
+                         int n, int L, const int32_t* idx, const RowFn& row_fn) {
+  const scalar_t* px = x.pixel(b, s0);
   scalar_t* pg = gx.pixel(b, s0);
-  for (index_t k = 0; k < K; ++k) std::memset(static_cast<void*>(pg + k * gx.sk), 0, sizeof(scalar_t) * n);
+  scalar_t out[kChunk];
+  float vals[kChunk];
+  if (!idx) {
+    for (index_t k = 0; k < K; ++k) {
+      row_fn(k, px + k * x.sk, vals);
+      if constexpr (std::is_same<scalar_t, float>::value) {
+        stream_row(pg + k * gx.sk, vals, n);
+      } else {
+        for (int v = 0; v < n; ++v) out[v] = static_cast<scalar_t>(vals[v]);
+        stream_row(pg + k * gx.sk, out, n);
+      }
+    }
+    store_fence();
+    return;
+  }
+  float xs[kStage];
+  std::memset(static_cast<void*>(out), 0, sizeof(scalar_t) * n);
+  const index_t group = std::max<index_t>(1, kStage / std::max(L, 1));
+  for (index_t k0 = 0; k0 < K; k0 += group) {
+    const index_t kb = std::min<index_t>(group, K - k0);
+    stage(px, x.sk, k0, kb, idx, 0, L, xs);
+    for (index_t k = k0; k < k0 + kb; ++k) {
+      row_fn(k, xs + (k - k0) * L, vals);
+      for (int j = 0; j < L; ++j) out[idx[j]] = static_cast<scalar_t>(vals[j]);
+      stream_row(pg + k * gx.sk, out, n);
+    }
+  }
+  store_fence();
 }
 
 // ---- partial cross-entropy ------------------------------------------------------------------------
 
-// Reads the labels of pixels [s0, s0+n) of image b into t; returns how many are labelled and in range.
 template <typename F>
-int load_labels(const F& f, index_t b, index_t s0, index_t n, int64_t* t) {
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) {
-    t[v] = static_cast<int64_t>(f.target.at(b, s0 + v));
-    count += t[v] != f.ignore_index && t[v] >= 0 && t[v] < f.K;
-  }
-  return count;
+float weight_sum(const F& f) {
+  float w = 0.0f;
+  for (index_t k = 0; k < f.K; ++k) w += f.class_weight(k);
+  return w;
 }
 
-// Sparse (scribble) or ragged blocks go to the per-pixel functor, which reads only labelled pixels.
-// m[v] = max over the K classes of the block's pixel v (px: the block's class-0 row, sk: the class stride).
-template <typename scalar_t>
-inline void block_max(const scalar_t* px, index_t sk, index_t K, float* m) {
-  for (int v = 0; v < kBlock; ++v) m[v] = static_cast<float>(px[v]);
-  for (index_t k = 1; k < K; ++k) {
-    const scalar_t* row = px + k * sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const float xv = static_cast<float>(row[v]);
-      m[v] = xv > m[v] ? xv : m[v];
-    }
-  }
-}
-
-inline bool use_per_pixel(index_t n, int count) { return n < kBlock || count * 4 < kBlock; }
-
+// The chunk's share of the loss over lanes [0, L), t[v]: pixel v's class or -1. Sums in pixel order.
 template <typename scalar_t, typename target_t>
-void pce_forward(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int64_t t[kBlock];
-  const int count = load_labels(f, b, s0, n, t);
-  if (use_per_pixel(n, count)) {
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  const index_t sk = f.x.sk;
-  acc m[kBlock], sum[kBlock], swx[kBlock];
-  block_max(px, sk, f.K, m);
-  for (int v = 0; v < kBlock; ++v) sum[v] = swx[v] = 0.0f;
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * sk;
+LossSum<float> pce_forward_lanes(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, int L,
+                                 const int32_t* idx, const int32_t* t) {
+  const index_t K = f.K, i0 = b * f.S + s0;
+  const float sum_w = f.eps != 0.0f ? weight_sum(f) : 0.0f;
+  LossSum<float> sum{};
+  for_lane_groups(f.x, b, s0, K, L, idx, [&](int j0, int Lg, const auto& row_of) {
+    float mx[kChunk], se[kChunk], swx[kChunk];
+    lane_max(row_of, K, Lg, mx);
+    for (int j = 0; j < Lg; ++j) se[j] = swx[j] = 0.0f;
+    for (index_t k = 0; k < K; ++k) {
+      const auto* row = row_of(k);
 #pragma omp simd
-    for (int v = 0; v < kBlock; ++v) sum[v] += exp_poly(static_cast<acc>(row[v]) - m[v]);
-  }
-  acc sum_w = 0.0f;
-  if (f.eps != 0.0f) {  // label smoothing needs sum_k w_k x_k as well
-    for (index_t k = 0; k < f.K; ++k) {
-      const scalar_t* row = px + k * sk;
-      const acc w = f.weight ? static_cast<acc>(f.weight[k]) : 1.0f;
-      sum_w += w;
+      for (int j = 0; j < Lg; ++j) se[j] += exp_poly(static_cast<float>(row[j]) - mx[j]);
+    }
+    if (f.eps != 0.0f) {  // label smoothing needs sum_k w_k x_k as well
+      for (index_t k = 0; k < K; ++k) {
+        const auto* row = row_of(k);
+        const float w = f.class_weight(k);
 #pragma omp simd
-      for (int v = 0; v < kBlock; ++v) swx[v] += w * static_cast<acc>(row[v]);
+        for (int j = 0; j < Lg; ++j) swx[j] += w * static_cast<float>(row[j]);
+      }
     }
-  }
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    if (t[v] == f.ignore_index || t[v] < 0 || t[v] >= f.K) {
-      f(i);  // writes the zeros (and flags an out-of-range label)
-      continue;
+    for (int j = 0; j < Lg; ++j) {  // pixel order: the fixed order of the chunk's share
+      const int v = pixel_of(idx, j0 + j);
+      if (t[v] < 0) continue;  // dense lanes include the unlabelled pixels, already stored
+      const float l = mx[j] + std::log(se[j]), w_t = f.class_weight(t[v]);
+      const float x_t = static_cast<float>(row_of(t[v])[j]);
+      sum = sum + f.store(i0 + v, l, f.pixel_loss(l, x_t, w_t, sum_w, swx[j]), w_t);
     }
-    const acc l = m[v] + std::log(sum[v]);
-    const acc w_t = f.weight ? static_cast<acc>(f.weight[t[v]]) : 1.0f;
-    const acc nll_i = w_t * (l - static_cast<acc>(px[t[v] * sk + v]));
-    const acc smooth_i = f.eps != 0.0f ? sum_w * l - swx[v] : 0.0f;
-    f.lse[i] = l;
-    if (f.loss) f.loss[i] = static_cast<scalar_t>((1.0f - f.eps) * nll_i + f.eps / acc(f.K) * smooth_i);
-    if (f.nll) f.nll[i] = nll_i;
-    if (f.smooth) f.smooth[i] = smooth_i;
-    if (f.wt) f.wt[i] = w_t;
-  }
+  });
+  return sum;
 }
 
 template <typename scalar_t, typename target_t>
-void pce_backward(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int64_t t[kBlock];
-  const int count = load_labels(f, b, s0, n, t);
-  if (use_per_pixel(n, count)) {
-    zero_rows(f.gx, f.K, b, s0, n);
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
+LossSum<float> forward_chunk(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, int n) {
+  int32_t t[kChunk], idx[kChunk];
+  int m = 0;
+  const index_t i0 = b * f.S + s0;
+  for (int v = 0; v < n; ++v) {
+    const int64_t tv = static_cast<int64_t>(f.target.at(b, s0 + v));
+    if (f.labelled(tv)) {
+      t[v] = static_cast<int32_t>(tv);
+      idx[m++] = v;
+    } else {
+      t[v] = -1;
+      f.skip(i0 + v, tv);  // lse 0, loss 0; flags an out-of-range label
+    }
   }
-  acc a[kBlock], c[kBlock], l[kBlock];
-  int32_t tk[kBlock], on[kBlock];  // int32 like the float lanes, so the selects below vectorise
-  acc sum_w = acc(f.K);
-  if (f.eps != 0.0f && f.weight) {
-    sum_w = 0.0f;
-    for (index_t k = 0; k < f.K; ++k) sum_w += static_cast<acc>(f.weight[k]);
+  if (m == 0) return LossSum<float>{};
+  if (use_sparse(m, n)) return pce_forward_lanes(f, b, s0, m, idx, t);
+  return pce_forward_lanes(f, b, s0, n, nullptr, t);
+}
+
+template <typename scalar_t, typename target_t>
+void pce_backward_lanes(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, int n, int L,
+                        const int32_t* idx, const int32_t* t) {
+  float a[kChunk], c[kChunk], l[kChunk];
+  int32_t tk[kChunk], on[kChunk];  // int32 like the float lanes, so the selects below vectorise
+  const float sum_w = f.eps != 0.0f ? weight_sum(f) : 0.0f;
+  const index_t i0 = b * f.S + s0;
+  for (int j = 0; j < L; ++j) {
+    const int v = pixel_of(idx, j);
+    on[j] = t[v] >= 0;
+    const float g = on[j] ? f.scaled_grad(b, s0 + v) : 0.0f;
+    a[j] = on[j] ? g * (1.0f - f.eps) * f.class_weight(t[v]) : 0.0f;
+    c[j] = g * f.eps / static_cast<float>(f.K);
+    l[j] = on[j] ? f.lse[i0 + v] : 0.0f;
+    tk[j] = t[v];
   }
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    on[v] = t[v] != f.ignore_index && t[v] >= 0 && t[v] < f.K;
-    acc g = on[v] ? static_cast<acc>(f.grad_per_pixel ? f.grad[i] : f.grad[0]) : 0.0f;
-    if (f.denom) g /= f.denom[0];
-    const acc w_t = on[v] && f.weight ? static_cast<acc>(f.weight[t[v]]) : 1.0f;
-    a[v] = g * (1.0f - f.eps) * w_t;
-    c[v] = g * f.eps / acc(f.K);
-    l[v] = on[v] ? f.lse[i] : 0.0f;
-    tk[v] = on[v] ? static_cast<int32_t>(t[v]) : -1;
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  scalar_t* pg = f.gx.pixel(b, s0);
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
-    scalar_t* grow = pg + k * f.gx.sk;
-    const acc wk = f.weight ? static_cast<acc>(f.weight[k]) : 1.0f;
+  write_gradient_rows(f.x, f.gx, f.K, b, s0, n, L, idx, [&](index_t k, const auto* xr, float* vals) {
+    const float wk = f.class_weight(k);
     const int32_t kk = static_cast<int32_t>(k);
 #pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc p = exp_poly(static_cast<acc>(row[v]) - l[v]);
-      const acc val = a[v] * (p - (tk[v] == kk ? 1.0f : 0.0f)) + c[v] * (sum_w * p - wk);
-      grow[v] = static_cast<scalar_t>(on[v] ? val : 0.0f);  // select: unlabelled logits may be NaN
+    for (int j = 0; j < L; ++j) {
+      const float p = exp_poly(static_cast<float>(xr[j]) - l[j]);
+      const float val = a[j] * (p - (tk[j] == kk ? 1.0f : 0.0f)) + c[j] * (sum_w * p - wk);
+      vals[j] = on[j] ? val : 0.0f;  // select: unlabelled logits may be NaN
     }
+  });
+}
+
+template <typename scalar_t, typename target_t>
+void backward_chunk(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, int n) {
+  int32_t t[kChunk], idx[kChunk];
+  int m = 0;
+  for (int v = 0; v < n; ++v) {
+    const int64_t tv = static_cast<int64_t>(f.target.at(b, s0 + v));
+    t[v] = f.labelled(tv) ? static_cast<int32_t>(tv) : -1;
+    idx[m] = v;
+    m += t[v] >= 0;
   }
+  static const int nt_mode = std::getenv("SEGOPS_NT") ? std::getenv("SEGOPS_NT")[0] - '0' : 1;
+  if (nt_mode == 2 && m == 0) return;
+  pce_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, t);
 }
 
 // ---- entropy ----------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
-void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) count += !f.mask.data || f.mask.at(b, s0 + v);
-  if (use_per_pixel(n, count)) {
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  acc m[kBlock], s[kBlock], tx[kBlock];
-  block_max(px, f.x.sk, f.K, m);
-  for (int v = 0; v < kBlock; ++v) s[v] = tx[v] = 0.0f;
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
+LossSum<float> entropy_forward_lanes(const EntropyForward<scalar_t>& f, index_t b, index_t s0, int L,
+                                     const int32_t* idx, const int32_t* on) {
+  const index_t K = f.K, i0 = b * f.S + s0;
+  LossSum<float> sum{};
+  for_lane_groups(f.x, b, s0, K, L, idx, [&](int j0, int Lg, const auto& row_of) {
+    float mx[kChunk], se[kChunk], tx[kChunk];
+    lane_max(row_of, K, Lg, mx);
+    for (int j = 0; j < Lg; ++j) se[j] = tx[j] = 0.0f;
+    for (index_t k = 0; k < K; ++k) {
+      const auto* row = row_of(k);
 #pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc xv = static_cast<acc>(row[v]);
-      const acc e = exp_poly(xv - m[v]);
-      s[v] += e;
-      tx[v] += xv == -INFINITY ? 0.0f : e * xv;  // p = 0 at -inf (exp_poly clamps it to 1.6e-38)
+      for (int j = 0; j < Lg; ++j) {
+        const float xv = static_cast<float>(row[j]);
+        const float e = exp_poly(xv - mx[j]);
+        se[j] += e;
+        tx[j] += xv == -INFINITY ? 0.0f : e * xv;  // p = 0 at -inf (exp_poly clamps it to 1.6e-38)
+      }
     }
-  }
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    if (f.mask.data && !f.mask.at(b, s0 + v)) {
-      f(i);
-      continue;
+    for (int j = 0; j < Lg; ++j) {
+      const int v = pixel_of(idx, j0 + j);
+      if (!on[v]) continue;
+      sum = sum + f.store(i0 + v, mx[j] + std::log(se[j]), tx[j] / se[j]);
     }
-    const acc l = m[v] + std::log(s[v]), e = tx[v] / s[v];
-    const acc h = l - e < 0.0f ? 0.0f : l - e;  // NaN passes through (as in EntropyForward)
-    f.lse[i] = l;
-    f.ex[i] = e;
-    if (f.ent) f.ent[i] = static_cast<scalar_t>(h);
-    if (f.ent_acc) f.ent_acc[i] = h;
-  }
+  });
+  return sum;
 }
 
 template <typename scalar_t>
-void entropy_backward(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) count += !f.mask.data || f.mask.at(b, s0 + v);
-  if (use_per_pixel(n, count)) {
-    zero_rows(f.gx, f.K, b, s0, n);
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
+LossSum<float> forward_chunk(const EntropyForward<scalar_t>& f, index_t b, index_t s0, int n) {
+  int32_t on[kChunk], idx[kChunk];
+  int m = 0;
+  const index_t i0 = b * f.S + s0;
+  for (int v = 0; v < n; ++v) {
+    on[v] = f.counted(b, s0 + v);
+    if (on[v])
+      idx[m++] = v;
+    else
+      f.skip(i0 + v);
   }
-  acc g[kBlock], l[kBlock], e[kBlock];
-  int32_t on[kBlock];
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    on[v] = !f.mask.data || f.mask.at(b, s0 + v);
-    acc gv = static_cast<acc>(f.grad_per_pixel ? f.grad[i] : f.grad[0]);
-    if (f.denom) gv /= f.denom[0];
-    g[v] = on[v] ? gv : 0.0f;
-    l[v] = f.lse[i];
-    e[v] = f.ex[i];
+  if (m == 0) return LossSum<float>{};
+  if (use_sparse(m, n)) return entropy_forward_lanes(f, b, s0, m, idx, on);
+  return entropy_forward_lanes(f, b, s0, n, nullptr, on);
+}
+
+template <typename scalar_t>
+void entropy_backward_lanes(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, int n, int L,
+                            const int32_t* idx, const int32_t* counted) {
+  float g[kChunk], l[kChunk], e[kChunk];
+  int32_t on[kChunk];
+  const index_t i0 = b * f.S + s0;
+  for (int j = 0; j < L; ++j) {
+    const int v = pixel_of(idx, j);
+    on[j] = counted[v];
+    g[j] = on[j] ? f.scaled_grad(b, s0 + v) : 0.0f;
+    l[j] = f.lse[i0 + v];
+    e[j] = f.ex[i0 + v];
   }
-  const scalar_t* px = f.x.pixel(b, s0);
-  scalar_t* pg = f.gx.pixel(b, s0);
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
-    scalar_t* grow = pg + k * f.gx.sk;
+  write_gradient_rows(f.x, f.gx, f.K, b, s0, n, L, idx, [&](index_t, const auto* xr, float* vals) {
 #pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc xv = static_cast<acc>(row[v]);
-      const acc val = -g[v] * exp_poly(xv - l[v]) * (xv - e[v]);
-      grow[v] = static_cast<scalar_t>(on[v] && xv != -INFINITY ? val : 0.0f);
+    for (int j = 0; j < L; ++j) {
+      const float xv = static_cast<float>(xr[j]);
+      const float val = -g[j] * exp_poly(xv - l[j]) * (xv - e[j]);
+      vals[j] = on[j] && xv != -INFINITY ? val : 0.0f;
     }
+  });
+}
+
+template <typename scalar_t>
+void backward_chunk(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, int n) {
+  int32_t on[kChunk], idx[kChunk];
+  int m = 0;
+  for (int v = 0; v < n; ++v) {
+    on[v] = f.counted(b, s0 + v);
+    idx[m] = v;
+    m += on[v] ? 1 : 0;
   }
+  entropy_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, on);
 }
 
 // ---- launcher ---------------------------------------------------------------------------------------------
 
+// The blocked paths compute in float: for float, half and bfloat16 logits (double takes the functors), with
+// unit pixel stride and a staging buffer that holds one lane's K classes.
 template <typename F>
-bool blockable(const F& f) {
-  return std::is_same<typename F::acc, float>::value && f.x.ss == 1 && f.S >= kBlock;
+constexpr bool kBlockable = std::is_same<typename F::acc, float>::value;
+
+template <typename F>
+bool blocked_layout(const F& f) {
+  return f.x.ss == 1 && f.K <= kStage;
 }
 
-// CpuLaunch for the softmax-loss functors: blocked when the layout allows it, per pixel otherwise.
+// The CPU policy of softmax_losses_host.h: tasks of kChunk pixels, blocked when the layout allows it, per-pixel
+// functors otherwise.
 struct CpuLossLaunch {
-  // Whether launching f writes every gradient element itself (else the caller zero-fills first).
-  template <typename F>
-  bool writes_every_gradient(const F& f) const { return blockable(f); }
-  template <typename F>
-  bool functor_writes_zeros(const F& f) const {
-    // channels_last: a pixel's K gradients are contiguous, writing its zeros inline beats a memset pass.
-    // Blocked NCHW: sparse blocks zero their own rows first.
-    return !blockable(f) && f.gx.sk == 1;
+  static constexpr bool kHostMemory = true;
+
+  template <typename Sum, typename F, typename Fin>
+  void reduce(index_t n, const F& f, const Fin& fin) const {
+    Sum total{};
+    bool done = n <= 0;
+    if constexpr (kBlockable<F>) {
+      if (!done && blocked_layout(f)) {
+        const index_t per_image = (f.S + kChunk - 1) / kChunk;
+        total = cpu_parallel_reduce<Sum>(n / f.S * per_image, [&](index_t task) {
+          const index_t b = task / per_image, s0 = (task - b * per_image) * kChunk;
+          return forward_chunk(f, b, s0, static_cast<int>(std::min<index_t>(kChunk, f.S - s0)));
+        });
+        done = true;
+      }
+    }
+    if (!done) {
+      total = cpu_parallel_reduce<Sum>((n + kChunk - 1) / kChunk, [&](index_t task) {
+        Sum s{};
+        for (index_t i = task * kChunk, end = std::min<index_t>(n, i + kChunk); i < end; ++i) s = s + f(i);
+        return s;
+      });
+    }
+    fin(total);
   }
-  template <typename F, typename BlockFn>
-  static void run(index_t n, const F& f, const BlockFn& block_fn) {
-    if (!blockable(f)) return cpu_parallel_for(n, f, 256);
-    const index_t per_image = (f.S + kBlock - 1) / kBlock;
-    cpu_parallel_for(n / f.S * per_image, [&](index_t task) {
-      const index_t b = task / per_image, s0 = (task - b * per_image) * kBlock;
-      block_fn(f, b, s0, std::min<index_t>(kBlock, f.S - s0));
-    }, 16);
+
+  template <typename F>
+  void for_each(index_t n, const F& f) const {
+    if constexpr (kBlockable<F>) {
+      if (n > 0 && blocked_layout(f) && f.gx.ss == 1) {
+        const index_t per_image = (f.S + kChunk - 1) / kChunk;
+        cpu_parallel_for(n / f.S * per_image, [&](index_t task) {
+          const index_t b = task / per_image, s0 = (task - b * per_image) * kChunk;
+          backward_chunk(f, b, s0, static_cast<int>(std::min<index_t>(kChunk, f.S - s0)));
+        }, 1);
+        return;
+      }
+    }
+    cpu_parallel_for(n, f, kChunk);
   }
-  template <typename S, typename T>
-  void operator()(index_t n, const PceForward<S, T>& f) const { run(n, f, pce_forward<S, T>); }
-  template <typename S, typename T>
-  void operator()(index_t n, const PceBackward<S, T>& f) const { run(n, f, pce_backward<S, T>); }
-  template <typename S>
-  void operator()(index_t n, const EntropyForward<S>& f) const { run(n, f, entropy_forward<S>); }
-  template <typename S>
-  void operator()(index_t n, const EntropyBackward<S>& f) const { run(n, f, entropy_backward<S>); }
 };
 
 }  // namespace block
