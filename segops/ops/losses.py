@@ -116,6 +116,10 @@ def _pce_backward_fake(grad, logits, target, weight, lse, denom, reduction, igno
 def _pce_setup_context(ctx, inputs, output) -> None:
     logits, target, weight, reduction, ignore_index, label_smoothing = inputs[:6]
     _, lse, denom = output
+    # lse and denom are state for backward, not results: no gradient flows into them, and autograd must not
+    # materialise zero gradients for them (two fills per backward call, one of them pixel-sized).
+    ctx.mark_non_differentiable(lse, denom)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, target, weight, lse, denom)
     ctx.args = (reduction, ignore_index, label_smoothing)
 
@@ -123,7 +127,7 @@ def _pce_setup_context(ctx, inputs, output) -> None:
 def _pce_backward(ctx, grad_loss: Tensor, _grad_lse: Tensor, _grad_denom: Tensor):
     logits, target, weight, lse, denom = ctx.saved_tensors
     grad_logits = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_loss is not None:
         grad_logits = torch.ops.segops._partial_cross_entropy_backward.default(
             grad_loss, logits, target, weight, lse, denom, *ctx.args
         )
@@ -177,6 +181,8 @@ def _entropy_backward_fake(grad, logits, mask, lse, expectation, denom, reductio
 def _entropy_setup_context(ctx, inputs, output) -> None:
     logits, mask, reduction = inputs
     _, lse, ex, denom = output
+    ctx.mark_non_differentiable(lse, ex, denom)  # as for partial_cross_entropy
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, mask, lse, ex, denom)
     ctx.reduction = reduction
 
@@ -184,7 +190,7 @@ def _entropy_setup_context(ctx, inputs, output) -> None:
 def _entropy_backward(ctx, grad_out: Tensor, *_unused: Tuple[Tensor, ...]):
     logits, mask, lse, ex, denom = ctx.saved_tensors
     grad_logits = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_out is not None:
         grad_logits = torch.ops.segops._entropy_backward.default(grad_out, logits, mask, lse, ex, denom, ctx.reduction)
     return grad_logits, None, None
 

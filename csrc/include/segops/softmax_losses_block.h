@@ -17,7 +17,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <type_traits>
 
 #if defined(__SSE2__)
@@ -63,8 +62,6 @@ inline void stream_row(T* dst, const T* src, index_t n) {
   const char* s = reinterpret_cast<const char*>(src);
   const size_t bytes = static_cast<size_t>(n) * sizeof(T);
 #if defined(__SSE2__)
-  static const int nt_mode = std::getenv("SEGOPS_NT") ? std::getenv("SEGOPS_NT")[0] - '0' : 1;
-  if (nt_mode == 0) { std::memcpy(d, s, bytes); return; }
   size_t head = (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15;
   if (head > bytes) head = bytes;
   std::memcpy(d, s, head);
@@ -292,8 +289,6 @@ void backward_chunk(const PceBackward<scalar_t, target_t>& f, index_t b, index_t
     idx[m] = v;
     m += t[v] >= 0;
   }
-  static const int nt_mode = std::getenv("SEGOPS_NT") ? std::getenv("SEGOPS_NT")[0] - '0' : 1;
-  if (nt_mode == 2 && m == 0) return;
   pce_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, t);
 }
 
