@@ -44,6 +44,38 @@ def losses(dev: torch.device) -> None:
                 x.grad = None
 
 
+def loss_reductions(dev: torch.device) -> None:
+    """The one-launch reductions of the softmax losses: many blocks (last-block ticket), one block, an empty batch,
+    the synchronous label check (device buffer + atomicMin) and a CUDA graph capture (the launch's own ticket)."""
+    g = torch.Generator().manual_seed(2)
+    for B, H, W in ((4, 131, 257), (1, 3, 5), (0, 7, 7)):
+        x = torch.randn(B, 21, H, W, generator=g).to(dev).requires_grad_()
+        t = torch.randint(0, 21, (B, H, W), generator=g)
+        t[torch.rand(B, H, W, generator=g) < 0.97] = 255
+        t = t.to(dev)
+        for reduction in ("mean", "sum"):
+            loss = ops.partial_cross_entropy(x, t, 255, None, reduction, 0.0, check_labels=True)
+            ent = ops.entropy(x, None, reduction)
+            (loss + ent).backward()
+            check("loss reduction %dx21x%dx%d %s" % (B, H, W, reduction), loss, ent, x.grad)
+            x.grad = None
+    x = torch.randn(2, 21, 37, 29, generator=g).to(dev).requires_grad_()
+    t = torch.randint(0, 21, (2, 37, 29), generator=g).to(dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.partial_cross_entropy(x, t).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = ops.partial_cross_entropy(x, t) + ops.entropy(x)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    check("loss reduction under graph capture", loss, x.grad)
+
+
 def convolutions(dev: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
     cases = [  # (groups, C_in, C_out, kernel, stride, padding, dilation, output_padding)
@@ -89,7 +121,7 @@ def lattice(dev: torch.device) -> None:
             check("%s scale=%g" % (fn.__name__, scale), loss, gs)
 
 
-DRIVERS = [losses, convolutions, lattice]
+DRIVERS = [losses, loss_reductions, convolutions, lattice]
 
 
 def main() -> int:

@@ -234,8 +234,10 @@ def _bad_pce_cases(device):
     neg_label = t.clone()
     neg_label[0, 0, 0] = -1
     return [
-        ("label outside", dict(logits=x, target=bad_label), IndexError, r"target value 7 .*outside \[0, K\) = \[0, 3\)"),
-        ("negative label", dict(logits=x, target=neg_label), IndexError, r"target value -1"),
+        # check_labels: CUDA's synchronous label check (its default is a device-side assertion); the CPU always checks
+        ("label outside", dict(logits=x, target=bad_label, check_labels=True), IndexError,
+         r"target value 7 .*outside \[0, K\) = \[0, 3\)"),
+        ("negative label", dict(logits=x, target=neg_label, check_labels=True), IndexError, r"target value -1"),
         ("shape mismatch", dict(logits=x, target=t[:, :3]), RuntimeError, r"target must have shape"),
         ("float target", dict(logits=x, target=t.float()), RuntimeError, r"target must hold integer class indices"),
         ("int logits", dict(logits=x.long(), target=t), RuntimeError, r"logits must be float32"),

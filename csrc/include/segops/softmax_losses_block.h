@@ -52,15 +52,23 @@ inline float exp_poly(float x) {
   return p * scale;
 }
 
-// Writes n elements of a gradient row: non-temporal 16-byte stores where aligned (the op never reads the
-// gradient back, so it should neither evict the logits nor be read for ownership first), plain stores at the
-// unaligned ends. Callers issue store_fence() before their task ends.
+// Gradients at least this large are written with non-temporal stores: they cannot stay in the caches anyway,
+// and the op never reads them back, so they should neither evict the logits nor be read for ownership first.
+// Smaller ones are written normally: their consumer (autograd, the optimizer) finds them in the cache.
+constexpr size_t kStreamBytes = size_t(16) << 20;
+
+// Writes n elements of a gradient row: with `nt`, non-temporal 16-byte stores where aligned and plain stores
+// at the unaligned ends (callers then issue store_fence() before their task ends); else plain stores.
 template <typename T>
-inline void stream_row(T* dst, const T* src, index_t n) {
+inline void stream_row(T* dst, const T* src, index_t n, bool nt) {
   static_assert(16 % sizeof(T) == 0, "element size must divide 16");
   char* d = reinterpret_cast<char*>(dst);
   const char* s = reinterpret_cast<const char*>(src);
   const size_t bytes = static_cast<size_t>(n) * sizeof(T);
+  if (!nt) {
+    std::memcpy(d, s, bytes);
+    return;
+  }
 #if defined(__SSE2__)
   size_t head = (16 - (reinterpret_cast<uintptr_t>(d) & 15)) & 15;
   if (head > bytes) head = bytes;
@@ -154,7 +162,7 @@ inline void for_lane_groups(const View3<const scalar_t>& x, index_t b, index_t s
 // each logit once, straight from the chunk's rows; sparse lanes are staged, kStage logits at a time.
 template <typename scalar_t, typename RowFn>
 void write_gradient_rows(const View3<const scalar_t>& x, const View3<scalar_t>& gx, index_t K, index_t b, index_t s0,
-                         int n, int L, const int32_t* idx, const RowFn& row_fn) {
+                         int n, int L, const int32_t* idx, bool nt, const RowFn& row_fn) {
   const scalar_t* px = x.pixel(b, s0);
   scalar_t* pg = gx.pixel(b, s0);
   scalar_t out[kChunk];
@@ -163,10 +171,10 @@ void write_gradient_rows(const View3<const scalar_t>& x, const View3<scalar_t>& 
     for (index_t k = 0; k < K; ++k) {
       row_fn(k, px + k * x.sk, vals);
       if constexpr (std::is_same<scalar_t, float>::value) {
-        stream_row(pg + k * gx.sk, vals, n);
+        stream_row(pg + k * gx.sk, vals, n, nt);
       } else {
         for (int v = 0; v < n; ++v) out[v] = static_cast<scalar_t>(vals[v]);
-        stream_row(pg + k * gx.sk, out, n);
+        stream_row(pg + k * gx.sk, out, n, nt);
       }
     }
     store_fence();
@@ -181,7 +189,7 @@ void write_gradient_rows(const View3<const scalar_t>& x, const View3<scalar_t>& 
     for (index_t k = k0; k < k0 + kb; ++k) {
       row_fn(k, xs + (k - k0) * L, vals);
       for (int j = 0; j < L; ++j) out[idx[j]] = static_cast<scalar_t>(vals[j]);
-      stream_row(pg + k * gx.sk, out, n);
+      stream_row(pg + k * gx.sk, out, n, nt);
     }
   }
   store_fence();
@@ -253,7 +261,7 @@ LossSum<float> forward_chunk(const PceForward<scalar_t, target_t>& f, index_t b,
 
 template <typename scalar_t, typename target_t>
 void pce_backward_lanes(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, int n, int L,
-                        const int32_t* idx, const int32_t* t) {
+                        const int32_t* idx, const int32_t* t, bool nt) {
   float a[kChunk], c[kChunk], l[kChunk];
   int32_t tk[kChunk], on[kChunk];  // int32 like the float lanes, so the selects below vectorise
   const float sum_w = f.eps != 0.0f ? weight_sum(f) : 0.0f;
@@ -267,7 +275,7 @@ void pce_backward_lanes(const PceBackward<scalar_t, target_t>& f, index_t b, ind
     l[j] = on[j] ? f.lse[i0 + v] : 0.0f;
     tk[j] = t[v];
   }
-  write_gradient_rows(f.x, f.gx, f.K, b, s0, n, L, idx, [&](index_t k, const auto* xr, float* vals) {
+  write_gradient_rows(f.x, f.gx, f.K, b, s0, n, L, idx, nt, [&](index_t k, const auto* xr, float* vals) {
     const float wk = f.class_weight(k);
     const int32_t kk = static_cast<int32_t>(k);
 #pragma omp simd
@@ -280,7 +288,7 @@ void pce_backward_lanes(const PceBackward<scalar_t, target_t>& f, index_t b, ind
 }
 
 template <typename scalar_t, typename target_t>
-void backward_chunk(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, int n) {
+void backward_chunk(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, int n, bool nt) {
   int32_t t[kChunk], idx[kChunk];
   int m = 0;
   for (int v = 0; v < n; ++v) {
@@ -289,7 +297,7 @@ void backward_chunk(const PceBackward<scalar_t, target_t>& f, index_t b, index_t
     idx[m] = v;
     m += t[v] >= 0;
   }
-  pce_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, t);
+  pce_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, t, nt);
 }
 
 // ---- entropy ----------------------------------------------------------------------------------------------
@@ -341,7 +349,7 @@ LossSum<float> forward_chunk(const EntropyForward<scalar_t>& f, index_t b, index
 
 template <typename scalar_t>
 void entropy_backward_lanes(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, int n, int L,
-                            const int32_t* idx, const int32_t* counted) {
+                            const int32_t* idx, const int32_t* counted, bool nt) {
   float g[kChunk], l[kChunk], e[kChunk];
   int32_t on[kChunk];
   const index_t i0 = b * f.S + s0;
@@ -352,7 +360,7 @@ void entropy_backward_lanes(const EntropyBackward<scalar_t>& f, index_t b, index
     l[j] = f.lse[i0 + v];
     e[j] = f.ex[i0 + v];
   }
-  write_gradient_rows(f.x, f.gx, f.K, b, s0, n, L, idx, [&](index_t, const auto* xr, float* vals) {
+  write_gradient_rows(f.x, f.gx, f.K, b, s0, n, L, idx, nt, [&](index_t, const auto* xr, float* vals) {
 #pragma omp simd
     for (int j = 0; j < L; ++j) {
       const float xv = static_cast<float>(xr[j]);
@@ -363,7 +371,7 @@ void entropy_backward_lanes(const EntropyBackward<scalar_t>& f, index_t b, index
 }
 
 template <typename scalar_t>
-void backward_chunk(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, int n) {
+void backward_chunk(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, int n, bool nt) {
   int32_t on[kChunk], idx[kChunk];
   int m = 0;
   for (int v = 0; v < n; ++v) {
@@ -371,7 +379,7 @@ void backward_chunk(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, i
     idx[m] = v;
     m += on[v] ? 1 : 0;
   }
-  entropy_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, on);
+  entropy_backward_lanes(f, b, s0, n, use_sparse(m, n) ? m : n, use_sparse(m, n) ? idx : nullptr, on, nt);
 }
 
 // ---- launcher ---------------------------------------------------------------------------------------------
@@ -420,9 +428,10 @@ struct CpuLossLaunch {
     if constexpr (kBlockable<F>) {
       if (n > 0 && blocked_layout(f) && f.gx.ss == 1) {
         const index_t per_image = (f.S + kChunk - 1) / kChunk;
+        const bool nt = static_cast<size_t>(n) * f.K * sizeof(*f.gx.data) >= kStreamBytes;
         cpu_parallel_for(n / f.S * per_image, [&](index_t task) {
           const index_t b = task / per_image, s0 = (task - b * per_image) * kChunk;
-          backward_chunk(f, b, s0, static_cast<int>(std::min<index_t>(kChunk, f.S - s0)));
+          backward_chunk(f, b, s0, static_cast<int>(std::min<index_t>(kChunk, f.S - s0)), nt);
         }, 1);
         return;
       }
