@@ -9,11 +9,11 @@ export MAX_JOBS ?= 2
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py
 PYTEST_ARGS ?=
 # Test and benchmark peers: scikit-image ships the real photos (astronaut, coffee) the lattice tests and benchmarks
-# use; pydensecrf2 is the dense-CRF inference reference. The suite requires them under `make test`
-# (SEGOPS_TEST_REQUIRE_OPTIONAL=1); a bare `pytest` without them skips those tests with a reason.
-TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm scikit-image pydensecrf2
+# use; pydensecrf2 is the dense-CRF inference reference; torchmetrics holds the mIoU definitions. `make test`
+# requires them (SEGOPS_TEST_REQUIRE_OPTIONAL=1); a bare `pytest` without them skips those tests with a reason.
+TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm scikit-image pydensecrf2 torchmetrics
 
-.PHONY: venv build test fuzz demo bench info clean sanitize tsan scale
+.PHONY: venv build test fuzz demo bench info clean sanitize tsan scale docs
 
 $(VENV)/.deps:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,15 @@ tsan: venv
 SCALE_ARGS ?=
 scale: build
 	$(PY) scripts/scale_check.py $(SCALE_ARGS)
+
+# The documentation site (mkdocs + material + mkdocstrings), strict: a warning fails the build. Output: build/site.
+DOCS_DEPS := mkdocs==1.6.1 mkdocs-material==9.8.2 mkdocstrings==1.0.8 mkdocstrings-python==2.0.11
+$(VENV)/.docs-deps: $(VENV)/.deps
+	$(PIP) install -q $(DOCS_DEPS)
+	touch $@
+
+docs: $(VENV)/.docs-deps
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 clean:
 	rm -rf build dist *.egg-info segops/_C*.so $(VENV)/.built $(VENV)/.installed

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from conftest import require_optional
 from segops.metrics import ConfusionMatrix, format_iou_table
 
 
@@ -21,6 +22,8 @@ def test_hand_computed_matrix():
     expected = torch.tensor([[1, 1, 0], [1, 2, 0], [1, 0, 1]])
     assert torch.equal(r["matrix"], expected)
     # IoU_0 = 1 / (2 + 3 - 1) = 1/4; IoU_1 = 2 / (3 + 3 - 2) = 1/2; IoU_2 = 1 / (2 + 1 - 1) = 1/2
+    # The metrics are float64 ratios and means of a few integer counts: exact to a couple of roundings (~1e-16),
+    # so allclose's / approx's default tolerances (1e-5 / 1e-6 relative) can only fail on a wrong count.
     assert torch.allclose(r["iou"], torch.tensor([0.25, 0.5, 0.5], dtype=torch.float64))
     assert r["miou"] == pytest.approx((0.25 + 0.5 + 0.5) / 3)
     assert r["pixel_acc"] == pytest.approx(4 / 7)
@@ -50,14 +53,15 @@ def test_absent_classes_are_excluded_from_means():
     r.update(pred, target)
     out = r.compute()
     assert out["present"].tolist() == [True, True, False, True]
+    # float64 means of 2-3 exact ratios (see above): approx's 1e-6 default only fails on a wrong formula
     assert out["iou"].tolist() == [0.5, 1.0, 0.0, 0.0]
     assert out["miou"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # absent class 2 not averaged in
     assert out["mean_acc"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     assert "absent" in format_iou_table(out, ["a", "b", "c", "d"])
 
 
-def test_matches_torchmetrics_definitions_when_available():
-    tm = pytest.importorskip("torchmetrics")
+def test_matches_torchmetrics_definitions():
+    tm = require_optional("torchmetrics")
     g = torch.Generator().manual_seed(1)
     target = torch.randint(0, 5, (2, 7, 9), generator=g)
     target[target == 4] = 255  # class 4 never in the target
@@ -67,6 +71,7 @@ def test_matches_torchmetrics_definitions_when_available():
     r = cm.compute()
     j = tm.classification.MulticlassJaccardIndex(5, ignore_index=255, average="macro")(pred, target)
     acc = tm.classification.MulticlassAccuracy(5, ignore_index=255, average="micro")(pred, target)
+    # torchmetrics computes in float32 from the same integer counts (126 pixels): ~1e-7 relative, under approx's 1e-6
     assert r["miou"] == pytest.approx(float(j))
     assert r["pixel_acc"] == pytest.approx(float(acc))
 

@@ -523,6 +523,9 @@ def test_same_as_torch_layers_float64(name):
     with torch.no_grad():
         y, r = m(x), ref(x)
     assert float(y.abs().max()) > 0
+    # float64 on both sides; the two conv implementations sum the same <= C_in*k*k (~5k) products per output in
+    # different orders, over ~20 layers: reordering error ~ depth * n * eps64 ~ 1e-11 relative to the largest
+    # logit, so 1e-9 of it leaves a 100x margin and still catches any wrong tap or offset (errors of O(1)).
     torch.testing.assert_close(y, r, rtol=1e-9, atol=1e-9 * float(r.abs().max()))
 
 
@@ -562,12 +565,15 @@ def test_eval_train_batchnorm():
     assert int(bn.num_batches_tracked) == 1 and float(bn.running_mean.abs().sum()) > 0
     # Train mode: a sample's output depends on the rest of the batch (batch statistics).
     with torch.no_grad():
+        # batch statistics of 2 vs 3 samples differ at O(1e-1) of the activations; 1e-5 is float32 noise level
         assert not torch.allclose(m(x[:2])[:1], y_train[:1], atol=1e-5)
     m.eval()
     assert not any(mod.training for mod in m.modules())
     stats = bn.running_mean.clone()
     with torch.no_grad():
         a, b = m(x), m(x[:1])
+    # float32; batch size changes the GEMM blocking, so sums of up to ~C_in*9 (~2k) terms per layer are reordered:
+    # ~sqrt(2k) * 6e-8 ~ 3e-6 relative per layer over a few dozen layers -> 1e-4 relative, 1e-5 absolute near zero.
     torch.testing.assert_close(a[:1], b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(m(x), a)  # deterministic: no dropout, no stat update
     assert torch.equal(bn.running_mean, stats)
@@ -583,6 +589,7 @@ def test_segnet_batchnorm_modes():
     x = torch.randn(2, 3, 17, 15)
     m.eval()
     with torch.no_grad():
+        # float32, batch-size-dependent GEMM blocking over ~26 conv layers: as in the ResNet BN test above
         torch.testing.assert_close(m(x)[1:], m(x[1:]), rtol=1e-4, atol=1e-5)
     m.train()
     with torch.no_grad():
@@ -608,6 +615,9 @@ def test_torch_compile_unet(backend):
     compiled = torch.compile(m, backend=backend, fullgraph=True)
     out = compiled(x)
     out.square().mean().backward()
+    # float32; the compiled graph may fuse and reorder the elementwise / BN / pooling work between the convs
+    # (the convs themselves are the same segops ops): reordering error ~ eps32 * sqrt(n) per layer, ~1e-5
+    # relative after the U-Net's ~20 layers, so rtol 1e-4 (atol 1e-5 for values near zero).
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for p, g in zip(m.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
@@ -642,6 +652,9 @@ def test_cuda_matches_cpu(name):
     y.square().mean().backward()
     yg = g(x.cuda())
     yg.square().mean().backward()
+    # float64 on both devices; CPU and CUDA reduce the same ~5k-term conv sums in different orders (cuBLAS vs MKL
+    # blocking) over ~20 layers: ~1e-11 relative to the largest value, so 1e-9 (1e-8 for the gradients, which
+    # add the backward's reductions over the batch and the pixels) with a 100x margin.
     torch.testing.assert_close(yg.cpu(), y, rtol=1e-9, atol=1e-9 * float(y.abs().max()))
     for (k, p), (_, q) in zip(m.named_parameters(), g.named_parameters()):
         if p.grad is not None:
@@ -674,7 +687,8 @@ def test_fcn8s_at_once_and_channels_last():
         y, y_plain = m(x), ref(x)
         # the at-once net damps the pool skips (x0.01, x1e-4): same shape, different logits
         assert y.shape == y_plain.shape == (1, 3, 27, 33) and not torch.allclose(y, y_plain)
-        # channels_last input: same logits
+        # channels_last input: same logits. float32; only the first layer reads another layout, which may change
+        # its summation order (27 terms), after which ~15 VGG layers carry a ~1e-6 relative difference: 1e-4.
         torch.testing.assert_close(m(x.contiguous(memory_format=torch.channels_last)), y, rtol=1e-4, atol=1e-5)
 
 
