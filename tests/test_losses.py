@@ -545,14 +545,40 @@ def test_cuda_calls_never_synchronise():
 
 
 @pytest.mark.cuda
-def test_cuda_check_labels_raises_like_the_cpu():
+@pytest.mark.parametrize("fill", [0, 255])  # dense warps (per-pixel functor) / sparse warps (warp-cooperative)
+def test_cuda_check_labels_raises_like_the_cpu(fill):
     x = torch.randn(2, 3, 4, 4)
-    t = torch.zeros(2, 4, 4, dtype=torch.long)
+    t = torch.full((2, 4, 4), fill, dtype=torch.long)
     t[1, 3, 3] = 9
     t[1, 0, 2] = -4
     for device in ("cpu", "cuda"):
         with pytest.raises(IndexError, match=r"target value -4 at flat pixel 18 \(batch 1, pixel 2\)"):
             partial_cross_entropy(x.to(device), t.to(device), check_labels=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K", [2, 21, 33, 300])
+@pytest.mark.parametrize("labelled", [0.01, 0.03, 0.2, 1.0])
+def test_cuda_warp_cooperative_path_parity(K, labelled):
+    """CUDA takes warps with at most 8 labelled pixels together (lanes over classes; K = 33 and 300 need several
+    rounds per lane) and the others pixel by pixel; 20% labelled mixes both. Against the CPU, forward and backward,
+    weights and smoothing, contiguous and channels_last."""
+    logits, target = make_case(2, K, (19, 37), labelled, torch.float32, "cpu", seed=60 + K)
+    weight = torch.rand(K, generator=torch.Generator().manual_seed(61)) + 0.5
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for reduction, ls, w in (("mean", 0.1, weight), ("none", 0.0, None), ("sum", 0.0, weight)):
+            outs = []
+            for device in ("cpu", "cuda"):
+                x = logits.to(memory_format=layout).to(device).detach().requires_grad_()
+                loss = partial_cross_entropy(x, target.to(device), 255, None if w is None else w.to(device),
+                                             reduction, ls)
+                upstream = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape).to(device)
+                (loss * upstream).sum().backward()
+                outs.append((loss.detach().cpu(), x.grad.cpu()))
+            # float32, K <= 300 classes summed per pixel (CPU: chunked two-pass / online; CUDA: warp butterflies),
+            # <= 1406 pixels in the reduction: a few ulp per term (TOL)
+            torch.testing.assert_close(outs[1][0], outs[0][0], **TOL[torch.float32])
+            torch.testing.assert_close(outs[1][1], outs[0][1], **TOL[torch.float32])
 
 
 @pytest.mark.cuda

@@ -52,9 +52,36 @@ struct CudaLaunch {
 
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 namespace segops {
+
+// A functor opts into warp-cooperative calls with `static constexpr bool kWarpCooperative = true` and a member
+// `warp(i, valid)`: the loops below then keep each warp's 32 lanes together on 32 consecutive items and call
+// warp(i, i < n) on every lane, so that the functor may use __ballot_sync / __shfl_sync with the full mask.
+template <typename F, typename = void>
+struct is_warp_cooperative : std::false_type {};
+template <typename F>
+struct is_warp_cooperative<F, std::void_t<decltype(F::kWarpCooperative)>> : std::bool_constant<F::kWarpCooperative> {};
+
+template <typename F>
+__global__ void warp_stride_kernel(index_t n, F f) {
+  const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x, lane = threadIdx.x & 31;
+  for (index_t base = static_cast<index_t>(blockIdx.x) * blockDim.x + (threadIdx.x - lane); base < n; base += stride)
+    f.warp(base + lane, base + lane < n);
+}
+
+// cuda_parallel_for for warp-cooperative functors: f.warp(i, i < n) on every lane, warps on 32 consecutive i.
+template <typename F>
+inline void cuda_parallel_for_warps(index_t n, const F& f, int threads = 256) {
+  if (n <= 0) return;
+  const index_t max_blocks = index_t(1) << 20;
+  const index_t blocks = std::min<index_t>((n + threads - 1) / threads, max_blocks);
+  warp_stride_kernel<F><<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(n, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 namespace reduce_detail {
 
 constexpr int kTicketSlots = 1024;
@@ -115,7 +142,13 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ bool is_last;
   Sum s = Sum{};
   const index_t stride = static_cast<index_t>(kThreads) * gridDim.x;
-  for (index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) s = s + f(i);
+  if constexpr (is_warp_cooperative<F>::value) {
+    const index_t lane = threadIdx.x & 31;
+    for (index_t base = static_cast<index_t>(blockIdx.x) * kThreads + (threadIdx.x - lane); base < n; base += stride)
+      s = s + f.warp(base + lane, base + lane < n);
+  } else {
+    for (index_t i = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) s = s + f(i);
+  }
   s = block_sum<Sum, kThreads>(tree, s);
   if (threadIdx.x == 0) {
     partial[blockIdx.x] = s;
