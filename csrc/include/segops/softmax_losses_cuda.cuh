@@ -40,6 +40,24 @@ __device__ __forceinline__ acc warp_sum(acc v) {
   return v;
 }
 
+// A lane's pixel (b, s) and label t (ignore_index past the end), whether it is labelled, and the warp's ballot.
+struct WarpLabels {
+  index_t b, s;
+  int64_t t;
+  bool lab;
+  unsigned mask;
+};
+template <typename F>
+__device__ __forceinline__ WarpLabels warp_labels(const F& f, index_t i, bool valid) {
+  WarpLabels w;
+  w.b = valid ? i / f.S : 0;
+  w.s = valid ? i - w.b * f.S : 0;
+  w.t = valid ? static_cast<int64_t>(f.target.at(w.b, w.s)) : f.ignore_index;
+  w.lab = valid && f.labelled(w.t);
+  w.mask = __ballot_sync(kFullMask, w.lab);
+  return w;
+}
+
 template <typename scalar_t, typename target_t>
 struct PceForwardWarp {
   static constexpr bool kWarpCooperative = true;
@@ -48,12 +66,11 @@ struct PceForwardWarp {
   PceForward<scalar_t, target_t> f;
 
   __device__ Sum warp(index_t i, bool valid) const {
-    const index_t b = valid ? i / f.S : 0, s = valid ? i - b * f.S : 0;
-    const int64_t t = valid ? static_cast<int64_t>(f.target.at(b, s)) : f.ignore_index;
-    const bool lab = valid && f.labelled(t);
-    unsigned mask = __ballot_sync(kFullMask, lab);
+    const WarpLabels w = warp_labels(f, i, valid);
+    const int64_t t = w.t;
+    unsigned mask = w.mask;
     if (__popc(mask) > kCoopMax) return valid ? f(i) : Sum{};
-    Sum mine = valid && !lab ? f.skip(i, t) : Sum{};
+    Sum mine = valid && !w.lab ? f.skip(i, t) : Sum{};
     const int lane = threadIdx.x & 31;
     while (mask) {
       const int src = __ffs(mask) - 1;
@@ -98,16 +115,15 @@ struct PceBackwardWarp {
   PceBackward<scalar_t, target_t> f;
 
   __device__ void warp(index_t i, bool valid) const {
-    const index_t b = valid ? i / f.S : 0, s = valid ? i - b * f.S : 0;
-    const int64_t t = valid ? static_cast<int64_t>(f.target.at(b, s)) : f.ignore_index;
-    const bool lab = valid && f.labelled(t);
-    unsigned mask = __ballot_sync(kFullMask, lab);
+    const WarpLabels w = warp_labels(f, i, valid);
+    const int64_t t = w.t;
+    unsigned mask = w.mask;
     if (__popc(mask) > kCoopMax) {
       if (valid) f(i);
       return;
     }
-    if (valid && !lab) {  // zeros of this lane's pixel: 32 neighbouring pixels per row, coalesced
-      scalar_t* pg = f.gx.pixel(b, s);
+    if (valid && !w.lab) {  // zeros of this lane's pixel: 32 neighbouring pixels per row, coalesced
+      scalar_t* pg = f.gx.pixel(w.b, w.s);
       for (index_t k = 0; k < f.K; ++k) pg[k * f.gx.sk] = scalar_t(0);
     }
     if (!mask) return;
