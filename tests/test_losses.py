@@ -647,3 +647,18 @@ def test_cuda_graph_capture_matches_eager():
     eager.backward()
     # the same kernels and grid on the same inputs: identical bits
     assert torch.equal(static_loss, eager.detach()) and torch.equal(static_grad, y.grad)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_cpu_instruction_set_variants_match_the_per_pixel_path(capability):
+    """The blocked CPU loops are compiled for SSE2, AVX2 and AVX-512 and the widest the CPU has runs; the
+    ATEN_CPU_CAPABILITY cap is read once per process, so the narrower variants are checked in a subprocess, by
+    the blocked-vs-per-pixel test above (on a CPU without AVX2 both runs take the SSE2 loops)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    test = os.path.abspath(__file__) + "::test_cpu_blocked_path_matches_per_pixel_path"
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

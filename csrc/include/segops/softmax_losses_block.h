@@ -4,7 +4,7 @@
 // vectorises across pixels (the per-pixel functors loop over classes at stride S, which it cannot). A chunk
 // visits either all its pixels ("dense" lanes: contiguous loads) or, when fewer than a quarter are labelled
 // (scribbles), only the labelled ones ("sparse" lanes: gathers), so unlabelled logits are never read. The
-// gradient is written once, row by row, zeros included (no fill first); large gradients with non-temporal stores.
+// gradient is written once, row by row, zeros included (no fill first); large dense rows with non-temporal stores.
 // The loops are compiled for SSE2, AVX2 and AVX-512 and run with the widest this CPU has.
 //
 // Same math as the functors in softmax_losses_math.h (they share pixel_loss / store / skip), which remain the
