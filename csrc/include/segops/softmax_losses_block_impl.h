@@ -206,17 +206,22 @@ LossSum<float> pce_forward_lanes(const PceForward<scalar_t, target_t>& f, index_
 template <typename scalar_t, typename target_t>
 LossSum<float> forward_chunk(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, int n) {
   int32_t t[kChunk], idx[kChunk];
-  int m = 0;
+  int m = 0, odd = 0;
   const index_t i0 = b * f.S + s0;
-  for (int v = 0; v < n; ++v) {
+  for (int v = 0; v < n; ++v) {  // branch-free: most pixels of a scribble batch are unlabelled
     const int64_t tv = static_cast<int64_t>(f.target.at(b, s0 + v));
-    if (f.labelled(tv)) {
-      t[v] = static_cast<int32_t>(tv);
-      idx[m++] = v;
-    } else {
-      t[v] = -1;
-      f.skip(i0 + v, tv);  // lse 0, loss 0; flags an out-of-range label
-    }
+    const bool lab = f.labelled(tv);
+    t[v] = lab ? static_cast<int32_t>(tv) : -1;
+    idx[m] = v;
+    m += lab;
+    odd += !lab && tv != f.ignore_index;
+  }
+  // every pixel's lse (and per-pixel loss) is 0 unless it is labelled: one store pass, the labelled overwrite it
+  std::memset(static_cast<void*>(f.lse + i0), 0, sizeof(float) * n);
+  if (f.loss) std::memset(static_cast<void*>(f.loss + i0), 0, sizeof(scalar_t) * n);
+  for (int v = 0; odd > 0 && v < n; ++v) {  // out-of-range labels: flagged for the host's IndexError
+    const int64_t tv = static_cast<int64_t>(f.target.at(b, s0 + v));
+    if (t[v] < 0 && tv != f.ignore_index) f.skip(i0 + v, tv);
   }
   if (m == 0) return LossSum<float>{};
   if (use_sparse(m, n)) return pce_forward_lanes(f, b, s0, m, idx, t);
