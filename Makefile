@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 # Test and benchmark peers: scikit-image ships the real photos (astronaut, coffee) the lattice tests and benchmarks
 # use; pydensecrf2 is the dense-CRF inference reference; torchmetrics holds the mIoU definitions. `make test`
 # requires them (SEGOPS_TEST_REQUIRE_OPTIONAL=1); a bare `pytest` without them skips those tests with a reason.
-TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm scikit-image pydensecrf2 torchmetrics
+TEST_DEPS := pytest hypothesis expecttest numpy pillow tqdm pyyaml scikit-image pydensecrf2 torchmetrics
 
 .PHONY: venv build test fuzz demo bench info clean sanitize tsan scale docs
 
-$(VENV)/.deps:
+# Depends on this Makefile so that a change of TEST_DEPS reaches existing venvs.
+$(VENV)/.deps: Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q ninja setuptools wheel $(TEST_DEPS)

@@ -2,8 +2,10 @@
 
 Switches (environment variables):
   SEGOPS_CUDA=0|1     force the CUDA sources off / on. Unset: on when torch is a CUDA build
-                      (torch.version.cuda) AND a CUDA toolkit (nvcc) is found. Never decided by
-                      torch.cuda.is_available(): a GPU-less build machine must still ship CUDA kernels.
+                      (torch.version.cuda) AND a CUDA toolkit (nvcc) is found; a CUDA torch without nvcc
+                      prints a loud warning and builds without CUDA kernels (ops then raise on CUDA
+                      tensors). Never decided by torch.cuda.is_available(): a GPU-less build machine must
+                      still ship CUDA kernels.
   TORCH_CUDA_ARCH_LIST  archs to compile for; default "8.0;9.0" when no GPU is visible.
   SEGOPS_DEBUG=1      -O0 -g builds (and -G for device code).
   SEGOPS_SANITIZE=1   -fsanitize=address,undefined on the C++ sources (see `make sanitize`);
@@ -34,25 +36,61 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _want_cuda() -> bool:
-    flag = os.environ.get("SEGOPS_CUDA", "").strip()
-    if flag == "0":
-        return False
+# Why the CUDA kernels were left out (compiled into the build info that `segops info` reads).
+CUDA_SKIPPED_BY_REQUEST, CUDA_SKIPPED_CPU_TORCH, CUDA_SKIPPED_NO_TOOLKIT = 1, 2, 3
+
+
+def _cuda_toolkit_home():
+    """The CUDA toolkit folder holding bin/nvcc, or None."""
     # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there yields a folder without headers.
     if not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda/include"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
     from torch.utils.cpp_extension import CUDA_HOME
 
-    have = torch.version.cuda is not None and CUDA_HOME is not None
-    if flag == "1" and not have:
+    nvcc = os.environ.get("PYTORCH_NVCC") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
+    if CUDA_HOME is None or nvcc is None or not os.path.isfile(nvcc):
+        return None
+    return CUDA_HOME
+
+
+def _warn_no_toolkit() -> None:
+    bar = "!" * 100
+    print(
+        "\n%s\n"
+        "segops: WARNING: torch %s is a CUDA %s build, but no CUDA toolkit (nvcc) was found\n"
+        "        (CUDA_HOME=%r, nvcc on PATH: %r).\n"
+        "        segops is being built WITHOUT CUDA kernels: its ops will raise an error on CUDA tensors.\n"
+        "        To build them: install the CUDA toolkit matching torch (CUDA %s), put nvcc on PATH or set\n"
+        "        CUDA_HOME, and rebuild with SEGOPS_CUDA=1 (which fails instead of leaving CUDA out).\n"
+        "        To build for the CPU only on purpose and silence this warning: SEGOPS_CUDA=0.\n"
+        "%s\n"
+        % (bar, torch.__version__, torch.version.cuda, os.environ.get("CUDA_HOME"), shutil.which("nvcc"),
+           torch.version.cuda, bar),
+        file=sys.stderr,
+    )  # fmt: skip
+
+
+def _cuda_decision():
+    """(build the CUDA kernels?, why not: one of the CUDA_SKIPPED_* codes or 0)."""
+    flag = os.environ.get("SEGOPS_CUDA", "").strip()
+    if flag == "0":
+        return False, CUDA_SKIPPED_BY_REQUEST
+    toolkit = _cuda_toolkit_home()
+    if flag == "1" and (torch.version.cuda is None or toolkit is None):
         sys.exit(
-            "segops: SEGOPS_CUDA=1 but torch.version.cuda=%r and CUDA_HOME=%r; "
-            "install a CUDA build of torch and a CUDA toolkit" % (torch.version.cuda, CUDA_HOME)
+            "segops: SEGOPS_CUDA=1 but torch.version.cuda=%r and the CUDA toolkit (nvcc) %s; "
+            "install a CUDA build of torch and a CUDA toolkit"
+            % (torch.version.cuda, "is at %s" % toolkit if toolkit else "was not found (CUDA_HOME, PATH)")
         )
-    return have
+    if torch.version.cuda is None:
+        return False, CUDA_SKIPPED_CPU_TORCH
+    if toolkit is None:
+        _warn_no_toolkit()
+        return False, CUDA_SKIPPED_NO_TOOLKIT
+    return True, 0
 
 
-WITH_CUDA = _want_cuda()
+WITH_CUDA, CUDA_SKIPPED = _cuda_decision()
 if WITH_CUDA and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
     # cpp_extension's arch detection crashes when no GPU is visible.
     if torch.cuda.is_available():
@@ -99,7 +137,10 @@ if WITH_CUDA:
         **kwargs,
     )
 else:
-    ext = CppExtension("segops._C", sources, extra_compile_args={"cxx": cxx_flags}, **kwargs)
+    ext = CppExtension(
+        "segops._C", sources, define_macros=[("SEGOPS_CUDA_SKIPPED", str(CUDA_SKIPPED))],
+        extra_compile_args={"cxx": cxx_flags}, **kwargs,
+    )  # fmt: skip
 
 if shutil.which("ninja") is None:
     print("segops: ninja not found, building without it (slower; `pip install ninja`)", file=sys.stderr)

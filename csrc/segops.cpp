@@ -30,6 +30,9 @@ std::string build_info() {
 #else
   s += "0;";
 #endif
+#ifdef SEGOPS_CUDA_SKIPPED  // why setup.py left the CUDA kernels out (segops/info.py names the codes)
+  s += "cuda_skipped=" SEGOPS_STR(SEGOPS_CUDA_SKIPPED) ";";
+#endif
 #ifdef _OPENMP
   s += "openmp=" SEGOPS_STR(_OPENMP) ";";
 #else
@@ -101,6 +104,45 @@ TORCH_LIBRARY(segops, m) {
       "_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
       "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
+
+#ifndef SEGOPS_WITH_CUDA
+// A build without CUDA kernels still answers every op called on CUDA tensors with what happened and what
+// to do, instead of the dispatcher's "could not run ... with arguments from the 'CUDA' backend". One boxed
+// kernel serves every op: it is registered for each segops op that takes tensors, found in the dispatcher.
+// The TORCH_LIBRARY block above is in this file, so C++'s in-order static initialisation of one translation
+// unit guarantees every schema is defined by the time this block runs.
+namespace {
+
+void no_cuda_kernels(const c10::OperatorHandle& op, torch::jit::Stack* /*stack*/) {
+  TORCH_CHECK(false, "segops was built without CUDA kernels, so ", op.schema().name(),
+              " cannot run on CUDA tensors. Either move the inputs to the CPU, or rebuild segops with CUDA: "
+              "a CUDA build of torch plus the CUDA toolkit (nvcc on PATH, or CUDA_HOME set), then "
+              "`SEGOPS_CUDA=1 pip install --no-build-isolation -e .` in the segops source folder (SEGOPS_CUDA=1 "
+              "stops the build instead of silently leaving CUDA out). `segops info` shows what this build contains.");
+}
+
+bool takes_tensors(const c10::FunctionSchema& schema) {
+  for (const c10::Argument& arg : schema.arguments()) {
+    if (arg.type()->isSubtypeOf(*c10::OptionalType::ofTensor()) || arg.type()->isSubtypeOf(*c10::ListType::ofTensors())) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segops, CUDA, m) {
+  auto& dispatcher = c10::Dispatcher::singleton();
+  for (const c10::OperatorName& name : dispatcher.getAllOpNames()) {
+    if (name.name.rfind("segops::", 0) != 0) continue;
+    auto handle = dispatcher.findSchema(name);
+    if (!handle || !takes_tensors(handle->schema())) continue;
+    const std::string qualified = name.overload_name.empty() ? name.name : name.name + "." + name.overload_name;
+    m.impl(qualified.c_str(), torch::CppFunction::makeFromBoxedFunction<&no_cuda_kernels>());
+  }
+}
+#endif  // SEGOPS_WITH_CUDA
 
 // A pybind-free module: importing segops._C runs the static TORCH_LIBRARY registrations above.
 // PyMODINIT_FUNC exports the symbol despite -fvisibility=hidden.

@@ -18,7 +18,7 @@ fi
 test -x "$venv/bin/python" || python3 -m venv "$venv"
 "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || \
   "$venv/bin/python" -m pip install -q torch==2.14.1
-"$venv/bin/python" -m pip install -q ninja setuptools wheel pytest hypothesis expecttest numpy pillow tqdm
+"$venv/bin/python" -m pip install -q ninja setuptools wheel pytest hypothesis expecttest numpy pillow tqdm pyyaml
 
 bash scripts/stage_tree.sh "$stage"
 t0=$(date +%s)

@@ -12,8 +12,8 @@ from typing import List, Optional
 def _cmd_info(args: argparse.Namespace) -> int:
     from segops.info import format_info, info
 
-    d = info()
-    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    details = info()
+    print(json.dumps(details, indent=2) if args.json else format_info(details))
     return 0
 
 
@@ -25,21 +25,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segops", description="segops: fast segmentation ops for PyTorch")
-    sub = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="versions, compiled kernels (CPU/CUDA archs), devices, threads")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.set_defaults(func=_cmd_info)
+    command = subcommands.add_parser("info", help="versions, compiled kernels (CPU/CUDA archs), devices, threads")
+    command.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    command.set_defaults(func=_cmd_info)
 
     from segops import bench
 
-    p = sub.add_parser("bench", help="time segops ops against their pure-PyTorch twins")
-    bench.add_arguments(p)
-    p.set_defaults(func=_cmd_bench)
+    command = subcommands.add_parser("bench", help="time segops ops against their pure-PyTorch twins")
+    bench.add_arguments(command)
+    command.set_defaults(func=_cmd_bench)
 
     from segops import train_cli
 
-    train_cli.add_subcommands(sub)
+    train_cli.add_subcommands(subcommands)
     return parser
 
 

@@ -62,6 +62,7 @@ def demo_config(key: str, out_dir: str, seed: int, epochs: int, train_images: in
         batch_size=8,
         seed=seed,
         out_dir=os.path.join(out_dir, key.replace("+", "_")),
+        overwrite=True,  # a rerun of the demo replaces its previous runs
         eval_every=epochs,
         panels=4,
         progress=True,

@@ -8,8 +8,17 @@ from typing import Any, Dict
 import torch
 
 
+# setup.py's codes for why a build has no CUDA kernels (the build info's ``cuda_skipped``).
+CUDA_SKIPPED_REASONS = {
+    "1": "left out on request (SEGOPS_CUDA=0)",
+    "2": "torch was a CPU build when segops was built",
+    "3": "no CUDA toolkit (nvcc) was found when segops was built",
+}
+
+
 def build_info() -> Dict[str, str]:
-    """Facts compiled into ``segops._C``: cuda (0/1), openmp (version macro), compiler, cuda_archs."""
+    """Facts compiled into ``segops._C``: cuda (0/1), cuda_skipped (why not, a code of
+    :data:`CUDA_SKIPPED_REASONS`), openmp (version macro), compiler, cuda_archs."""
     raw = torch.ops.segops._build_info()
     out: Dict[str, str] = {}
     for item in raw.split(";"):
@@ -42,7 +51,17 @@ def info() -> Dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "cuda_available": torch.cuda.is_available(),
         "devices": ["cpu"],
+        "warnings": [],
     }
+    if b.get("cuda") != "1":
+        d["cuda_skipped"] = CUDA_SKIPPED_REASONS.get(b.get("cuda_skipped", ""), "unknown reason")
+        if torch.version.cuda is not None:
+            d["warnings"].append(
+                "segops was built without CUDA kernels (%s), but this torch is a CUDA %s build: every segops op "
+                "raises an error on CUDA tensors. Rebuild segops with the CUDA toolkit (nvcc) on PATH: "
+                "SEGOPS_CUDA=1 pip install --no-build-isolation -e . (see docs/install.md)"
+                % (d["cuda_skipped"], torch.version.cuda)
+            )
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
@@ -59,8 +78,9 @@ def format_info(d: Dict[str, Any]) -> str:
         ("compiler", d["compiler"]),
         ("CPU kernels", "yes, OpenMP %s" % ("on" if d["openmp"] else "OFF (single-threaded)")),
         ("CPU threads", d["cpu_threads"]),
-        ("CUDA kernels", ("yes, for " + d["cuda_archs"]) if d["cuda_kernels_compiled"] else "not compiled"),
+        ("CUDA kernels", ("yes, for " + d["cuda_archs"]) if d["cuda_kernels_compiled"] else "not compiled: " + d["cuda_skipped"]),
         ("devices", ", ".join(d["devices"])),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join("%s  %s" % (k.ljust(width), v) for k, v in rows)
+    lines = ["%s  %s" % (k.ljust(width), v) for k, v in rows]
+    return "\n".join(lines + ["WARNING: " + w for w in d.get("warnings", [])])

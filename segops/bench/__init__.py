@@ -1,7 +1,8 @@
 """Microbenchmarks: segops ops against their pure-PyTorch twins, timed in one process.
 
 ``segops bench [SUITE ...] [--device cpu|cuda] [--quick] [--threads N] [--out DIR]`` prints a table and writes
-``<out>/<date>-<device>-<suite>.json`` with the device, versions and every measured row. Times are medians of
+``<out>/<date>-<device>-<suite>.json`` with the device, versions and every measured row (``--out`` defaults to
+``./segops-bench-results`` in the current folder). Times are medians of
 ``torch.utils.benchmark`` ``blocked_autorange``; the headline is the ratio, since absolute times on shared
 machines move with the load.
 """
@@ -22,15 +23,19 @@ import torch.utils.benchmark as tbench
 
 # Suite name -> module under segops.bench exposing run(ctx) -> list of row dicts.
 SUITES = ("losses", "crf", "conv", "models")
+# Where `segops bench` writes its JSON unless --out says otherwise: a folder of the current directory whose
+# name says what it holds.
+DEFAULT_OUT = "segops-bench-results"
 
 
 class BenchContext:
     """What a suite needs: the device, the quick flag (small shapes for smoke tests), and timing helpers."""
 
-    def __init__(self, device: str, quick: bool, min_run_time: float) -> None:
+    def __init__(self, device: str, quick: bool, min_run_time: float, progress=None) -> None:
         self.device = torch.device(device)
         self.quick = quick
         self.min_run_time = min_run_time
+        self.progress = progress  # a progress bar counting timings (segops.progress.progress_bar), or None
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -42,6 +47,8 @@ class BenchContext:
         self.sync()
         timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
         m = timer.blocked_autorange(min_run_time=self.min_run_time)
+        if self.progress is not None:
+            self.progress.update(1)
         return m.median * 1e3
 
     def peak_bytes(self, fn: Callable[[], Any]) -> Optional[int]:
@@ -158,7 +165,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes, short timing (smoke test)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before timing")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per timing (default 1.0, quick 0.05)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="folder for the JSON results ('' = none)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help="folder for the JSON results, created if needed ('' = none; default ./%(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar (shown only on a terminal anyway)")
 
 
 def run_suites(names: List[str], ctx: BenchContext) -> List[Dict[str, Any]]:
@@ -166,6 +176,8 @@ def run_suites(names: List[str], ctx: BenchContext) -> List[Dict[str, Any]]:
     for name in names:
         if name not in SUITES:
             raise SystemExit("segops bench: unknown suite %r (known: %s)" % (name, ", ".join(SUITES)))
+        if ctx.progress is not None:
+            ctx.progress.set_description("bench %s (timings)" % name)
         mod = importlib.import_module("segops.bench." + name)
         for row in mod.run(ctx):
             row.setdefault("suite", name)
@@ -181,9 +193,12 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     min_run = args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 1.0)
-    ctx = BenchContext(device, args.quick, min_run)
+    from segops.progress import progress_bar
+
     names = list(args.suites) or list(SUITES)
-    rows = run_suites(names, ctx)
+    with progress_bar(enabled=getattr(args, "progress", True), unit="timing", leave=False) as bar:
+        ctx = BenchContext(device, args.quick, min_run, progress=bar)
+        rows = run_suites(names, ctx)
     print(format_table(rows))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -5,9 +5,11 @@ Layout (the standard one; nothing is downloaded)::
     <root>/JPEGImages/<name>.jpg
     <root>/SegmentationClass/<name>.png        palette PNGs (or SegmentationClassAug/ from SBD: grey-level PNGs)
     <root>/ImageSets/Segmentation/train.txt    one image name per line (val.txt, trainaug.txt, ...)
+    <root>/ImageSets/SegmentationAug/train_aug.txt   the SBD-augmented lists (train_aug.txt: 10,582 images)
     <scribble_dir>/<name>.png                  ScribbleSup scribbles: class index per pixel, 255 = unlabelled
 
-The split list may also sit directly in ``<root>/<split>.txt``. Palette PNGs (mode ``P``) are read as class
+A split list is looked up in ``ImageSets/Segmentation/``, then ``ImageSets/SegmentationAug/``, then directly
+in ``<root>/<split>.txt``. Palette PNGs (mode ``P``) are read as class
 indices; grey-level PNGs (``L``) as values; RGB masks are decoded with the VOC colour map. The void label
 255 is kept. Any other value >= ``num_classes`` is an error naming the file.
 """
@@ -15,6 +17,7 @@ indices; grey-level PNGs (``L``) as values; RGB masks are decoded with the VOC c
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -111,15 +114,23 @@ def _decode_rgb_label(rgb: np.ndarray, path: str) -> np.ndarray:
     return out[inv].reshape(rgb.shape[:2])
 
 
+SPLIT_FOLDERS = (os.path.join("ImageSets", "Segmentation"), os.path.join("ImageSets", "SegmentationAug"), "")
+
+
+def split_list_path(root: str, split: str) -> str:
+    """The file listing ``split``: the first of ``<root>/<folder>/<split>.txt`` over :data:`SPLIT_FOLDERS`."""
+    candidates = [os.path.join(root, folder, split + ".txt") for folder in SPLIT_FOLDERS]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise DatasetError("split list %r not found: looked for %s" % (split, ", ".join(candidates)))
+
+
 def _read_split(root: str, split: str) -> List[str]:
-    cands = [os.path.join(root, "ImageSets", "Segmentation", split + ".txt"), os.path.join(root, split + ".txt")]
-    for c in cands:
-        if os.path.isfile(c):
-            with open(c) as f:
-                names = [ln.split()[0] for ln in f if ln.strip()]
-            # SBD-style lists hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs
-            return [os.path.splitext(os.path.basename(n))[0] for n in names]
-    raise DatasetError("split list %r not found: looked for %s" % (split, " and ".join(cands)))
+    with open(split_list_path(root, split)) as f:
+        entries = [line.split()[0] for line in f if line.strip()]
+    # SBD-style lists hold "/JPEGImages/x.jpg /SegmentationClassAug/x.png" pairs
+    return [os.path.splitext(os.path.basename(entry))[0] for entry in entries]
 
 
 class VOCSegmentation(Dataset):
@@ -183,6 +194,14 @@ class VOCSegmentation(Dataset):
             raise DatasetError("split list %r in %s is empty" % (split, root))
         self.num_classes = int(num_classes)
         self.synthesize = bool(synthesize)
+        if self.scribble_dir is None and self.synthesize:
+            warnings.warn(
+                "VOCSegmentation(%r): no scribble folder given (--scribble-dir), so scribbles are SYNTHESIZED from "
+                "the full masks (thin strokes inside every region, about %.0f%% of the pixels), not ScribbleSup's "
+                "hand-drawn ones; results are not comparable to published scribble numbers" % (split, 100 * scribble_fraction),
+                UserWarning,
+                stacklevel=2,
+            )
         self.scribble_fraction = float(scribble_fraction)
         self.seed = int(seed)
         self.require_masks = bool(require_masks)
