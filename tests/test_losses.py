@@ -399,12 +399,16 @@ def test_cuda_parity(dtype, reduction):
             torch.testing.assert_close(g, c, **TOL[dtype])
 
 
-@pytest.mark.parametrize("labelled", [1.0, 0.5, 0.03])
+# K = 21: S = 9 x 13 = 117 pixels, a chunk of 117 pixels per image. K = 300: S = 9 x 29 = 261, a full chunk of
+# 256 pixels and a tail of 5; at 20% labelled the full chunk is sparse with ~51 lanes, whose 300 x 51 logits
+# exceed the 8192-float staging buffer, so the forward stages its lanes and the backward its classes in groups.
+@pytest.mark.parametrize("K, spatial", [(21, (9, 13)), (300, (9, 29))])
+@pytest.mark.parametrize("labelled", [1.0, 0.5, 0.2, 0.03])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_blocked_path_matches_per_pixel_path(labelled, dtype):
+def test_cpu_blocked_path_matches_per_pixel_path(K, spatial, labelled, dtype):
     """NCHW float inputs take the CPU's pixel-blocked path, channels_last the per-pixel functors."""
-    logits, target = make_case(2, 21, (9, 13), labelled, dtype, "cpu", seed=30)  # S = 117: 3 blocks + tail
-    weight = (torch.rand(21, generator=torch.Generator().manual_seed(31)) + 0.5).to(dtype)
+    logits, target = make_case(2, K, spatial, labelled, dtype, "cpu", seed=30)
+    weight = (torch.rand(K, generator=torch.Generator().manual_seed(31)) + 0.5).to(dtype)
     mask = target != 255
     results = []
     for x in (logits.contiguous(), logits.to(memory_format=torch.channels_last)):
@@ -415,8 +419,68 @@ def test_cpu_blocked_path_matches_per_pixel_path(labelled, dtype):
         results.append((a.detach(), b.detach(), x.grad.contiguous()))
     for blocked, per_pixel in zip(*results):
         # blocked: polynomial exp (~1 ulp) and two-pass max/sum; per-pixel: libm exp and online log-sum-exp; both
-        # float32 over K = 21 and <= 234 pixels, rounded to the dtype: within TOL
+        # float32 over K <= 300 and <= 522 pixels, rounded to the dtype: within TOL
         torch.testing.assert_close(blocked, per_pixel, **TOL[dtype])
+
+
+# Every case of the CPU paths that write outputs without a fill first: dense chunks (the gradient rows streamed
+# out; non-temporal stores from 16 MiB on, here with rows that start unaligned: S = 317^2 is odd), sparse chunks
+# (rows zeroed in place, the few labelled values stored), mixed batches, a short last chunk (S = 2145 = 8 x 256
+# + 97), class-grouped staging (K = 300), bfloat16, and the per-pixel functors (channels_last).
+_WRITTEN_CASES = [  # (B, K, spatial, labelled, dtype, layout)
+    (2, 21, (33, 65), 0.03, torch.float32, None),
+    (2, 21, (33, 65), 0.3, torch.float32, None),
+    (2, 21, (33, 65), 1.0, torch.float32, None),
+    (2, 21, (33, 65), 0.3, torch.bfloat16, None),
+    (2, 21, (33, 65), 0.3, torch.float32, torch.channels_last),
+    (1, 300, (9, 29), 0.2, torch.float32, None),
+    (2, 21, (317, 317), 1.0, torch.float32, None),  # 16.9 MB gradient: non-temporal stores
+]
+
+
+def test_cpu_every_output_element_is_written():
+    """Outputs come from torch.empty and are written once, zeros included: the per-pixel losses, the saved
+    log-sum-exp (0 at unlabelled pixels) and every gradient element. Under MALLOC_PERTURB_ (the instruction-set
+    subprocesses below) fresh memory holds garbage, so an element a kernel skipped shows up; in-process the same
+    checks run on whatever memory the allocator hands out."""
+    if os.environ.get("MALLOC_PERTURB_"):
+        assert bool((torch.empty(4096) != 0).all()), "MALLOC_PERTURB_ set but fresh memory is zero"
+    for B, K, spatial, labelled, dtype, layout in _WRITTEN_CASES:
+        logits, target = make_case(B, K, spatial, labelled, dtype, "cpu", seed=35)
+        if layout is not None:
+            logits = logits.to(memory_format=layout)
+        unlabelled = target == 255
+        upstream = torch.rand(target.shape, generator=torch.Generator().manual_seed(36)).to(dtype)
+        x = logits.detach().requires_grad_()
+        loss = partial_cross_entropy(x, target, reduction="none")
+        (loss * upstream).sum().backward()
+        xr = logits.double().requires_grad_()
+        ref = ref_ce(xr, target, reduction="none")
+        (ref * upstream.double()).sum().backward()
+        case = "%s %s %g%% %s" % ((B, K) + spatial, dtype, labelled * 100, layout)
+        assert bool((loss[unlabelled] == 0).all()) and bool((x.grad.movedim(1, -1)[unlabelled] == 0).all()), case
+        # TOL: float32 accumulation over K <= 300 classes per pixel (no reduction), rounded to the dtype
+        torch.testing.assert_close(loss.double(), ref, **TOL[dtype], msg=case)
+        torch.testing.assert_close(x.grad.double(), xr.grad, **TOL[dtype], msg=case)
+        _, lse, _ = torch.ops.segops.partial_cross_entropy.default(logits, target, None, 1, 255, 0.0)
+        lse = lse.reshape(target.shape)
+        assert bool((lse[unlabelled] == 0).all()), case
+        # float32 log-sum-exp of K <= 300 logits of magnitude ~10: a few ulp (TOL of float32)
+        torch.testing.assert_close(lse[~unlabelled].double(), torch.logsumexp(logits.double(), 1)[~unlabelled],
+                                   **TOL[torch.float32], msg=case)
+
+        if logits.numel() > 10**6:
+            continue  # entropy writes its gradient through the same row writer; its float64 reference is slow
+        y = logits.detach().requires_grad_()
+        h = entropy(y, ~unlabelled, "none")
+        (h * upstream).sum().backward()
+        yr = logits.double().requires_grad_()
+        hr = reference.entropy(yr, ~unlabelled, "none")
+        (hr * upstream.double()).sum().backward()
+        assert bool((h[unlabelled] == 0).all()) and bool((y.grad.movedim(1, -1)[unlabelled] == 0).all()), case
+        # TOL: float32 accumulation over K <= 300 classes per pixel, rounded to the dtype
+        torch.testing.assert_close(h.double(), hr, **TOL[dtype], msg=case)
+        torch.testing.assert_close(y.grad.double(), yr.grad, **TOL[dtype], msg=case)
 
 
 # ---- one op each way, fixed-order reductions, label errors ----------------------------------------------------
@@ -493,9 +557,11 @@ def test_reductions_are_bitwise_equal_for_any_thread_count():
         assert torch.equal(a, b)
 
 
-def test_out_of_range_label_names_the_first_bad_pixel():
-    x = torch.randn(2, 3, 4, 4)
-    t = torch.zeros(2, 4, 4, dtype=torch.long)
+@pytest.mark.parametrize("fill", [0, 255])  # the other pixels labelled (dense chunks) or not (sparse chunks)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # blocked loops / per-pixel functors
+def test_out_of_range_label_names_the_first_bad_pixel(fill, dtype):
+    x = torch.randn(2, 3, 4, 4, dtype=dtype)
+    t = torch.full((2, 4, 4), fill, dtype=torch.long)
     t[1, 3, 3] = 9  # flat pixel 31
     t[1, 0, 2] = -4  # flat pixel 18: the lowest, whichever thread finds which
     for check in (None, False, True):  # the CPU always checks
@@ -649,16 +715,21 @@ def test_cuda_graph_capture_matches_eager():
     assert torch.equal(static_loss, eager.detach()) and torch.equal(static_grad, y.grad)
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2"])
+@pytest.mark.parametrize("capability", ["native", "default", "avx2"])
 def test_cpu_instruction_set_variants_match_the_per_pixel_path(capability):
-    """The blocked CPU loops are compiled for SSE2, AVX2 and AVX-512 and the widest the CPU has runs; the
-    ATEN_CPU_CAPABILITY cap is read once per process, so the narrower variants are checked in a subprocess, by
-    the blocked-vs-per-pixel test above (on a CPU without AVX2 both runs take the SSE2 loops)."""
+    """The blocked CPU loops are compiled for SSE2, AVX2 and AVX-512 and the widest the CPU has runs, capped by
+    ATEN_CPU_CAPABILITY ("default": SSE2), which is read once per process; so each variant is checked in a
+    subprocess (on a CPU without AVX2 all take the SSE2 loops), by the blocked-vs-per-pixel and the
+    every-element-written tests above, with MALLOC_PERTURB_ filling every fresh allocation with garbage."""
     import subprocess
     import sys
 
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    test = os.path.abspath(__file__) + "::test_cpu_blocked_path_matches_per_pixel_path"
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env,
+    env = dict(os.environ, MALLOC_PERTURB_="165")
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    if capability != "native":
+        env["ATEN_CPU_CAPABILITY"] = capability
+    here = os.path.abspath(__file__)
+    tests = [here + "::test_cpu_blocked_path_matches_per_pixel_path", here + "::test_cpu_every_output_element_is_written"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + tests, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
