@@ -59,7 +59,7 @@ TORCH_LIBRARY(segops, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_parallel_threads(int n) -> int", &parallel_threads);
 
-  // ---- losses (issue: foundation) -----------------------------------------------------------------
+  // ---- losses ---------------------------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel
   // log-sum-exp (the only per-pixel state kept for backward), denom the mean's denominator.
   // check_labels: on CUDA, raise IndexError for an out-of-range target (one host sync) instead of the
@@ -76,10 +76,15 @@ TORCH_LIBRARY(segops, m) {
       "_entropy_backward(Tensor grad, Tensor logits, Tensor? mask, Tensor lse, Tensor expectation, "
       "Tensor denom, int reduction) -> Tensor");
 
-  // ---- permutohedral lattice, dense CRF / normalized-cut losses (issue: lattice) -----------------
-  // values (B, C, *spatial), features (B, d, *spatial), d in [1, 16]. Returns (out, vertex, bary,
-  // neighbors, norm): out = W values (or (W values) / (W 1) when normalize); the lattice (vertex (B, N, d+1)
-  // int64 ids, bary (B, N, d+1) weights, neighbors (M, d+1, 2) int64) and norm = W 1 ((B, N), or (0,)
+  // ---- permutohedral lattice, dense CRF / normalized-cut losses ---------------------------------------
+  // A lattice (docs/lattice.md) of features (B, d, *spatial), d in [1, 16]: vertex (B, N, d+1) int32 vertex
+  // ids (image-major, in order of first appearance), bary (B, N, d+1) barycentric weights (float64 for
+  // float64 features, else float32), neighbors (M, d+1, 2) int32 blur neighbours (-1 = absent).
+  m.def("permutohedral_lattice(Tensor features) -> (Tensor, Tensor, Tensor)");
+  // W values, or W^T values when transposed, on a built lattice; values (B, C, *spatial) with N points.
+  m.def("permutohedral_apply(Tensor values, Tensor vertex, Tensor bary, Tensor neighbors, bool transposed) -> Tensor");
+  // values (B, C, *spatial), features (B, d, *spatial). Returns (out, vertex, bary, neighbors, norm):
+  // out = W values (or (W values) / (W 1) when normalize); the lattice and norm = W 1 ((B, N), or (0,)
   // without normalize) are kept for the backward op, which reuses them instead of rebuilding.
   // _backward: transposed -> W^T grad (W^T (grad / norm) when normalize), the gradient; otherwise
   // W grad (/ norm), its own gradient (double backward).
@@ -87,22 +92,48 @@ TORCH_LIBRARY(segops, m) {
   m.def(
       "_permutohedral_filter_backward(Tensor grad, Tensor vertex, Tensor bary, Tensor neighbors, Tensor norm, "
       "bool normalize, bool transposed) -> Tensor");
+  // The losses' quadratic forms on a built lattice, x (B, K, *spatial): forms (B, K, 2) float64 with
+  // [..., 0] = <x_k, W x_k> and, when degree, [..., 1] = <x_k, W r> (r = roi (B, 1, *spatial), or ones);
+  // plus the splatted and blurred vertex values (M, K [+1]) kept for the backward, which returns
+  // d(sum grad_forms * forms)/dx (B, K, N) in `dtype`: exact (W + W^T) x, or the ECCV'18 2 W x (`exact` is
+  // the forward's, so that its autograd knows which).
+  m.def(
+      "_lattice_quadratic_forms(Tensor x, Tensor? roi, Tensor vertex, Tensor bary, Tensor neighbors, bool degree, "
+      "bool exact) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "_lattice_quadratic_forms_backward(Tensor grad_forms, Tensor splatted, Tensor blurred, Tensor vertex, "
+      "Tensor bary, Tensor neighbors, bool exact, ScalarType dtype) -> Tensor");
 
-  // ---- transposed / atrous convolution (issue: conv) ---------------------------------------------
+  // ---- transposed / atrous convolution --------------------------------------------------------------
   // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return
   // (grad_input, grad_weight, grad_bias); output_mask selects which are computed (the others are empty (0,) tensors).
+  // kernel: which side runs. Forward ops: bit 0 = the vendor's forward (ATen convolution), bit 1 = the vendor's
+  // backward (read by the autograd formula, which passes it on); backward ops: 1 = the vendor's backward. 0: segops.
   m.def(
       "atrous_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups) -> Tensor");
+      "int groups, int kernel=0) -> Tensor");
   m.def(
       "_atrous_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[2] dilation, int groups, bool[3] output_mask, int kernel=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation) -> Tensor");
+      "int[2] output_padding, int groups, int[2] dilation, int kernel=0) -> Tensor");
   m.def(
       "_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask, int kernel=0) -> "
+      "(Tensor, Tensor, Tensor)");
+
+  // ---- dense CRF mean-field inference ----------------------------------------------------------------
+  // One update: softmax over dim 1 of (-unary + sum_j weights[j] * scales[j] * messages[j]); unary and
+  // messages[j] (B, K, *spatial), scales[j] (B, 1, *spatial) or empty (no scale), at most 8 terms. Returns
+  // the marginals (contiguous). Non-finite inputs propagate (the Python layer checks the unary). _out writes
+  // them into a contiguous `out` that overlaps no input (buffer reuse in no-grad inference).
+  // _backward: grad_logits = q * (grad - sum_k grad_k q_k) (the softmax's gradient; the rest is linear).
+  m.def("crf_mean_field_update(Tensor unary, Tensor[] messages, Tensor[] scales, float[] weights) -> Tensor");
+  m.def(
+      "_crf_mean_field_update_out(Tensor unary, Tensor[] messages, Tensor[] scales, float[] weights, "
+      "Tensor(a!) out) -> ()");
+  m.def("_crf_mean_field_update_backward(Tensor grad, Tensor q) -> Tensor");
 }
 
 #ifndef SEGOPS_WITH_CUDA

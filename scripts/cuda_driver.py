@@ -85,6 +85,8 @@ def convolutions(dev: torch.device) -> None:
         (6, 6, 6, 3, 1, 6, 6, 0),     # depthwise atrous
         (6, 6, 6, 4, 2, 1, 1, 0),     # depthwise transposed x2 (bilinear-like)
         (1, 5, 7, 2, 2, 0, 1, 0),     # U-Net 2x2 stride 2
+        (1, 6, 8, 1, 1, 0, 1, 0),     # 1x1 (gemm-1x1: products over the input itself)
+        (2, 6, 4, 1, 2, 0, 1, 0),     # strided 1x1 (im2col)
     ]
     for dtype in (torch.float32, torch.float16, torch.float64):
         for groups, cin, cout, k, stride, pad, dil, opad in cases:
@@ -99,6 +101,13 @@ def convolutions(dev: torch.device) -> None:
             y = ops.conv_transpose2d(xt, wt, b, stride, pad, opad if stride > 1 else 0, groups, dil)
             y.float().square().sum().backward()
             check("conv_transpose2d %s g=%d k=%d s=%d d=%d" % (dtype, groups, k, stride, dil), y, xt.grad, wt.grad)
+            # the mixed plans: vendor forward + segops backward (deterministic dilated), and the reverse
+            for kernel in (1, 2):
+                x.grad = w.grad = None
+                y = torch.ops.segops.atrous_conv2d.default(x, w, b, [stride] * 2, [pad] * 2, [dil] * 2, groups,
+                                                           kernel)
+                y.float().square().sum().backward()
+                check("atrous_conv2d kernel=%d %s g=%d k=%d" % (kernel, dtype, groups, k), y, x.grad, w.grad)
 
 
 def lattice(dev: torch.device) -> None:
@@ -122,7 +131,33 @@ def lattice(dev: torch.device) -> None:
             check("%s scale=%g" % (fn.__name__, scale), loss, gs)
 
 
-DRIVERS = [losses, loss_reductions, convolutions, lattice]
+def crf_inference(dev: torch.device) -> None:
+    # the mean-field update (forward, _out, backward, double backward) on sizes that do not divide the block,
+    # every dtype, 0..3 messages with and without scales; then whole inference runs through it
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for terms in range(4):
+            u = torch.randn(2, 21, 13, 11, generator=g).to(dev, dtype).requires_grad_()
+            ms = [torch.randn(2, 21, 13, 11, generator=g).to(dev, dtype).requires_grad_() for _ in range(terms)]
+            ss = [torch.rand(2, 1, 13, 11, generator=g).to(dev, dtype) if j % 2 == 0 else None for j in range(terms)]
+            ws = [float(j) - 1.5 for j in range(terms)]
+            q = ops.crf_inference.crf_mean_field_update(u, ms, ss, ws)
+            out = torch.empty_like(q)
+            fixed = [s if s is not None else u.new_empty(0) for s in ss]
+            torch.ops.segops._crf_mean_field_update_out(u.detach(), [m.detach() for m in ms], fixed, ws, out)
+            (gu,) = torch.autograd.grad(q.float().square().sum(), u, create_graph=True)
+            (ggu,) = torch.autograd.grad(gu.float().sum(), u)
+            check("crf_mean_field_update %s terms=%d" % (dtype, terms), q, out, gu, ggu)
+    img = (torch.rand(3, 3, 37, 29, generator=g) * 255).to(dev)
+    unary = (torch.rand(3, 21, 37, 29, generator=g) * 4).to(dev)
+    for mode in ("symmetric", "none"):
+        q = ops.dense_crf_inference(unary, img, 3, normalization=mode)
+        u = unary.double().requires_grad_()
+        (gu,) = torch.autograd.grad(ops.dense_crf_inference(u, img, 2, normalization=mode)[:, 0].sum(), u)
+        check("dense_crf_inference %s" % mode, q, gu)
+
+
+DRIVERS = [losses, loss_reductions, convolutions, lattice, crf_inference]
 
 
 def main() -> int:

@@ -55,7 +55,10 @@ else
   echo "compute-sanitizer not found"; status[sanitizer]="127 0"
 fi
 if [ "${1:-}" != "--no-bench" ]; then
-  for suite in losses conv crf models; do
+  # models: 321x321 only (widths 0.25 and 1.0, auto / segops / vendor / torch and the deterministic column) to fit
+  # the step's time; `segops bench models --device cuda` alone also runs 161x161
+  export SEGOPS_BENCH_SIZES=${SEGOPS_BENCH_SIZES:-321}
+  for suite in losses conv crf models crf-inference; do
     # losses: four torch.compile builds (two shapes, two ops) besides the timings
     step "bench_$suite" $([ "$suite" = losses ] && echo 240 || echo 150) $PY -m segops bench "$suite" --device cuda --min-run-time 0.3 --out "$OUT"
   done

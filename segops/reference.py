@@ -51,7 +51,7 @@ def entropy(logits: Tensor, mask: Optional[Tensor] = None, reduction: str = "mea
     return (h.sum() / count).to(logits.dtype)
 
 
-# ---- transposed / atrous convolution (issue: conv) -------------------------------------------------------
+# ---- transposed / atrous convolution -------------------------------------------------------------------
 
 
 def atrous_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0, dilation=1,
@@ -64,3 +64,13 @@ def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = Non
                      output_padding=0, groups: int = 1, dilation=1) -> Tensor:
     """Twin of :func:`segops.ops.conv_transpose2d`: ``F.conv_transpose2d``."""
     return F.conv_transpose2d(input, weight, bias, stride, padding, output_padding, groups, dilation)
+
+
+# dense CRF inference (mean field)
+def crf_mean_field_update(unary: Tensor, messages, scales, weights) -> Tensor:
+    """Twin of ``segops.ops.crf_inference.crf_mean_field_update``: ``softmax over dim 1 of (-unary +
+    sum_j weights[j] * scales[j] * messages[j])`` (a scale of None means 1), in torch ops and the unary's dtype."""
+    logits = -unary
+    for m, s, w in zip(messages, scales, weights):
+        logits = logits + w * (m if s is None else s * m)
+    return torch.softmax(logits, 1)

@@ -260,7 +260,7 @@ def normalized_cut_loss(
     filter=permutohedral_filter,
 ) -> Tensor:
     """``(weight / B) sum_b sum_k X_bk^T W_b (roi - X_bk) / (d_b^T X_bk)``, d_b = W_b roi (terms with
-    ``d^T X = 0`` count 0)."""
+    ``d^T X <= 0`` count 0; non-finite inputs give a non-finite loss)."""
     B = images.shape[0]
     images, seg, rois, sigma_xy = _scaled(images, segmentations, rois, sigma_xy, scale_factor)
     feats = crf_features(images, sigma_rgb, sigma_xy)
@@ -271,5 +271,7 @@ def normalized_cut_loss(
     assoc = (x * wx).flatten(2).sum(2)
     degree = (x * dvec).flatten(2).sum(2)
     cut = degree - assoc
-    safe = torch.where(degree > 0, degree, torch.ones_like(degree))
-    return (weight / B) * torch.where(degree > 0, cut / safe, torch.zeros_like(cut)).sum()
+    # a class absent from the region (degree 0) contributes 0; a NaN degree (non-finite input) propagates
+    live = ~(degree <= 0)
+    safe = torch.where(live, degree, torch.ones_like(degree))
+    return (weight / B) * torch.where(live, cut / safe, torch.zeros_like(cut)).sum()

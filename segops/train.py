@@ -480,12 +480,15 @@ def evaluate(
     amp: bool = False,
     panels: int = 0,
     progress: bool = False,
+    crf: Optional[nn.Module] = None,
 ) -> Tuple[Dict[str, object], List[List[np.ndarray]]]:
     """Confusion-matrix metrics of ``model`` on ``loader`` (all-reduced under DDP) and up to ``panels``
     visualisation rows (from this rank's first batches; cells per :data:`PANEL_COLUMNS`). ``progress``: a
-    progress bar on a terminal."""
+    progress bar on a terminal. With ``crf`` (a :class:`segops.nn.DenseCRF`), the metrics of the CRF-refined
+    predictions as well, under the key ``"crf"``."""
     model.eval()
     confusion = ConfusionMatrix(num_classes, 255, device=device)
+    confusion_crf = ConfusionMatrix(num_classes, 255, device=device) if crf is not None else None
     rows: List[List[np.ndarray]] = []
     for batch in progress_bar(loader, enabled=progress, desc="evaluating", unit="batch", leave=False):
         images = batch["image"].to(device)  # type: ignore[union-attr]
@@ -499,12 +502,17 @@ def evaluate(
         if isinstance(roi, Tensor):  # padded pixels are void
             mask = torch.where(roi.to(device) > 0.5, mask, torch.full_like(mask, 255))
         confusion.update(pred, mask)
+        if confusion_crf is not None:
+            confusion_crf.update(crf(logits.float(), images).argmax(1), mask)  # type: ignore[misc]
         for j in range(pred.shape[0]):
             if len(rows) >= panels:
                 break
             rows.append(_panel_cells(images[j], batch["scribble"][j], pred[j], batch["mask"][j]))  # type: ignore[index]
     model.train()
-    return confusion.compute(sync=True), rows
+    metrics = confusion.compute(sync=True)
+    if confusion_crf is not None:
+        metrics["crf"] = confusion_crf.compute(sync=True)
+    return metrics, rows
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -1014,9 +1022,11 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     model_fn=None,
     progress: bool = False,
+    crf: Optional[nn.Module] = None,
 ) -> Dict[str, object]:
     """Metrics of a checkpoint on its validation set (or ``data`` / ``data_root`` / ``split`` overrides);
-    ``progress``: a progress bar on a terminal."""
+    ``progress``: a progress bar on a terminal; with ``crf``, also those of the CRF-refined predictions (key
+    ``"crf"``)."""
     target_device = _select_device(device, 0)
     saved = load_checkpoint(checkpoint, map_location=target_device)
     model, cfg = _model_from_checkpoint(saved, target_device, model_fn)
@@ -1031,14 +1041,16 @@ def evaluate_checkpoint(
     if num_classes != int(saved["num_classes"]):  # type: ignore[arg-type]
         raise ValueError("the checkpoint has %s classes but the dataset has %d" % (saved["num_classes"], num_classes))
     loader = DataLoader(val_set, batch_size if cfg.data == "synthetic" else 1, shuffle=False, collate_fn=_collate)
-    metrics, _ = evaluate(model, loader, num_classes, target_device, progress=progress)
+    metrics, _ = evaluate(model, loader, num_classes, target_device, progress=progress, crf=crf)
     metrics["class_names"] = list(class_names)
     return metrics
 
 
 @torch.no_grad()
-def predict_files(checkpoint: str, inputs: Sequence[str], out_dir: str, device: str = "auto", model_fn=None) -> List[str]:
-    """Writes one palette PNG mask (VOC colours) per input image into ``out_dir``; returns the paths."""
+def predict_files(checkpoint: str, inputs: Sequence[str], out_dir: str, device: str = "auto", model_fn=None,
+                  crf: Optional[nn.Module] = None) -> List[str]:
+    """Writes one palette PNG mask (VOC colours) per input image into ``out_dir``; returns the paths. With
+    ``crf`` (a :class:`segops.nn.DenseCRF`) the masks are the argmax of the CRF-refined marginals."""
     from PIL import Image
 
     from segops.data.voc import read_image, voc_palette
@@ -1054,6 +1066,8 @@ def predict_files(checkpoint: str, inputs: Sequence[str], out_dir: str, device: 
         logits = model(normalize(image))
         if logits.shape[-2:] != image.shape[-2:]:
             logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if crf is not None:
+            logits = crf(logits.float(), image)
         labels = logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
         mask_png = Image.fromarray(labels, mode="P")
         mask_png.putpalette(palette)

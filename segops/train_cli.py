@@ -324,26 +324,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from segops.crf_postprocess import crf_from_args, crf_report
     from segops.metrics import format_iou_table
     from segops.train import evaluate_checkpoint
 
+    crf = crf_from_args(args)
     metrics = evaluate_checkpoint(
         _checkpoint_file(args.checkpoint), args.data, args.data_root, args.split, args.device, args.batch_size,
-        progress=args.progress,
+        progress=args.progress, crf=crf,
     )  # fmt: skip
     print(format_iou_table(metrics, metrics["class_names"]))  # type: ignore[arg-type]
+    if crf is not None:
+        print(crf_report(metrics, format_iou_table))
     if args.json:
         as_json = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
+        if crf is not None:
+            as_json["crf"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics["crf"].items()}
         with open(args.json, "w") as f:
             json.dump(as_json, f, indent=2)
     return 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from segops.crf_postprocess import crf_from_args
     from segops.train import predict_files
 
     try:
-        written = predict_files(_checkpoint_file(args.checkpoint), args.images, args.out_dir, args.device)
+        written = predict_files(_checkpoint_file(args.checkpoint), args.images, args.out_dir, args.device,
+                                crf=crf_from_args(args))
     except _user_errors() as e:
         print("segops predict: error: %s" % e, file=sys.stderr)
         return 2
@@ -359,6 +367,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(subcommands: Any) -> None:
+    from segops.crf_postprocess import add_crf_arguments
+
     command = subcommands.add_parser("train", help="train a segmentation model (full masks or scribbles; CE / pCE / CRF / ncut losses)")
     _add_train_args(command)
     command.set_defaults(func=_cmd_train)
@@ -373,6 +383,7 @@ def add_subcommands(subcommands: Any) -> None:
     command.add_argument("--json", default=None, help="also write the metrics to this JSON file")
     command.add_argument("--no-progress", dest="progress", action="store_false",
                          help="no progress bar (shown only on a terminal anyway)")
+    add_crf_arguments(command)
     command.set_defaults(func=_cmd_eval)
 
     command = subcommands.add_parser("predict", help="segment image files into colour (VOC palette) PNG masks")
@@ -380,6 +391,7 @@ def add_subcommands(subcommands: Any) -> None:
     command.add_argument("images", nargs="+", help="input image files")
     command.add_argument("--out-dir", "-o", default="predictions", help="output folder (default %(default)s)")
     command.add_argument("--device", default="auto")
+    add_crf_arguments(command)
     command.set_defaults(func=_cmd_predict)
 
     from segops import demo

@@ -21,7 +21,8 @@ def test_v2_shapes_and_sum_of_branches():
     x = torch.randn(2, 16, 9, 11)
     y = a(x)
     assert y.shape == (2, 5, 9, 11)
-    # The v2 output is the plain sum of the branch outputs.
+    # The v2 output is the plain sum of the branch outputs. Default float32 tolerance (rtol 1.3e-6, atol 1e-5): the
+    # same branch outputs (same kernels) added in the same order; only the sum's association could differ.
     torch.testing.assert_close(y, sum(b(x) for b in a.branches))
     # Each branch: fc6 (3x3 atrous) -> fc7 (1x1) -> fc8 (1x1), as in DeepLab-ASPP-L.
     convs = [m for m in a.branches[1] if isinstance(m, nn.Conv2d)]
@@ -81,7 +82,7 @@ def test_v3_forward_image_pooling_and_separable():
     y = a(x)
     assert y.shape == (2, 8, 7, 9) and torch.isfinite(y).all()
     pooled = a.branches[-1](x)
-    # The image-pooling branch is constant over the image.
+    # The image-pooling branch is constant over the image (an expand: bitwise equal; default tolerance).
     torch.testing.assert_close(pooled, pooled[..., :1, :1].expand_as(pooled))
     s = ASPP(12, 8, rates=(3,), variant="v3", separable=True, image_pooling=False)
     dw = [m for m in s.modules() if isinstance(m, AtrousConv2d) and m.groups > 1]
@@ -101,7 +102,9 @@ def test_v3_backward_and_batchnorm_modes():
     bn = a.project[1]
     assert int(bn.num_batches_tracked) == 1
     a.eval()
-    # Eval: per-sample output independent of the rest of the batch.
+    # Eval: per-sample output independent of the rest of the batch. Default float32 tolerance: the kernels may
+    # block or parallelise the batch differently, reordering sums of at most 6 * 9 = 54 (projection: 3 * 4 = 12)
+    # products per output.
     torch.testing.assert_close(a(x[:1]), a(x)[:1])
     # Batch-1 training with the image-pooling BN needs frozen BN (one value per channel otherwise).
     a.train()
@@ -110,7 +113,7 @@ def test_v3_backward_and_batchnorm_modes():
     freeze_bn(a)
     before = bn.running_mean.clone()
     a(x[:1]).sum().backward()
-    torch.testing.assert_close(bn.running_mean, before)
+    torch.testing.assert_close(bn.running_mean, before)  # frozen: untouched, bitwise (default tolerance is ample)
 
 
 def test_dilated_convs_are_segops_layers():
@@ -128,6 +131,7 @@ def test_matches_plain_conv_reference():
     ref = sum(
         F.conv2d(x, b.conv.weight, b.conv.bias, padding=r, dilation=r) for b, r in zip(a.branches, (1, 3))
     )
+    # default float64 tolerance (rtol 1e-7, atol 1e-7): two branches of 3 * 9 = 27 products each, error ~1e-15
     torch.testing.assert_close(a(x), ref)
 
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from segops import reference_lattice as R
-from segops.ops import permutohedral_filter
+from segops.ops import build_lattice, permutohedral_filter
 from segops.ops.lattice import crf_features
 
 ops = torch.ops.segops
@@ -352,3 +352,148 @@ def test_general_key_path(d, spread):
     f = torch.randn(1, d, 9, 8, generator=g, dtype=torch.float64) * spread
     v = torch.randn(1, 3, 9, 8, generator=g, dtype=torch.float64)
     assert rel_err(permutohedral_filter(v, f), R.permutohedral_filter(v, f)) < TOL[torch.float64]
+
+
+# ---- build once, filter many (segops.ops.build_lattice) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lattice_api_equals_filter(dtype):
+    # The same lattice and the same splat / blur / slice: bitwise equal to the one-op filter, many times over;
+    # normalised, (alpha s) / (alpha s_1) against the kernel's s / s_1: two more roundings (TOL: a few ulps).
+    g = torch.Generator().manual_seed(50)
+    f = crf_features(smooth_image(2, 12, 10, g, dtype), 12.0, 4.0)
+    lat = build_lattice(f)
+    assert lat.dtype == dtype and lat.d == 5 and lat.batch_size == 2
+    for C in (1, 4, 21):
+        v = torch.rand(2, C, 12, 10, generator=g, dtype=dtype)
+        assert torch.equal(lat.filter(v), permutohedral_filter(v, f))
+        assert rel_err(lat.filter(v, normalize=True), permutohedral_filter(v, f, True)) < TOL[dtype]
+        vr = v.clone().requires_grad_()
+        go = torch.rand(2, C, 12, 10, generator=g, dtype=dtype)
+        (wt,) = torch.autograd.grad(permutohedral_filter(vr, f), vr, go)
+        assert torch.equal(lat.filter(go, transposed=True), wt)  # W^T: the filter's own backward
+
+
+def test_lattice_representation_per_image_ranges():
+    # Vertex ids are image-major, each image's a contiguous range starting at its first point's vertex 0,
+    # numbered in order of first appearance (so the first point's d+1 vertices are 0..d of its image).
+    g = torch.Generator().manual_seed(51)
+    f = crf_features(smooth_image(3, 9, 11, g), 10.0, 3.0)
+    vertex, bary, neighbors = ops.permutohedral_lattice.default(f)
+    assert vertex.dtype == torch.int32 and neighbors.dtype == torch.int32 and bary.dtype == torch.float32
+    M = neighbors.shape[0]
+    starts = [int(vertex[b, 0, 0]) for b in range(3)] + [M]
+    for b in range(3):
+        ids = vertex[b].flatten()
+        assert int(ids.min()) == starts[b] and int(ids.max()) == starts[b + 1] - 1
+        assert torch.equal(torch.unique(ids), torch.arange(starts[b], starts[b + 1], dtype=torch.int32))
+        assert torch.equal(vertex[b, 0], torch.arange(starts[b], starts[b] + 6, dtype=torch.int32))
+        first = torch.full((M,), 2**31 - 1, dtype=torch.int64).scatter_reduce(
+            0, ids.long(), torch.arange(ids.numel()), "amin")[starts[b]:starts[b + 1]]
+        assert bool((first[1:] > first[:-1]).all())  # first appearances in increasing entry order
+    nb = neighbors[neighbors >= 0]
+    assert int(nb.max()) < M
+    # neighbours stay within the image
+    for b in range(3):
+        rows = neighbors[starts[b]:starts[b + 1]]
+        inside = rows[rows >= 0]
+        assert bool(((inside >= starts[b]) & (inside < starts[b + 1])).all())
+    assert torch.allclose(bary.sum(2), torch.ones(3, 99))  # barycentric: weights of a point sum to 1
+
+
+def test_lattice_matches_reference_lattice():
+    # Same vertices as the pure-PyTorch lattice (up to numbering), same weights.
+    g = torch.Generator().manual_seed(52)
+    f = torch.randn(1, 4, 7, 9, generator=g, dtype=torch.float64) * 2
+    vertex, bary, neighbors = ops.permutohedral_lattice.default(f)
+    ref = R.build_lattice(f[0].reshape(4, -1).t())
+    assert neighbors.shape[0] == ref.num_vertices
+    assert torch.equal(bary[0], ref.bary)
+    # the two numberings are a bijection
+    pairs = torch.unique(torch.stack([vertex[0].flatten().long(), ref.vertex.flatten()]), dim=1)
+    assert pairs.shape[1] == ref.num_vertices
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_lattice_filter_gradcheck_float64(normalize, transposed):
+    g = torch.Generator().manual_seed(53)
+    lat = build_lattice(torch.randn(2, 3, 3, 4, generator=g, dtype=torch.float64))
+    v = torch.randn(2, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda x: lat.filter(x, normalize, transposed)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (v,))
+    assert torch.autograd.gradgradcheck(fn, (v,), fast_mode=True)
+
+
+def test_lattice_ops_opcheck():
+    g = torch.Generator().manual_seed(54)
+    f = torch.randn(2, 4, 5, 6, generator=g, requires_grad=True)
+    torch.library.opcheck(ops.permutohedral_lattice.default, (f,))
+    vertex, bary, neighbors = ops.permutohedral_lattice.default(f.detach())
+    v = torch.randn(2, 3, 5, 6, generator=g, requires_grad=True)
+    for transposed in (False, True):
+        torch.library.opcheck(ops.permutohedral_apply.default, (v, vertex, bary, neighbors, transposed))
+
+
+def test_lattice_built_once_filters_many_without_rebuilding():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(55)
+    f = torch.randn(1, 3, 6, 6, generator=g)
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "segops":
+                calls.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        lat = build_lattice(f)
+        x = torch.rand(1, 2, 6, 6, generator=g, requires_grad=True)
+        y = x
+        for _ in range(5):
+            y = lat.filter(y, normalize=True)
+        y.sum().backward()
+    assert calls.count("permutohedral_lattice.default") == 1
+    assert calls.count("permutohedral_apply.default") == 1 + 5 + 5  # W 1 once, 5 forward, 5 backward
+
+
+LATTICE_BAD = [
+    ("values of another B", lambda lat: lat.filter(torch.rand(3, 2, 4, 5)), "does not match the lattice"),
+    ("values of another size", lambda lat: lat.filter(torch.rand(2, 2, 4, 6)), "does not match the lattice"),
+    ("float64 values on a float32 lattice", lambda lat: lat.filter(torch.rand(2, 2, 4, 5, dtype=torch.float64)),
+     "need a Double lattice"),
+    ("integer values", lambda lat: lat.filter(torch.ones(2, 2, 4, 5, dtype=torch.long)), "must be floating point"),
+    ("int64 vertex ids", lambda lat: ops.permutohedral_apply.default(torch.rand(2, 1, 4, 5), lat.vertex.long(),
+                                                                    lat.bary, lat.neighbors, False), "int32"),
+]
+
+
+@pytest.mark.parametrize("name,call,match", LATTICE_BAD, ids=[b[0] for b in LATTICE_BAD])
+def test_lattice_bad_input(name, call, match):
+    lat = build_lattice(torch.rand(2, 3, 4, 5))
+    with pytest.raises(RuntimeError, match=match):
+        call(lat)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: torch.rand(2, 3), "features must have shape"),
+    (lambda: torch.rand(1, 17, 4, 4), r"must be in \[1, 16\]"),
+    (lambda: torch.ones(1, 3, 4, 4, dtype=torch.long), "features must be floating"),
+    (lambda: torch.full((1, 3, 4, 4), float("nan")), "NaN or Inf"),
+], ids=["2-D", "d = 17", "integer", "NaN"])
+def test_build_lattice_bad_features(make, match):
+    with pytest.raises(RuntimeError, match=match):
+        build_lattice(make())
+
+
+def test_crf_features_finite_flag_is_exact():
+    # The finiteness flag of the losses is folded into the colour features by a division that must leave
+    # finite features bitwise unchanged (the lattice decisions depend on every bit), and poison them otherwise.
+    g = torch.Generator().manual_seed(56)
+    img = torch.rand(2, 3, 5, 7, generator=g) * 255
+    for sigma in (15.0, 0.3, 7.1):
+        assert torch.equal(crf_features(img, sigma, 3.0, torch.tensor(True)), crf_features(img, sigma, 3.0))
+        assert not bool(torch.isfinite(crf_features(img, sigma, 3.0, torch.tensor(False))[:, 2:]).any())

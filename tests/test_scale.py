@@ -207,22 +207,25 @@ def test_distinct_colours_dense_crf_loss_matches_reference():
 # ---- the CRF energy's reduction --------------------------------------------------------------------------
 
 
-def test_crf_energy_reduction_accurate_for_large_images():
-    # Regression: the energy <X, W X> was one float32 BLAS dot over B x K x H x W elements, ~2e-3 off at
-    # 4096 x 4096 x 21 (found by scripts/scale_check.py: loss vs <X, grad> / 2). Now blocks of 2^14
-    # summed in float64. 2^26 elements here (the old dot: ~2e-4 off).
-    from segops.ops.lattice import _batched_dot
-
+def test_crf_energy_reduction_accurate_for_many_terms():
+    # Regression: the energy <X, W X> was once one float32 BLAS dot over B x K x H x W elements, ~2e-3 off at
+    # 4096 x 4096 x 21 (found by scripts/scale_check.py: loss vs <X, grad> / 2). It is now summed over the
+    # lattice's vertices in float64. Here every point has its own d+1 vertices (tiny sigmas, distinct colours),
+    # so the sum runs over M K = 6 * 2^17 * 21 = 16.5M terms, against the same form evaluated per pixel from the
+    # float32 W X: each side carries only the float32 rounding of the splatted / filtered values (~1e-7
+    # relative per term, averaging out); a float32 running sum of 2^24 terms drifts by ~1e-4 or more.
+    S = 2**9
     g = torch.Generator().manual_seed(0)
-    n = 2**26 + 12345
-    x = torch.rand(1, n, generator=g)
-    y = torch.rand(1, n, generator=g) * 100
-    want = sum(float((x[0, i:i + 2**22].double() * y[0, i:i + 2**22].double()).sum()) for i in range(0, n, 2**22))
-    got = float(_batched_dot(x, y))
-    assert abs(got - want) < 1e-6 * want
-    # batches: per image
-    xb, yb = torch.rand(3, 2, 5, 7, generator=g), torch.rand(3, 2, 5, 7, generator=g)
-    assert torch.allclose(_batched_dot(xb, yb), (xb * yb).sum((1, 2, 3)), rtol=1e-6)
+    codes = torch.randperm(2**24, generator=g)[: S * S // 2]
+    rgb = torch.stack([codes // 65536, (codes // 256) % 256, codes % 256]).float().view(1, 3, S // 2, S)
+    feats = crf_features(rgb, 0.2, 0.2)
+    x = torch.rand(1, 21, S // 2, S, generator=g)
+    vertex, bary, neighbors = ops.permutohedral_lattice.default(feats)
+    assert neighbors.shape[0] == 6 * (S * S // 2)  # isolated points: the longest vertex sum
+    forms = ops._lattice_quadratic_forms.default(x, None, vertex, bary, neighbors, False, False)[0]
+    wx = ops.permutohedral_apply.default(x, vertex, bary, neighbors, False)
+    want = (x.double() * wx.double()).sum((2, 3))
+    assert rel_err(forms[..., 0], want) < 1e-5
 
 
 # ---- out of memory: a clear error, and the process goes on ------------------------------------------------

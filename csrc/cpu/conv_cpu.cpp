@@ -1,5 +1,5 @@
-// CPU backend of atrous_conv2d / conv_transpose2d: the shared glue (conv_host.h) with one output row per
-// work item under at::parallel_for, BLAS matrix products through ATen.
+// CPU backend of atrous_conv2d / conv_transpose2d: the shared glue (conv_host.h) run by the CPU launcher
+// (whole output rows per work item under at::parallel_for, BLAS matrix products through ATen).
 #include <torch/library.h>
 
 #include "segops/conv_host.h"
@@ -8,33 +8,33 @@
 namespace segops {
 namespace {
 
-// Row-granular work items are heavier than the elementwise ops' pixels: a small grain keeps threads busy.
-const CpuLaunch kLaunch{4};
+const CpuLaunch kLaunch{};
 
 at::Tensor atrous_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  return conv::atrous_forward(input, weight, bias, stride, padding, dilation, groups, kLaunch, false);
+                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                      int64_t kernel) {
+  return conv::atrous_forward(input, weight, bias, stride, padding, dilation, groups, kernel, kLaunch);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask) {
-  return conv::atrous_backward(grad, input, weight, stride, padding, dilation, groups, mask, kLaunch, false);
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t kernel) {
+  return conv::atrous_backward(grad, input, weight, stride, padding, dilation, groups, mask, kernel, kLaunch);
 }
 
 at::Tensor transpose_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-                         int64_t groups, at::IntArrayRef dilation) {
-  return conv::transpose_forward(input, weight, bias, stride, padding, output_padding, groups, dilation, kLaunch,
-                                 false);
+                         int64_t groups, at::IntArrayRef dilation, int64_t kernel) {
+  return conv::transpose_forward(input, weight, bias, stride, padding, output_padding, groups, dilation, kernel,
+                                 kLaunch);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> transpose_backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
-    std::array<bool, 3> mask) {
+    std::array<bool, 3> mask, int64_t kernel) {
   return conv::transpose_backward(grad, input, weight, stride, padding, output_padding, groups, dilation, mask,
-                                  kLaunch, false);
+                                  kernel, kLaunch);
 }
 
 }  // namespace

@@ -1,16 +1,68 @@
-// CPU backend of the permutohedral filter: the shared glue and math run over at::parallel_for.
-// The CPU splat is deterministic and atomic-free: each thread owns a contiguous range of vertex ids and
-// accumulates, in point order, the contributions that land in its range (results do not depend on the
-// thread count).
+// CPU backend of the permutohedral lattice: the shared glue and math run over at::parallel_for.
+// The CPU splat is deterministic and atomic-free: each task owns a contiguous range of vertex ids and
+// accumulates, in point order, the contributions that land in its range, so every vertex sums its
+// contributions in ascending entry order whatever the number of threads (the order of CUDA's gather splat).
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "segops/permutohedral_host.h"
 
 namespace segops {
 namespace {
+
+using lattice::SplatArgs;
+
+// Scatter of points [0, B N) into the vertices [v0, v1) of the grid. Points go in blocks of kPoints: a
+// block's values are first copied into a small point-major buffer, one channel plane at a time (reading the
+// C planes of one point at a stride of N values maps every load of that point to the same cache set).
+template <typename scalar_t, typename acc>
+void scatter_range(const SplatArgs<scalar_t, acc>& a, int64_t B, const std::vector<int64_t>& image_start, int64_t v0,
+                   int64_t v1) {
+  constexpr int64_t kPoints = 16;
+  const int64_t V = a.V, C = a.C, Cs = a.Cg, N = a.N;
+  std::vector<acc> buf(static_cast<size_t>(kPoints * Cs));
+  const uint32_t span = static_cast<uint32_t>(v1 - v0);
+  for (int64_t b = 0; b < B; ++b) {
+    if (image_start[b + 1] <= v0 || image_start[b] >= v1) continue;  // no vertex of this image in range
+    for (int64_t n0 = 0; n0 < N; n0 += kPoints) {
+      const int64_t np = std::min(kPoints, N - n0);
+      const int64_t i0 = b * N + n0;
+      const int32_t* ids = a.vertex + i0 * V;
+      uint32_t relevant = 0;
+      for (int64_t p = 0; p < np; ++p) {
+        bool any = false;
+        for (int64_t k = 0; k < V; ++k) any |= static_cast<uint32_t>(ids[p * V + k] - v0) < span;
+        relevant |= uint32_t(any) << p;
+      }
+      if (!relevant) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* src = a.values + b * a.vsb + c * a.vsc + n0 * a.vsn;
+        for (int64_t p = 0; p < np; ++p) buf[p * Cs + c] = static_cast<acc>(src[p * a.vsn]);
+      }
+      if (a.prescale) {
+        for (int64_t p = 0; p < np; ++p)
+          for (int64_t c = 0; c < C; ++c) buf[p * Cs + c] *= a.prescale[i0 + p];
+      }
+      if (a.has_extra) {
+        for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = a.extra_value(b, n0 + p);
+      }
+      for (int64_t p = 0; p < np; ++p) {
+        if (!(relevant >> p & 1)) continue;
+        const acc* x = buf.data() + p * Cs;
+        for (int64_t k = 0; k < V; ++k) {
+          const int32_t v = ids[p * V + k];
+          if (static_cast<uint32_t>(v - v0) >= span) continue;
+          acc* row = a.grid + static_cast<int64_t>(v) * Cs;
+          const acc w = a.bary[(i0 + p) * V + k];
+          for (int64_t c = 0; c < Cs; ++c) row[c] += w * x[c];
+        }
+      }
+    }
+  }
+}
 
 struct CpuBackend {
   template <typename F>
@@ -23,18 +75,18 @@ struct CpuBackend {
     omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { f.run_range(begin, end); });
   }
 
-  // Two-pass chunked prefix sum (one chunk per thread).
+  // Two-pass chunked prefix sum of uint8 flags into int32 (one chunk per thread).
   static at::Tensor inclusive_scan(const at::Tensor& flag) {
     const int64_t n = flag.numel();
-    at::Tensor out = at::empty({n}, flag.options().dtype(at::kLong));
-    const int32_t* f = flag.data_ptr<int32_t>();
-    int64_t* o = out.data_ptr<int64_t>();
+    at::Tensor out = at::empty({n}, flag.options().dtype(at::kInt));
+    const uint8_t* f = flag.data_ptr<uint8_t>();
+    int32_t* o = out.data_ptr<int32_t>();
     const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1));
     const int64_t chunk = (n + T - 1) / T;
     std::vector<int64_t> sums(static_cast<size_t>(T) + 1, 0);
     omp_parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        int64_t s = 0;
+        int32_t s = 0;
         for (int64_t i = t * chunk, e = std::min(n, (t + 1) * chunk); i < e; ++i) s += f[i];
         sums[t + 1] = s;
       }
@@ -42,7 +94,7 @@ struct CpuBackend {
     for (int64_t t = 0; t < T; ++t) sums[t + 1] += sums[t];
     omp_parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        int64_t s = sums[t];
+        int32_t s = static_cast<int32_t>(sums[t]);
         for (int64_t i = t * chunk, e = std::min(n, (t + 1) * chunk); i < e; ++i) o[i] = (s += f[i]);
       }
     });
@@ -50,42 +102,32 @@ struct CpuBackend {
   }
 
   template <typename scalar_t, typename acc>
-  static void splat(const lattice::SplatAtomic<scalar_t, acc>& p, index_t BN, index_t M, const int64_t* image_lo,
-                    const int64_t* image_hi) {
-    const int64_t grain = BN * p.V * p.Cv < (int64_t(1) << 17) ? M : 1;  // small splats: one thread
-    omp_parallel_for(0, M, grain, [&](int64_t v0, int64_t v1) {
-      std::vector<acc> buf(static_cast<size_t>(p.C));
-      const index_t V = p.V;
-      for (index_t i = 0, b = 0, n = 0; i < BN; ++i, ++n) {
-        if (n == p.N) {
-          n = 0;
-          ++b;
-        }
-        if (image_hi[b] < v0 || image_lo[b] >= v1) {  // no vertex of this image in [v0, v1): skip it
-          i = (b + 1) * p.N - 1;
-          n = p.N - 1;
-          continue;
-        }
-        const int64_t* vp = p.vertex + i * V;
-        bool any = false;
-        for (index_t k = 0; k < V; ++k) any = any || (vp[k] >= v0 && vp[k] < v1);
-        if (!any) continue;
-        const scalar_t* x = p.values + b * p.vsb + n * p.vsn;
-        const acc ps = p.prescale ? p.prescale[i] : acc(1);
-        for (index_t c = 0; c < p.C; ++c) buf[c] = static_cast<acc>(x[c * p.vsc]) * ps;
-        const acc* w = p.bary + i * V;
-        for (index_t k = 0; k < V; ++k) {
-          const int64_t v = vp[k];
-          if (v < v0 || v >= v1) continue;
-          acc* row = p.grid + v * p.Cv;
-          const acc wk = w[k];
-          for (index_t c = 0; c < p.C; ++c) row[c] += wk * buf[c];
-          if (p.ones) row[p.C] += wk;
-        }
-      }
+  static void splat(const SplatArgs<scalar_t, acc>& a, int64_t B, int64_t M, const at::Tensor& vertex) {
+    if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat algorithm on the CPU
+      lattice::gather_splat<CpuBackend>(a, M, vertex);
+      return;
+    }
+    // Image b's vertices are [image_start[b], image_start[b+1]): vertex ids are image-major and an image's
+    // first point's vertex 0 is its first vertex.
+    std::vector<int64_t> image_start(static_cast<size_t>(B) + 1);
+    for (int64_t b = 0; b < B; ++b) image_start[b] = a.vertex[b * a.N * a.V];
+    image_start[B] = M;
+    const int64_t work = B * a.N * a.V * a.Cg;
+    const int64_t tasks = work < (int64_t(1) << 17) ? 1 : std::min<int64_t>(at::get_num_threads(), M);
+    omp_parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) scatter_range(a, B, image_start, M * t / tasks, M * (t + 1) / tasks);
     });
   }
 };
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permutohedral_lattice_cpu(const at::Tensor& features) {
+  return lattice::lattice_forward<CpuBackend>(features);
+}
+
+at::Tensor permutohedral_apply_cpu(const at::Tensor& values, const at::Tensor& vertex, const at::Tensor& bary,
+                                   const at::Tensor& neighbors, bool transposed) {
+  return lattice::apply_forward<CpuBackend>(values, vertex, bary, neighbors, transposed);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohedral_filter_cpu(
     const at::Tensor& values, const at::Tensor& features, bool normalize) {
@@ -93,15 +135,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohe
 }
 
 at::Tensor permutohedral_filter_backward_cpu(const at::Tensor& grad, const at::Tensor& vertex, const at::Tensor& bary,
-                                             const at::Tensor& neighbors, const at::Tensor& norm, bool normalize, bool transposed) {
+                                             const at::Tensor& neighbors, const at::Tensor& norm, bool normalize,
+                                             bool transposed) {
   return lattice::filter_backward<CpuBackend>(grad, vertex, bary, neighbors, norm, normalize, transposed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quadratic_forms_cpu(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& roi,
+                                                                   const at::Tensor& vertex, const at::Tensor& bary,
+                                                                   const at::Tensor& neighbors, bool degree,
+                                                                   bool /*exact: for the autograd*/) {
+  return lattice::quadratic_forms<CpuBackend>(x, roi, vertex, bary, neighbors, degree);
+}
+
+at::Tensor quadratic_forms_backward_cpu(const at::Tensor& grad_forms, const at::Tensor& splatted,
+                                        const at::Tensor& blurred, const at::Tensor& vertex, const at::Tensor& bary,
+                                        const at::Tensor& neighbors, bool exact, at::ScalarType dtype) {
+  return lattice::quadratic_forms_backward<CpuBackend>(grad_forms, splatted, blurred, vertex, bary, neighbors, exact,
+                                                       dtype);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segops, CPU, m) {
+  m.impl("permutohedral_lattice", &permutohedral_lattice_cpu);
+  m.impl("permutohedral_apply", &permutohedral_apply_cpu);
   m.impl("permutohedral_filter", &permutohedral_filter_cpu);
   m.impl("_permutohedral_filter_backward", &permutohedral_filter_backward_cpu);
+  m.impl("_lattice_quadratic_forms", &quadratic_forms_cpu);
+  m.impl("_lattice_quadratic_forms_backward", &quadratic_forms_backward_cpu);
 }
 
 }  // namespace segops

@@ -1,5 +1,5 @@
-// CUDA backend of atrous_conv2d / conv_transpose2d: the shared glue (conv_host.h) with one output element per
-// work item in grid-stride kernels, cuBLAS matrix products through ATen.
+// CUDA backend of atrous_conv2d / conv_transpose2d: the shared glue (conv_host.h) run by the CUDA launcher
+// (one output element per work item in grid-stride kernels, batched cuBLAS matrix products through ATen).
 #include <torch/library.h>
 
 #include "segops/conv_host.h"
@@ -10,36 +10,37 @@
 namespace segops {
 namespace {
 
-const CudaLaunch kLaunch{256};
+const CudaLaunch kLaunch{};
 
 at::Tensor atrous_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       int64_t kernel) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return conv::atrous_forward(input, weight, bias, stride, padding, dilation, groups, kLaunch, true);
+  return conv::atrous_forward(input, weight, bias, stride, padding, dilation, groups, kernel, kLaunch);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> atrous_backward_cuda(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 3> mask, int64_t kernel) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return conv::atrous_backward(grad, input, weight, stride, padding, dilation, groups, mask, kLaunch, true);
+  return conv::atrous_backward(grad, input, weight, stride, padding, dilation, groups, mask, kernel, kLaunch);
 }
 
 at::Tensor transpose_cuda(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-                         int64_t groups, at::IntArrayRef dilation) {
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
+                          int64_t groups, at::IntArrayRef dilation, int64_t kernel) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return conv::transpose_forward(input, weight, bias, stride, padding, output_padding, groups, dilation, kLaunch,
-                                 true);
+  return conv::transpose_forward(input, weight, bias, stride, padding, output_padding, groups, dilation, kernel,
+                                 kLaunch);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> transpose_backward_cuda(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef dilation,
-    std::array<bool, 3> mask) {
+    std::array<bool, 3> mask, int64_t kernel) {
   const c10::cuda::CUDAGuard guard(input.device());
   return conv::transpose_backward(grad, input, weight, stride, padding, output_padding, groups, dilation, mask,
-                                  kLaunch, true);
+                                  kernel, kLaunch);
 }
 
 }  // namespace

@@ -1,10 +1,12 @@
-// CUDA backend of the permutohedral filter: the shared glue and math (permutohedral_math.h) run in
+// CUDA backend of the permutohedral lattice: the shared glue and math (permutohedral_math.h) run in
 // grid-stride kernels on the current stream; memory comes from PyTorch's caching allocator.
-// Lattice construction inserts into per-image hash tables with atomicCAS; the splat uses float atomicAdd,
-// so the rounding of a vertex's sum depends on the order the threads arrive in (results are
-// reproducible to float rounding, not bitwise). Blur and slice are gathers (deterministic).
+// Deterministic: the build inserts into one hash table with atomicCAS / atomicMin, but vertex ids follow the
+// first appearance of each key (not the insertion order); the splat gathers, per vertex, over its entries
+// sorted stably by vertex (ascending entry order, as the CPU's scatter); blur, slice and the quadratic forms
+// are gathers or fixed-order sums. Results are bitwise identical from run to run.
 #include <torch/library.h>
 
+#include <ATen/ops/cumsum.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "segops/parallel_cuda.cuh"
@@ -24,14 +26,24 @@ struct CudaBackend {
     cuda_parallel_for(n, f, 128);
   }
 
-  static at::Tensor inclusive_scan(const at::Tensor& flag) { return at::cumsum(flag, 0, at::kLong); }
+  static at::Tensor inclusive_scan(const at::Tensor& flag) { return at::cumsum(flag, 0, at::kInt); }
 
   template <typename scalar_t, typename acc>
-  static void splat(const lattice::SplatAtomic<scalar_t, acc>& p, index_t BN, index_t /*M*/,
-                    const int64_t* /*image_lo*/, const int64_t* /*image_hi*/) {
-    cuda_parallel_for(BN, p, 256);
+  static void splat(const lattice::SplatArgs<scalar_t, acc>& a, int64_t /*B*/, int64_t M, const at::Tensor& vertex) {
+    lattice::gather_splat<CudaBackend>(a, M, vertex);
   }
 };
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> permutohedral_lattice_cuda(const at::Tensor& features) {
+  const c10::cuda::CUDAGuard guard(features.device());
+  return lattice::lattice_forward<CudaBackend>(features);
+}
+
+at::Tensor permutohedral_apply_cuda(const at::Tensor& values, const at::Tensor& vertex, const at::Tensor& bary,
+                                    const at::Tensor& neighbors, bool transposed) {
+  const c10::cuda::CUDAGuard guard(values.device());
+  return lattice::apply_forward<CudaBackend>(values, vertex, bary, neighbors, transposed);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohedral_filter_cuda(
     const at::Tensor& values, const at::Tensor& features, bool normalize) {
@@ -46,11 +58,32 @@ at::Tensor permutohedral_filter_backward_cuda(const at::Tensor& grad, const at::
   return lattice::filter_backward<CudaBackend>(grad, vertex, bary, neighbors, norm, normalize, transposed);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quadratic_forms_cuda(const at::Tensor& x,
+                                                                    const std::optional<at::Tensor>& roi,
+                                                                    const at::Tensor& vertex, const at::Tensor& bary,
+                                                                    const at::Tensor& neighbors, bool degree,
+                                                                   bool /*exact: for the autograd*/) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return lattice::quadratic_forms<CudaBackend>(x, roi, vertex, bary, neighbors, degree);
+}
+
+at::Tensor quadratic_forms_backward_cuda(const at::Tensor& grad_forms, const at::Tensor& splatted,
+                                         const at::Tensor& blurred, const at::Tensor& vertex, const at::Tensor& bary,
+                                         const at::Tensor& neighbors, bool exact, at::ScalarType dtype) {
+  const c10::cuda::CUDAGuard guard(grad_forms.device());
+  return lattice::quadratic_forms_backward<CudaBackend>(grad_forms, splatted, blurred, vertex, bary, neighbors,
+                                                        exact, dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segops, CUDA, m) {
+  m.impl("permutohedral_lattice", &permutohedral_lattice_cuda);
+  m.impl("permutohedral_apply", &permutohedral_apply_cuda);
   m.impl("permutohedral_filter", &permutohedral_filter_cuda);
   m.impl("_permutohedral_filter_backward", &permutohedral_filter_backward_cuda);
+  m.impl("_lattice_quadratic_forms", &quadratic_forms_cuda);
+  m.impl("_lattice_quadratic_forms_backward", &quadratic_forms_backward_cuda);
 }
 
 }  // namespace segops

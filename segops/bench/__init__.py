@@ -22,7 +22,7 @@ import torch
 import torch.utils.benchmark as tbench
 
 # Suite name -> module under segops.bench exposing run(ctx) -> list of row dicts.
-SUITES = ("losses", "crf", "conv", "models")
+SUITES = ("losses", "crf", "conv", "models", "crf-inference")
 # Where `segops bench` writes its JSON unless --out says otherwise: a folder of the current directory whose
 # name says what it holds.
 DEFAULT_OUT = "segops-bench-results"
@@ -178,7 +178,7 @@ def run_suites(names: List[str], ctx: BenchContext) -> List[Dict[str, Any]]:
             raise SystemExit("segops bench: unknown suite %r (known: %s)" % (name, ", ".join(SUITES)))
         if ctx.progress is not None:
             ctx.progress.set_description("bench %s (timings)" % name)
-        mod = importlib.import_module("segops.bench." + name)
+        mod = importlib.import_module("segops.bench." + name.replace("-", "_"))
         for row in mod.run(ctx):
             row.setdefault("suite", name)
             row.setdefault("device", str(ctx.device))

@@ -1,13 +1,26 @@
 """Suite 'conv': atrous_conv2d / conv_transpose2d forward+backward vs torch (F.conv2d / F.conv_transpose2d,
 i.e. oneDNN / native kernels on the CPU, cuDNN on CUDA), on segmentation shapes.
 
-CPU default (about 2 minutes on 2 cores): ASPP and LargeFOV at 33x33 batch 4 (65x65 at batch 1), FCN
-upsampling at batch 4, U-Net at batch 2. CUDA: the issue's shapes (ASPP/LargeFOV at batch 4 on 33x33 and
-65x65). ``--quick``: tiny shapes, smoke test only.
+Every row times four variants in the same process, interleaved: torch itself, and segops' op with the kernel choice
+``"auto"`` (the default), forced ``"segops"`` and forced ``"vendor"``. ``segops_ms`` is the auto time (so the
+summary's speed-up is torch / auto); ``auto_ratio``, ``segops_ratio``, ``vendor_ratio`` are torch's time over each
+variant's (> 1: faster than torch); ``auto_kernel`` names what auto ran (forward / backward). On CUDA each row also
+times both under ``torch.use_deterministic_algorithms(True)`` (``det_ratio``: torch's deterministic time over auto's).
+
+The "fixed bilinear" rows are FCN's frozen upsampling layer as FCN ships it (``groups=1``, a 21x21 weight that is zero
+off the diagonal) against ``torch.nn.ConvTranspose2d`` with the same weight: segops detects the frozen diagonal weight
+and runs it as a depthwise convolution, skipping the zero cross-channel terms (a fair user-level comparison, not a
+like-for-like kernel one; the depthwise rows above it are that).
+
+CPU default (a few minutes on 2 cores): ASPP and LargeFOV at 33x33 batch 4 (65x65 at batch 1), FCN upsampling at
+batch 4, U-Net at batch 2. CUDA: the ASPP / LargeFOV shapes at batch 4 on 33x33 and 65x65. ``--quick``: tiny shapes.
+SEGOPS_BENCH_ROUNDS=2: interleaved rounds (each variant keeps its best); more rounds steady the ratios.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
@@ -16,6 +29,11 @@ import torch.nn.functional as F
 from segops import ops
 from segops.bench import BenchContext, cudnn_full_fp32
 from segops.nn import ConvTranspose2d
+from segops.nn.describe import text_table
+from segops.ops import conv_choice
+
+VARIANTS = ("torch", "auto", "segops", "vendor")
+ROUNDS = int(os.environ.get("SEGOPS_BENCH_ROUNDS", "2"))  # interleaved rounds; each variant keeps its best
 
 
 def _step(fn: Callable[..., torch.Tensor], leaves: List[torch.Tensor], gout: Optional[torch.Tensor]):
@@ -28,14 +46,67 @@ def _step(fn: Callable[..., torch.Tensor], leaves: List[torch.Tensor], gout: Opt
     return step
 
 
-def _row(ctx: BenchContext, op: str, case: str, ours, theirs) -> Dict[str, Any]:
-    return dict(op=op, case=case, segops_ms=ctx.time_ms(ours), torch_ms=ctx.time_ms(theirs),
-                segops_mem=ctx.peak_bytes(ours), torch_mem=ctx.peak_bytes(theirs))
+@contextlib.contextmanager
+def _deterministic() -> Any:
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def _row(ctx: BenchContext, op: str, case: str, make: Callable[[str], Callable[[], None]],
+         explain: Callable[[], conv_choice.KernelChoice], note: str = "") -> Dict[str, Any]:
+    """Times make(variant) for every variant, interleaved over ROUNDS (min of each); make("torch") is the peer.
+    explain() gives auto's choice under the current settings."""
+    steps = {v: make(v) for v in VARIANTS}
+    choice = explain()
+    best: Dict[str, float] = {}
+    for _ in range(ROUNDS):
+        for v in VARIANTS:
+            t = ctx.time_ms(steps[v])
+            best[v] = min(best.get(v, t), t)
+    row = dict(op=op, case=case, segops_ms=best["auto"], torch_ms=best["torch"],
+               segops_mem=ctx.peak_bytes(steps["auto"]), torch_mem=ctx.peak_bytes(steps["torch"]),
+               auto_kernel="%s / %s" % (choice.kernel_name("forward"), choice.kernel_name("backward")),
+               auto_reason=choice.reason, segops_forced_ms=best["segops"], vendor_ms=best["vendor"],
+               auto_ratio=best["torch"] / best["auto"], segops_ratio=best["torch"] / best["segops"],
+               vendor_ratio=best["torch"] / best["vendor"])
+    if note:
+        row["note"] = note
+    if ctx.device.type == "cuda":
+        with _deterministic():
+            t_torch = ctx.time_ms(steps["torch"])
+            t_auto = ctx.time_ms(steps["auto"])
+            det = explain()
+        row.update(det_torch_ms=t_torch, det_auto_ms=t_auto, det_ratio=t_torch / t_auto,
+                   det_auto_kernel="%s / %s" % (det.kernel_name("forward"), det.kernel_name("backward")))
+    return row
 
 
 def run(ctx: BenchContext) -> List[Dict[str, Any]]:
     with cudnn_full_fp32():
-        return _run(ctx)
+        rows = _run(ctx)
+    print(format_choices(rows))
+    return rows
+
+
+def format_choices(rows: List[Dict[str, Any]]) -> str:
+    """The per-row kernel choice and the three ratios (torch time / variant time)."""
+    head = ["op", "case", "auto ran (fwd / bwd)", "auto", "segops", "vendor"]
+    det = any("det_ratio" in r for r in rows)
+    if det:
+        head += ["deterministic: auto ran", "auto vs torch"]
+    table = [head]
+    for r in rows:
+        line = [r["op"], r["case"], r["auto_kernel"], "%.2fx" % r["auto_ratio"], "%.2fx" % r["segops_ratio"],
+                "%.2fx" % r["vendor_ratio"]]
+        if det:
+            line += [r.get("det_auto_kernel", "-"), "%.2fx" % r["det_ratio"] if "det_ratio" in r else "-"]
+        table.append(line)
+    return "kernel choice (speed-ups over torch; > 1 is faster):\n" + text_table(table)
+
 
 
 def _run(ctx: BenchContext) -> List[Dict[str, Any]]:
@@ -62,9 +133,14 @@ def _run(ctx: BenchContext) -> List[Dict[str, Any]]:
         w = rnd(cout, cin, 3, 3, scale=0.02).requires_grad_()
         b = rnd(cout).requires_grad_()
         gout = rnd(B, cout, hw, hw)
-        ours = _step(lambda: ops.atrous_conv2d(x, w, b, 1, r, r), [x, w, b], gout)
-        theirs = _step(lambda: F.conv2d(x, w, b, 1, r, r), [x, w, b], gout)
-        rows.append(_row(ctx, "atrous_conv2d", "%s %dx%d->%d %dx%d" % (name, B, cin, cout, hw, hw), ours, theirs))
+
+        def make(v, x=x, w=w, b=b, gout=gout, r=r):
+            if v == "torch":
+                return _step(lambda: F.conv2d(x, w, b, 1, r, r), [x, w, b], gout)
+            return _step(lambda: ops.atrous_conv2d(x, w, b, 1, r, r, backend=v), [x, w, b], gout)
+
+        explain = lambda x=x, w=w, r=r: conv_choice.explain(False, x, w, [1, 1], [r, r], [r, r], 1, "auto")
+        rows.append(_row(ctx, "atrous_conv2d", "%s %dx%d->%d %dx%d" % (name, B, cin, cout, hw, hw), make, explain))
         del x, w, b, gout
 
     # ---- FCN score upsampling on K=21 maps: depthwise learnable, and the fixed bilinear layer ----
@@ -79,16 +155,36 @@ def _run(ctx: BenchContext) -> List[Dict[str, Any]]:
         wd = rnd(K, 1, k, k).requires_grad_()
         ho = (hw - 1) * s - 2 * p + k
         gout = rnd(B, K, ho, ho)
-        ours = _step(lambda: ops.conv_transpose2d(x, wd, None, s, p, groups=K), [x, wd], gout)
-        theirs = _step(lambda: F.conv_transpose2d(x, wd, None, s, p, groups=K), [x, wd], gout)
-        rows.append(_row(ctx, "conv_transpose2d depthwise", "x%d %dx%dx%dx%d k%d" % (s, B, K, hw, hw, k), ours, theirs))
+
+        def make_dw(v, x=x, wd=wd, gout=gout, s=s, p=p):
+            if v == "torch":
+                return _step(lambda: F.conv_transpose2d(x, wd, None, s, p, groups=K), [x, wd], gout)
+            return _step(lambda: ops.conv_transpose2d(x, wd, None, s, p, groups=K, backend=v), [x, wd], gout)
+
+        explain = lambda x=x, wd=wd, s=s, p=p: conv_choice.explain(True, x, wd, [s, s], [p, p], [1, 1], K, "auto")
+        rows.append(_row(ctx, "conv_transpose2d depthwise", "x%d %dx%dx%dx%d k%d" % (s, B, K, hw, hw, k), make_dw,
+                         explain))
         mine = ConvTranspose2d(K, K, k, s, p, bias=False, init="bilinear", trainable=False).to(dev)
         ref = torch.nn.ConvTranspose2d(K, K, k, s, p, bias=False).to(dev).requires_grad_(False)
         ref.load_state_dict(mine.state_dict())
-        ours = _step(lambda: mine(x), [x], gout)
-        theirs = _step(lambda: ref(x), [x], gout)
+
+        def make_fixed(v, x=x, gout=gout, mine=mine, ref=ref):
+            if v == "torch":
+                return _step(lambda: ref(x), [x], gout)
+
+            def fwd():
+                with ops.conv_backend(v):
+                    return mine(x)
+
+            return _step(fwd, [x], gout)
+
+        dw_weight = mine._depthwise_weight()
+        explain = lambda x=x, s=s, p=p, w=dw_weight if dw_weight is not None else mine.weight: conv_choice.explain(
+            True, x, w, [s, s], [p, p], [1, 1], K if w.shape[1] == 1 else 1, "auto")
         rows.append(_row(ctx, "fixed bilinear (FCN, groups=1)", "x%d %dx%dx%dx%d k%d" % (s, B, K, hw, hw, k),
-                         ours, theirs))
+                         make_fixed, explain,
+                         note="segops detects the frozen diagonal weight and skips the zero cross-channel terms "
+                              "(runs it depthwise); torch runs the dense groups=1 convolution"))
         del x, wd, gout
 
     # ---- U-Net 2x2 stride-2 up-convolutions ----
@@ -103,8 +199,14 @@ def _run(ctx: BenchContext) -> List[Dict[str, Any]]:
         w = rnd(cin, cout, 2, 2, scale=0.02).requires_grad_()
         b = rnd(cout).requires_grad_()
         gout = rnd(B, cout, 2 * hw, 2 * hw)
-        ours = _step(lambda: ops.conv_transpose2d(x, w, b, 2), [x, w, b], gout)
-        theirs = _step(lambda: F.conv_transpose2d(x, w, b, 2), [x, w, b], gout)
-        rows.append(_row(ctx, "conv_transpose2d unet 2x2/2", "%dx%d->%d %dx%d" % (B, cin, cout, hw, hw), ours, theirs))
+
+        def make_up(v, x=x, w=w, b=b, gout=gout):
+            if v == "torch":
+                return _step(lambda: F.conv_transpose2d(x, w, b, 2), [x, w, b], gout)
+            return _step(lambda: ops.conv_transpose2d(x, w, b, 2, backend=v), [x, w, b], gout)
+
+        explain = lambda x=x, w=w: conv_choice.explain(True, x, w, [2, 2], [0, 0], [1, 1], 1, "auto")
+        rows.append(_row(ctx, "conv_transpose2d unet 2x2/2", "%dx%d->%d %dx%d" % (B, cin, cout, hw, hw), make_up,
+                         explain))
         del x, w, b, gout
     return rows

@@ -70,11 +70,11 @@ class FCN(SegmentationModel):
         self.features = vgg16_features(
             in_channels, width, pools=[nn.MaxPool2d(2, 2, ceil_mode=True) for _ in range(5)], first_padding=100
         )
-        c5 = scaled(512, width)
-        c4 = scaled(512, width)
-        c3 = scaled(256, width)
+        pool5_channels = scaled(512, width)
+        pool4_channels = scaled(512, width)
+        pool3_channels = scaled(256, width)
         fc = scaled(4096, width)
-        self.fc6 = AtrousConv2d(c5, fc, 7)
+        self.fc6 = AtrousConv2d(pool5_channels, fc, 7)
         self.relu6 = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(dropout)
         self.fc7 = AtrousConv2d(fc, fc, 1)
@@ -83,11 +83,11 @@ class FCN(SegmentationModel):
         self.score_fr = AtrousConv2d(fc, K, 1)
         scores = [self.score_fr]
         if stride <= 16:
-            self.score_pool4 = AtrousConv2d(c4, K, 1)
+            self.score_pool4 = AtrousConv2d(pool4_channels, K, 1)
             self.upscore2 = ConvTranspose2d(K, K, 4, stride=2, bias=False, init="bilinear")
             scores.append(self.score_pool4)
         if stride == 8:
-            self.score_pool3 = AtrousConv2d(c3, K, 1)
+            self.score_pool3 = AtrousConv2d(pool3_channels, K, 1)
             self.upscore_pool4 = ConvTranspose2d(K, K, 4, stride=2, bias=False, init="bilinear")
             scores.append(self.score_pool3)
         self.upscore = ConvTranspose2d(

@@ -4,7 +4,10 @@ from segops.nn import init
 from segops.nn.aspp import ASPP
 from segops.nn.conv import AtrousConv2d, ConvTranspose2d
 from segops.nn.crf import DenseCRFLoss, NormalizedCutLoss
+from segops.nn.describe import describe_kernels
 from segops.nn.losses import EntropyLoss, PartialCrossEntropyLoss
+# dense CRF inference (mean field)
+from segops.nn.dense_crf import DenseCRF
 
 __all__ = [
     "PartialCrossEntropyLoss",
@@ -14,5 +17,8 @@ __all__ = [
     "AtrousConv2d",
     "ConvTranspose2d",
     "ASPP",
+    "describe_kernels",
     "init",
+    # dense CRF inference
+    "DenseCRF",
 ]

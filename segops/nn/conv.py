@@ -2,6 +2,9 @@
 
 Both subclass their ``torch.nn`` counterparts: same constructor arguments, same initialisation, same
 ``state_dict`` keys (``weight``, ``bias``), so checkpoints load in either direction. Only ``forward`` differs.
+Both take ``backend=`` (``"auto"``, ``"segops"``, ``"vendor"``; default ``None``: follow
+:func:`segops.ops.conv_backend` / :func:`segops.ops.set_conv_backend`), also settable later as the ``backend``
+attribute; :func:`segops.nn.describe_kernels` reports what each layer ran.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import Tensor, nn
 
 from segops.nn.init import bilinear_
 from segops.ops.conv import atrous_conv2d, conv_transpose2d
+from segops.ops.conv_choice import BACKENDS
 
 __all__ = ["AtrousConv2d", "ConvTranspose2d"]
 
@@ -22,8 +26,19 @@ class AtrousConv2d(nn.Conv2d):
     """Atrous (dilated) 2-D convolution running :func:`segops.ops.atrous_conv2d` (deterministic backward).
 
     Arguments as :class:`torch.nn.Conv2d`, including ``padding='same'`` / ``'valid'``; a ``padding_mode`` other
-    than ``'zeros'`` pads explicitly with :func:`torch.nn.functional.pad` first, as torch does.
+    than ``'zeros'`` pads explicitly with :func:`torch.nn.functional.pad` first, as torch does. ``backend``: see the
+    module docstring.
     """
+
+    backend: Optional[str] = None  # class default: layers pickled before the option existed
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = _checked_backend(type(self).__name__, backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend is None else s + ", backend=%r" % self.backend
 
     def forward(self, input: Tensor) -> Tensor:
         padding = self.padding
@@ -40,11 +55,14 @@ class AtrousConv2d(nn.Conv2d):
                         lr += [t // 2, t - t // 2]
                     mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
                     x = F.pad(input, lr, mode=mode)
-                    return atrous_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+                    return atrous_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups,
+                                        backend=self.backend)
         if self.padding_mode != "zeros":
             x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return atrous_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        return atrous_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups)
+            return atrous_conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups,
+                                        backend=self.backend)
+        return atrous_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
+                            backend=self.backend)
 
 
 class ConvTranspose2d(nn.ConvTranspose2d):
@@ -56,10 +74,13 @@ class ConvTranspose2d(nn.ConvTranspose2d):
       bias zeroed. FCN's ×s upsampling is ``ConvTranspose2d(K, K, 2*s, stride=s, padding=s//2, bias=False,
       init="bilinear", trainable=False)``.
     * ``trainable=False``: weight and bias become parameters with ``requires_grad=False``, and a weight that only
-      connects channel c to channel c (diagonal, e.g. bilinear with ``groups=1``) runs the depthwise kernels
-      (``C`` times fewer operations than the dense product). The check is cached and redone whenever the
-      weight changes (``load_state_dict``, in-place edits).
+      connects channel c to channel c (diagonal, e.g. bilinear with ``groups=1``) runs as the equivalent depthwise
+      convolution (``C`` times fewer operations than the dense product: the zero cross-channel terms are skipped).
+      The check is cached and redone whenever the weight changes (``load_state_dict``, in-place edits).
+    * ``backend``: see the module docstring.
     """
+
+    backend: Optional[str] = None  # class default: layers pickled before the option existed
 
     def __init__(
         self,
@@ -77,6 +98,7 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         dtype=None,
         init: Optional[str] = None,
         trainable: bool = True,
+        backend: Optional[str] = None,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding, groups, bias,
                          dilation, padding_mode, device, dtype)
@@ -94,6 +116,11 @@ class ConvTranspose2d(nn.ConvTranspose2d):
                 self.bias.requires_grad_(False)
         self._dw_key = None
         self._dw_weight: Optional[Tensor] = None
+        self.backend = _checked_backend(type(self).__name__, backend)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.backend is None else s + ", backend=%r" % self.backend
 
     def _depthwise_weight(self) -> Optional[Tensor]:
         """The (C, 1, kH, kW) weight equal to this frozen diagonal weight, or None (cached per weight version)."""
@@ -124,6 +151,13 @@ class ConvTranspose2d(nn.ConvTranspose2d):
         dw = self._depthwise_weight()
         if dw is not None:
             return conv_transpose2d(input, dw, self.bias, self.stride, self.padding, output_padding,
-                                    self.in_channels, self.dilation)
+                                    self.in_channels, self.dilation, backend=self.backend)
         return conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, output_padding, self.groups,
-                                self.dilation)
+                                self.dilation, backend=self.backend)
+
+
+def _checked_backend(layer: str, backend: Optional[str]) -> Optional[str]:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError("%s: backend must be None or one of %s, got %r"
+                         % (layer, ", ".join(repr(b) for b in BACKENDS), backend))
+    return backend

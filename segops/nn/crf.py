@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from segops.ops.lattice import dense_crf_loss, normalized_cut_loss
+from segops.ops.crf_losses import dense_crf_loss, normalized_cut_loss
 
 __all__ = ["DenseCRFLoss", "NormalizedCutLoss"]
 

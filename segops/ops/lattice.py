@@ -1,43 +1,57 @@
-"""Permutohedral lattice filter and the dense CRF / normalized-cut losses built on it.
+"""Permutohedral lattice: Gaussian filtering in a feature space, built once and applied many times.
 
-``permutohedral_filter(values, features)`` computes ``W values`` per image with
-``W_ij ~ exp(-|f_i - f_j|^2 / 2)`` (self term included, no normalisation) on the permutohedral lattice of
-Adams, Baek & Davis (2010), in exactly the form of Kraehenbuehl & Koltun's densecrf code used by the ECCV'18
-regularized-loss code (shared/DESIGN.md, "Lattice semantics"), so their hyper-parameters carry over.
+``W_ij ~ exp(-|f_i - f_j|^2 / 2)`` per image (self term included, no normalisation), on the permutohedral
+lattice of Adams, Baek & Davis (2010) in exactly the form of Kraehenbuehl & Koltun's densecrf code used by
+the ECCV'18 regularized-loss code, so their hyper-parameters carry over (docs/lattice.md has the contract).
 
 The lattice approximates the Gaussian: on real images ``W x`` carries about 0.5-0.6x the mass of the exact
 dense Gaussian filter (the blur kernel 1/2, 1, 1/2 per direction and ``alpha = 1 / (1 + 2^-d)`` are the
 densecrf constants, not a normalised Gaussian). ``normalize=True`` returns ``(W x) / (W 1)`` instead, for
 which the overall scale cancels.
 
-The lattice (per point its d+1 vertex ids and barycentric weights, per vertex its blur neighbours) is
-built once per image in the forward op and reused for every channel and for the backward op.
-Gradients: ``grad_values = W^T grad_out`` (normalised: ``W^T (grad_out / (W 1))``), the exact gradient.
-Each blur direction is symmetric, but their ordered product is not quite: ``W^T`` is ``W`` with the
-blur directions in reverse order (``<W u, v>`` and ``<u, W v>`` differ by ~1e-4 relative on image
-features). The backward op reuses the forward lattice. The features get NO gradient (the lattice is
-piecewise constant in them; treat them as constants).
+Two ways in:
 
-Determinism: the CPU kernels are deterministic (independent of the thread count). On CUDA the splat
-accumulates with float atomicAdd, so results vary at float-rounding level between runs.
+* :func:`permutohedral_filter` ``(values, features)`` builds the lattice and filters in one op; its backward
+  op reuses the lattice.
+* :func:`build_lattice` ``(features)`` returns a :class:`PermutohedralLattice` that filters any number of
+  value tensors with ``W`` or ``W^T`` (``.filter(values, normalize, transposed)``), differentiably in the
+  values: for iterative uses such as mean-field inference, where one lattice serves many filterings.
+
+Gradients: ``W^T`` is ``W`` with the blur directions in reverse order (each direction's blur is symmetric,
+their ordered product is not quite: ``<W u, v>`` and ``<u, W v>`` differ by ~1e-4 relative on image
+features). The features get NO gradient (the lattice is piecewise constant in them).
+
+Determinism: every result is bitwise reproducible, on the CPU whatever the thread count, and on CUDA from
+run to run (no floating-point atomics). Building a lattice reads one word (vertex count and error flags)
+back to the host; filtering reads nothing.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from segops.ops._checks import check_same_device
 
-__all__ = ["permutohedral_filter", "dense_crf_loss", "normalized_cut_loss", "crf_features"]
+__all__ = ["permutohedral_filter", "build_lattice", "PermutohedralLattice", "crf_features"]
+
+ops = torch.ops.segops
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n = n * s
+    return n
+
+
+# ---- permutohedral_filter: build + filter in one op ----------------------------------------------------------
 
 
 def permutohedral_filter(values: Tensor, features: Tensor, normalize: bool = False) -> Tensor:
@@ -53,7 +67,7 @@ def permutohedral_filter(values: Tensor, features: Tensor, normalize: bool = Fal
     Returns:
         ``W values``, same shape and dtype as ``values`` (contiguous). Differentiable in ``values`` only.
     """
-    out, _, _, _, _ = torch.ops.segops.permutohedral_filter.default(values, features, bool(normalize))
+    out, _, _, _, _ = ops.permutohedral_filter.default(values, features, bool(normalize))
     return out
 
 
@@ -64,17 +78,15 @@ def _filter_fake(values, features, normalize):
     torch._check(1 <= features.shape[1] <= 16, lambda: "permutohedral_filter: d must be in [1, 16]")
     check_same_device("permutohedral_filter", "values", values, features=features)
     B, d = values.shape[0], features.shape[1]
-    n = 1
-    for s in values.shape[2:]:
-        n = n * s
+    n = _numel(values.shape[2:])
     acc = _acc_dtype(values.dtype)
     m = torch.library.get_ctx().new_dynamic_size()
     out = values.new_empty(values.shape)
-    vertex = values.new_empty((B, n, d + 1), dtype=torch.int64)
+    vertex = values.new_empty((B, n, d + 1), dtype=torch.int32)
     bary = values.new_empty((B, n, d + 1), dtype=acc)
-    nbr = values.new_empty((m, d + 1, 2), dtype=torch.int64)
+    neighbors = values.new_empty((m, d + 1, 2), dtype=torch.int32)
     norm = values.new_empty((B, n) if normalize else (0,), dtype=acc)
-    return out, vertex, bary, nbr, norm
+    return out, vertex, bary, neighbors, norm
 
 
 @torch.library.register_fake("segops::_permutohedral_filter_backward")
@@ -84,239 +96,203 @@ def _filter_backward_fake(grad, vertex, bary, neighbors, norm, normalize, transp
 
 def _filter_setup_context(ctx, inputs, output) -> None:
     _, _, normalize = inputs
-    _, vertex, bary, nbr, norm = output
-    ctx.save_for_backward(vertex, bary, nbr, norm)
+    _, vertex, bary, neighbors, norm = output
+    ctx.save_for_backward(vertex, bary, neighbors, norm)
     ctx.normalize = normalize
 
 
 def _filter_backward(ctx, grad_out: Tensor, *_unused: Tensor):
-    vertex, bary, nbr, norm = ctx.saved_tensors
+    vertex, bary, neighbors, norm = ctx.saved_tensors
     grad_values = None
     if ctx.needs_input_grad[0]:
-        grad_values = torch.ops.segops._permutohedral_filter_backward.default(
-            grad_out.contiguous(), vertex, bary, nbr, norm, ctx.normalize, True
+        grad_values = ops._permutohedral_filter_backward.default(
+            grad_out.contiguous(), vertex, bary, neighbors, norm, ctx.normalize, True
         )
     return grad_values, None, None
 
 
 def _backward_setup_context(ctx, inputs, output) -> None:
-    _, vertex, bary, nbr, norm, normalize, transposed = inputs
-    ctx.save_for_backward(vertex, bary, nbr, norm)
+    _, vertex, bary, neighbors, norm, normalize, transposed = inputs
+    ctx.save_for_backward(vertex, bary, neighbors, norm)
     ctx.args = (normalize, not transposed)
 
 
 def _backward_backward(ctx, grad_out: Tensor):
-    vertex, bary, nbr, norm = ctx.saved_tensors
+    vertex, bary, neighbors, norm = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = torch.ops.segops._permutohedral_filter_backward.default(
-            grad_out.contiguous(), vertex, bary, nbr, norm, *ctx.args
-        )
+        grad = ops._permutohedral_filter_backward.default(grad_out.contiguous(), vertex, bary, neighbors, norm, *ctx.args)
     return grad, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
     "segops::_permutohedral_filter_backward", _backward_backward, setup_context=_backward_setup_context
 )
+torch.library.register_autograd("segops::permutohedral_filter", _filter_backward, setup_context=_filter_setup_context)
 
 
-torch.library.register_autograd(
-    "segops::permutohedral_filter", _filter_backward, setup_context=_filter_setup_context
-)
+# ---- build once, filter many ------------------------------------------------------------------------------------
 
 
-# ---- dense CRF / normalized-cut losses ---------------------------------------------------------------------
+@torch.library.register_fake("segops::permutohedral_lattice")
+def _lattice_fake(features):
+    torch._check(features.dim() >= 3, lambda: "permutohedral_lattice: features must be (B, d, *spatial)")
+    torch._check(1 <= features.shape[1] <= 16, lambda: "permutohedral_lattice: d must be in [1, 16]")
+    B, d = features.shape[0], features.shape[1]
+    n = _numel(features.shape[2:])
+    m = torch.library.get_ctx().new_dynamic_size()
+    vertex = features.new_empty((B, n, d + 1), dtype=torch.int32)
+    bary = features.new_empty((B, n, d + 1), dtype=_acc_dtype(features.dtype))
+    neighbors = features.new_empty((m, d + 1, 2), dtype=torch.int32)
+    return vertex, bary, neighbors
 
 
-def crf_features(images: Tensor, sigma_rgb: float, sigma_xy: float) -> Tensor:
+def _lattice_setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output)
+
+
+def _lattice_backward(ctx, *_grads: Tensor):
+    return None  # the lattice is piecewise constant in the features: no gradient
+
+
+torch.library.register_autograd("segops::permutohedral_lattice", _lattice_backward, setup_context=_lattice_setup_context)
+
+
+@torch.library.register_fake("segops::permutohedral_apply")
+def _apply_fake(values, vertex, bary, neighbors, transposed):
+    torch._check(values.dim() >= 3, lambda: "permutohedral_apply: values must be (B, C, *spatial)")
+    check_same_device("permutohedral_apply", "values", values, vertex=vertex, bary=bary, neighbors=neighbors)
+    return values.new_empty(values.shape)
+
+
+def _apply_setup_context(ctx, inputs, output) -> None:
+    _, vertex, bary, neighbors, transposed = inputs
+    ctx.save_for_backward(vertex, bary, neighbors)
+    ctx.transposed = transposed
+
+
+def _apply_backward(ctx, grad_out: Tensor):
+    vertex, bary, neighbors = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = ops.permutohedral_apply.default(grad_out.contiguous(), vertex, bary, neighbors, not ctx.transposed)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd("segops::permutohedral_apply", _apply_backward, setup_context=_apply_setup_context)
+
+
+class PermutohedralLattice:
+    """The permutohedral lattice of a batch of feature maps, built once, applied to any number of values.
+
+    Made by :func:`build_lattice`. Holds, per point, its d+1 vertex ids and barycentric weights and, per
+    vertex, its blur neighbours (the three tensors of ``torch.ops.segops.permutohedral_lattice``).
+
+    Attributes:
+        vertex: ``(B, N, d+1)`` int32 vertex ids; image b's vertices are a contiguous id range, in order of
+            first appearance (so ``vertex[b, 0, 0]`` is image b's first vertex id).
+        bary: ``(B, N, d+1)`` barycentric weights (float64 for float64 features, else float32).
+        neighbors: ``(M, d+1, 2)`` int32: the vertex before / after each vertex along each of the d+1 blur
+            directions, -1 where absent.
+        spatial_shape: the features' spatial shape (``N`` = its product).
+    """
+
+    def __init__(self, vertex: Tensor, bary: Tensor, neighbors: Tensor, spatial_shape: Sequence[int]) -> None:
+        self.vertex = vertex
+        self.bary = bary
+        self.neighbors = neighbors
+        self.spatial_shape = tuple(int(s) for s in spatial_shape)
+        self._norm: Optional[Tensor] = None
+
+    @property
+    def d(self) -> int:
+        """Feature dimensions."""
+        return int(self.vertex.shape[2]) - 1
+
+    @property
+    def num_vertices(self) -> int:
+        """M, the lattice vertices over the whole batch (the memory of a filtering is M x C values)."""
+        return int(self.neighbors.shape[0])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.vertex.shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype: float64 lattices filter float64 values, float32 ones all other dtypes."""
+        return self.bary.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vertex.device
+
+    def tensors(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(vertex, bary, neighbors)``, the arguments of ``torch.ops.segops.permutohedral_apply``."""
+        return self.vertex, self.bary, self.neighbors
+
+    def norm(self) -> Tensor:
+        """``W 1``, ``(B, 1, *spatial)`` in the lattice's dtype (computed once, then cached)."""
+        if self._norm is None:
+            ones = self.bary.new_ones((self.batch_size, 1) + self.spatial_shape)
+            self._norm = ops.permutohedral_apply.default(ones, self.vertex, self.bary, self.neighbors, False)
+        return self._norm
+
+    def filter(self, values: Tensor, normalize: bool = False, transposed: bool = False) -> Tensor:
+        """``W values`` (``W^T values`` when ``transposed``), differentiable in ``values``.
+
+        Args:
+            values: ``(B, C, *spatial)`` with the lattice's B and spatial shape; float64 values need a
+                float64 lattice, float32 / float16 / bfloat16 values a float32 one.
+            normalize: ``(W values) / (W 1)``; with ``transposed``, the adjoint of that map,
+                ``W^T (values / (W 1))``.
+            transposed: apply ``W^T`` (W with the blur directions in reverse order).
+
+        Returns:
+            Same shape and dtype as ``values``.
+        """
+        vertex, bary, neighbors = self.tensors()
+        if not normalize:
+            return ops.permutohedral_apply.default(values, vertex, bary, neighbors, bool(transposed))
+        norm = self.norm()
+        if transposed:
+            return ops.permutohedral_apply.default((values / norm).to(values.dtype), vertex, bary, neighbors, True)
+        return (ops.permutohedral_apply.default(values, vertex, bary, neighbors, False) / norm).to(values.dtype)
+
+    def __repr__(self) -> str:
+        return "PermutohedralLattice(B=%d, N=%d, d=%d, vertices=%d, dtype=%s, device=%s)" % (
+            self.batch_size, _numel(self.spatial_shape), self.d, self.num_vertices, self.dtype, self.device)
+
+
+def build_lattice(features: Tensor) -> PermutohedralLattice:
+    """Builds the permutohedral lattice of ``features`` once, for any number of filterings.
+
+    Args:
+        features: ``(B, d, *spatial)`` floating, already scaled (e.g. position / sigma), 1 <= d <= 16, finite.
+            The lattice is computed in float64 for float64 features, else in float32. No gradient flows to
+            the features.
+
+    Returns:
+        A :class:`PermutohedralLattice`; ``.filter(values)`` computes ``W values``.
+
+    Raises:
+        RuntimeError: features of the wrong shape or dtype, NaN / Inf / huge features, more than 2^30
+            lattice entries (B N (d+1)) per call.
+    """
+    vertex, bary, neighbors = ops.permutohedral_lattice.default(features.detach())
+    return PermutohedralLattice(vertex, bary, neighbors, features.shape[2:])
+
+
+def crf_features(images: Tensor, sigma_rgb: float, sigma_xy: float, finite: Optional[Tensor] = None) -> Tensor:
     """Bilateral features ``(B, 2 + Ci, H, W)``: (column / sigma_xy, row / sigma_xy, image channels / sigma_rgb).
 
-    Rows and columns are 0-based pixel indices; float32 (float64 for float64 images).
+    Rows and columns are 0-based pixel indices; float32 (float64 for float64 images). ``finite`` (a 0-dim
+    bool tensor) turns the colour features non-finite when it is False, so that the lattice build reports
+    a check made elsewhere without reading it back to the host.
     """
     B, _, H, W = images.shape
     acc = _acc_dtype(images.dtype)
     xs = (torch.arange(W, device=images.device, dtype=acc) / sigma_xy).view(1, 1, 1, W).expand(B, 1, H, W)
     ys = (torch.arange(H, device=images.device, dtype=acc) / sigma_xy).view(1, 1, H, 1).expand(B, 1, H, W)
-    return torch.cat([xs, ys, images.to(acc) / sigma_rgb], 1)
-
-
-def _check_loss_inputs(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Tensor],
-                       sigma_rgb: float, sigma_xy: float, scale_factor: float) -> None:
-    if images.dim() != 4:
-        raise ValueError("%s: images must be (B, C_img, H, W), got shape %s" % (name, tuple(images.shape)))
-    if segmentations.dim() != 4:
-        raise ValueError("%s: segmentations must be (B, K, H, W), got shape %s" % (name, tuple(segmentations.shape)))
-    if images.shape[0] != segmentations.shape[0] or images.shape[2:] != segmentations.shape[2:]:
-        raise ValueError(
-            "%s: images %s and segmentations %s must agree in B, H, W"
-            % (name, tuple(images.shape), tuple(segmentations.shape))
-        )
-    if not 1 <= images.shape[1] <= 14:
-        raise ValueError("%s: images must have 1..14 channels (d = 2 + C_img <= 16), got %d" % (name, images.shape[1]))
-    for what, t in (("images", images), ("rois", rois)):
-        if t is not None and t.device != segmentations.device:
-            raise ValueError("%s: %s are on %s but segmentations are on %s"
-                             % (name, what, t.device, segmentations.device))
-    if not segmentations.is_floating_point():
-        raise TypeError("%s: segmentations must be floating point, got %s" % (name, segmentations.dtype))
-    if rois is not None and (rois.dim() != 3 or rois.shape[0] != images.shape[0] or rois.shape[1:] != images.shape[2:]):
-        raise ValueError("%s: rois must be (B, H, W) = %s, got %s"
-                         % (name, (images.shape[0],) + tuple(images.shape[2:]), tuple(rois.shape)))
-    for what, v in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy), ("scale_factor", scale_factor)):
-        if not (v > 0 and v < float("inf")):
-            raise ValueError("%s: %s must be a positive finite number, got %r" % (name, what, v))
-    if images.is_floating_point() and images.numel() > 0 and not bool(torch.isfinite(images).all()):
-        # else the lattice reports NaN "features", which the caller never passed (found by test_fuzz.py);
-        # RuntimeError as the lattice's own check raised before
-        raise RuntimeError("%s: images contain NaN or Inf" % name)
-    H, W = images.shape[2:]
-    if scale_factor != 1.0 and segmentations.numel() > 0 and min(math.floor(H * scale_factor),
-                                                                math.floor(W * scale_factor)) < 1:
-        # F.interpolate would fail with "Input and output sizes should be greater than 0" (found by test_fuzz.py)
-        raise ValueError("%s: scale_factor %r resizes the %d x %d images to %d x %d: nothing left"
-                         % (name, scale_factor, H, W, math.floor(H * scale_factor), math.floor(W * scale_factor)))
-
-
-def _prepare(images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float, sigma_xy: float,
-             scale_factor: float) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Resize (nearest images / rois, bilinear segmentations), then (features, X = S * roi, roi (B, 1, H, W)).
-
-    Without rois, X = S and roi is None (an all-ones roi changes nothing and costs two passes).
-    """
-    if rois is not None:
-        rois = rois.to(segmentations.dtype)
-    if scale_factor != 1.0:
-        images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
-        segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
-        if rois is not None:
-            rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
-        sigma_xy = sigma_xy * scale_factor
-    feats = crf_features(images, sigma_rgb, sigma_xy)
-    if rois is None:
-        return feats, segmentations, None
-    roi = rois.unsqueeze(1)
-    return feats, segmentations * roi, roi
-
-
-def _checked_prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float,
-                     sigma_xy: float, scale_factor: float) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
-    """Both losses' prologue: the argument checks, then :func:`_prepare`; None when nothing is left to filter
-    (B = 0, K = 0 or an empty image), in which case the loss is 0."""
-    _check_loss_inputs(name, images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
-    if segmentations.numel() == 0:  # before resizing, which rejects empty inputs
-        return None
-    feats, x, roi = _prepare(images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
-    return None if x.numel() == 0 else (feats, x, roi)
-
-
-def _batched_dot(x: Tensor, y: Tensor, block: int = 1 << 14) -> Tensor:
-    """Per image ``<x_b, y_b>`` without a temporary: float32 (or the input dtype) dot products over blocks of
-    ``block`` elements, summed in float64. One BLAS dot over a whole 4096 x 4096 x 21 image in float32 is off
-    by ~2e-3 relative (long sequential accumulations; scripts/scale_check.py), blocks bring that to ~1e-7."""
-    B = x.shape[0]
-    xf, yf = x.reshape(B, -1), y.reshape(B, -1)
-    n = xf.shape[1]
-    nb = n // block
-    out = []
-    for b in range(B):
-        xb, yb = xf[b], yf[b]
-        t = torch.zeros((), dtype=torch.float64, device=x.device)
-        if nb:
-            t = t + torch.bmm(xb[: nb * block].view(nb, 1, block), yb[: nb * block].view(nb, block, 1)).double().sum()
-        if n > nb * block:
-            t = t + (xb[nb * block:] * yb[nb * block:]).sum(dtype=torch.float64)
-        out.append(t)
-    return torch.stack(out).to(x.dtype)
-
-
-class _QuadraticForm(torch.autograd.Function):
-    """Per image ``sum_k X_k^T W X_k``; keeps ``W X`` from the forward pass: grad_X = 2 g W X."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, feats: Tensor) -> Tensor:
-        wx = torch.ops.segops.permutohedral_filter.default(x, feats, False)[0]
-        ctx.save_for_backward(wx)
-        return _batched_dot(x, wx)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        (wx,) = ctx.saved_tensors
-        return wx * (2.0 * g).view(-1, *([1] * (wx.dim() - 1))), None
-
-
-def dense_crf_loss(
-    images: Tensor,
-    segmentations: Tensor,
-    weight: float,
-    sigma_rgb: float,
-    sigma_xy: float,
-    scale_factor: float = 1.0,
-    rois: Optional[Tensor] = None,
-) -> Tensor:
-    """Dense CRF regularized loss of Tang et al. (ECCV'18), a drop-in for their ``DenseCRFLoss``.
-
-    ``loss = -(weight / B) sum_b sum_k X_bk^T W_b X_bk`` with ``X = S * roi`` and ``W_b`` the bilateral
-    Gaussian (permutohedral lattice, densecrf semantics) on features
-    ``(column / sigma_xy, row / sigma_xy, R / sigma_rgb, G / sigma_rgb, B / sigma_rgb)``. Equal, up to a
-    constant, to ``weight / B * sum_k S_k^T W (1 - S_k)``; it is <= 0.
-
-    Args:
-        images: ``(B, C_img, H, W)`` float, RGB in 0..255 (any number of channels 1..14: d = 2 + C_img).
-            The image values are not checked against 0..255; other ranges change the meaning of sigma_rgb.
-        segmentations: ``(B, K, H, W)`` softmax probabilities (float32 / float64).
-        weight: loss weight (ECCV'18: 2e-9; tiny because the sum runs over all N^2 pixel pairs).
-        sigma_rgb, sigma_xy: bandwidths in colour units and pixels (of the full-resolution image).
-        scale_factor: if != 1, images and rois are resized with nearest and segmentations with bilinear
-            (align_corners=False) interpolation to ``floor(H * s)``, and sigma_xy becomes ``sigma_xy * s``.
-        rois: optional ``(B, H, W)`` 0/1 region of interest; pixels with roi 0 get exactly zero gradient.
-            The lattice is built from all pixels, roi 0 ones included.
-
-    Returns:
-        A scalar. Gradient w.r.t. the (resized) segmentations: ``-(2 weight / B) (W X) * roi``, flowing to
-        the full-resolution input through the resize's autograd; ``W X`` is computed once in the forward.
-        This is the ECCV'18 code's gradient, which treats W as symmetric; the exact gradient of the
-        lattice's quadratic form, ``-(weight / B) (W + W^T) X * roi``, differs from it at the 1e-4..1e-2
-        level (see :func:`permutohedral_filter`).
-    """
-    prepared = _checked_prepare("dense_crf_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
-    if prepared is None:
-        return (segmentations * 0).sum()
-    feats, x, _ = prepared
-    B = images.shape[0]
-    energy = _QuadraticForm.apply(x, feats)
-    return -(weight / B) * energy.sum()
-
-
-def normalized_cut_loss(
-    images: Tensor,
-    segmentations: Tensor,
-    weight: float,
-    sigma_rgb: float,
-    sigma_xy: float,
-    scale_factor: float = 1.0,
-    rois: Optional[Tensor] = None,
-) -> Tensor:
-    """Normalized-cut loss of Tang et al. (CVPR'18): ``(weight / B) sum_b sum_k S_k^T W (1 - S_k) / (d^T S_k)``.
-
-    ``d = W 1`` is the degree vector; features, resizing and arguments as in :func:`dense_crf_loss`. With a
-    roi, ``X = S * roi`` replaces S and the roi replaces 1 (``d = W roi``): the cut of the region's
-    segmentation. Classes with ``d^T X_k = 0`` (absent from the region) contribute 0. The loss lies in
-    ``[0, weight * K]``. The gradient is exact (autograd through the filter, whose backward applies the
-    adjoint ``W^T`` on the saved lattice).
-    """
-    prepared = _checked_prepare("normalized_cut_loss", images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
-    if prepared is None:
-        return (segmentations * 0).sum()
-    feats, x, roi = prepared
-    B = images.shape[0]
-    if roi is None:
-        roi = x.new_ones((x.shape[0], 1) + x.shape[2:])
-    # One lattice pass over the K+1 channels [X, roi]; autograd applies W^T to the gradient (the exact
-    # adjoint, reusing the lattice built in the forward pass).
-    w = permutohedral_filter(torch.cat([x, roi.expand(x.shape[0], 1, *x.shape[2:])], 1), feats)
-    wx, dvec = w[:, :-1], w[:, -1:].detach()
-    degree = (x * dvec).flatten(2).sum(2)
-    cut = degree - (x * wx).flatten(2).sum(2)
-    pos = degree > 0
-    safe = torch.where(pos, degree, torch.ones_like(degree))
-    return (weight / B) * torch.where(pos, cut / safe, torch.zeros_like(cut)).sum()
+    divisor = sigma_rgb if finite is None else finite.to(acc) * sigma_rgb  # sigma_rgb * 1 is exact
+    return torch.cat([xs, ys, images.to(acc) / divisor], 1)

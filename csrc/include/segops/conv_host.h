@@ -1,22 +1,41 @@
-// Host glue of atrous_conv2d / conv_transpose2d and their backward ops, shared by the CPU and CUDA
-// backends: argument checks, buffers, and the matrix products (ATen: BLAS on the CPU, cuBLAS on CUDA).
-// A backend supplies `launch(n, functor)` and `fine` (true: one element per work item, for GPUs; false:
-// one row per work item, for CPUs). Everything is computed in the accumulation type (float for
-// half / bfloat16 / float, double for double) and cast once at the end.
+// Host glue of atrous_conv2d / conv_transpose2d and their backward ops, shared by the CPU and CUDA backends:
+// argument checks, buffers, the choice among segops' kernels, the vendor (ATen) convolution, and the matrix
+// products (ATen: BLAS on the CPU, cuBLAS on CUDA). A backend supplies its launcher (parallel.h: CpuLaunch,
+// parallel_cuda.cuh: CudaLaunch), which answers every hardware-dependent question; nothing here branches on the
+// device. Everything is computed in the accumulation type (float for half / bfloat16 / float, double for double)
+// and cast once at the end.
+//
+// segops' kernels, by geometry (segops/ops/conv_choice.py names them the same way; so do the profiler ranges):
+//   depthwise   (groups = C_image = C_col, one channel per group): direct gather kernels, no matrix product;
+//   gemm-1x1    (1x1, stride 1, no padding): one matrix product per sample and group over the image itself;
+//   gemm-rows   (vertical stride 1): the image is unfolded along the width only (kw shifted copies, instead of
+//               im2col's kh * kw), and kernel row ki is one matrix product over the rows it reaches, written
+//               straight into the NCHW output: rows that only meet vertical zero padding are never computed;
+//   gemm-im2col (otherwise): im2col by blocks of output rows, matrix products, col2im.
+// The products accumulate into their destination in a fixed order (bias first), so every path is deterministic.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Optional.h>
 
 #include <algorithm>
 #include <array>
+#include <initializer_list>
+#include <limits>
 #include <tuple>
+#include <type_traits>
 
 #include "segops/conv_math.h"
 #include "segops/parallel.h"
@@ -132,247 +151,590 @@ inline Tensor opt_acc(const c10::optional<Tensor>& t, at::ScalarType acc) {
 template <typename A>
 inline const A* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr<A>() : nullptr; }
 
-// Runs f over n work items of about `cost` elements each. On the CPU the grain keeps ~32k elements per
-// task, so small problems (gradcheck, 1x1 maps) stay on one thread instead of paying OpenMP wake-ups.
-template <typename Launch, typename F>
-void run(const Launch& launch, index_t n, const F& f, index_t /*cost*/) {
-  launch(n, f);
-}
-#if !defined(__CUDACC__)
-template <typename F>
-void run(const CpuLaunch&, index_t n, const F& f, index_t cost) {
-  cpu_parallel_for(n, f, std::max<index_t>(1, (index_t(1) << 15) / std::max<index_t>(cost, 1)));
-}
-#endif
+// ---- which segops kernel, and its profiler range -------------------------------------------------------
 
-// The kj table of fill_kj_table for the row-granular CPU path (whole rows: seg = full width); the
-// element-granular CUDA path computes ranges inline and gets nullptr.
-struct KjTable {
-  Tensor t;
-  const index_t* ptr = nullptr;
-  KjTable(const Geom& g, bool fine) {
-    if (fine) return;
-    t = at::empty({2 * g.kw}, at::TensorOptions().dtype(at::kLong));
-    fill_kj_table(g, t.data_ptr<int64_t>());
-    ptr = t.data_ptr<int64_t>();
+enum class Family { Depthwise, Gemm1x1, GemmRows, GemmIm2col };
+
+inline Family family_of(const Geom& g, bool depthwise) {
+  if (depthwise) return Family::Depthwise;
+  if (g.kh == 1 && g.kw == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0) return Family::Gemm1x1;
+  return g.sh == 1 ? Family::GemmRows : Family::GemmIm2col;
+}
+
+inline const char* range_name(Family f) {
+  switch (f) {
+    case Family::Depthwise: return "segops::conv/depthwise";
+    case Family::Gemm1x1: return "segops::conv/gemm-1x1";
+    case Family::GemmRows: return "segops::conv/gemm-rows";
+    default: return "segops::conv/gemm-im2col";
   }
+}
+
+#define SEGOPS_CONV_RANGE(name) RECORD_FUNCTION((name), c10::ArrayRef<const c10::IValue>{})
+
+// Runs the kernel of `family` for `dtype` inside its profiler range: each kernel is a generic lambda called with a
+// value of the storage type T and one of the accumulation type A (tags for template arguments).
+template <typename Depthwise, typename Im2col, typename Rows>
+void by_family(Family family, at::ScalarType dtype, const Depthwise& depthwise, const Im2col& im2col,
+               const Rows& rows) {
+  SEGOPS_CONV_RANGE(range_name(family));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "segops_conv", [&] {
+    using A = acc_t<scalar_t>;
+    if (family == Family::Depthwise) {
+      depthwise(scalar_t{}, A{});
+    } else if (family == Family::GemmIm2col) {
+      im2col(scalar_t{}, A{});
+    } else {
+      rows(scalar_t{}, A{});
+    }
+  });
+}
+
+// Whether every offset below `extents` (element counts / largest offsets of the buffers a kernel touches, and its
+// number of work items) fits a 32-bit index.
+inline bool fits_int32(std::initializer_list<int64_t> extents) {
+  for (int64_t e : extents) {
+    if (e >= int64_t(std::numeric_limits<int32_t>::max())) return false;
+  }
+  return true;
+}
+
+// One past the largest element offset of a tensor (its storage extent as seen through its strides).
+inline int64_t extent(const Tensor& t) {
+  int64_t e = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) e += (t.size(d) - 1) * t.stride(d);
+  return t.numel() == 0 ? 0 : e;
+}
+
+// ---- matrix views of NCHW-like tensors -------------------------------------------------------------------
+
+// Stride between consecutive pixels of a row-major (h, w) walk of t (N, C, H, W), or -1 when (h, w) do not
+// flatten to one stride (a slice). Contiguous NCHW: 1; channels_last: C.
+inline int64_t pixel_stride(const Tensor& t) {
+  const int64_t H = t.size(2), W = t.size(3);
+  if (W == 1) return H == 1 ? 1 : t.stride(2);
+  if (H == 1 || t.stride(2) == W * t.stride(3)) return t.stride(3);
+  return -1;
+}
+
+// Rows [h0, h0 + rows) of channels [c0, c0 + C) of samples [n0, n0 + samples) of t as a batch of (C, rows * W)
+// matrices (t must have a pixel_stride).
+inline Tensor rows_matrices(const Tensor& t, int64_t n0, int64_t samples, int64_t c0, int64_t C, int64_t h0,
+                            int64_t rows) {
+  const int64_t W = t.size(3);
+  return t.as_strided({samples, C, rows * W}, {t.stride(0), t.stride(1), pixel_stride(t)},
+                      t.storage_offset() + n0 * t.stride(0) + c0 * t.stride(1) + h0 * t.stride(2));
+}
+
+// The col-side tensor in the accumulation type with flattenable pixels (a copy only when needed).
+inline Tensor col_operand(const Tensor& col, at::ScalarType acc) {
+  Tensor c = col.to(acc);
+  return pixel_stride(c) < 0 ? c.contiguous() : c;
+}
+
+// C[n] += A B[n] for the matrices of C (samples, M, N) and B (samples, K, N), one shared A (M, K): one product
+// per matrix when samples == 1 (the CPU's case), one batched product otherwise (a fixed number of launches on CUDA).
+inline void add_products(Tensor C, const Tensor& A, const Tensor& B) {
+  if (C.size(0) == 1) {
+    Tensor c = C.select(0, 0);
+    c.addmm_(A, B.select(0, 0));
+  } else {
+    C.baddbmm_(A.unsqueeze(0).expand({C.size(0), A.size(0), A.size(1)}), B);
+  }
+}
+
+// C[n] = A B[n] (C contiguous).
+inline void set_products(Tensor C, const Tensor& A, const Tensor& B) {
+  if (C.size(0) == 1) {
+    Tensor c = C.select(0, 0);
+    at::mm_out(c, A, B.select(0, 0));
+  } else {
+    at::bmm_out(C, A.unsqueeze(0).expand({C.size(0), A.size(0), A.size(1)}), B);
+  }
+}
+
+// out (N, C, H, W), acc type: every element = bias[c], or 0 without a bias.
+inline void fill_bias(Tensor& out, const Tensor& bias_acc) {
+  if (bias_acc.defined()) {
+    out.copy_(bias_acc.view({1, -1, 1, 1}).expand_as(out));
+  } else {
+    out.zero_();
+  }
+}
+
+// Weight rearranged for the per-kernel-row products: (groups, kh, Cog, Cig * kw) with
+// [gi][ki][o][c * kw + kj] = W[gi * Cog + o, c, ki, kj].
+inline Tensor weight_by_kernel_row(const Tensor& w, int64_t groups) {
+  const int64_t Co = w.size(0), Cig = w.size(1), kh = w.size(2), kw = w.size(3);
+  return w.view({groups, Co / groups, Cig, kh, kw}).permute({0, 3, 1, 2, 4}).contiguous().view(
+      {groups, kh, Co / groups, Cig * kw});
+}
+
+// ---- gemm-rows / gemm-1x1 geometry ----------------------------------------------------------------------
+// With vertical stride 1, col row oh under kernel row ki reads image row h = oh - ph + ki * dh. Image rows are
+// unfolded along the width: U[(c, kj), r, ow] = image[c, r, ow * sw + kj * dw - pw] (zero outside), so the
+// contribution of kernel row ki to col rows [oa, ob) is  W_ki (Cog x Cig kw) . U[:, rows oa - ph + ki dh ...]
+// over (ob - oa) * Wo contiguous columns. Without horizontal taps (kw = 1, sw = 1, pw = 0) U is the image.
+
+struct RowsPlan {
+  int64_t block;  // col rows (correlate, weight gradient) or image rows (adjoint) per block
+  bool direct;    // U is the image itself (no unfold buffer)
 };
 
-// Samples per im2col buffer in the general path. The GPU batches samples into one matrix product per group
-// (few large GEMMs; the col buffer is capped at 2^28 elements = 1 GiB in float); the CPU does one sample at a
-// time (a cache-sized buffer) unless the whole batch's buffer is tiny (small maps: fewer BLAS calls).
-inline int64_t samples_per_chunk(int64_t N, int64_t rows, int64_t L, bool fine) {
-  const int64_t per = std::max<int64_t>(1, rows * L);
-  const int64_t budget = fine ? (int64_t(1) << 28) : (int64_t(1) << 16);
-  const int64_t nb = std::max<int64_t>(1, std::min<int64_t>(N, budget / per));
-  return fine || nb == N ? nb : 1;
+// Col rows of kernel row ki that read image rows inside [0, H), intersected with [a, b).
+inline std::pair<int64_t, int64_t> tap_rows(const Geom& g, int64_t ki, int64_t a, int64_t b) {
+  const int64_t lo = std::max(a, g.ph - ki * g.dh), hi = std::min(b, g.H + g.ph - ki * g.dh);
+  return {lo, std::max(lo, hi)};
 }
 
-// CPU, one sample at a time: im2col and its product go by blocks of output rows, so the col block stays
-// cache-sized (~8 MB) instead of streaming a Cig*K x Ho*Wo buffer through memory. A block of rows
-// [oh0, oh0 + Hc) is itself a geometry: Ho = Hc, ph shifted by oh0 * sh.
-inline int64_t rows_per_block(int64_t rows, const Geom& g, bool fine) {
-  if (fine) return g.Ho;
-  const int64_t per_row = std::max<int64_t>(1, rows * g.Wo);
-  return std::max<int64_t>(1, std::min<int64_t>(g.Ho, (int64_t(1) << 21) / per_row));
-}
-inline Geom row_block(const Geom& g, int64_t oh0, int64_t hc) {
-  Geom b = g;
-  b.Ho = hc;
-  b.ph = g.ph - oh0 * g.sh;
-  return b;
+// Image rows [r0, r1) that col rows [a, b) read through any kernel row (clipped to the image).
+inline std::pair<int64_t, int64_t> image_rows(const Geom& g, int64_t a, int64_t b) {
+  const int64_t r0 = std::max<int64_t>(0, a - g.ph), r1 = std::min(g.H, b - 1 - g.ph + (g.kh - 1) * g.dh + 1);
+  return {r0, std::max(r0, r1)};
 }
 
-// ---- the three primitives --------------------------------------------------------------------------
+// The unfold of image rows [r0, r1) of samples [n0, n0 + samples), channels [c0, c0 + Cig) into
+// U (Cig kw, samples, R Wo).
+template <typename T, typename A, typename Launch>
+void unfold_rows(const Tensor& img, int64_t n0, int64_t samples, int64_t c0, int64_t Cig, const Geom& g, int64_t r0,
+                 int64_t r1, Tensor& U, const Launch& launch) {
+  Geom gu = g;  // a (1 x kw) correlation whose output row j is image row r0 + j
+  gu.kh = 1;
+  gu.sh = 1;
+  gu.dh = 1;
+  gu.ph = -r0;
+  gu.Ho = r1 - r0;
+  const int64_t items = Cig * g.kw * samples * gu.Ho;
+  launch.with_index(fits_int32({extent(img), U.numel(), items * g.Wo}), [&](auto index) {
+    using I = decltype(index);
+    const I seg = static_cast<I>(launch.segment(g.Wo));
+    Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + c0 * img.stride(1), I(img.stride(0)),
+                      I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), U.data_ptr<A>(), I(samples), I(Cig),
+                      gu.as<I>(), seg};
+    launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
+  });
+}
 
-// image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw).
+// U as the batch of (Cig kw, rows * Wo) matrices starting at its row j0 (layout (Cig kw, samples, R Wo)).
+inline Tensor unfold_matrices(const Tensor& U, int64_t samples, int64_t KC, int64_t R, int64_t Wo, int64_t j0,
+                              int64_t rows) {
+  return U.as_strided({samples, KC, rows * Wo}, {R * Wo, samples * R * Wo, 1}, U.storage_offset() + j0 * Wo);
+}
+
+// Without horizontal taps (kw = 1, sw = 1, pw = 0, and no output_padding column) the unfold is the image itself.
+inline bool no_horizontal_taps(const Geom& g) { return g.kw == 1 && g.sw == 1 && g.pw == 0 && g.W == g.Wo; }
+
+template <typename T, typename A>
+bool direct_rows(const Geom& g, const Tensor& img) {
+  return std::is_same<T, A>::value && no_horizontal_taps(g) && pixel_stride(img) >= 0;
+}
+
+template <typename Launch>
+RowsPlan rows_plan(const Geom& g, int64_t per_row, int64_t total_rows, bool direct, const Launch& launch) {
+  if (direct) return RowsPlan{total_rows, true};
+  const int64_t halo = (g.kh - 1) * g.dh;
+  const int64_t fit = launch.scratch_elements() / std::max<int64_t>(per_row, 1);
+  // at least as many rows as the halo, so that no image row is unfolded more than twice
+  const int64_t block = std::max<int64_t>({fit - halo, halo, 1});
+  return RowsPlan{std::min(block, total_rows), false};
+}
+
+// ---- correlate: image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw) ----
+
+template <typename T, typename A, typename Launch>
+void correlate_rows(const Tensor& img, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
+                    int64_t groups, const Launch& launch) {
+  const int64_t N = img.size(0), Ci = img.size(1), Co = w.size(0), Cig = Ci / groups, Cog = Co / groups;
+  const int64_t KC = Cig * g.kw, L = g.Ho * g.Wo;
+  const Tensor wr = weight_by_kernel_row(w, groups);
+  const bool direct = direct_rows<T, A>(g, img);
+  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
+  const RowsPlan plan = rows_plan(g, KC * g.Wo * chunk_samples, g.Ho, direct, launch);
+  fill_bias(out, bias_acc);
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * KC * g.kh * L, [&](int64_t q0, int64_t q1) {
+    Tensor U;
+    if (!plan.direct) U = at::empty({KC * chunk_samples * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, out.options());
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        for (int64_t a = 0; a < g.Ho; a += plan.block) {
+          const int64_t b = std::min(g.Ho, a + plan.block);
+          const auto [r0, r1] = image_rows(g, a, b);
+          if (r1 <= r0) continue;  // these col rows only meet zero padding: the bias
+          if (!plan.direct) unfold_rows<T, A>(img, n0, samples, gi * Cig, Cig, g, r0, r1, U, launch);
+          for (int64_t ki = 0; ki < g.kh; ++ki) {
+            const auto [oa, ob] = tap_rows(g, ki, a, b);
+            if (ob <= oa) continue;
+            const int64_t h0 = oa - g.ph + ki * g.dh;
+            Tensor C = rows_matrices(out, n0, samples, gi * Cog, Cog, oa, ob - oa);
+            Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
+                                   : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
+            add_products(C, wr[gi][ki], B);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename A, typename Launch>
+void correlate_im2col(const Tensor& img, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
+                      int64_t groups, const Launch& launch) {
+  const int64_t N = img.size(0), Ci = img.size(1), Co = w.size(0), Cig = Ci / groups, Cog = Co / groups;
+  const int64_t K = g.kh * g.kw, L = g.Ho * g.Wo;
+  const Tensor weight_mat = w.view({groups, Cog, Cig * K});
+  const int64_t chunk_samples = launch.batch(N, Cig * K * L);
+  const int64_t block_rows = std::max<int64_t>(
+      1, std::min<int64_t>(g.Ho, launch.scratch_elements() / std::max<int64_t>(1, Cig * K * g.Wo * chunk_samples)));
+  fill_bias(out, bias_acc);
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * Cig * K * L, [&](int64_t q0, int64_t q1) {
+    Tensor col = at::empty({Cig * K * chunk_samples * block_rows * g.Wo}, out.options());
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        for (int64_t a = 0; a < g.Ho; a += block_rows) {
+          const int64_t rows = std::min(block_rows, g.Ho - a);
+          Geom gb = g;  // col rows [a, a + rows) are the correlation with ph shifted by a * sh
+          gb.Ho = rows;
+          gb.ph = g.ph - a * g.sh;
+          const int64_t items = Cig * K * samples * rows;
+          launch.with_index(fits_int32({extent(img), col.numel(), items * g.Wo}), [&](auto index) {
+            using I = decltype(index);
+            const I seg = static_cast<I>(launch.segment(g.Wo));
+            Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + gi * Cig * img.stride(1),
+                              I(img.stride(0)), I(img.stride(1)), I(img.stride(2)), I(img.stride(3)),
+                              col.data_ptr<A>(), I(samples), I(Cig), gb.as<I>(), seg};
+            launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
+          });
+          Tensor B = col.as_strided({samples, Cig * K, rows * g.Wo}, {rows * g.Wo, samples * rows * g.Wo, 1});
+          add_products(rows_matrices(out, n0, samples, gi * Cog, Cog, a, rows), weight_mat[gi], B);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename A, typename Launch>
+void depthwise_correlate(const Tensor& img, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
+                         const Launch& launch) {
+  const int64_t N = img.size(0), C = img.size(1);
+  const int64_t items = N * C * g.Ho;
+  launch.with_index(fits_int32({extent(img), out.numel(), items * g.Wo}), [&](auto index) {
+    using I = decltype(index);
+    const I seg = static_cast<I>(launch.segment(g.Wo));
+    const GeomT<I> gi = g.as<I>();
+    DwCorrelate<T, A, I> f{img.data_ptr<T>(), I(img.stride(0)), I(img.stride(1)), I(img.stride(2)),
+                           I(img.stride(3)), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
+                           I(C), gi, seg};
+    launch(items * n_segments<int64_t>(g.Wo, seg), f, seg * g.kh * g.kw);
+  });
+}
+
 template <typename Launch>
 Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc, const Geom& g, int64_t groups,
-                 const Launch& launch, bool fine) {
+                 const Launch& launch) {
   const int64_t N = img.size(0), Ci = img.size(1), Co = weight.size(0);
   const auto acc = acc_dtype(img);
   Tensor out = at::empty({N, Co, g.Ho, g.Wo}, img.options().dtype(acc));
   if (out.numel() == 0) return out.to(img.scalar_type());
-  Tensor w = weight.to(acc).contiguous();
-  const bool dw = is_depthwise(Ci, Co, groups, weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "segops_conv_correlate", [&] {
-    using A = acc_t<scalar_t>;
-    const index_t seg = fine ? 1 : g.Wo;
-    const index_t nseg = n_segments(g.Wo, seg);
-    if (dw) {
-      const KjTable kjt(g, fine);
-      DwCorrelate<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
-                                 img.stride(3), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
-                                 Ci, g, seg, kjt.ptr};
-      run(launch, N * Ci * g.Ho * nseg, f, seg * g.kh * g.kw);
-      return;
-    }
-    const int64_t Cig = Ci / groups, Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
-    Tensor w2 = w.view({groups, Cog, Cig * K});
-    const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
-    const int64_t hb = rows_per_block(Cig * K, g, fine);
-    Tensor col = at::empty({Cig * K, nb == 1 && !fine ? hb * g.Wo : nb * L}, out.options());
-    Tensor tmp = nb > 1 ? at::empty({Cog, nb * L}, out.options()) : Tensor();
-    Tensor o4 = out.view({N, groups, Cog, L});
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-      const int64_t nc = std::min<int64_t>(nb, N - n0);
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        const scalar_t* src = img.data_ptr<scalar_t>() + n0 * img.stride(0) + gi * Cig * img.stride(1);
-        if (fine || nb > 1) {
-          Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), col.data_ptr<A>(),
-                                nc, Cig, g, seg};
-          run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
-        }
-        // the functor packs (Cig K, nc, L) at the start of the buffer
-        Tensor c2 = fine || nb > 1 ? col.view({-1}).narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L}) : Tensor();
-        if (nb == 1 && !fine) {  // CPU: blocks of output rows (the Im2Col above was skipped)
-          Tensor dst = o4.select(0, n0).select(0, gi);
-          for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += hb) {
-            const int64_t hc = std::min<int64_t>(hb, g.Ho - oh0);
-            const Geom gb = row_block(g, oh0, hc);
-            Im2Col<scalar_t, A> fb{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3),
-                                   col.data_ptr<A>(), 1, Cig, gb, seg};
-            run(launch, Cig * K * hc * nseg, fb, seg);
-            Tensor cb = col.view({-1}).narrow(0, 0, Cig * K * hc * g.Wo).view({Cig * K, hc * g.Wo});
-            Tensor db = dst.narrow(1, oh0 * g.Wo, hc * g.Wo);
-            at::mm_out(db, w2.select(0, gi), cb);
-          }
-        } else if (nb == 1) {
-          Tensor dst = o4.select(0, n0).select(0, gi);
-          at::mm_out(dst, w2.select(0, gi), c2);
-        } else {
-          Tensor t = tmp.view({-1}).narrow(0, 0, Cog * nc * L).view({Cog, nc * L});
-          at::mm_out(t, w2.select(0, gi), c2);
-          o4.narrow(0, n0, nc).select(1, gi).copy_(t.view({Cog, nc, L}).permute({1, 0, 2}));
-        }
-      }
-    }
-    if (bias_acc.defined()) out.add_(bias_acc.view({1, Co, 1, 1}));
-  });
+  const Tensor w = weight.to(acc).contiguous();
+  by_family(
+      family_of(g, is_depthwise(Ci, Co, groups, weight)), img.scalar_type(),
+      [&](auto t, auto a) { depthwise_correlate<decltype(t), decltype(a)>(img, w, bias_acc, out, g, launch); },
+      [&](auto t, auto a) { correlate_im2col<decltype(t), decltype(a)>(img, w, bias_acc, out, g, groups, launch); },
+      [&](auto t, auto a) { correlate_rows<decltype(t), decltype(a)>(img, w, bias_acc, out, g, groups, launch); });
   return out.to(img.scalar_type());
 }
 
-// col (N, C_col, Ho, Wo) -> image (N, C_img, H, W): the exact transpose of correlate.
+// ---- adjoint: col (N, C_col, Ho, Wo) -> image (N, C_img, H, W), the exact transpose of correlate ---------------
+
+// The horizontal fold of the adjoint: image rows = bias + the sum over kj of the unfold-shaped buffer V. V holds,
+// per (c, 0, kj) row and sample, a plane of (rows x Wo) at the given strides: Col2Im with a (1 x kw) geometry.
+template <typename A, typename Launch>
+void fold_rows(const Tensor& V, int64_t row_stride, int64_t sample_stride, Tensor& out, int64_t n0, int64_t samples,
+               int64_t c0, int64_t Cig, const Tensor& bias_acc, const Geom& g, int64_t h0, int64_t rows,
+               const Launch& launch) {
+  Geom gf = g;
+  gf.H = rows;
+  gf.Ho = rows;
+  gf.kh = 1;
+  gf.sh = 1;
+  gf.dh = 1;
+  gf.ph = 0;
+  const int64_t items = samples * Cig * rows;
+  const int64_t Ci = out.size(1), HW = g.H * g.W;
+  launch.with_index(fits_int32({V.numel(), out.numel(), items * g.W}), [&](auto index) {
+    using I = decltype(index);
+    const I seg = static_cast<I>(launch.segment(g.W));
+    const GeomT<I> gi = gf.as<I>();
+    Col2Im<A, I> f{V.data_ptr<A>(), I(row_stride), I(sample_stride),
+                   out.data_ptr<A>() + (n0 * Ci + c0) * HW + h0 * g.W, I(Ci * HW), I(HW),
+                   bias_acc.defined() ? bias_acc.data_ptr<A>() + c0 : nullptr, I(Cig), gi, seg};
+    launch(items * n_segments<int64_t>(g.W, seg), f, seg * g.kw);
+  });
+}
+
+template <typename T, typename A, typename Launch>
+void adjoint_rows(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
+                  int64_t groups, const Launch& launch) {
+  const int64_t N = col.size(0), Co = col.size(1), Cig = w.size(1), Cog = Co / groups;
+  const int64_t KC = Cig * g.kw;
+  const Tensor wr = weight_by_kernel_row(w, groups);
+  const Tensor colA = col_operand(col, out.scalar_type());
+  const bool direct = no_horizontal_taps(g);  // then V is the output itself
+  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * g.H * g.Wo);
+  Geom gv = g;  // blocks run over image rows; their halo is on the col side, nothing to re-unfold
+  gv.kh = 1;
+  const RowsPlan plan = rows_plan(gv, KC * g.Wo * chunk_samples, g.H, direct, launch);
+  if (plan.direct) fill_bias(out, bias_acc);
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * KC * g.kh * g.Ho * g.Wo, [&](int64_t q0, int64_t q1) {
+    Tensor V;
+    if (!plan.direct) V = at::empty({chunk_samples * KC * plan.block * g.Wo}, out.options());
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        for (int64_t a = 0; a < g.H; a += plan.block) {
+          const int64_t b = std::min(g.H, a + plan.block), R = b - a;
+          Tensor Vb;
+          if (!plan.direct) {
+            Vb = V.narrow(0, 0, samples * KC * R * g.Wo);
+            Vb.zero_();
+          }
+          for (int64_t ki = 0; ki < g.kh; ++ki) {
+            // image rows h in [a, b) that col row oh = h + ph - ki dh (inside [0, Ho)) reaches
+            const int64_t h_lo = std::max(a, ki * g.dh - g.ph), h_hi = std::min(b, g.Ho + ki * g.dh - g.ph);
+            if (h_hi <= h_lo) continue;
+            const int64_t oh0 = h_lo + g.ph - ki * g.dh;
+            Tensor B = rows_matrices(colA, n0, samples, gi * Cog, Cog, oh0, h_hi - h_lo);
+            Tensor C = plan.direct ? rows_matrices(out, n0, samples, gi * Cig, Cig, h_lo, h_hi - h_lo)
+                                   : Vb.as_strided({samples, KC, (h_hi - h_lo) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
+                                                   Vb.storage_offset() + (h_lo - a) * g.Wo);
+            add_products(C, wr[gi][ki].t(), B);
+          }
+          if (!plan.direct) {
+            fold_rows<A>(Vb, R * g.Wo, KC * R * g.Wo, out, n0, samples, gi * Cig, Cig, bias_acc, g, a, R, launch);
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename A, typename Launch>
+void adjoint_im2col(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
+                    int64_t groups, const Launch& launch) {
+  const int64_t N = col.size(0), Co = col.size(1), Cig = w.size(1), Ci = Cig * groups, Cog = Co / groups;
+  const int64_t K = g.kh * g.kw, L = g.Ho * g.Wo;
+  const Tensor weight_mat = w.view({groups, Cog, Cig * K});
+  const Tensor colA = col_operand(col, out.scalar_type());
+  const int64_t chunk_samples = launch.batch(N, Cig * K * L);
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  launch.over_items(chunks, 2.0 * chunk_samples * Co * Cig * K * L, [&](int64_t q0, int64_t q1) {
+    Tensor buf = at::empty({chunk_samples * Cig * K * L}, out.options());
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
+      for (int64_t gi = 0; gi < groups; ++gi) {
+        // buf (samples, Cig K, L) = W_g^T col[n, g]: written sample-major, read by Col2Im at those strides
+        Tensor C = buf.narrow(0, 0, samples * Cig * K * L).view({samples, Cig * K, L});
+        set_products(C, weight_mat[gi].t(), rows_matrices(colA, n0, samples, gi * Cog, Cog, 0, g.Ho));
+        const int64_t items = samples * Cig * g.H;
+        launch.with_index(fits_int32({buf.numel(), out.numel(), items * g.W}), [&](auto index) {
+          using I = decltype(index);
+          const I seg = static_cast<I>(launch.segment(g.W));
+          const GeomT<I> gi32 = g.as<I>();
+          Col2Im<A, I> f{C.data_ptr<A>(), I(L), I(Cig * K * L), out.data_ptr<A>() + (n0 * Ci + gi * Cig) * g.H * g.W,
+                         I(Ci * g.H * g.W), I(g.H * g.W),
+                         bias_acc.defined() ? bias_acc.data_ptr<A>() + gi * Cig : nullptr, I(Cig), gi32, seg};
+          launch(items * n_segments<int64_t>(g.W, seg), f, seg * g.kh * g.kw);
+        });
+      }
+    }
+  });
+}
+
+template <typename T, typename A, typename Launch>
+void depthwise_adjoint(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
+                       const Launch& launch) {
+  const int64_t N = col.size(0), C = out.size(1);
+  const int64_t items = N * C * g.H;
+  launch.with_index(fits_int32({extent(col), out.numel(), items * g.W}), [&](auto index) {
+    using I = decltype(index);
+    const I seg = static_cast<I>(launch.segment(g.W));
+    const GeomT<I> gi = g.as<I>();
+    DwAdjoint<T, A, I> f{col.data_ptr<T>(), I(col.stride(0)), I(col.stride(1)), I(col.stride(2)),
+                         I(col.stride(3)), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(), I(C), gi,
+                         seg};
+    launch(items * n_segments<int64_t>(g.W, seg), f, seg * g.kh * g.kw);
+  });
+}
+
 template <typename Launch>
 Tensor adjoint(const Tensor& col, const Tensor& weight, const Tensor& bias_acc, const Geom& g, int64_t groups,
-               const Launch& launch, bool fine) {
+               const Launch& launch) {
   const int64_t N = col.size(0), Co = col.size(1), Cig = weight.size(1), Ci = Cig * groups;
   const auto acc = acc_dtype(col);
   Tensor out = at::empty({N, Ci, g.H, g.W}, col.options().dtype(acc));
   if (out.numel() == 0) return out.to(col.scalar_type());
-  Tensor w = weight.to(acc).contiguous();
-  const bool dw = is_depthwise(Ci, Co, groups, weight);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, col.scalar_type(), "segops_conv_adjoint", [&] {
-    using A = acc_t<scalar_t>;
-    const index_t seg = fine ? 1 : g.W;
-    const index_t nseg = n_segments(g.W, seg);
-    const KjTable kjt(g, fine);
-    if (dw) {
-      DwAdjoint<scalar_t, A> f{col.data_ptr<scalar_t>(), col.stride(0), col.stride(1), col.stride(2),
-                               col.stride(3), w.data_ptr<A>(), ptr_or_null<A>(bias_acc), out.data_ptr<A>(),
-                               Ci, g, seg, kjt.ptr};
-      run(launch, N * Ci * g.H * nseg, f, seg * g.kh * g.kw);
-      return;
-    }
-    const int64_t Cog = Co / groups, K = g.kh * g.kw, L = g.Ho * g.Wo;
-    Tensor w2 = w.view({groups, Cog, Cig * K});
-    Tensor c4 = col.to(acc).contiguous().view({N, groups, Cog, L});
-    const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
-    Tensor buf = at::empty({Cig * K * nb * L}, out.options());
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-      const int64_t nc = std::min<int64_t>(nb, N - n0);
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        Tensor b2 = buf.narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L});
-        Tensor rhs = nc == 1 ? c4.select(0, n0).select(0, gi)
-                             : c4.narrow(0, n0, nc).select(1, gi).permute({1, 0, 2}).reshape({Cog, nc * L});
-        at::mm_out(b2, w2.select(0, gi).t(), rhs);
-        A* dst = out.data_ptr<A>() + (n0 * Ci + gi * Cig) * g.H * g.W;
-        const A* b = bias_acc.defined() ? bias_acc.data_ptr<A>() + gi * Cig : nullptr;
-        Col2Im<A> f{b2.data_ptr<A>(), dst, Ci * g.H * g.W, g.H * g.W, b, nc, Cig, g, seg, kjt.ptr};
-        run(launch, nc * Cig * g.H * nseg, f, seg * g.kh * g.kw);
-      }
-    }
-  });
+  const Tensor w = weight.to(acc).contiguous();
+  by_family(
+      family_of(g, is_depthwise(Ci, Co, groups, weight)), col.scalar_type(),
+      [&](auto t, auto a) { depthwise_adjoint<decltype(t), decltype(a)>(col, w, bias_acc, out, g, launch); },
+      [&](auto t, auto a) { adjoint_im2col<decltype(t), decltype(a)>(col, w, bias_acc, out, g, groups, launch); },
+      [&](auto t, auto a) { adjoint_rows<decltype(t), decltype(a)>(col, w, bias_acc, out, g, groups, launch); });
   return out.to(col.scalar_type());
 }
 
-// dW (C_col, C_img / groups, kh, kw) = sum_n col[n] (x) im2col(image[n]), in `out_dtype`.
-template <typename Launch>
-Tensor weight_grad(const Tensor& img, const Tensor& col, int64_t kh, int64_t kw, const Geom& g, int64_t groups,
-                   const Launch& launch, bool fine) {
+// ---- weight gradient: dW (C_col, C_img / groups, kh, kw) = sum_n col[n] (x) unfold(image[n]) ------------------
+
+// Runs body(q, dW_part) over the sample chunks q of a weight gradient, adding every chunk's contribution to dW in
+// chunk order: chunks that may run in parallel (launch.over_items) each fill a part of their own, summed in chunk
+// order afterwards, so the result does not depend on which chunks ran on which thread. Whether parts are used
+// depends on the shapes only.
+template <typename Launch, typename Body>
+void accumulate_chunks(Tensor& dW, int64_t chunks, double flops, const Launch& launch, const Body& body) {
+  // one part per chunk when that is affordable; otherwise the chunks run one after the other into dW
+  const bool parts = chunks > 1 && chunks * dW.numel() <= launch.scratch_elements();
+  if (!parts) {
+    for (int64_t q = 0; q < chunks; ++q) body(q, dW);
+    return;
+  }
+  Tensor part = at::zeros({chunks, dW.numel()}, dW.options());
+  launch.over_items(chunks, flops, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      Tensor p = part[q].view(dW.sizes());
+      body(q, p);
+    }
+  });
+  dW.add_(part.sum(0).view(dW.sizes()));
+}
+
+// dst (M, K) += sum_n C[n] B[n]^T over the matrices of C (samples, M, N) and B (samples, K, N).
+inline void add_gram(Tensor dst, const Tensor& C, const Tensor& B) {
+  if (C.size(0) == 1) {
+    dst.addmm_(C.select(0, 0), B.select(0, 0).t());
+  } else {
+    dst.add_(at::bmm(C, B.transpose(1, 2)).sum(0));
+  }
+}
+
+template <typename T, typename A, typename Launch>
+Tensor weight_grad_rows(const Tensor& img, const Tensor& col, const Geom& g, int64_t groups, const Launch& launch) {
   const int64_t N = img.size(0), Ci = img.size(1), Co = col.size(1), Cig = Ci / groups, Cog = Co / groups;
-  const auto acc = acc_dtype(img);
-  const int64_t K = kh * kw;
-  const bool dw = groups == Ci && groups == Co;
-  Tensor gw;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, img.scalar_type(), "segops_conv_weight_grad", [&] {
-    using A = acc_t<scalar_t>;
-#if !defined(__CUDACC__)
-    if (dw && !fine && g.dw == 1 && kw <= DwWeightGradRows<scalar_t, A>::kMaxKw) {
-      Tensor part = at::empty({Ci, 1, kh, kw}, img.options().dtype(acc));
-      DwWeightGradRows<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
-                                      img.stride(3), col.data_ptr<scalar_t>(), col.stride(0), col.stride(1),
-                                      col.stride(2), col.stride(3), part.data_ptr<A>(), N, Ci, g};
-      run(launch, Ci * kh, f, N * g.Ho * g.Wo * kw);
-      gw = part;
-      return;
-    }
-#endif
-    if (dw) {
-      const int64_t rows = N * g.Ho;
-      const int64_t work = Ci * K;
-      // CPU: one chunk per (c, k) unless that leaves threads idle; CUDA: ~2048 products per work item.
-      int64_t rpc = fine ? std::max<int64_t>(1, 2048 / std::max<int64_t>(g.Wo, 1))
-                         : (work >= 64 ? rows : std::max<int64_t>(1, rows * work / 64));
-      rpc = std::max<int64_t>(1, std::min<int64_t>(rpc, std::max<int64_t>(rows, 1)));
-      const int64_t nchunk = std::max<int64_t>(1, (rows + rpc - 1) / rpc);
-      Tensor part = at::empty({Ci, K, nchunk}, img.options().dtype(acc));
-      DwWeightGrad<scalar_t, A> f{img.data_ptr<scalar_t>(), img.stride(0), img.stride(1), img.stride(2),
-                                  img.stride(3), col.data_ptr<scalar_t>(), col.stride(0), col.stride(1),
-                                  col.stride(2), col.stride(3), part.data_ptr<A>(), N, Ci, g, rpc, nchunk};
-      run(launch, Ci * K * nchunk, f, rpc * g.Wo);
-      gw = nchunk == 1 ? part.view({Ci, 1, kh, kw}) : at::sum(part, {2}).view({Ci, 1, kh, kw});
-      return;
-    }
-    const index_t seg = fine ? 1 : g.Wo;
-    const index_t nseg = n_segments(g.Wo, seg);
-    const int64_t L = g.Ho * g.Wo;
-    gw = at::zeros({groups, Cog, Cig * K}, img.options().dtype(acc));
-    Tensor c4 = col.to(acc).contiguous().view({N, groups, Cog, L});
-    const int64_t nb = samples_per_chunk(N, Cig * K, L, fine);
-    const int64_t hb = rows_per_block(Cig * K, g, fine);
-    const bool blocks = nb == 1 && !fine;
-    Tensor buf = at::empty({Cig * K * (blocks ? hb * g.Wo : nb * L)}, img.options().dtype(acc));
-    for (int64_t n0 = 0; n0 < N; n0 += nb) {
-      const int64_t nc = std::min<int64_t>(nb, N - n0);
-      for (int64_t gi = 0; gi < groups; ++gi) {
-        const scalar_t* src = img.data_ptr<scalar_t>() + n0 * img.stride(0) + gi * Cig * img.stride(1);
-        if (blocks) {  // CPU: blocks of output rows, as in correlate
-          Tensor lhs = c4.select(0, n0).select(0, gi);
-          Tensor dst = gw.select(0, gi);
-          for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += hb) {
-            const int64_t hc = std::min<int64_t>(hb, g.Ho - oh0);
-            const Geom gb = row_block(g, oh0, hc);
-            Im2Col<scalar_t, A> fb{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3),
-                                   buf.data_ptr<A>(), 1, Cig, gb, seg};
-            run(launch, Cig * K * hc * nseg, fb, seg);
-            Tensor cb = buf.narrow(0, 0, Cig * K * hc * g.Wo).view({Cig * K, hc * g.Wo});
-            dst.addmm_(lhs.narrow(1, oh0 * g.Wo, hc * g.Wo), cb.t());
-          }
-          continue;
+  const int64_t KC = Cig * g.kw, L = g.Ho * g.Wo;
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const Tensor colA = col_operand(col, acc);
+  const bool direct = direct_rows<T, A>(g, img);
+  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
+  const RowsPlan plan = rows_plan(g, KC * g.Wo * chunk_samples, g.Ho, direct, launch);
+  Tensor dwr = at::zeros({groups, g.kh, Cog, KC}, img.options().dtype(acc));
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  accumulate_chunks(dwr, chunks, 2.0 * chunk_samples * Co * KC * g.kh * L, launch, [&](int64_t q, Tensor& dst) {
+    Tensor U;
+    if (!plan.direct) U = at::empty({KC * chunk_samples * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, dst.options());
+    const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      for (int64_t a = 0; a < g.Ho; a += plan.block) {
+        const int64_t b = std::min(g.Ho, a + plan.block);
+        const auto [r0, r1] = image_rows(g, a, b);
+        if (r1 <= r0) continue;
+        if (!plan.direct) unfold_rows<T, A>(img, n0, samples, gi * Cig, Cig, g, r0, r1, U, launch);
+        for (int64_t ki = 0; ki < g.kh; ++ki) {
+          const auto [oa, ob] = tap_rows(g, ki, a, b);
+          if (ob <= oa) continue;
+          const int64_t h0 = oa - g.ph + ki * g.dh;
+          Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
+                                 : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
+          add_gram(dst[gi][ki], rows_matrices(colA, n0, samples, gi * Cog, Cog, oa, ob - oa), B);
         }
-        Im2Col<scalar_t, A> f{src, img.stride(0), img.stride(1), img.stride(2), img.stride(3), buf.data_ptr<A>(),
-                              nc, Cig, g, seg};
-        run(launch, Cig * K * nc * g.Ho * nseg, f, seg);
-        Tensor b2 = buf.narrow(0, 0, Cig * K * nc * L).view({Cig * K, nc * L});
-        Tensor lhs = nc == 1 ? c4.select(0, n0).select(0, gi)
-                             : c4.narrow(0, n0, nc).select(1, gi).permute({1, 0, 2}).reshape({Cog, nc * L});
-        Tensor dst = gw.select(0, gi);
-        dst.addmm_(lhs, b2.t());
       }
     }
-    gw = gw.view({Co, Cig, kh, kw});
   });
+  return dwr.view({groups, g.kh, Cog, Cig, g.kw}).permute({0, 2, 3, 1, 4}).contiguous().view({Co, Cig, g.kh, g.kw});
+}
+
+template <typename T, typename A, typename Launch>
+Tensor weight_grad_im2col(const Tensor& img, const Tensor& col, const Geom& g, int64_t groups, const Launch& launch) {
+  const int64_t N = img.size(0), Ci = img.size(1), Co = col.size(1), Cig = Ci / groups, Cog = Co / groups;
+  const int64_t K = g.kh * g.kw, L = g.Ho * g.Wo;
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const Tensor colA = col_operand(col, acc);
+  const int64_t chunk_samples = launch.batch(N, Cig * K * L);
+  const int64_t block_rows = std::max<int64_t>(
+      1, std::min<int64_t>(g.Ho, launch.scratch_elements() / std::max<int64_t>(1, Cig * K * g.Wo * chunk_samples)));
+  Tensor gw = at::zeros({groups, Cog, Cig * K}, img.options().dtype(acc));
+  const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
+  accumulate_chunks(gw, chunks, 2.0 * chunk_samples * Co * Cig * K * L, launch, [&](int64_t q, Tensor& dst) {
+    Tensor buf = at::empty({Cig * K * chunk_samples * block_rows * g.Wo}, dst.options());
+    const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      for (int64_t a = 0; a < g.Ho; a += block_rows) {
+        const int64_t rows = std::min(block_rows, g.Ho - a);
+        Geom gb = g;
+        gb.Ho = rows;
+        gb.ph = g.ph - a * g.sh;
+        const int64_t items = Cig * K * samples * rows;
+        launch.with_index(fits_int32({extent(img), buf.numel(), items * g.Wo}), [&](auto index) {
+          using I = decltype(index);
+          const I seg = static_cast<I>(launch.segment(g.Wo));
+          Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + gi * Cig * img.stride(1), I(img.stride(0)),
+                            I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), buf.data_ptr<A>(), I(samples), I(Cig),
+                            gb.as<I>(), seg};
+          launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
+        });
+        Tensor B = buf.as_strided({samples, Cig * K, rows * g.Wo}, {rows * g.Wo, samples * rows * g.Wo, 1});
+        add_gram(dst[gi], rows_matrices(colA, n0, samples, gi * Cog, Cog, a, rows), B);
+      }
+    }
+  });
+  return gw.view({Co, Cig, g.kh, g.kw});
+}
+
+template <typename T, typename A, typename Launch>
+Tensor depthwise_weight_grad(const Tensor& img, const Tensor& col, const Geom& g, const Launch& launch) {
+  const int64_t N = img.size(0), C = img.size(1), K = g.kh * g.kw;
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const int64_t seg = launch.segment(g.Wo);
+  if (seg == g.Wo && g.dw == 1 && g.kw <= DwWeightGradRows<T, A, int64_t>::kMaxKw) {
+    // whole-row work items: one per (c, ki), kw accumulators, one pass over the rows (contiguous image runs)
+    Tensor part = at::empty({C, 1, g.kh, g.kw}, img.options().dtype(acc));
+    DwWeightGradRows<T, A, int64_t> f{img.data_ptr<T>(), img.stride(0), img.stride(1), img.stride(2),
+                                      img.stride(3), col.data_ptr<T>(), col.stride(0), col.stride(1),
+                                      col.stride(2), col.stride(3), part.data_ptr<A>(), N, C, g};
+    launch(C * g.kh, f, N * g.Ho * g.Wo * g.kw);
+    return part;
+  }
+  const int64_t rows = N * g.Ho, work = C * K;
+  // whole-row items: one chunk per (c, k) unless that leaves threads idle; element items: ~2048 products each
+  int64_t rows_per_chunk = seg == g.Wo ? (work >= 64 ? rows : std::max<int64_t>(1, rows * work / 64))
+                                       : std::max<int64_t>(1, 2048 / std::max<int64_t>(g.Wo, 1));
+  rows_per_chunk = std::max<int64_t>(1, std::min<int64_t>(rows_per_chunk, std::max<int64_t>(rows, 1)));
+  const int64_t nchunk = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
+  Tensor part = at::empty({C, K, nchunk}, img.options().dtype(acc));
+  launch.with_index(fits_int32({extent(img), extent(col), part.numel()}), [&](auto index) {
+    using I = decltype(index);
+    DwWeightGrad<T, A, I> f{img.data_ptr<T>(), I(img.stride(0)), I(img.stride(1)), I(img.stride(2)),
+                            I(img.stride(3)), col.data_ptr<T>(), I(col.stride(0)), I(col.stride(1)),
+                            I(col.stride(2)), I(col.stride(3)), part.data_ptr<A>(), I(N), I(C), g.as<I>(),
+                            I(rows_per_chunk), I(nchunk)};
+    launch(C * K * nchunk, f, rows_per_chunk * g.Wo);
+  });
+  return nchunk == 1 ? part.view({C, 1, g.kh, g.kw}) : at::sum(part, {2}).view({C, 1, g.kh, g.kw});
+}
+
+// dW (C_col, C_img / groups, kh, kw) = sum_n col[n] (x) im2col(image[n]), in the input dtype.
+template <typename Launch>
+Tensor weight_grad(const Tensor& img, const Tensor& col, const Geom& g, int64_t groups, const Launch& launch) {
+  const int64_t Ci = img.size(1), Co = col.size(1);
+  const bool dw = groups == Ci && groups == Co;
+  Tensor gw;
+  by_family(
+      family_of(g, dw), img.scalar_type(),
+      [&](auto t, auto a) { gw = depthwise_weight_grad<decltype(t), decltype(a)>(img, col, g, launch); },
+      [&](auto t, auto a) { gw = weight_grad_im2col<decltype(t), decltype(a)>(img, col, g, groups, launch); },
+      [&](auto t, auto a) { gw = weight_grad_rows<decltype(t), decltype(a)>(img, col, g, groups, launch); });
   return gw.to(img.scalar_type());
 }
 
@@ -387,25 +749,57 @@ inline std::tuple<Tensor, Tensor, Tensor> masked(const Tensor& gi, const Tensor&
   return std::make_tuple(e(gi), e(gw), e(gb));
 }
 
+// ---- the vendor's convolution (ATen: oneDNN / native kernels on the CPU, cuDNN on CUDA) ------------------------
+// The ops' `kernel` argument: forward op bit 0 = vendor forward (bit 1, vendor backward, is for the autograd
+// formula in Python); backward op 1 = vendor backward. Results are made contiguous, as segops' kernels return them.
+
+inline bool vendor_forward(int64_t kernel) { return (kernel & 1) != 0; }
+inline bool vendor_backward(int64_t kernel) { return kernel == 1; }
+
+inline Tensor vendor_convolution(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                                 const Args& a, bool transposed) {
+  SEGOPS_CONV_RANGE("segops::conv/vendor");
+  const int64_t stride[2] = {a.sh, a.sw}, padding[2] = {a.ph, a.pw}, dilation[2] = {a.dh, a.dw};
+  const int64_t output_padding[2] = {a.oph, a.opw};
+  return at::convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, a.groups)
+      .contiguous();
+}
+
+inline std::tuple<Tensor, Tensor, Tensor> vendor_convolution_backward(const Tensor& grad, const Tensor& input,
+                                                                      const Tensor& weight, const Args& a,
+                                                                      bool transposed, int64_t n_bias,
+                                                                      std::array<bool, 3> mask) {
+  SEGOPS_CONV_RANGE("segops::conv/vendor");
+  const int64_t stride[2] = {a.sh, a.sw}, padding[2] = {a.ph, a.pw}, dilation[2] = {a.dh, a.dw};
+  const int64_t output_padding[2] = {a.oph, a.opw}, bias_sizes[1] = {n_bias};
+  auto [gi, gw, gb] = at::convolution_backward(grad, input, weight, at::IntArrayRef(bias_sizes, 1), stride, padding,
+                                               dilation, transposed, output_padding, a.groups, mask);
+  return masked(mask[0] ? gi.contiguous() : Tensor(), mask[1] ? gw.contiguous() : Tensor(),
+                mask[2] ? gb : Tensor(), input);
+}
+
 // ---- ops ---------------------------------------------------------------------------------------------
 
 template <typename Launch>
 Tensor atrous_forward(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                      const Launch& launch, bool fine) {
+                      int64_t kernel, const Launch& launch) {
   const char* op = "atrous_conv2d";
   const int64_t zero[2] = {0, 0};
   Args a = make_args(op, stride, padding, dilation, at::IntArrayRef(zero, 2), groups);
   check_tensors(op, input, weight, bias, weight.size(0), "out_channels");
   Geom g = atrous_geom(op, input, weight, a);
-  return correlate(input, weight, opt_acc(bias, acc_dtype(input)), g, groups, launch, fine);
+  if (vendor_forward(kernel) && input.numel() > 0 && weight.numel() > 0) {
+    return vendor_convolution(input, weight, bias, a, false);
+  }
+  return correlate(input, weight, opt_acc(bias, acc_dtype(input)), g, groups, launch);
 }
 
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor> atrous_backward(const Tensor& grad_out, const Tensor& input, const Tensor& weight,
                                                    at::IntArrayRef stride, at::IntArrayRef padding,
                                                    at::IntArrayRef dilation, int64_t groups,
-                                                   std::array<bool, 3> mask, const Launch& launch, bool fine) {
+                                                   std::array<bool, 3> mask, int64_t kernel, const Launch& launch) {
   const char* op = "_atrous_conv2d_backward";
   const int64_t zero[2] = {0, 0};
   Args a = make_args(op, stride, padding, dilation, at::IntArrayRef(zero, 2), groups);
@@ -416,9 +810,12 @@ std::tuple<Tensor, Tensor, Tensor> atrous_backward(const Tensor& grad_out, const
               op, ": grad_output must have shape (", input.size(0), ", ", weight.size(0), ", ", g.Ho, ", ", g.Wo,
               "), got ", grad_out.sizes());
   Tensor go = grad_out.to(input.scalar_type());
+  if (vendor_backward(kernel) && input.numel() > 0 && weight.numel() > 0) {
+    return vendor_convolution_backward(go, input, weight, a, false, weight.size(0), mask);
+  }
   Tensor gi, gw, gb;
-  if (mask[0]) gi = adjoint(go, weight, Tensor(), g, groups, launch, fine);
-  if (mask[1]) gw = weight_grad(input, go, g.kh, g.kw, g, groups, launch, fine);
+  if (mask[0]) gi = adjoint(go, weight, Tensor(), g, groups, launch);
+  if (mask[1]) gw = weight_grad(input, go, g, groups, launch);
   if (mask[2]) gb = bias_grad(go);
   return masked(gi, gw, gb, input);
 }
@@ -426,12 +823,15 @@ std::tuple<Tensor, Tensor, Tensor> atrous_backward(const Tensor& grad_out, const
 template <typename Launch>
 Tensor transpose_forward(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef output_padding,
-                         int64_t groups, at::IntArrayRef dilation, const Launch& launch, bool fine) {
+                         int64_t groups, at::IntArrayRef dilation, int64_t kernel, const Launch& launch) {
   const char* op = "conv_transpose2d";
   Args a = make_args(op, stride, padding, dilation, output_padding, groups);
   check_tensors(op, input, weight, bias, weight.dim() == 4 ? weight.size(1) * groups : 0, "out_channels");
   Geom g = transpose_geom(op, input, weight, a);
-  return adjoint(input, weight, opt_acc(bias, acc_dtype(input)), g, groups, launch, fine);
+  if (vendor_forward(kernel) && input.numel() > 0 && weight.numel() > 0) {
+    return vendor_convolution(input, weight, bias, a, true);
+  }
+  return adjoint(input, weight, opt_acc(bias, acc_dtype(input)), g, groups, launch);
 }
 
 template <typename Launch>
@@ -439,7 +839,8 @@ std::tuple<Tensor, Tensor, Tensor> transpose_backward(const Tensor& grad_out, co
                                                       const Tensor& weight, at::IntArrayRef stride,
                                                       at::IntArrayRef padding, at::IntArrayRef output_padding,
                                                       int64_t groups, at::IntArrayRef dilation,
-                                                      std::array<bool, 3> mask, const Launch& launch, bool fine) {
+                                                      std::array<bool, 3> mask, int64_t kernel,
+                                                      const Launch& launch) {
   const char* op = "_conv_transpose2d_backward";
   Args a = make_args(op, stride, padding, dilation, output_padding, groups);
   check_tensors(op, input, weight, c10::nullopt, 0, "");
@@ -450,9 +851,12 @@ std::tuple<Tensor, Tensor, Tensor> transpose_backward(const Tensor& grad_out, co
               op, ": grad_output must have shape (", input.size(0), ", ", cout, ", ", g.H, ", ", g.W, "), got ",
               grad_out.sizes());
   Tensor go = grad_out.to(input.scalar_type());
+  if (vendor_backward(kernel) && input.numel() > 0 && weight.numel() > 0) {
+    return vendor_convolution_backward(go, input, weight, a, true, cout, mask);
+  }
   Tensor gi, gw, gb;
-  if (mask[0]) gi = correlate(go, weight, Tensor(), g, groups, launch, fine);
-  if (mask[1]) gw = weight_grad(go, input, g.kh, g.kw, g, groups, launch, fine);
+  if (mask[0]) gi = correlate(go, weight, Tensor(), g, groups, launch);
+  if (mask[1]) gw = weight_grad(go, input, g, groups, launch);
   if (mask[2]) gb = bias_grad(go);
   return masked(gi, gw, gb, input);
 }

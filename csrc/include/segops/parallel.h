@@ -8,6 +8,7 @@
 
 #if !defined(__CUDACC__)
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #endif
 
 namespace segops {
@@ -144,17 +145,65 @@ inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
   });
 }
 
-// The CPU policy as a value, for host glue written once for both backends (`launch(n, f)`).
+// ---- launchers: one policy value per backend ---------------------------------------------------
+// Host glue written once for both backends takes a launcher (`const Launch&`: CpuLaunch here, CudaLaunch in
+// parallel_cuda.cuh) and asks it every question whose answer depends on the hardware, so that the glue itself has
+// no device branch:
+//
+//   launch(n, f)                  f(i) for every i in [0, n): at::parallel_for chunks of `grain` items on the
+//                                 CPU, one grid-stride kernel on CUDA.
+//   launch(n, f, cost)            the same for items of about `cost` elements of work each: the CPU sizes its
+//                                 chunks to ~32k elements (small problems stay on one thread); CUDA ignores it.
+//   launch.segment(width)         how many consecutive elements of a row one work item covers: the whole row on
+//                                 the CPU (tight, vectorisable loops), one element on CUDA (a thread per output).
+//   launch.scratch_elements()     budget of a temporary buffer, in elements: cache-sized on the CPU, a bounded
+//                                 share of device memory on CUDA.
+//   launch.batch(n, per_item)     how many of n batch items (samples) one matrix product takes, given per_item
+//                                 scratch elements each: 1 on the CPU (one product already uses every core), as
+//                                 many as the scratch holds on CUDA (launches do not grow with the batch).
+//   launch.over_items(n, flops, body)  body(b, e) over [0, n) in ranges: on the CPU in parallel when the items are
+//                                 small (flops each) but not tiny, so that several single-threaded BLAS calls run
+//                                 at once; otherwise one range, whose BLAS calls use every thread.
+//   launch.with_index(fits32, f)  f(int32_t{}) or f(int64_t{}): the index type of the kernel bodies; 32-bit
+//                                 where every offset fits and it pays (CUDA's integer division), else 64-bit.
+//   launch.functor_writes_zeros(f), launch.writes_every_gradient(f): gradient policy of the backward functors
+//                                 (whether the functor writes the zeros of skipped pixels, whether the launch
+//                                 writes every element by other means; otherwise the caller zero-fills).
 struct CpuLaunch {
   index_t grain = 256;
-  // Gradient policy of the backward functors: whether the functor itself writes the zeros of skipped
-  // pixels, and whether the launch writes every element by other means; else the caller zero-fills.
+
   template <typename F>
   bool functor_writes_zeros(const F&) const { return false; }
   template <typename F>
   bool writes_every_gradient(const F&) const { return false; }
   template <typename F>
   void operator()(index_t n, const F& f) const { cpu_parallel_for(n, f, grain); }
+  template <typename F>
+  void operator()(index_t n, const F& f, index_t cost) const {
+    const index_t per_item = cost > 1 ? cost : 1;
+    cpu_parallel_for(n, f, per_item >= (index_t(1) << 15) ? 1 : (index_t(1) << 15) / per_item);
+  }
+  index_t segment(index_t width) const { return width > 0 ? width : 1; }
+  int64_t scratch_elements() const { return int64_t(1) << 22; }  // 16 MiB of float
+  int64_t batch(int64_t /*n*/, int64_t /*per_item*/) const { return 1; }
+  template <typename F>
+  void over_items(int64_t n, double flops, const F& body) const {
+    // Below ~2^26 flops per item a BLAS call cannot keep every thread busy; items in parallel can. Below ~2^21
+    // flops waking the thread pool costs more than it saves (gradcheck-sized problems stay on one thread).
+    const double lo = double(int64_t(1) << 21), hi = double(int64_t(1) << 26);
+    if (n > 1 && flops >= lo && flops < hi && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+      // the ranges call ATen ops: they run under the caller's grad mode and dispatch keys, not the pool thread's
+      const at::ThreadLocalState caller;
+      omp_parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+        const at::ThreadLocalStateGuard guard(caller);
+        body(b, e);
+      });
+    } else if (n > 0) {
+      body(0, n);
+    }
+  }
+  template <typename F>
+  void with_index(bool /*fits32*/, const F& f) const { f(int64_t{}); }
 };
 #endif
 

@@ -26,17 +26,36 @@ inline void cuda_parallel_for(index_t n, const F& f, int threads = 256) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The CUDA policy as a value, for host glue written once for both backends (`launch(n, f)`).
+// The CUDA launcher: the members and their meaning are listed in parallel.h ("launchers").
 struct CudaLaunch {
   int threads = 256;
-  // Gradient policy of the backward functors: whether the functor itself writes the zeros of skipped
-  // pixels, and whether the launch writes every element by other means; else the caller zero-fills.
+
   template <typename F>
   bool functor_writes_zeros(const F&) const { return true; }
   template <typename F>
   bool writes_every_gradient(const F&) const { return false; }
   template <typename F>
   void operator()(index_t n, const F& f) const { cuda_parallel_for(n, f, threads); }
+  template <typename F>
+  void operator()(index_t n, const F& f, index_t /*cost*/) const { cuda_parallel_for(n, f, threads); }
+  index_t segment(index_t /*width*/) const { return 1; }
+  int64_t scratch_elements() const { return int64_t(1) << 28; }  // 1 GiB of float
+  int64_t batch(int64_t n, int64_t per_item) const {
+    const int64_t fit = scratch_elements() / (per_item > 1 ? per_item : 1);
+    return std::max<int64_t>(1, std::min<int64_t>(n, fit));
+  }
+  template <typename F>
+  void over_items(int64_t n, double /*flops*/, const F& body) const {
+    if (n > 0) body(0, n);
+  }
+  template <typename F>
+  void with_index(bool fits32, const F& f) const {
+    if (fits32) {
+      f(int32_t{});
+    } else {
+      f(int64_t{});
+    }
+  }
 };
 
 }  // namespace segops

@@ -1,36 +1,40 @@
-// Host glue of the permutohedral filter, shared by the CPU and CUDA backends: checks, buffers (from
+// Host glue of the permutohedral lattice, shared by the CPU and CUDA backends: checks, buffers (from
 // PyTorch's allocator, on the current stream), the dispatch on d = 1..16 and on dtypes, and the phase
-// sequence build -> splat -> blur -> slice. A backend supplies a `Backend` type with
-//   Backend::launch(n, functor, grain)            parallel for (at::parallel_for with that grain / grid-stride kernel)
-//   Backend::ranged(n, functor, grain)            the same for functors with a CPU run_range(begin, end)
-//                                                 (build, slice: point loops without index divisions)
-//   Backend::splat(SplatAtomic<s, acc>, BN, M, image_lo, image_hi)   splat of all points
-//   Backend::inclusive_scan(int32 tensor) -> int64 inclusive prefix sum
+// sequences (build; splat -> blur -> slice; the quadratic forms of the losses). A backend supplies a
+// `Backend` type with
+//   Backend::launch(n, functor, grain)       parallel for (at::parallel_for with that grain / grid-stride kernel)
+//   Backend::ranged(n, functor, grain)       the same for functors with a CPU run_range(begin, end)
+//   Backend::splat(SplatArgs, B, M, vertex)  splat of all points into a zeroed (M, Cg) grid
+//   Backend::inclusive_scan(uint8 tensor)    -> int32 inclusive prefix sum
+//
+// Every launch sits in a profiler scope named "segops_kernel::<phase>", so torch.profiler shows the launches
+// of a call (their number does not depend on the batch size). The build reads ONE word back to the host
+// (the vertex count with the error flags); nothing else in this file reads device memory on the host.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/amin.h>
-#include <ATen/ops/aminmax.h>
-#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/reciprocal.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/record_function.h>
 #include <c10/core/ScalarType.h>
 
+#include <algorithm>
 #include <cmath>
-#include <ctime>
 #include <cstdio>
 #include <cstdlib>
-#include <limits>
-#include <algorithm>
+#include <ctime>
 #include <tuple>
 #include <utility>
 
 #include "segops/permutohedral_math.h"
+
+#define SEGOPS_LATTICE_KERNEL(name) RECORD_USER_SCOPE("segops_kernel::" name)
 
 namespace segops {
 namespace lattice {
@@ -39,17 +43,20 @@ using at::Tensor;
 
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// The lattice of a batch: per point its d+1 vertex ids (int64, global over the batch) and barycentric
-// weights, and per vertex its 2 (d+1) blur neighbours (-1 = absent).
+// The lattice of a batch: per entry (point, vertex k) its vertex id and barycentric weight, per vertex its
+// 2 (d+1) blur neighbours (-1 = absent). Vertex ids are int32, image-major, in order of first appearance.
 struct Lattice {
-  Tensor vertex;  // (B N (d+1)) int64
-  Tensor bary;    // (B N (d+1)) acc
-  Tensor nbr;     // (M, d+1, 2) int64
+  Tensor vertex;     // (B N (d+1)) int32
+  Tensor bary;       // (B N (d+1)) acc
+  Tensor neighbors;  // (M, d+1, 2) int32
   int64_t M = 0;
 };
 
 // Smallest chunks worth waking a second CPU thread for (each parallel region costs a wake-up).
 constexpr int64_t kGrainCheap = int64_t(1) << 15;
+// Entries per image / per call: ids are int32, and the build table holds 1.25x the entries.
+constexpr int64_t kMaxEntriesPerImage = int64_t(1) << 30;
+constexpr int64_t kMaxEntriesPerCall = int64_t(1) << 30;
 
 inline int64_t next_pow2(int64_t x) {
   int64_t p = 1;
@@ -57,10 +64,12 @@ inline int64_t next_pow2(int64_t x) {
   return p;
 }
 
+// SEGOPS_LATTICE_PROFILE=1 prints the process CPU time of each phase (the machines are shared: wall time
+// is noisy; CPU time still includes the page faults of fresh buffers).
 struct PhaseTimer {
   bool on = std::getenv("SEGOPS_LATTICE_PROFILE") != nullptr;
   double t = now();
-  static double now() {  // process CPU time: the machines are shared, wall time is noisy
+  static double now() {
     timespec ts;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
@@ -73,74 +82,76 @@ struct PhaseTimer {
   }
 };
 
-// Plans the packed-key variant: bounds every key coordinate from the feature ranges (interval
-// arithmetic over the elevation, +-(d+1) for the rounding / plane correction / vertex offsets, plus a
-// safety margin) and packs when the bit widths sum to at most 63. NaN / Inf / huge features: no packing
-// (the general path reports them).
-template <int D, typename T>
-bool plan_packing(const Tensor& feats, const T* scale, KeyPacking<D>& pk) {
-  Tensor lo_t = at::amin(feats, {0, 2}).to(at::kDouble).cpu();
-  Tensor hi_t = at::amax(feats, {0, 2}).to(at::kDouble).cpu();
-  const double* lo = lo_t.data_ptr<double>();
-  const double* hi = hi_t.data_ptr<double>();
-  double clo[kMaxD], chi[kMaxD];
-  for (int i = 0; i < D; ++i) {
-    if (!(std::isfinite(lo[i]) && std::isfinite(hi[i]))) return false;
-    clo[i] = lo[i] * double(scale[i]);
-    chi[i] = hi[i] * double(scale[i]);
+inline const char* bad_features_message() {
+  return ": features contain NaN or Inf (or values so large that the elevated lattice coordinates exceed 1e9; "
+         "features are expected to be O(1)-O(1e4) after scaling)";
+}
+
+// Build phases 1-2 with one key representation; returns the status word (the one host read).
+template <typename Backend, int D, typename T, typename Build>
+int64_t build_and_count(Build& build, int64_t B, int64_t N, const Tensor& owner_flag_buf, Tensor& incl,
+                        const Tensor& flags, const Tensor& status, PhaseTimer& timer) {
+  const int64_t total = B * N * (D + 1);
+  {
+    SEGOPS_LATTICE_KERNEL("build");
+    Backend::ranged(B * N, build, 8192);
   }
-  int total = 0;
-  for (int j = 0; j < D; ++j) {
-    double elo = 0, ehi = 0;
-    for (int i = j; i < D; ++i) {
-      elo += clo[i];
-      ehi += chi[i];
-    }
-    if (j > 0) {
-      elo -= j * chi[j - 1];
-      ehi -= j * clo[j - 1];
-    }
-    const double margin = 2.0 + 1e-5 * (std::fabs(elo) + std::fabs(ehi));
-    elo -= margin;
-    ehi += margin;
-    if (!(elo > -kMaxElevated && ehi < kMaxElevated)) return false;
-    const double klo = (D + 1) * std::floor(elo / (D + 1)) - 2.0 * (D + 1);
-    const double khi = (D + 1) * std::ceil(ehi / (D + 1)) + 2.0 * (D + 1) + D;
-    const double span = khi - klo + 1;
-    int bits = 0;
-    while (bits < 63 && std::ldexp(1.0, bits) < span) ++bits;
-    pk.lo[j] = static_cast<int32_t>(klo);
-    pk.bits[j] = bits;
-    pk.shift[j] = total;
-    total += bits;
-    if (total > 63) return false;
+  timer.mark("build");
+  {
+    SEGOPS_LATTICE_KERNEL("mark_owners");
+    Backend::launch(total, MarkOwners{build.slot, build.owner, owner_flag_buf.data_ptr<uint8_t>()}, kGrainCheap);
   }
-  for (int j = D; j < kMaxD; ++j) pk.lo[j] = pk.bits[j] = pk.shift[j] = 0;
-  return true;
+  {
+    SEGOPS_LATTICE_KERNEL("scan");
+    incl = Backend::inclusive_scan(owner_flag_buf);
+  }
+  {
+    SEGOPS_LATTICE_KERNEL("status");
+    Backend::launch(1, FinishStatus{incl.data_ptr<int32_t>(), total, flags.data_ptr<int32_t>(),
+                                    status.data_ptr<int64_t>()}, 1);
+  }
+  timer.mark("scan");
+  return status.item<int64_t>();  // the one device-to-host read of the build
 }
 
 template <typename Backend, int D, typename T>
-Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int64_t N) {
+Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */, int64_t B, int64_t N) {
   const int64_t E = N * (D + 1);
-  // Image-local entry / slot ids are int32; the table capacity (> E) makes overflow impossible.
-  TORCH_CHECK(E < (int64_t(1) << 30), "permutohedral_filter: an image of N = ", N, " points with d = ", D,
-              " has N (d+1) = ", E, " lattice entries, more than the 2^30 supported per image");
-  const int64_t cap = next_pow2(E + E / 4 + 1);
+  TORCH_CHECK(E < kMaxEntriesPerImage, op, ": an image of N = ", N, " points with d = ", D, " has N (d+1) = ", E,
+              " lattice entries, more than the 2^30 supported per image");
+  const int64_t total = B * E;
+  TORCH_CHECK(total < kMaxEntriesPerCall, op, ": the batch has B N (d+1) = ", total,
+              " lattice entries, more than the 2^30 supported per call; filter fewer images per call");
+  const int64_t cap = total + total / 4 + 1;
   const auto iopt = feats.options().dtype(at::kInt);
   const auto lopt = feats.options().dtype(at::kLong);
   PhaseTimer timer;
   T scale[kMaxD];
   const double inv_std_dev = std::sqrt(2.0 / 3.0) * (D + 1);
   for (int i = 0; i < kMaxD; ++i) scale[i] = i < D ? T(inv_std_dev / std::sqrt(double((i + 1) * (i + 2)))) : T(0);
-  Tensor owner = at::empty({B * E}, iopt);
-  Tensor bad = at::zeros({1}, iopt);
+
+  Tensor lo = at::amin(feats, {0, 2});
+  Tensor hi = at::amax(feats, {0, 2});
+  Tensor plan = at::empty({kPackPlanWords}, lopt);
+  PlanPacking<D, T> planner;
+  planner.lo = lo.data_ptr<T>();
+  planner.hi = hi.data_ptr<T>();
+  for (int i = 0; i < kMaxD; ++i) planner.scale[i] = scale[i];
+  planner.B = B;
+  planner.plan = reinterpret_cast<PackPlan*>(plan.data_ptr<int64_t>());
+  {
+    SEGOPS_LATTICE_KERNEL("plan_keys");
+    Backend::launch(1, planner, 1);
+  }
+  Tensor flags = at::zeros({2}, iopt);
+  Tensor status = at::empty({1}, lopt);
+  Tensor owner = at::full({cap}, kNoOwner, iopt);
+  Tensor slot = at::empty({total}, iopt);  // becomes the vertex ids
+  Tensor owner_flag = at::empty({total}, feats.options().dtype(at::kByte));
+  Tensor incl;
   Lattice lat;
-  lat.bary = at::empty({B * E}, feats.options());
-  lat.vertex = at::empty({B * E}, lopt);
-  Tensor vkeys;
-  const char* bad_msg =
-      "permutohedral_filter: features contain NaN or Inf (or values so large that the elevated lattice "
-      "coordinates exceed 1e9; features are expected to be O(1)-O(1e4) after scaling)";
+  lat.bary = at::empty({total}, feats.options());
+  timer.mark("alloc");
 
   auto fill_base = [&](BuildBase<D, T>& build) {
     build.feats = feats.data_ptr<T>();
@@ -149,92 +160,80 @@ Lattice build_lattice_d(const Tensor& feats /* (B, D, N) of T */, int64_t B, int
     build.fsn = feats.stride(2);
     for (int i = 0; i < kMaxD; ++i) build.scale[i] = scale[i];
     build.N = N;
-    build.mask = static_cast<uint64_t>(cap - 1);
+    build.cap = static_cast<uint64_t>(cap);
     build.owner = owner.data_ptr<int32_t>();
+    build.slot = slot.data_ptr<int32_t>();
     build.bary = lat.bary.data_ptr<T>();
-    build.bad = bad.data_ptr<int32_t>();
+    build.flags = flags.data_ptr<int32_t>();
   };
-  KeyPacking<D> pk;
-  if (plan_packing<D, T>(feats, scale, pk)) {
-    Tensor tables = at::full({B * cap}, -1, lopt);
-    BuildPacked<D, T> build;
-    fill_base(build);
-    build.pk = pk;
-    build.tables = tables.data_ptr<int64_t>();
-    timer.mark("alloc");
-    Backend::ranged(B * N, build, 8192);
-    timer.mark("build");
-    TORCH_CHECK(bad.item<int32_t>() == 0, bad_msg);  // one device sync on CUDA: features are user data
-    Tensor flag = at::empty({B * cap}, iopt);
-    for (int64_t b = 0; b < B; ++b)
-      Backend::launch(cap, MarkSlots{build.tables + b * cap, flag.data_ptr<int32_t>() + b * cap}, kGrainCheap);
-    timer.mark("mark");
-    Tensor incl = Backend::inclusive_scan(flag);
-    flag.reset();  // peak memory: the build's cap-sized arrays go as soon as they are consumed
-    lat.M = incl[B * cap - 1].item<int64_t>();
-    timer.mark("scan");
-    vkeys = at::empty({lat.M * (D + 1)}, iopt);
-    for (int64_t b = 0; b < B; ++b)
-      Backend::launch(cap, SlotKeys<D>{build.tables + b * cap, incl.data_ptr<int64_t>() + b * cap, pk,
-                                       static_cast<int32_t>(b), vkeys.data_ptr<int32_t>()},
-                      kGrainCheap);
-    tables.reset();  // the vertex ids below need only the owners' slots and the prefix sum
-    for (int64_t b = 0; b < B; ++b)
-      Backend::launch(E, AssignPacked{build.owner + b * E, incl.data_ptr<int64_t>() + b * cap,
-                                      lat.vertex.data_ptr<int64_t>() + b * E},
-                      kGrainCheap);
-    timer.mark("assign");
-  } else {
-    Tensor tables = at::full({B * cap}, -1, iopt);
-    Tensor keys = at::empty({B * E * D}, iopt);
-    BuildPoints<D, T> build;
-    fill_base(build);
-    build.tables = tables.data_ptr<int32_t>();
-    build.keys = keys.data_ptr<int32_t>();
-    timer.mark("alloc");
-    Backend::ranged(B * N, build, 8192);
-    timer.mark("build");
-    TORCH_CHECK(bad.item<int32_t>() == 0, bad_msg);
-    Tensor flag = at::empty({B * E}, iopt);
-    for (int64_t b = 0; b < B; ++b)
-      Backend::launch(E, MarkOwners{build.owner + b * E, flag.data_ptr<int32_t>() + b * E}, kGrainCheap);
-    timer.mark("mark");
-    Tensor incl = Backend::inclusive_scan(flag);
-    flag.reset();
-    tables.reset();  // the owners now say everything the table did
-    lat.M = incl[B * E - 1].item<int64_t>();
-    timer.mark("scan");
-    vkeys = at::empty({lat.M * (D + 1)}, iopt);
-    for (int64_t b = 0; b < B; ++b) {
-      Backend::launch(E, AssignVertices<D>{build.owner + b * E, incl.data_ptr<int64_t>() + b * E,
-                                           build.keys + b * E * D, static_cast<int32_t>(b),
-                                           lat.vertex.data_ptr<int64_t>() + b * E, vkeys.data_ptr<int32_t>()},
-                      kGrainCheap);
-    }
-    timer.mark("assign");
+
+  Tensor codes = at::full({cap}, -1, lopt);
+  BuildPacked<D, T> packed;
+  fill_base(packed);
+  packed.plan = planner.plan;
+  packed.codes = codes.data_ptr<int64_t>();
+  int64_t word = build_and_count<Backend, D, T>(packed, B, N, owner_flag, incl, flags, status, timer);
+  TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
+  Tensor keys;
+  if (word & kStatusNotPacked) {  // key ranges too wide for one int64: store the keys (a second host read)
+    codes.reset();
+    owner.fill_(kNoOwner);
+    flags.zero_();
+    keys = at::empty({total * (D + 1)}, iopt);
+    BuildStored<D, T> stored;
+    fill_base(stored);
+    stored.keys = keys.data_ptr<int32_t>();
+    word = build_and_count<Backend, D, T>(stored, B, N, owner_flag, incl, flags, status, timer);
+    TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
   }
-  owner.reset();  // the vertex ids are assigned
-  TORCH_CHECK(lat.M < (int64_t(1) << 31), "permutohedral_filter: the batch has ", lat.M,
-              " lattice vertices, more than the 2^31 supported; filter fewer images per call");
+  owner_flag.reset();
+  lat.M = word & kStatusCountMask;
+
+  Tensor vkeys = at::empty({lat.M * (D + 1)}, iopt);
+  AssignVertices<D> assign;
+  assign.slot_then_vertex = slot.data_ptr<int32_t>();
+  assign.owner = owner.data_ptr<int32_t>();
+  assign.incl = incl.data_ptr<int32_t>();
+  assign.codes = codes.defined() ? codes.data_ptr<int64_t>() : nullptr;
+  assign.plan = planner.plan;
+  assign.keys = keys.defined() ? keys.data_ptr<int32_t>() : nullptr;
+  assign.vkeys = vkeys.data_ptr<int32_t>();
+  {
+    SEGOPS_LATTICE_KERNEL("assign");
+    Backend::launch(total, assign, kGrainCheap);
+  }
+  lat.vertex = slot;
+  codes.reset();
+  owner.reset();
+  keys.reset();
+  incl.reset();
+  timer.mark("assign");
+
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
-  Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
-                                           vkeys.data_ptr<int32_t>()},
-                  kGrainCheap / 4);
-  lat.nbr = at::empty({lat.M, D + 1, 2}, lopt);
-  Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap - 1),
-                                          vkeys.data_ptr<int32_t>(), lat.nbr.data_ptr<int64_t>()},
-                  1024);
+  {
+    SEGOPS_LATTICE_KERNEL("vertex_table");
+    Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                             vkeys.data_ptr<int32_t>()},
+                    kGrainCheap / 4);
+  }
+  lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
+  {
+    SEGOPS_LATTICE_KERNEL("neighbors");
+    Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                            vkeys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
+                    1024);
+  }
   timer.mark("neighbors");
   return lat;
 }
 
 template <typename Backend, typename T>
-Lattice build_lattice_t(const Tensor& feats, int64_t B, int64_t N, int64_t d) {
+Lattice build_lattice_t(const char* op, const Tensor& feats, int64_t B, int64_t N, int64_t d) {
   switch (d) {
 #define SEGOPS_LATTICE_CASE(DD) \
   case DD:                      \
-    return build_lattice_d<Backend, DD, T>(feats, B, N);
+    return build_lattice_d<Backend, DD, T>(op, feats, B, N);
     SEGOPS_LATTICE_CASE(1)
     SEGOPS_LATTICE_CASE(2)
     SEGOPS_LATTICE_CASE(3)
@@ -253,89 +252,156 @@ Lattice build_lattice_t(const Tensor& feats, int64_t B, int64_t N, int64_t d) {
     SEGOPS_LATTICE_CASE(16)
 #undef SEGOPS_LATTICE_CASE
     default:
-      TORCH_CHECK(false, "permutohedral_filter: d = features.size(1) must be in [1, 16], got ", d);
+      TORCH_CHECK(false, op, ": d = features.size(1) must be in [1, 16], got ", d);
   }
   return Lattice{};
-}
-
-// Splat (values * prescale) [+ a ones channel], blur, slice into `out` (B, C, N). Returns W 1 per point
-// (B N) when `ones`, else an undefined tensor.
-template <typename Backend>
-Tensor apply_lattice(const Tensor& values /* (B, C, N) */, const Tensor& vertex, const Tensor& bary,
-                     const Tensor& nbr, int64_t d, const Tensor& prescale, bool ones, bool adjoint,
-                     const Tensor& out) {
-  const int64_t B = values.size(0), C = values.size(1), N = values.size(2), M = nbr.size(0);
-  const int64_t V = d + 1, Cv = C + (ones ? 1 : 0);
-  const auto acc = acc_dtype(values.scalar_type());
-  Tensor grid = at::zeros({M, Cv}, values.options().dtype(acc));
-  Tensor norm = ones ? at::empty({B * N}, values.options().dtype(acc)) : Tensor();
-  if (M == 0 || B * N == 0 || Cv == 0) return norm;
-  // Per image the range of its vertex ids (they are image-major), for the CPU's owner-range splat.
-  PhaseTimer timer;
-  Tensor lo, hi;
-  if (B == 1) {
-    lo = at::zeros({1}, at::kLong);
-    hi = at::full({1}, M - 1, at::TensorOptions().dtype(at::kLong));
-  } else {
-    std::tie(lo, hi) = at::aminmax(vertex.view({B, N * V}), 1);
-    lo = lo.cpu();
-    hi = hi.cpu();
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "permutohedral_filter", [&] {
-    using accT = acc_t<scalar_t>;
-    SplatAtomic<scalar_t, accT> sp;
-    sp.values = values.data_ptr<scalar_t>();
-    sp.vsb = values.stride(0);
-    sp.vsc = values.stride(1);
-    sp.vsn = values.stride(2);
-    sp.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
-    sp.N = N;
-    sp.C = C;
-    sp.Cv = Cv;
-    sp.V = V;
-    sp.ones = ones;
-    sp.vertex = vertex.data_ptr<int64_t>();
-    sp.bary = bary.data_ptr<accT>();
-    sp.grid = grid.data_ptr<accT>();
-    timer.mark("minmax");
-    Backend::splat(sp, B * N, M, lo.data_ptr<int64_t>(), hi.data_ptr<int64_t>());
-    timer.mark("splat");
-
-    Tensor tmp = at::empty_like(grid);
-    accT* a = grid.data_ptr<accT>();
-    accT* b = tmp.data_ptr<accT>();
-    for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
-      const int64_t j = adjoint ? d - step : step;
-      Backend::launch(M, BlurDirection<accT>{a, b, nbr.data_ptr<int64_t>(), Cv, V, j},
-                      std::max<int64_t>(64, 16384 / Cv));
-      std::swap(a, b);
-    }
-    timer.mark("blur");
-    Slice<scalar_t, accT> sl;
-    sl.grid = a;
-    sl.N = N;
-    sl.C = C;
-    sl.Cv = Cv;
-    sl.V = V;
-    sl.ones = ones;
-    sl.alpha = accT(1.0 / (1.0 + std::pow(2.0, -double(d))));
-    sl.vertex = vertex.data_ptr<int64_t>();
-    sl.bary = bary.data_ptr<accT>();
-    sl.out = out.data_ptr<scalar_t>();
-    sl.osb = out.stride(0);
-    sl.osc = out.stride(1);
-    sl.osn = out.stride(2);
-    sl.norm = ones ? norm.data_ptr<accT>() : nullptr;
-    Backend::ranged(B * N, sl, std::max<int64_t>(64, 8192 / Cv));
-    timer.mark("slice");
-  });
-  return norm;
 }
 
 // (B, C, *spatial) -> (B, C, N) view (or copy when the spatial dims cannot be merged).
 inline Tensor as_bcn(const Tensor& t) {
   if (t.dim() == 3) return t;
   return t.flatten(2);
+}
+
+inline int64_t spatial_numel(const Tensor& t) {
+  int64_t n = 1;
+  for (int64_t i = 2; i < t.dim(); ++i) n *= t.size(i);
+  return n;
+}
+
+// Builds the lattice of features (B, d, *spatial) in dtype `acc` (a (B, d, N) copy when not already).
+template <typename Backend>
+Lattice build_lattice(const char* op, const Tensor& features, at::ScalarType acc) {
+  const int64_t B = features.size(0), d = features.size(1), N = spatial_numel(features);
+  Tensor feats = as_bcn(features.to(acc));
+  Lattice lat;
+  AT_DISPATCH_FLOATING_TYPES(acc, "permutohedral_lattice", [&] {
+    lat = build_lattice_t<Backend, scalar_t>(op, feats, B, N, d);
+  });
+  return lat;
+}
+
+// ---- splat, blur, slice ----------------------------------------------------------------------------------
+
+// Splat of values (B, C, N) [* prescale (B N)] [+ one extra channel: `extra` (B, N) or ones] -> (M, Cg) grid.
+template <typename Backend>
+Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int64_t M, int64_t V,
+             const Tensor& prescale, bool has_extra, const Tensor& extra) {
+  const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
+  const int64_t Cg = C + (has_extra ? 1 : 0);
+  const auto acc = acc_dtype(values.scalar_type());
+  Tensor grid = at::zeros({M, Cg}, values.options().dtype(acc));
+  if (M == 0 || B * N == 0 || Cg == 0) return grid;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "permutohedral_splat", [&] {
+    using accT = acc_t<scalar_t>;
+    SplatArgs<scalar_t, accT> a;
+    a.values = values.data_ptr<scalar_t>();
+    a.vsb = values.stride(0);
+    a.vsc = values.stride(1);
+    a.vsn = values.stride(2);
+    a.prescale = prescale.defined() ? prescale.data_ptr<accT>() : nullptr;
+    a.has_extra = has_extra;
+    a.extra = extra.defined() ? extra.data_ptr<scalar_t>() : nullptr;
+    a.esb = extra.defined() ? extra.stride(0) : 0;
+    a.esn = extra.defined() ? extra.stride(1) : 0;
+    a.N = N;
+    a.C = C;
+    a.Cg = Cg;
+    a.V = V;
+    a.vertex = vertex.data_ptr<int32_t>();
+    a.bary = bary.data_ptr<accT>();
+    a.grid = grid.data_ptr<accT>();
+    SEGOPS_LATTICE_KERNEL("splat");
+    Backend::splat(a, B, M, vertex);
+  });
+  return grid;
+}
+
+// The deterministic gather splat: entries sorted (stably) by vertex, then one sum per (vertex, channel) in
+// ascending entry order. CUDA's splat; the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests).
+template <typename Backend, typename scalar_t, typename acc>
+void gather_splat(const SplatArgs<scalar_t, acc>& a, int64_t M, const Tensor& vertex) {
+  const int64_t T = vertex.numel();
+  Tensor sorted, order;
+  std::tie(sorted, order) = at::sort(vertex.view({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  Tensor start = at::empty({M + 1}, vertex.options().dtype(at::kLong));
+  Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start.data_ptr<int64_t>(), static_cast<int32_t>(M)},
+                  kGrainCheap);
+  SplatGather<scalar_t, acc> g;
+  g.a = a;
+  g.order = order.data_ptr<int64_t>();
+  g.start = start.data_ptr<int64_t>();
+  g.Cs = a.Cg;
+  Backend::launch(M * a.Cg, g, 64);
+}
+
+// d+1 blur passes (directions 0..d, or d..0 for the adjoint) over all Cg channels. Returns the blurred
+// grid; `grid` itself is kept when `keep_input`, else reused as a buffer.
+template <typename Backend>
+Tensor blur(const Tensor& grid, const Tensor& neighbors, int64_t d, bool adjoint, bool keep_input) {
+  const int64_t M = grid.size(0), Cg = grid.size(1), V = d + 1;
+  if (M == 0 || Cg == 0) return keep_input ? grid.clone() : grid;
+  Tensor a = grid, b = at::empty_like(grid), spare;
+  if (keep_input) spare = at::empty_like(grid);
+  AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "permutohedral_blur", [&] {
+    for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
+      const int64_t j = adjoint ? d - step : step;
+      SEGOPS_LATTICE_KERNEL("blur");
+      Backend::launch(M, BlurDirection<scalar_t>{a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                                                 neighbors.data_ptr<int32_t>(), Cg, V, j},
+                      std::max<int64_t>(64, 16384 / Cg));
+      if (step == 0 && keep_input) {
+        a = b;
+        b = spare;
+      } else {
+        std::swap(a, b);
+      }
+    }
+  });
+  return a;
+}
+
+// Slices `grid` (M, Cg) at every point into out (B, C, N) (strided view) per `mode`.
+template <typename Backend>
+void slice(const Tensor& grid, const Tensor& vertex, const Tensor& bary, int64_t d, SliceMode mode,
+           const Tensor& out, const Tensor& norm, const Tensor& coef, bool coef_extra, double scale_a) {
+  const int64_t B = out.size(0), C = out.size(1), N = out.size(2);
+  if (B * N == 0 || (C == 0 && mode != SliceMode::kNormalize)) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "permutohedral_slice", [&] {
+    using accT = acc_t<scalar_t>;
+    Slice<scalar_t, accT> sl;
+    sl.grid = grid.data_ptr<accT>();
+    sl.N = N;
+    sl.C = C;
+    sl.Cg = grid.size(1);
+    sl.V = d + 1;
+    sl.mode = mode;
+    sl.alpha = accT(1.0 / (1.0 + std::pow(2.0, -double(d))));
+    sl.vertex = vertex.data_ptr<int32_t>();
+    sl.bary = bary.data_ptr<accT>();
+    sl.out = out.data_ptr<scalar_t>();
+    sl.osb = out.stride(0);
+    sl.osc = out.stride(1);
+    sl.osn = out.stride(2);
+    sl.norm = norm.defined() ? norm.data_ptr<accT>() : nullptr;
+    sl.coef = coef.defined() ? coef.data_ptr<double>() : nullptr;
+    sl.coef_extra = coef_extra;
+    sl.scale_a = scale_a;
+    SEGOPS_LATTICE_KERNEL("slice");
+    Backend::ranged(B * N, sl, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
+  });
+}
+
+inline double slice_alpha(int64_t d) { return 1.0 / (1.0 + std::pow(2.0, -double(d))); }
+
+// ---- checks -------------------------------------------------------------------------------------------------
+
+inline void check_features(const char* op, const Tensor& features) {
+  TORCH_CHECK(features.dim() >= 3, op, ": features must have shape (B, d, H, W) or (B, d, N), got ", features.sizes());
+  TORCH_CHECK(features.size(1) >= 1 && features.size(1) <= kMaxD, op,
+              ": d = features.size(1) must be in [1, 16], got ", features.size(1));
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()), op, ": features must be floating point, got ",
+              features.scalar_type());
 }
 
 inline void check_inputs(const char* op, const Tensor& values, const Tensor& features) {
@@ -357,61 +423,209 @@ inline void check_inputs(const char* op, const Tensor& values, const Tensor& fea
               " but features are on ", features.device());
 }
 
+// The lattice tensors (vertex (B, N, d+1) int32, bary (B, N, d+1), neighbors (M, d+1, 2) int32) against a
+// (B, C, *spatial) tensor of dtype `like`. Returns d.
+inline int64_t check_lattice(const char* op, const char* what, const Tensor& x, const Tensor& vertex,
+                             const Tensor& bary, const Tensor& neighbors) {
+  TORCH_CHECK(x.dim() >= 3, op, ": ", what, " must have shape (B, C, *spatial), got ", x.sizes());
+  TORCH_CHECK(vertex.dim() == 3 && vertex.scalar_type() == at::kInt && bary.sizes() == vertex.sizes(), op,
+              ": vertex (int32) and bary must have shape (B, N, d+1) (a lattice from permutohedral_lattice); got ",
+              vertex.sizes(), " ", vertex.scalar_type(), " and ", bary.sizes());
+  const int64_t d = vertex.size(2) - 1;
+  TORCH_CHECK(d >= 1 && d <= kMaxD, op, ": the lattice has d = ", d, ", expected 1..16");
+  TORCH_CHECK(vertex.size(0) == x.size(0) && vertex.size(1) == spatial_numel(x), op, ": ", what, " ", x.sizes(),
+              " does not match the lattice of ", vertex.size(0), " images of ", vertex.size(1), " points");
+  TORCH_CHECK(neighbors.dim() == 3 && neighbors.size(1) == d + 1 && neighbors.size(2) == 2 &&
+                  neighbors.scalar_type() == at::kInt,
+              op, ": neighbors must be (M, d+1, 2) int32, got ", neighbors.sizes(), " ", neighbors.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": ", what, " must be floating point, got ", x.scalar_type());
+  const auto acc = acc_dtype(x.scalar_type());
+  TORCH_CHECK(bary.scalar_type() == acc, op, ": the lattice's weights are ", bary.scalar_type(), " but ", what,
+              " of dtype ", x.scalar_type(), " need a ", acc, " lattice (build it from ", acc, " features)");
+  TORCH_CHECK(vertex.device() == x.device() && bary.device() == x.device() && neighbors.device() == x.device(), op,
+              ": ", what, " are on ", x.device(), " but the lattice is on ", vertex.device());
+  return d;
+}
+
+// ---- ops ------------------------------------------------------------------------------------------------------
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor> lattice_forward(const Tensor& features) {
+  const char* op = "permutohedral_lattice";
+  check_features(op, features);
+  const int64_t B = features.size(0), d = features.size(1), N = spatial_numel(features);
+  const auto acc = acc_dtype(features.scalar_type());
+  if (B * N == 0) {
+    return std::make_tuple(at::empty({B, N, d + 1}, features.options().dtype(at::kInt)),
+                           at::empty({B, N, d + 1}, features.options().dtype(acc)),
+                           at::empty({0, d + 1, 2}, features.options().dtype(at::kInt)));
+  }
+  Lattice lat = build_lattice<Backend>(op, features, acc);
+  return std::make_tuple(lat.vertex.view({B, N, d + 1}), lat.bary.view({B, N, d + 1}), lat.neighbors);
+}
+
+// W values (or W^T values when transposed) on a built lattice.
+template <typename Backend>
+Tensor apply_forward(const Tensor& values, const Tensor& vertex, const Tensor& bary, const Tensor& neighbors,
+                     bool transposed) {
+  const char* op = "permutohedral_apply";
+  const int64_t d = check_lattice(op, "values", values, vertex, bary, neighbors);
+  const int64_t B = values.size(0), C = values.size(1), N = spatial_numel(values);
+  Tensor out = at::empty(values.sizes(), values.options());
+  if (B * N * C == 0) return out;
+  const Tensor vflat = vertex.reshape({-1}), bflat = bary.reshape({-1});
+  Tensor grid = splat<Backend>(as_bcn(values), vflat, bflat, neighbors.size(0), d + 1, Tensor(), false, Tensor());
+  grid = blur<Backend>(grid, neighbors.contiguous(), d, transposed, false);
+  slice<Backend>(grid, vflat, bflat, d, SliceMode::kPlain, out.view({B, C, N}), Tensor(), Tensor(), false, 1.0);
+  return out;
+}
+
 template <typename Backend>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> filter_forward(const Tensor& values, const Tensor& features,
                                                                   bool normalize) {
   const char* op = "permutohedral_filter";
   check_inputs(op, values, features);
-  const int64_t B = values.size(0), C = values.size(1), d = features.size(1);
-  int64_t Np = 1;
-  for (int64_t i = 2; i < values.dim(); ++i) Np *= values.size(i);
+  const int64_t B = values.size(0), C = values.size(1), d = features.size(1), N = spatial_numel(values);
   const auto acc = acc_dtype(values.scalar_type());
   const auto fopt = values.options().dtype(acc);
-  const auto lopt = values.options().dtype(at::kLong);
+  const auto iopt = values.options().dtype(at::kInt);
   Tensor out = at::empty(values.sizes(), values.options());
-  Tensor vflat = as_bcn(values);
-  Tensor oflat = out.view({B, C, Np});
-  if (B * Np == 0) {
-    return std::make_tuple(out, at::empty({B, Np, d + 1}, lopt), at::empty({B, Np, d + 1}, fopt),
-                           at::empty({0, d + 1, 2}, lopt), normalize ? at::empty({B, Np}, fopt) : at::empty({0}, fopt));
+  if (B * N == 0) {
+    return std::make_tuple(out, at::empty({B, N, d + 1}, iopt), at::empty({B, N, d + 1}, fopt),
+                           at::empty({0, d + 1, 2}, iopt), normalize ? at::empty({B, N}, fopt) : at::empty({0}, fopt));
   }
-  Tensor feats = as_bcn(features.to(acc));
-  Lattice lat;
-  AT_DISPATCH_FLOATING_TYPES(acc, "permutohedral_filter", [&] { lat = build_lattice_t<Backend, scalar_t>(feats, B, Np, d); });
-  Tensor norm = apply_lattice<Backend>(vflat, lat.vertex, lat.bary, lat.nbr, d, Tensor(), normalize, false, oflat);
-  return std::make_tuple(out, lat.vertex.view({B, Np, d + 1}), lat.bary.view({B, Np, d + 1}), lat.nbr,
-                         normalize ? norm.view({B, Np}) : at::empty({0}, fopt));
+  Lattice lat = build_lattice<Backend>(op, features, acc);
+  Tensor norm = normalize ? at::empty({B * N}, fopt) : at::empty({0}, fopt);
+  if (C > 0 || normalize) {
+    Tensor grid = splat<Backend>(as_bcn(values), lat.vertex, lat.bary, lat.M, d + 1, Tensor(), normalize, Tensor());
+    grid = blur<Backend>(grid, lat.neighbors, d, false, false);
+    slice<Backend>(grid, lat.vertex, lat.bary, d, normalize ? SliceMode::kNormalize : SliceMode::kPlain,
+                   out.view({B, C, N}), norm, Tensor(), false, 1.0);
+  }
+  return std::make_tuple(out, lat.vertex.view({B, N, d + 1}), lat.bary.view({B, N, d + 1}), lat.neighbors,
+                         normalize ? norm.view({B, N}) : norm);
 }
 
 // transposed: grad_values = W^T grad; normalised filter: W^T (grad / (W 1)). W^T is W with the blur
 // directions in reverse order (each direction's blur is symmetric, their product is not quite).
 // Not transposed (the double backward): W grad, or (W grad) / (W 1).
 template <typename Backend>
-Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& bary, const Tensor& nbr,
+Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& bary, const Tensor& neighbors,
                        const Tensor& norm, bool normalize, bool transposed) {
   const char* op = "_permutohedral_filter_backward";
-  TORCH_CHECK(grad.dim() >= 3, op, ": grad must have shape (B, C, *spatial), got ", grad.sizes());
-  TORCH_CHECK(vertex.dim() == 3 && bary.sizes() == vertex.sizes() && vertex.scalar_type() == at::kLong, op,
-              ": vertex (int64) and bary must have shape (B, N, d+1); got ", vertex.sizes(), " and ", bary.sizes());
-  const int64_t B = grad.size(0), C = grad.size(1), d = vertex.size(2) - 1;
-  int64_t Np = 1;
-  for (int64_t i = 2; i < grad.dim(); ++i) Np *= grad.size(i);
-  TORCH_CHECK(vertex.size(0) == B && vertex.size(1) == Np, op, ": grad ", grad.sizes(),
-              " does not match the lattice of ", vertex.size(0), " images of ", vertex.size(1), " points");
-  TORCH_CHECK(nbr.dim() == 3 && nbr.size(1) == d + 1 && nbr.size(2) == 2, op, ": neighbors must be (M, d+1, 2)");
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()), op, ": grad must be floating point");
+  const int64_t d = check_lattice(op, "grad", grad, vertex, bary, neighbors);
+  const int64_t B = grad.size(0), C = grad.size(1), N = spatial_numel(grad);
   const auto acc = acc_dtype(grad.scalar_type());
-  TORCH_CHECK(bary.scalar_type() == acc, op, ": bary must be ", acc, ", got ", bary.scalar_type());
   Tensor out = at::empty(grad.sizes(), grad.options());
-  if (B * Np == 0) return out;
+  if (B * N == 0) return out;
   Tensor prescale;
   if (normalize) {
-    TORCH_CHECK(norm.numel() == B * Np && norm.scalar_type() == acc, op, ": norm must be (B, N) ", acc);
-    if (transposed) prescale = at::reciprocal(norm.reshape({B * Np}));
+    TORCH_CHECK(norm.numel() == B * N && norm.scalar_type() == acc, op, ": norm must be (B, N) ", acc);
+    if (transposed) prescale = norm.reshape({B * N}).reciprocal();
   }
-  apply_lattice<Backend>(as_bcn(grad), vertex.contiguous().view({-1}), bary.contiguous().view({-1}),
-                         nbr.contiguous(), d, prescale, false, transposed, out.view({B, C, Np}));
-  if (normalize && !transposed) out.view({B, C, Np}).div_(norm.reshape({B, 1, Np}));
+  if (C > 0) {
+    Tensor grid = splat<Backend>(as_bcn(grad), vertex.reshape({-1}), bary.reshape({-1}), neighbors.size(0), d + 1,
+                                 prescale, false, Tensor());
+    grid = blur<Backend>(grid, neighbors.contiguous(), d, transposed, false);
+    slice<Backend>(grid, vertex.reshape({-1}), bary.reshape({-1}), d, SliceMode::kPlain, out.view({B, C, N}),
+                   Tensor(), Tensor(), false, 1.0);
+  }
+  if (normalize && !transposed) out.view({B, C, N}).div_(norm.reshape({B, 1, N}));
+  return out;
+}
+
+// ---- the losses' quadratic forms --------------------------------------------------------------------------
+// forms[b, k, 0] = <x_bk, W_b x_bk>, forms[b, k, 1] = <x_bk, W_b r_b> (r = roi, or ones; only with
+// `degree`), in float64, computed in the vertex domain: <x, W y> = alpha <S x, B S y> (the slice is alpha
+// times the transposed splat), so no per-point output is formed. Returns (forms, splatted S [x, r],
+// blurred B S [x, r]), the latter two (M, K [+1]) kept for the backward.
+
+template <typename Backend>
+Tensor image_starts(const Tensor& vertex, int64_t B, int64_t entries_per_image, int64_t M) {
+  Tensor starts = at::empty({B + 1}, vertex.options().dtype(at::kInt));
+  SEGOPS_LATTICE_KERNEL("image_starts");
+  Backend::launch(B + 1, ImageStarts{vertex.data_ptr<int32_t>(), entries_per_image, B, static_cast<int32_t>(M),
+                                     starts.data_ptr<int32_t>()},
+                  kGrainCheap);
+  return starts;
+}
+
+template <typename Backend>
+std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::optional<Tensor>& roi,
+                                                   const Tensor& vertex, const Tensor& bary, const Tensor& neighbors,
+                                                   bool degree) {
+  const char* op = "_lattice_quadratic_forms";
+  const int64_t d = check_lattice(op, "x", x, vertex, bary, neighbors);
+  const int64_t B = x.size(0), K = x.size(1), N = spatial_numel(x), M = neighbors.size(0);
+  const auto acc = acc_dtype(x.scalar_type());
+  Tensor extra;
+  if (roi.has_value() && roi->defined()) {
+    TORCH_CHECK(degree, op, ": roi is only used with degree=True");
+    TORCH_CHECK(roi->dim() == x.dim() && roi->size(0) == B && roi->size(1) == 1 && spatial_numel(*roi) == N &&
+                    roi->scalar_type() == x.scalar_type() && roi->device() == x.device(),
+                op, ": roi must be (B, 1, *spatial) like x, got ", roi->sizes(), " ", roi->scalar_type());
+    extra = as_bcn(*roi).select(1, 0);
+  }
+  Tensor forms = at::zeros({B, K, 2}, x.options().dtype(at::kDouble));
+  const int64_t Cg = K + (degree ? 1 : 0);
+  if (B * N == 0 || K == 0 || M == 0) {
+    return std::make_tuple(forms, at::zeros({M, Cg}, x.options().dtype(acc)), at::zeros({M, Cg}, x.options().dtype(acc)));
+  }
+  const Tensor vflat = vertex.reshape({-1});
+  Tensor G = splat<Backend>(as_bcn(x), vflat, bary.reshape({-1}), M, d + 1, Tensor(), degree, extra);
+  Tensor Y = blur<Backend>(G, neighbors.contiguous(), d, false, true);
+  const int64_t nchunk = (M + kDotChunk - 1) / kDotChunk;
+  Tensor starts = image_starts<Backend>(vflat, B, N * (d + 1), M);
+  Tensor partial = at::empty({B * K * 2 * nchunk}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(acc, "lattice_quadratic_forms", [&] {
+    SEGOPS_LATTICE_KERNEL("vertex_dots");
+    Backend::launch(B * K * nchunk,
+                    VertexDots<scalar_t>{G.data_ptr<scalar_t>(), Y.data_ptr<scalar_t>(), Cg, K, degree,
+                                         starts.data_ptr<int32_t>(), nchunk, partial.data_ptr<double>()},
+                    1);
+  });
+  {
+    SEGOPS_LATTICE_KERNEL("sum_chunks");
+    Backend::launch(B * K * 2, SumChunks{partial.data_ptr<double>(), nchunk, slice_alpha(d), forms.data_ptr<double>()},
+                    1024);
+  }
+  return std::make_tuple(forms, G, Y);
+}
+
+// grad_x (B, K, N) of sum grad_forms * forms: for forms[..., 0] the exact adjoint alpha S^T (B + B^T) S x
+// (`exact`) or the ECCV'18 gradient 2 W x = 2 alpha S^T B S x (W taken as symmetric, `splatted` unused);
+// for forms[..., 1] (with the degree channel) W r.
+template <typename Backend>
+Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted, const Tensor& blurred,
+                                const Tensor& vertex, const Tensor& bary, const Tensor& neighbors, bool exact,
+                                at::ScalarType dtype) {
+  const char* op = "_lattice_quadratic_forms_backward";
+  TORCH_CHECK(vertex.dim() == 3 && vertex.scalar_type() == at::kInt, op, ": vertex must be (B, N, d+1) int32");
+  const int64_t B = vertex.size(0), N = vertex.size(1), d = vertex.size(2) - 1;
+  TORCH_CHECK(grad_forms.dim() == 3 && grad_forms.size(0) == B && grad_forms.size(2) == 2 &&
+                  grad_forms.scalar_type() == at::kDouble,
+              op, ": grad_forms must be (B, K, 2) float64, got ", grad_forms.sizes(), " ", grad_forms.scalar_type());
+  const int64_t K = grad_forms.size(1), M = neighbors.size(0);
+  TORCH_CHECK(blurred.dim() == 2 && blurred.size(0) == M && (blurred.size(1) == K || blurred.size(1) == K + 1), op,
+              ": blurred must be (M, K [+1]), got ", blurred.sizes());
+  const bool degree = blurred.size(1) == K + 1;
+  Tensor out = at::empty({B, K, N}, grad_forms.options().dtype(dtype));
+  if (B * N * K == 0) return out;
+  Tensor coef = grad_forms.contiguous();
+  Tensor grid = blurred;
+  double scale_a = 2.0;
+  if (exact) {
+    TORCH_CHECK(splatted.sizes() == blurred.sizes(), op, ": splatted must be ", blurred.sizes(), " for exact=True");
+    grid = blur<Backend>(splatted.contiguous(), neighbors.contiguous(), d, true, true);
+    AT_DISPATCH_FLOATING_TYPES(grid.scalar_type(), "lattice_quadratic_forms_backward", [&] {
+      SEGOPS_LATTICE_KERNEL("add_adjoint");
+      Backend::launch(M, AddRows<scalar_t>{blurred.data_ptr<scalar_t>(), grid.data_ptr<scalar_t>(), blurred.size(1), K},
+                      std::max<int64_t>(64, 16384 / std::max<int64_t>(K, 1)));
+    });
+    scale_a = 1.0;
+  }
+  slice<Backend>(grid, vertex.reshape({-1}), bary.reshape({-1}), d, SliceMode::kAffine, out, Tensor(), coef, degree,
+                 scale_a);
   return out;
 }
 

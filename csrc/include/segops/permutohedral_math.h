@@ -1,19 +1,21 @@
-// Per-element math of the permutohedral lattice filter (write-once: the CPU and CUDA backends run it).
+// Per-element math of the permutohedral lattice (write-once: the CPU and CUDA backends run it).
 //
-// The semantics are the compatibility contract of shared/DESIGN.md ("Lattice semantics"): elevation
-// with inv_std_dev = sqrt(2/3)(d+1) and per-axis scale inv_std_dev / sqrt((i+1)(i+2)); the enclosing
-// simplex by rounding to multiples of d+1 and ranking the remainders (ties: lower index, lower rank);
-// barycentric weights; d+1 vertices keyed by their first d coordinates; splat; blur along directions
-// j = 0..d with weights 1/2, 1, 1/2 (absent neighbour = 0, double-buffered); slice times
-// alpha = 1 / (1 + 2^-d). No normalisation unless asked for.
+// Semantics (docs/lattice.md, "The contract"): elevation with inv_std_dev = sqrt(2/3)(d+1) and per-axis
+// scale inv_std_dev / sqrt((i+1)(i+2)); the enclosing simplex by rounding to multiples of d+1 and ranking
+// the remainders (ties: lower index, lower rank); barycentric weights; d+1 vertices keyed by their first d
+// coordinates; splat; blur along directions j = 0..d with weights 1/2, 1, 1/2 (absent neighbour = 0,
+// double-buffered); slice times alpha = 1 / (1 + 2^-d). No normalisation unless asked for.
 //
-// Data layout. E = N (d+1) "entries" per image (point n, vertex k -> entry n (d+1) + k). Each image has
-// its own open-addressing hash table of int32 slots holding the image-local entry id of the entry that
-// first inserted a key (-1 = empty). Keys are stored per entry (d int32 each) and written before the
-// slot is published with atomic_cas. The capacity is a power of two larger than E, so an insert always
-// finds its key or an empty slot: overflow is impossible. Vertices get dense int64 ids (prefix sum over
-// the "entry won its slot" flags, image-major), so a vertex's C channel values are one contiguous row
-// [vertex][channel].
+// Data layout. A batch of B images of N points has T = B N (d+1) "entries" (image b, point n, vertex k ->
+// entry (b N + n)(d+1) + k), all ids int32. One hash table serves the whole batch: keys carry the image
+// index, the capacity is T + T/4 + 1 slots (enough for every entry to hold a distinct key, so an insert
+// always finds its key or an empty slot) and a hash is mapped to a slot by a multiply-shift, not a mask,
+// so no power-of-two rounding is needed. Per slot the table keeps the key (packed into one int64 code, or
+// for key ranges too wide to pack, the id of an entry whose key is stored) and the smallest entry id that
+// carries the key (atomic min). Vertex ids are then assigned in order of first appearance (an entry is
+// its vertex's "owner" when it is that smallest id; a prefix sum over owner flags numbers them), which is
+// deterministic whatever the thread count, the insertion order or the device, and makes every image's
+// vertices a contiguous id range that starts at its first point's vertex 0.
 #pragma once
 
 #include "segops/hd.h"
@@ -30,6 +32,11 @@ namespace lattice {
 constexpr int kMaxD = 16;
 // Elevated coordinates beyond this magnitude are rejected (keys are int32, neighbours add +-d).
 constexpr double kMaxElevated = 1.0e9;
+// Bits of the status word read back once per build: the vertex count in the low bits, flags above.
+constexpr int64_t kStatusBadFeatures = int64_t(1) << 40;
+constexpr int64_t kStatusNotPacked = int64_t(1) << 41;
+constexpr int64_t kStatusCountMask = (int64_t(1) << 40) - 1;
+constexpr int32_t kNoOwner = 0x7fffffff;
 
 // Arithmetic that nvcc must not contract into FMAs: the simplex choice depends on exact rounding, and
 // CPU (no contraction at the default -O3 x86-64 flags), CUDA and the pure-PyTorch reference must agree.
@@ -76,8 +83,9 @@ SEGOPS_HD_INLINE double sub_rn(double a, double b) {
 #endif
 }
 // Round half to even (torch.round's rule; the contract allows any tie rule). On the host the classic
-// add-and-subtract-2^23 (2^52) trick, which rounds in the current (nearest-even) mode without the cost
-// of std::nearbyint's floating-point environment handling; values that large are integers already.
+// add-and-subtract-2^23 (2^52) trick, which rounds in the current (nearest-even) mode without a library
+// call (std::nearbyint is not inlined at the baseline x86-64 flags); without -ffast-math the compiler
+// may not fold (a + big) - big. Values that large are integers already.
 SEGOPS_HD_INLINE float round_even(float x) {
 #if defined(__CUDA_ARCH__)
   return rintf(x);
@@ -85,7 +93,7 @@ SEGOPS_HD_INLINE float round_even(float x) {
   const float big = 8388608.0f;  // 2^23
   const float a = std::fabs(x);
   if (!(a < big)) return x;
-  volatile float t = a + big;  // volatile: keep the two roundings apart
+  const float t = a + big;
   return std::copysign(t - big, x);
 #endif
 }
@@ -96,17 +104,59 @@ SEGOPS_HD_INLINE double round_even(double x) {
   const double big = 4503599627370496.0;  // 2^52
   const double a = std::fabs(x);
   if (!(a < big)) return x;
-  volatile double t = a + big;
+  const double t = a + big;
   return std::copysign(t - big, x);
 #endif
 }
 
-// Orders the key stores of an entry before the atomic_cas that publishes it (the host CAS is acq_rel).
+// ---- atomics the lattice needs beyond parallel.h ------------------------------------------------------
+
+// *address = min(*address, value).
+SEGOPS_HD_INLINE void atomic_min_i32(int32_t* address, int32_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicMin(address, value);
+#else
+  int32_t cur = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (value < cur &&
+         !__atomic_compare_exchange_n(address, &cur, value, /*weak=*/true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+#endif
+}
+
+// Raises a flag that several threads may raise at once.
+SEGOPS_HD_INLINE void raise_flag(int32_t* flag) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<volatile int32_t*>(flag) = 1;
+#else
+  __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+#endif
+}
+
+// Orders the key stores of an entry before the atomic that publishes it (the host CAS is acq_rel).
 SEGOPS_HD_INLINE void publish_fence() {
 #if defined(__CUDA_ARCH__)
   __threadfence();
 #endif
 }
+
+// A hash mapped onto [0, cap) by a multiply-shift (uniform for any cap, no power of two needed).
+SEGOPS_HD_INLINE uint64_t slot_of(uint64_t hash, uint64_t cap) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(hash, cap);
+#else
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(hash) * cap) >> 64);
+#endif
+}
+
+SEGOPS_HD_INLINE uint64_t mix64(uint64_t x) {  // splitmix64's finaliser
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// ---- steps 1-4: simplex, weights, vertex keys ------------------------------------------------------------
 
 // The enclosing simplex of one point: remainder-0 coordinates, ranks and barycentric weights b[0..d].
 template <int D, typename T>
@@ -131,33 +181,32 @@ SEGOPS_HD_INLINE bool find_simplex(const T* f, index_t fs, const T* scale, Simpl
   const T down = T(1.0 / (D + 1));
   int32_t sum = 0;
   T r[D + 1];
+  bool finite = true;
   for (int i = 0; i <= D; ++i) {
-    if (!(e[i] < T(kMaxElevated) && e[i] > T(-kMaxElevated))) return false;  // also catches NaN
-    const int32_t q = static_cast<int32_t>(round_even(mul_rn(e[i], down)));
-    s.rem0[i] = q * (D + 1);
-    sum += q;
+    finite = finite && (e[i] < T(kMaxElevated) && e[i] > T(-kMaxElevated));  // also catches NaN
+    const T q = finite ? round_even(mul_rn(e[i], down)) : T(0);
+    const int32_t qi = static_cast<int32_t>(q);
+    s.rem0[i] = qi * (D + 1);
+    sum += qi;
     r[i] = sub_rn(e[i], T(s.rem0[i]));
     s.rank[i] = 0;
   }
-  // rank_i = #{j : r_j > r_i} + #{j < i : r_j == r_i}  (step 2)
+  if (!finite) return false;
+  // rank_i = #{j : r_j > r_i} + #{j < i : r_j == r_i}  (step 2); branch-free: the comparisons are
+  // unpredictable and a mispredicted branch costs more than both increments
   for (int i = 0; i < D; ++i) {
     for (int j = i + 1; j <= D; ++j) {
-      if (r[i] < r[j]) {
-        ++s.rank[i];
-      } else {
-        ++s.rank[j];
-      }
+      const int32_t lt = r[i] < r[j] ? 1 : 0;
+      s.rank[i] += lt;
+      s.rank[j] += 1 - lt;
     }
   }
   for (int i = 0; i <= D; ++i) {
-    s.rank[i] += sum;
-    if (s.rank[i] < 0) {
-      s.rank[i] += D + 1;
-      s.rem0[i] += D + 1;
-    } else if (s.rank[i] > D) {
-      s.rank[i] -= D + 1;
-      s.rem0[i] -= D + 1;
-    }
+    int32_t rk = s.rank[i] + sum;
+    const int32_t under = rk < 0 ? 1 : 0, over = rk > D ? 1 : 0;
+    rk += (under - over) * (D + 1);
+    s.rank[i] = rk;
+    s.rem0[i] += (under - over) * (D + 1);
   }
   // step 3
   for (int i = 0; i < D + 2; ++i) s.bary[i] = T(0);
@@ -195,375 +244,498 @@ template <int D>
 SEGOPS_HD_INLINE uint64_t hash_key(const int32_t* key) {
   uint64_t h = 0;
   for (int i = 0; i < D; ++i) h = (h + static_cast<uint32_t>(key[i])) * 0x9E3779B97F4A7C15ull;
-  return h ^ (h >> 31);
+  return mix64(h);
 }
 
-// Inserts the key (hash = hash_key<D>(key)) of image-local entry `entry` (already stored at
-// keys[entry * D], before this call) into the table; returns the entry id that owns the key (entry itself when it was new).
-template <int D>
-SEGOPS_HD_INLINE int32_t table_insert(int32_t* table, uint64_t mask, const int32_t* keys, int32_t entry,
-                                      const int32_t* key, uint64_t hash) {
-  uint64_t h = hash & mask;
-  while (true) {
-    int32_t cur = atomic_load(table + h);
-    if (cur < 0) {
-      cur = atomic_cas(table + h, int32_t(-1), entry);
-      if (cur < 0) return entry;
+// ---- packed keys -------------------------------------------------------------------------------------------
+// When the bound on the key coordinates (from the feature ranges) fits, a vertex key plus its image index
+// is one int64 code = sum_i (key_i - lo_i) << shift_i + image << image_shift, stored in the slot itself.
+// The plan lives in device memory (computed there from amin / amax of the features), so no host read is
+// needed to choose it; when the range is too wide the build flags kStatusNotPacked and the host reruns it
+// with stored keys.
+struct PackPlan {
+  int32_t ok;
+  int32_t image_shift;
+  int32_t lo[kMaxD];
+  int32_t shift[kMaxD];
+  int32_t bits[kMaxD];
+  int64_t ones;  // sum_i 1 << shift_i: adds 1 to every coordinate of a code
+};
+constexpr int kPackPlanWords = (sizeof(PackPlan) + 7) / 8;  // int64 words of the device buffer
+
+// Bounds every key coordinate from the feature ranges lo[i], hi[i] (interval arithmetic over the
+// elevation, +-(D+1) for the rounding / plane correction / vertex offsets, plus a safety margin) and packs
+// when the bit widths plus the image bits sum to at most 63.
+template <int D, typename T>
+SEGOPS_HD_INLINE void plan_packing(const T* lo, const T* hi, const T* scale, int64_t B, PackPlan& p) {
+  p.ok = 0;
+  p.image_shift = 0;
+  p.ones = 0;
+  for (int j = 0; j < kMaxD; ++j) p.lo[j] = p.shift[j] = p.bits[j] = 0;
+  double clo[kMaxD], chi[kMaxD];
+  for (int i = 0; i < D; ++i) {
+    const double l = static_cast<double>(lo[i]), h = static_cast<double>(hi[i]);
+    if (!(l > -1e300 && l < 1e300 && h > -1e300 && h < 1e300)) return;  // NaN / Inf: the build reports it
+    clo[i] = l * static_cast<double>(scale[i]);
+    chi[i] = h * static_cast<double>(scale[i]);
+  }
+  int total = 0;
+  for (int j = 0; j < D; ++j) {
+    double elo = 0, ehi = 0;
+    for (int i = j; i < D; ++i) {
+      elo += clo[i];
+      ehi += chi[i];
     }
-    if (published_key_equals<D>(keys + static_cast<index_t>(cur) * D, key)) return cur;
-    h = (h + 1) & mask;
+    if (j > 0) {
+      elo -= j * chi[j - 1];
+      ehi -= j * clo[j - 1];
+    }
+    const double margin = 2.0 + 1e-5 * (::fabs(elo) + ::fabs(ehi));
+    elo -= margin;
+    ehi += margin;
+    if (!(elo > -kMaxElevated && ehi < kMaxElevated)) return;
+    const double klo = (D + 1) * ::floor(elo / (D + 1)) - 2.0 * (D + 1);
+    const double khi = (D + 1) * ::ceil(ehi / (D + 1)) + 2.0 * (D + 1) + D;
+    const double span = khi - klo + 1;
+    int bits = 0;
+    while (bits < 63 && ::ldexp(1.0, bits) < span) ++bits;
+    p.lo[j] = static_cast<int32_t>(klo);
+    p.bits[j] = bits;
+    p.shift[j] = total;
+    total += bits;
+    if (total > 63) return;
   }
+  int image_bits = 0;
+  while ((int64_t(1) << image_bits) < B) ++image_bits;
+  if (total + image_bits > 63) return;
+  p.image_shift = total;
+  for (int j = 0; j < D; ++j) p.ones += int64_t(1) << p.shift[j];
+  p.ok = 1;
 }
 
-// Read-only lookup after the build: the owning entry of `key`, or -1.
 template <int D>
-SEGOPS_HD_INLINE int32_t table_find(const int32_t* table, uint64_t mask, const int32_t* keys, const int32_t* key) {
-  uint64_t h = hash_key<D>(key) & mask;
-  while (true) {
-    const int32_t cur = table[h];
-    if (cur < 0) return -1;
-    if (keys_equal<D>(keys + static_cast<index_t>(cur) * D, key)) return cur;
-    h = (h + 1) & mask;
-  }
+SEGOPS_HD_INLINE int64_t pack_key(const PackPlan& p, const int32_t* key, int64_t image) {
+  uint64_t code = static_cast<uint64_t>(image) << p.image_shift;
+  for (int i = 0; i < D; ++i) code += static_cast<uint64_t>(key[i] - p.lo[i]) << p.shift[i];
+  return static_cast<int64_t>(code);
 }
 
-// ---- phase 1: simplex + hash insert, one point per call -------------------------------------------------
-// Writes bary[(b N + n)(D+1) + k] and owner[b E + n (D+1) + k] (image-local owning entry id). Keys of
-// entries served by the CPU thread-local cache are never stored nor read.
-// State and simplex step shared by both build functors (general keys and packed keys).
+// (image, key) of a code, written as D+1 int32 [image, key_0, ..., key_{D-1}].
+template <int D>
+SEGOPS_HD_INLINE void unpack_key(const PackPlan& p, int64_t code, int32_t* out) {
+  const uint64_t c = static_cast<uint64_t>(code);
+  out[0] = static_cast<int32_t>(c >> p.image_shift);
+  for (int i = 0; i < D; ++i)
+    out[i + 1] = static_cast<int32_t>((c >> p.shift[i]) & ((uint64_t(1) << p.bits[i]) - 1)) + p.lo[i];
+}
+
+// Plans the packing from the per-axis feature minima / maxima (device memory); one call.
+template <int D, typename T>
+struct PlanPacking {
+  const T* lo;
+  const T* hi;
+  T scale[kMaxD];
+  int64_t B;
+  PackPlan* plan;
+  SEGOPS_HD_INLINE void operator()(index_t) const { plan_packing<D, T>(lo, hi, scale, B, *plan); }
+};
+
+// ---- phase 1: simplex + hash insert, one point per call -----------------------------------------------------
+// Writes per entry its barycentric weight and the table slot of its key, and keeps per slot the smallest
+// entry id with that key (owner). A point with unusable features raises `flags[0]` and gets dummy entries
+// (slot 0, weight 0); the call then fails after the build.
 template <int D, typename T>
 struct BuildBase {
   const T* feats;  // (B, D, N) strided view
   index_t fsb, fsd, fsn;
   T scale[kMaxD];
   index_t N;
-  uint64_t mask;   // cap - 1
-  int32_t* owner;  // (B E)
-  T* bary;         // (B N, D+1)
-  int32_t* bad;    // set to 1 on NaN / Inf / huge features
+  uint64_t cap;
+  int32_t* owner;  // (cap) smallest entry id per slot, kNoOwner = none
+  int32_t* slot;   // (T) per entry
+  T* bary;         // (T)
+  int32_t* flags;  // [bad features, not packed]
 
-  // Returns false (and flags `bad`) when the features are unusable; `s` is then undefined.
+  // Returns false (and flags the features) when they are unusable; `s` is then undefined.
   SEGOPS_HD_INLINE bool simplex(index_t i, index_t b, index_t n, Simplex<D, T>& s) const {
     if (!find_simplex<D, T>(feats + b * fsb + n * fsn, fsd, scale, s)) {
-      *bad = 1;
-      for (int k = 0; k <= D; ++k) {
-        bary[i * (D + 1) + k] = T(0);
-        owner[i * (D + 1) + k] = 0;  // any valid entry: the call errors out after the build
-      }
+      raise_flag(flags);
+      dummy(i);
       return false;
     }
     for (int k = 0; k <= D; ++k) bary[i * (D + 1) + k] = s.bary[k];
     return true;
   }
-};
-
-template <int D, typename T>
-struct BuildPoints : BuildBase<D, T> {
-  using Base = BuildBase<D, T>;
-  using Base::N;
-  using Base::mask;
-  using Base::owner;
-  using Base::simplex;
-  int32_t* tables;  // (B, cap)
-  int32_t* keys;    // (B E, D)
-
-  SEGOPS_HD_INLINE void insert(index_t i, int k, const int32_t* key, uint64_t h) const {
-    const index_t b = i / N, n = i - b * N;
-    const index_t E = N * (D + 1);
-    const int32_t entry = static_cast<int32_t>(n * (D + 1) + k);
-    int32_t* image_keys = keys + b * E * D;
-    for (int c = 0; c < D; ++c) image_keys[static_cast<index_t>(entry) * D + c] = key[c];
-    publish_fence();
-    owner[i * (D + 1) + k] =
-        table_insert<D>(tables + b * (static_cast<index_t>(mask) + 1), mask, image_keys, entry, key, h);
-  }
-
-  SEGOPS_HD_INLINE void operator()(index_t i) const {
-    Simplex<D, T> s;
-    const index_t b = i / N;
-    if (!simplex(i, b, i - b * N, s)) return;
-    int32_t key[D];
+  SEGOPS_HD_INLINE void dummy(index_t i) const {
     for (int k = 0; k <= D; ++k) {
-      vertex_key<D, T>(s, k, key);
-      insert(i, k, key, hash_key<D>(key));
+      bary[i * (D + 1) + k] = T(0);
+      slot[i * (D + 1) + k] = 0;
     }
   }
-
-#if !defined(__CUDACC__)
-  // CPU: points [begin, end) in order, with a small direct-mapped thread-local cache key -> owner in
-  // front of the shared table (neighbouring pixels share most vertices): a hit costs no table probe,
-  // no key store and no atomic. The owners come from the table either way, so results are unchanged.
-  void run_range(index_t begin, index_t end) const {
-    constexpr int kCache = 4096;
-    struct Slot {
-      int32_t owner;
-      int32_t key[D];
-    };
-    std::vector<Slot> cache_storage(kCache);
-    Slot* cache = cache_storage.data();
-    Simplex<D, T> s;
-    int32_t key[D];
-    index_t cache_b = -1;
-    index_t b = begin / N, n = begin - b * N;
-    for (index_t i = begin; i < end; ++i, ++n) {
-      if (n == N) {
-        n = 0;
-        ++b;
-      }
-      if (b != cache_b) {  // owners are image-local
-        for (int c = 0; c < kCache; ++c) cache[c].owner = -1;
-        cache_b = b;
-      }
-      if (!simplex(i, b, n, s)) continue;
-      for (int k = 0; k <= D; ++k) {
-        vertex_key<D, T>(s, k, key);
-        const uint64_t h = hash_key<D>(key);
-        Slot& slot = cache[(h >> 40) & (kCache - 1)];
-        if (slot.owner >= 0 && keys_equal<D>(slot.key, key)) {
-          owner[i * (D + 1) + k] = slot.owner;
-          continue;
-        }
-        insert(i, k, key, h);
-        slot.owner = owner[i * (D + 1) + k];
-        for (int c = 0; c < D; ++c) slot.key[c] = key[c];
-      }
-    }
-  }
-#endif
-};
-
-// ---- phase 1, packed variant: keys packed into one int64 ---------------------------------------------
-// When the host's bound on the key coordinates (from the feature ranges) fits in 63 bits, a key is one
-// int64 code = sum_i (key_i - lo_i) << shift_i, stored in the table slot itself (-1 = empty): no key
-// array, one compare per probe. A vertex is then identified by its slot; owner[g] = slot index.
-template <int D>
-struct KeyPacking {
-  int32_t lo[kMaxD];
-  int32_t shift[kMaxD];
-  int32_t bits[kMaxD];
-  SEGOPS_HD_INLINE int64_t pack(const int32_t* key) const {
-    uint64_t code = 0;
-    for (int i = 0; i < D; ++i) code |= static_cast<uint64_t>(key[i] - lo[i]) << shift[i];
-    return static_cast<int64_t>(code);
-  }
-  SEGOPS_HD_INLINE void unpack(int64_t code, int32_t* key) const {
-    const uint64_t c = static_cast<uint64_t>(code);
-    for (int i = 0; i < D; ++i)
-      key[i] = static_cast<int32_t>((c >> shift[i]) & ((uint64_t(1) << bits[i]) - 1)) + lo[i];
+  SEGOPS_HD_INLINE void claim(int32_t h, int32_t entry) const {
+    if (atomic_load(owner + h) > entry) atomic_min_i32(owner + h, entry);
   }
 };
 
-SEGOPS_HD_INLINE uint64_t hash_code(int64_t code) {
-  uint64_t h = static_cast<uint64_t>(code) * 0x9E3779B97F4A7C15ull;
-  return h ^ (h >> 29);
-}
-
-// Returns the slot holding `code` (inserting it when absent). The capacity exceeds the number of
-// entries, so a free slot always exists.
-SEGOPS_HD_INLINE int32_t packed_insert(int64_t* table, uint64_t mask, int64_t code, uint64_t hash) {
-  uint64_t h = hash & mask;
+// The slot holding `code` (inserting it when absent); the capacity exceeds the number of entries, so a
+// free slot always exists.
+SEGOPS_HD_INLINE int32_t packed_insert(int64_t* codes, uint64_t cap, int64_t code) {
+  uint64_t h = slot_of(mix64(static_cast<uint64_t>(code)), cap);
   while (true) {
-    int64_t cur = atomic_load(table + h);
+    int64_t cur = atomic_load(codes + h);
     if (cur == -1) {
-      cur = atomic_cas(table + h, int64_t(-1), code);
+      cur = atomic_cas(codes + h, int64_t(-1), code);
       if (cur == -1) return static_cast<int32_t>(h);
     }
     if (cur == code) return static_cast<int32_t>(h);
-    h = (h + 1) & mask;
+    h = h + 1 == cap ? 0 : h + 1;
   }
 }
 
 template <int D, typename T>
-struct BuildPacked : BuildBase<D, T> {  // owner holds the slot of each entry's vertex
+struct BuildPacked : BuildBase<D, T> {
   using Base = BuildBase<D, T>;
   using Base::N;
-  using Base::mask;
-  using Base::owner;
+  using Base::cap;
+  using Base::claim;
+  using Base::flags;
   using Base::simplex;
-  KeyPacking<D> pk;
-  int64_t* tables;  // (B, cap)
+  using Base::slot;
+  const PackPlan* plan;
+  int64_t* codes;  // (cap) -1 = empty
 
-  SEGOPS_HD_INLINE int64_t code(const Simplex<D, T>& s, int k) const {
-    int32_t key[D];
-    vertex_key<D, T>(s, k, key);
-    return pk.pack(key);
+  // Codes of the d+1 vertices: vertex 0 is rem0; each next vertex adds 1 to every coordinate and
+  // subtracts d+1 from the one whose rank says it wraps (rank d - k for vertex k + 1).
+  template <typename Visit>
+  SEGOPS_HD_INLINE void vertex_codes(const PackPlan& p, const Simplex<D, T>& s, index_t b, Visit&& visit) const {
+    int32_t by_rank[D + 1];
+    for (int i = 0; i <= D; ++i) by_rank[s.rank[i]] = i;
+    int64_t code = pack_key<D>(p, s.rem0, b);
+    for (int k = 0; k <= D; ++k) {
+      visit(k, code);
+      const int wrap = by_rank[D - k];
+      code += p.ones - (wrap < D ? int64_t(D + 1) << p.shift[wrap] : int64_t(0));
+    }
   }
 
   SEGOPS_HD_INLINE void operator()(index_t i) const {
     Simplex<D, T> s;
     const index_t b = i / N;
     if (!simplex(i, b, i - b * N, s)) return;
-    int64_t* table = tables + b * (static_cast<index_t>(mask) + 1);
-    for (int k = 0; k <= D; ++k) {
-      const int64_t c = code(s, k);
-      owner[i * (D + 1) + k] = packed_insert(table, mask, c, hash_code(c));
+    const PackPlan p = *plan;
+    if (!p.ok) {
+      raise_flag(flags + 1);
+      this->dummy(i);
+      return;
     }
+    vertex_codes(p, s, b, [&](int k, int64_t code) {
+      const int32_t h = packed_insert(codes, cap, code);
+      const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
+      slot[entry] = h;
+      claim(h, entry);
+    });
   }
 
 #if !defined(__CUDACC__)
-  // CPU: as BuildPoints::run_range, with a thread-local direct-mapped cache code -> slot.
+  // CPU: points [begin, end) in order, with a small direct-mapped thread-local cache code -> slot in front
+  // of the shared table (neighbouring pixels share most vertices): a hit costs no table probe and no
+  // atomic. The owners stay right: a chunk meets each key first at its smallest entry id, which always
+  // misses the cache and claims the slot.
   void run_range(index_t begin, index_t end) const {
+    const PackPlan p = *plan;
     constexpr int kCache = 4096;
-    std::vector<int64_t> cache_code(kCache);
+    std::vector<int64_t> cache_code(kCache, int64_t(-1));
     std::vector<int32_t> cache_slot(kCache);
     Simplex<D, T> s;
-    index_t cache_b = -1;
-    int64_t* table = nullptr;
     index_t b = begin / N, n = begin - b * N;
     for (index_t i = begin; i < end; ++i, ++n) {
       if (n == N) {
         n = 0;
         ++b;
       }
-      if (b != cache_b) {
-        std::fill(cache_code.begin(), cache_code.end(), int64_t(-1));
-        cache_b = b;
-        table = tables + b * (static_cast<index_t>(mask) + 1);
+      if (!simplex(i, b, n, s)) continue;
+      if (!p.ok) {
+        raise_flag(flags + 1);
+        this->dummy(i);
+        continue;
+      }
+      vertex_codes(p, s, b, [&](int k, int64_t code) {
+        const uint64_t mixed = mix64(static_cast<uint64_t>(code));
+        const int c = static_cast<int>(mixed >> 52) & (kCache - 1);
+        const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
+        if (cache_code[c] == code) {
+          slot[entry] = cache_slot[c];
+          return;
+        }
+        const int32_t h = packed_insert(codes, cap, code);
+        slot[entry] = h;
+        claim(h, entry);
+        cache_code[c] = code;
+        cache_slot[c] = h;
+      });
+    }
+  }
+#endif
+};
+
+// ---- phase 1, stored keys: key ranges too wide to pack ------------------------------------------------------
+// Each entry that reaches the table first stores its key [image, key...] (D+1 int32) at keys[entry]; a slot
+// holds the id of an entry whose key is stored there (the owner itself: inserts publish with a CAS, later
+// smaller entries with the same key lower it with an atomic min).
+template <int D, typename T>
+struct BuildStored : BuildBase<D, T> {
+  using Base = BuildBase<D, T>;
+  using Base::N;
+  using Base::cap;
+  using Base::owner;
+  using Base::simplex;
+  using Base::slot;
+  int32_t* keys;  // (T, D+1)
+
+  SEGOPS_HD_INLINE int32_t insert(int32_t entry, const int32_t* key) const {
+    for (int c = 0; c <= D; ++c) keys[static_cast<index_t>(entry) * (D + 1) + c] = key[c];
+    publish_fence();
+    uint64_t h = slot_of(hash_key<D + 1>(key), cap);
+    while (true) {
+      int32_t cur = atomic_load(owner + h);
+      if (cur == kNoOwner) {
+        cur = atomic_cas(owner + h, kNoOwner, entry);
+        if (cur == kNoOwner) return static_cast<int32_t>(h);
+      }
+      if (published_key_equals<D + 1>(keys + static_cast<index_t>(cur) * (D + 1), key)) {
+        if (entry < cur) atomic_min_i32(owner + h, entry);
+        return static_cast<int32_t>(h);
+      }
+      h = h + 1 == cap ? 0 : h + 1;
+    }
+  }
+
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    Simplex<D, T> s;
+    const index_t b = i / N;
+    if (!simplex(i, b, i - b * N, s)) return;
+    int32_t key[D + 1];
+    key[0] = static_cast<int32_t>(b);
+    for (int k = 0; k <= D; ++k) {
+      vertex_key<D, T>(s, k, key + 1);
+      const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
+      slot[entry] = insert(entry, key);
+    }
+  }
+
+#if !defined(__CUDACC__)
+  // CPU: as BuildPacked::run_range, with a thread-local direct-mapped cache key -> slot.
+  void run_range(index_t begin, index_t end) const {
+    constexpr int kCache = 4096;
+    struct Cached {
+      int32_t slot;
+      int32_t key[D + 1];
+    };
+    std::vector<Cached> cache(kCache);
+    for (auto& c : cache) c.slot = -1;
+    Simplex<D, T> s;
+    int32_t key[D + 1];
+    index_t b = begin / N, n = begin - b * N;
+    for (index_t i = begin; i < end; ++i, ++n) {
+      if (n == N) {
+        n = 0;
+        ++b;
       }
       if (!simplex(i, b, n, s)) continue;
+      key[0] = static_cast<int32_t>(b);
       for (int k = 0; k <= D; ++k) {
-        const int64_t c = code(s, k);
-        const uint64_t h = hash_code(c);
-        const int slot = static_cast<int>((h >> 40) & (kCache - 1));
-        if (cache_code[slot] == c) {
-          owner[i * (D + 1) + k] = cache_slot[slot];
+        vertex_key<D, T>(s, k, key + 1);
+        const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
+        Cached& c = cache[(hash_key<D + 1>(key) >> 52) & (kCache - 1)];
+        if (c.slot >= 0 && keys_equal<D + 1>(c.key, key)) {
+          slot[entry] = c.slot;
           continue;
         }
-        const int32_t o = packed_insert(table, mask, c, h);
-        owner[i * (D + 1) + k] = o;
-        cache_code[slot] = c;
-        cache_slot[slot] = o;
+        c.slot = slot[entry] = insert(entry, key);
+        for (int j = 0; j <= D; ++j) c.key[j] = key[j];
       }
     }
   }
 #endif
 };
 
-// Packed variant of phase 2: flags over the table slots (image's), then vertex ids and keys.
-struct MarkSlots {
-  const int64_t* table;
-  int32_t* flag;
-  SEGOPS_HD_INLINE void operator()(index_t h) const { flag[h] = table[h] != -1 ? 1 : 0; }
+// ---- phase 2: vertex ids in order of first appearance ---------------------------------------------------------
+
+// owner_flag[e] = 1 when entry e is the smallest entry with its key.
+struct MarkOwners {
+  const int32_t* slot;
+  const int32_t* owner;
+  uint8_t* owner_flag;
+  SEGOPS_HD_INLINE void operator()(index_t e) const { owner_flag[e] = owner[slot[e]] == e ? 1 : 0; }
 };
 
-template <int D>
-struct SlotKeys {
-  const int64_t* table;  // image's (cap)
-  const int64_t* incl;   // image's (cap)
-  KeyPacking<D> pk;
-  int32_t image;
-  int32_t* vkeys;  // batch's (M, D+1)
-  SEGOPS_HD_INLINE void operator()(index_t h) const {
-    if (table[h] == -1) return;
-    int32_t* vk = vkeys + (incl[h] - 1) * (D + 1);
-    vk[0] = image;
-    pk.unpack(table[h], vk + 1);
+// The one word the host reads back: the vertex count (last prefix sum) and the flags.
+struct FinishStatus {
+  const int32_t* incl;  // inclusive prefix sum of the owner flags, T entries
+  index_t T;
+  const int32_t* flags;
+  int64_t* status;
+  SEGOPS_HD_INLINE void operator()(index_t) const {
+    int64_t s = T > 0 ? static_cast<int64_t>(incl[T - 1]) : 0;
+    if (flags[0]) s |= kStatusBadFeatures;
+    if (flags[1]) s |= kStatusNotPacked;
+    *status = s;
   }
 };
 
-struct AssignPacked {
-  const int32_t* owner;  // image's (E): slot ids
-  const int64_t* incl;   // image's (cap)
-  int64_t* vertex;       // image's (E)
-  SEGOPS_HD_INLINE void operator()(index_t l) const { vertex[l] = incl[owner[l]] - 1; }
-};
-
-// ---- phase 2: dense vertex ids (one image per launch: no index division) -------------------------------
-// flag[l] = 1 when image-local entry l owns its key.
-struct MarkOwners {
-  const int32_t* owner;  // image's (E)
-  int32_t* flag;         // image's (E)
-  SEGOPS_HD_INLINE void operator()(index_t l) const { flag[l] = owner[l] == l ? 1 : 0; }
-};
-
-// With incl = inclusive prefix sum of the flags over the batch: vertex[l] = dense id of the owner of
-// entry l; each owner also writes its vertex's key, prefixed by the image index, into vkeys (M, D+1).
+// vertex[e] = id of e's vertex (written over the slot array: each entry reads only its own slot); each
+// owner also writes its vertex's [image, key...] row of vkeys (M, D+1).
 template <int D>
 struct AssignVertices {
-  const int32_t* owner;  // image's (E)
-  const int64_t* incl;   // image's (E)
-  const int32_t* keys;   // image's (E, D)
-  int32_t image;
-  int64_t* vertex;  // image's (E)
-  int32_t* vkeys;   // batch's (M, D+1)
-  SEGOPS_HD_INLINE void operator()(index_t l) const {
-    const int32_t o = owner[l];
-    vertex[l] = incl[o] - 1;
-    if (o == l) {
-      int32_t* vk = vkeys + (incl[l] - 1) * (D + 1);
-      vk[0] = image;
-      for (int i = 0; i < D; ++i) vk[i + 1] = keys[l * D + i];
+  int32_t* slot_then_vertex;  // (T)
+  const int32_t* owner;       // (cap)
+  const int32_t* incl;        // (T)
+  const int64_t* codes;       // (cap) packed keys, or nullptr
+  const PackPlan* plan;       // with codes
+  const int32_t* keys;        // (T, D+1) stored keys, or nullptr
+  int32_t* vkeys;             // (M, D+1)
+  SEGOPS_HD_INLINE void operator()(index_t e) const {
+    const int32_t h = slot_then_vertex[e];
+    const int32_t o = owner[h];
+    const int32_t v = incl[o] - 1;
+    slot_then_vertex[e] = v;
+    if (o != e) return;
+    int32_t* vk = vkeys + static_cast<index_t>(v) * (D + 1);
+    if (codes) {
+      unpack_key<D>(*plan, codes[h], vk);
+    } else {
+      for (int c = 0; c <= D; ++c) vk[c] = keys[e * (D + 1) + c];
     }
   }
 };
 
-// The compact vertex table: (image, key) -> dense vertex id, all keys distinct; small enough to stay in
-// cache for the neighbour search (the build table holds up to N (d+1) entries, this one M).
+// The compact vertex table: [image, key] -> vertex id, all keys distinct; small enough to stay in cache for
+// the neighbour search (the build table has room for every entry, this one for the M vertices).
 template <int D>
 struct InsertVertices {
   int32_t* table;
-  uint64_t mask;
-  const int32_t* vkeys;  // (M, D+1), written before this launch
+  uint64_t cap;
+  const int32_t* vkeys;  // (M, D+1)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
     const int32_t* key = vkeys + v * (D + 1);
-    table_insert<D + 1>(table, mask, vkeys, static_cast<int32_t>(v), key, hash_key<D + 1>(key));
+    uint64_t h = slot_of(hash_key<D + 1>(key), cap);
+    while (atomic_cas(table + h, int32_t(-1), static_cast<int32_t>(v)) != -1) h = h + 1 == cap ? 0 : h + 1;
   }
 };
 
-// ---- phase 3: blur neighbours, one vertex per call -----------------------------------------------------
-// nbr[(v (D+1) + j) 2 + 0] = vertex at key - 1 (+ D + 1 in coordinate j), [.. + 1] = key + 1 (- D - 1 in
-// coordinate j); -1 when absent. For j = D only the implicit last coordinate takes the +-(D+1).
+template <int D>
+SEGOPS_HD_INLINE int32_t find_vertex(const int32_t* table, uint64_t cap, const int32_t* vkeys, const int32_t* key) {
+  uint64_t h = slot_of(hash_key<D + 1>(key), cap);
+  while (true) {
+    const int32_t cur = table[h];
+    if (cur < 0) return -1;
+    if (keys_equal<D + 1>(vkeys + static_cast<index_t>(cur) * (D + 1), key)) return cur;
+    h = h + 1 == cap ? 0 : h + 1;
+  }
+}
+
+// ---- phase 3: blur neighbours, one vertex per call ---------------------------------------------------------
+// neighbors[(v (D+1) + j) 2 + 0] = vertex at key - 1 (+ D + 1 in coordinate j), [.. + 1] = key + 1 (- D - 1
+// in coordinate j); -1 when absent. For j = D only the implicit last coordinate takes the +-(D+1).
 template <int D>
 struct FindNeighbors {
   const int32_t* table;
-  uint64_t mask;
+  uint64_t cap;
   const int32_t* vkeys;  // (M, D+1)
-  int64_t* nbr;          // (M, D+1, 2)
+  int32_t* neighbors;    // (M, D+1, 2)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
     const int32_t* key = vkeys + v * (D + 1);
     int32_t lo[D + 1], hi[D + 1];
+    lo[0] = hi[0] = key[0];
+    for (int i = 1; i <= D; ++i) {
+      lo[i] = key[i] - 1;
+      hi[i] = key[i] + 1;
+    }
     for (int j = 0; j <= D; ++j) {
-      lo[0] = hi[0] = key[0];
-      for (int i = 1; i <= D; ++i) {
-        lo[i] = key[i] - 1;
-        hi[i] = key[i] + 1;
-      }
       if (j < D) {
         lo[j + 1] = key[j + 1] + D;
         hi[j + 1] = key[j + 1] - D;
       }
-      nbr[(v * (D + 1) + j) * 2 + 0] = table_find<D + 1>(table, mask, vkeys, lo);
-      nbr[(v * (D + 1) + j) * 2 + 1] = table_find<D + 1>(table, mask, vkeys, hi);
+      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex<D>(table, cap, vkeys, lo);
+      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex<D>(table, cap, vkeys, hi);
+      if (j < D) {
+        lo[j + 1] = key[j + 1] - 1;
+        hi[j + 1] = key[j + 1] + 1;
+      }
     }
   }
 };
 
-// ---- splat / blur / slice over C channels (+1 implicit "ones" channel when computing W 1) --------------
-// Vertex values: (M, Cv) accumulators, Cv = C + has_ones. Points: values (B, C, N) strided.
+// image_start[b] = first vertex id of image b (its first point's vertex 0, an owner), image_start[B] = M.
+struct ImageStarts {
+  const int32_t* vertex;  // (B N (d+1))
+  index_t entries_per_image;
+  index_t B;
+  int32_t M;
+  int32_t* image_start;  // (B+1)
+  SEGOPS_HD_INLINE void operator()(index_t b) const {
+    image_start[b] = b < B ? vertex[b * entries_per_image] : M;
+  }
+};
 
-constexpr int kChannelBlock = 8;
+// ---- splat / blur / slice over channels --------------------------------------------------------------------
+// Vertex values: (M, Cg) rows ("grid"). Point values: (B, C, N) strided.
 
-// CUDA splat: one point per call, float atomics (order-dependent rounding).
+// What the splat reads: x = values * prescale over C channels, plus optionally one extra channel (index C
+// of the grid) holding `extra` (a (B, N) strided tensor) or 1 when `extra` is null.
 template <typename scalar_t, typename acc>
-struct SplatAtomic {
+struct SplatArgs {
   const scalar_t* values;
   index_t vsb, vsc, vsn;
-  const acc* prescale;  // (B N) or nullptr: the value splatted is values * prescale
-  index_t N, C, Cv, V;  // V = d+1 vertices per point
-  bool ones;            // splat 1 into channel C
-  const int64_t* vertex;
-  const acc* bary;
-  acc* grid;  // (M, Cv)
-  SEGOPS_HD_INLINE void operator()(index_t i) const {
-    const index_t b = i / N, n = i - b * N;
-    const scalar_t* x = values + b * vsb + n * vsn;
+  const acc* prescale;  // (B N) or nullptr
+  bool has_extra;
+  const scalar_t* extra;  // (B, N) strided, or nullptr for ones
+  index_t esb, esn;
+  index_t N, C, Cg, V;
+  const int32_t* vertex;  // (B N V)
+  const acc* bary;        // (B N V)
+  acc* grid;              // (M, Cg)
+
+  SEGOPS_HD_INLINE acc value(index_t b, index_t n, index_t i, index_t c) const {
     const acc ps = prescale ? prescale[i] : acc(1);
-    for (index_t k = 0; k < V; ++k) {
-      const acc w = bary[i * V + k];
-      acc* row = grid + vertex[i * V + k] * Cv;
-      for (index_t c = 0; c < C; ++c) atomic_add(row + c, w * (static_cast<acc>(x[c * vsc]) * ps));
-      if (ones) atomic_add(row + C, w);
+    return static_cast<acc>(values[b * vsb + c * vsc + n * vsn]) * ps;
+  }
+  SEGOPS_HD_INLINE acc extra_value(index_t b, index_t n) const {
+    return extra ? static_cast<acc>(extra[b * esb + n * esn]) : acc(1);
+  }
+};
+
+// Deterministic gather splat (CUDA's, also runnable on the CPU): the entries sorted by vertex, stably (entry
+// order within a vertex), so every vertex sums its contributions in ascending entry order -- the order of
+// the CPU's scatter. One call per (vertex, channel).
+template <typename scalar_t, typename acc>
+struct SplatGather {
+  SplatArgs<scalar_t, acc> a;
+  const int64_t* order;  // (T) entry ids sorted by vertex
+  const int64_t* start;  // (M+1) first position of each vertex in `order`
+  index_t Cs;            // channels splatted: C (+1 with the extra channel)
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    const index_t v = i / Cs, c = i - v * Cs;
+    acc sum = acc(0);
+    for (index_t j = start[v]; j < start[v + 1]; ++j) {
+      const index_t e = order[j];
+      const index_t p = e / a.V, b = p / a.N, n = p - b * a.N;
+      const acc x = c < a.C ? a.value(b, n, p, c) : a.extra_value(b, n);
+      sum += a.bary[e] * x;
     }
+    a.grid[v * a.Cg + c] = sum;
+  }
+};
+
+// start[v] = first position of vertex v in the sorted vertex ids; start[M] = T.
+struct SegmentStarts {
+  const int32_t* sorted;  // (T)
+  index_t T;
+  int64_t* start;  // (M+1)
+  int32_t M;
+  SEGOPS_HD_INLINE void operator()(index_t j) const {
+    if (j == 0 || sorted[j] != sorted[j - 1]) start[sorted[j]] = j;
+    if (j == T - 1) start[M] = T;
   }
 };
 
@@ -572,86 +744,187 @@ template <typename acc>
 struct BlurDirection {
   const acc* in;
   acc* out;
-  const int64_t* nbr;
-  index_t Cv, V, j;
+  const int32_t* neighbors;
+  index_t Cg, V, j;
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    const int64_t a = nbr[(v * V + j) * 2 + 0], c = nbr[(v * V + j) * 2 + 1];
-    const acc* self = in + v * Cv;
-    acc* o = out + v * Cv;
+    const int32_t a = neighbors[(v * V + j) * 2 + 0], c = neighbors[(v * V + j) * 2 + 1];
+    const acc* self = in + v * Cg;
+    acc* o = out + v * Cg;
     const acc half = acc(0.5);
     if (a >= 0 && c >= 0) {
-      const acc* pa = in + a * Cv;
-      const acc* pc = in + c * Cv;
-      for (index_t ch = 0; ch < Cv; ++ch) o[ch] = self[ch] + half * (pa[ch] + pc[ch]);
+      const acc* pa = in + a * Cg;
+      const acc* pc = in + c * Cg;
+      for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch] + half * (pa[ch] + pc[ch]);
     } else if (a >= 0) {
-      const acc* pa = in + a * Cv;
-      for (index_t ch = 0; ch < Cv; ++ch) o[ch] = self[ch] + half * pa[ch];
+      const acc* pa = in + static_cast<index_t>(a) * Cg;
+      for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch] + half * pa[ch];
     } else if (c >= 0) {
-      const acc* pc = in + c * Cv;
-      for (index_t ch = 0; ch < Cv; ++ch) o[ch] = self[ch] + half * pc[ch];
+      const acc* pc = in + static_cast<index_t>(c) * Cg;
+      for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch] + half * pc[ch];
     } else {
-      for (index_t ch = 0; ch < Cv; ++ch) o[ch] = self[ch];
+      for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch];
     }
   }
 };
 
-// Slice one point: out[c] = alpha sum_k b_k grid[v_k][c]; with `ones`, out[c] = (W x)_c / (W 1) and
-// norm[i] = alpha sum_k b_k grid[v_k][C] (= W 1).
+// out[v, c] += in[v, c] for c < C, out[v, c] = in[v, c] for C <= c < Cg: the exact gradient's (B + B^T)
+// on the vertex values of the C channels, the forward blur on the extra channel.
+template <typename acc>
+struct AddRows {
+  const acc* in;
+  acc* out;
+  index_t Cg, C;
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    for (index_t c = 0; c < C; ++c) out[v * Cg + c] += in[v * Cg + c];
+    for (index_t c = C; c < Cg; ++c) out[v * Cg + c] = in[v * Cg + c];
+  }
+};
+
+constexpr int kChannelBlock = 8;
+
+enum class SliceMode : int32_t {
+  kPlain = 0,      // out = alpha s
+  kNormalize = 1,  // out = s / s_extra, norm = alpha s_extra
+  kAffine = 2,     // out[b, c] = alpha (scale coef[b, c, 0] s + coef[b, c, 1] s_extra)
+};
+
+// Slice one point: s[c] = sum_k b_k grid[v_k][c] over the C output channels (s_extra over grid channel C).
 template <typename scalar_t, typename acc>
 struct Slice {
   const acc* grid;
-  index_t N, C, Cv, V;
-  bool ones;
+  index_t N, C, Cg, V;
+  SliceMode mode;
   acc alpha;
-  const int64_t* vertex;
+  const int32_t* vertex;
   const acc* bary;
   scalar_t* out;  // (B, C, N) strided
   index_t osb, osc, osn;
-  acc* norm;  // (B N) when ones
+  acc* norm;           // (B N), kNormalize
+  const double* coef;  // (B, C, 2), kAffine
+  bool coef_extra;     // kAffine: the extra channel (grid channel C) enters with coef[b, c, 1]
+  double scale_a;      // kAffine
+
+  SEGOPS_HD_INLINE acc gather_one(index_t i, index_t c) const {
+    acc t = acc(0);
+    for (index_t k = 0; k < V; ++k) t += bary[i * V + k] * grid[static_cast<index_t>(vertex[i * V + k]) * Cg + c];
+    return t;
+  }
+  // Sums of channels [c0, c0 + kChannelBlock) with a fixed trip count: the 8 sums stay in registers.
+  SEGOPS_HD_INLINE void gather_block(index_t i, index_t c0, acc* sums) const {
+    for (int c = 0; c < kChannelBlock; ++c) sums[c] = acc(0);
+    for (index_t k = 0; k < V; ++k) {
+      const acc wk = bary[i * V + k];
+      const acc* row = grid + static_cast<index_t>(vertex[i * V + k]) * Cg + c0;
+      for (int c = 0; c < kChannelBlock; ++c) sums[c] += wk * row[c];
+    }
+  }
+  // Per point: the extra-channel sum and the multiplier of channel sums (kNormalize: 1 / s_extra).
+  SEGOPS_HD_INLINE acc prologue(index_t i, acc& s_extra) const {
+    s_extra = acc(0);
+    if (mode == SliceMode::kNormalize) {
+      s_extra = gather_one(i, C);
+      norm[i] = alpha * s_extra;
+      return acc(1) / s_extra;  // > 0: every point's own splat reaches its vertices with positive mass
+    }
+    if (mode == SliceMode::kAffine && coef_extra) s_extra = gather_one(i, C);
+    return alpha;
+  }
+  SEGOPS_HD_INLINE scalar_t finish(index_t b, index_t c, acc s, acc mul, acc s_extra) const {
+    if (mode != SliceMode::kAffine) return static_cast<scalar_t>(s * mul);
+    const double* cf = coef + (b * C + c) * 2;
+    acc r = static_cast<acc>(scale_a * cf[0]) * s;
+    if (coef_extra) r += static_cast<acc>(cf[1]) * s_extra;
+    return static_cast<scalar_t>(alpha * r);
+  }
+
   SEGOPS_HD_INLINE void operator()(index_t i) const {
-    const index_t b = i / N;
-    point(i, b, i - b * N);
-  }
-#if !defined(__CUDACC__)
-  void run_range(index_t begin, index_t end) const {  // CPU: no index division per point
-    index_t b = begin / N, n = begin - b * N;
-    for (index_t i = begin; i < end; ++i, ++n) {
-      if (n == N) {
-        n = 0;
-        ++b;
-      }
-      point(i, b, n);
-    }
-  }
-#endif
-  SEGOPS_HD_INLINE void point(index_t i, index_t b, index_t n) const {
+    const index_t b = i / N, n = i - b * N;
+    acc s_extra;
+    const acc mul = prologue(i, s_extra);
     scalar_t* o = out + b * osb + n * osn;
-    acc scale = alpha;
-    if (ones) {
-      acc t = acc(0);
-      for (index_t k = 0; k < V; ++k) t += bary[i * V + k] * grid[vertex[i * V + k] * Cv + C];
-      norm[i] = alpha * t;
-      scale = acc(1) / t;  // t > 0: every point's own splat reaches its vertices with positive mass
-    }
-    const acc* w = bary + i * V;
-    const int64_t* vi = vertex + i * V;
-    // Blocks of 8 channels with a fixed trip count: the 8 sums stay in registers across the d+1 rows.
     index_t c0 = 0;
     for (; c0 + kChannelBlock <= C; c0 += kChannelBlock) {
       acc sums[kChannelBlock];
-      for (int c = 0; c < kChannelBlock; ++c) sums[c] = acc(0);
-      for (index_t k = 0; k < V; ++k) {
-        const acc wk = w[k];
-        const acc* row = grid + vi[k] * Cv + c0;
-        for (int c = 0; c < kChannelBlock; ++c) sums[c] += wk * row[c];
+      gather_block(i, c0, sums);
+      for (int c = 0; c < kChannelBlock; ++c) o[(c0 + c) * osc] = finish(b, c0 + c, sums[c], mul, s_extra);
+    }
+    for (; c0 < C; ++c0) o[c0 * osc] = finish(b, c0, gather_one(i, c0), mul, s_extra);
+  }
+
+#if !defined(__CUDACC__)
+  // CPU: blocks of kPoints points; the sums of a block go through a small buffer so that the output is
+  // written one channel plane at a time (writing the C planes of one point at a stride of N values maps
+  // every store of that point to the same cache set).
+  void run_range(index_t begin, index_t end) const {
+    constexpr index_t kPoints = 16;
+    const index_t Cpad = (C + kChannelBlock - 1) / kChannelBlock * kChannelBlock;
+    std::vector<acc> buf(static_cast<size_t>(kPoints * Cpad));
+    acc muls[kPoints], extras[kPoints];
+    for (index_t i0 = begin; i0 < end;) {
+      const index_t b = i0 / N, n0 = i0 - b * N;
+      const index_t np = std::min<index_t>({kPoints, end - i0, N - n0});  // a block stays in one image
+      for (index_t p = 0; p < np; ++p) {
+        const index_t i = i0 + p;
+        muls[p] = prologue(i, extras[p]);
+        acc* row = buf.data() + p * Cpad;
+        for (index_t c0 = 0; c0 < Cpad; c0 += kChannelBlock) {
+          if (c0 + kChannelBlock <= C) {
+            gather_block(i, c0, row + c0);
+          } else {
+            for (index_t c = c0; c < C; ++c) row[c] = gather_one(i, c);
+          }
+        }
       }
-      for (int c = 0; c < kChannelBlock; ++c) o[(c0 + c) * osc] = static_cast<scalar_t>(sums[c] * scale);
+      for (index_t c = 0; c < C; ++c) {
+        scalar_t* o = out + b * osb + c * osc + n0 * osn;
+        for (index_t p = 0; p < np; ++p) o[p * osn] = finish(b, c, buf[p * Cpad + c], muls[p], extras[p]);
+      }
+      i0 += np;
     }
-    for (; c0 < C; ++c0) {
-      acc t = acc(0);
-      for (index_t k = 0; k < V; ++k) t += w[k] * grid[vi[k] * Cv + c0];
-      o[c0 * osc] = static_cast<scalar_t>(t * scale);
+  }
+#endif
+};
+
+// ---- vertex-domain quadratic forms ----------------------------------------------------------------------
+// For x = S^T... in the vertex domain: <x_k, W y> = alpha <G_k, blur(G_y)> with G the splatted values, since
+// the slice is alpha times the splat's transpose. Per (image b, channel k, chunk of kDotChunk vertices of
+// image b): partial[((b K + k) 2 + q) nchunk + chunk] = sum_v G[v, k] Y[v, k or C], q = 0 / 1; summed in
+// double, in vertex order, then over chunks in chunk order: deterministic.
+constexpr index_t kDotChunk = 4096;
+
+template <typename acc>
+struct VertexDots {
+  const acc* G;
+  const acc* Y;
+  index_t Cg, K;
+  bool degree;  // q = 1: against the extra channel (index K)
+  const int32_t* image_start;  // (B+1)
+  index_t nchunk;
+  double* partial;  // (B, K, 2, nchunk)
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    const index_t chunk = i % nchunk, bk = i / nchunk, b = bk / K, k = bk - b * K;
+    const index_t v0 = image_start[b] + chunk * kDotChunk;
+    const index_t v1 = hd_min<index_t>(static_cast<index_t>(image_start[b + 1]), v0 + kDotChunk);
+    double s0 = 0, s1 = 0;
+    for (index_t v = v0; v < v1; ++v) {
+      const double g = static_cast<double>(G[v * Cg + k]);
+      s0 += g * static_cast<double>(Y[v * Cg + k]);
+      if (degree) s1 += g * static_cast<double>(Y[v * Cg + K]);
     }
+    partial[(bk * 2 + 0) * nchunk + chunk] = s0;
+    partial[(bk * 2 + 1) * nchunk + chunk] = s1;
+  }
+};
+
+struct SumChunks {
+  const double* partial;  // (n, nchunk)
+  index_t nchunk;
+  double alpha;
+  double* out;  // (n)
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    double s = 0;
+    for (index_t c = 0; c < nchunk; ++c) s += partial[i * nchunk + c];
+    out[i] = alpha * s;
   }
 };
 

@@ -1,0 +1,38 @@
+// CUDA backend of the dense CRF mean-field update: the shared glue over a grid-stride kernel (one thread per
+// pixel; adjacent threads read adjacent pixels of each class row) on the current stream.
+#include <torch/library.h>
+
+#include <c10/cuda/CUDAGuard.h>
+
+#include "segops/crf_meanfield_host.h"
+#include "segops/parallel_cuda.cuh"
+
+namespace segops {
+namespace {
+
+at::Tensor forward_cuda(const at::Tensor& unary, at::TensorList messages, at::TensorList scales,
+                        at::ArrayRef<double> weights) {
+  const c10::cuda::CUDAGuard guard(unary.device());
+  return meanfield::forward(unary, messages, scales, weights, CudaLaunch{});
+}
+
+void forward_out_cuda(const at::Tensor& unary, at::TensorList messages, at::TensorList scales,
+                            at::ArrayRef<double> weights, at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(unary.device());
+  meanfield::forward_into(unary, messages, scales, weights, out, CudaLaunch{});
+}
+
+at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& q) {
+  const c10::cuda::CUDAGuard guard(q.device());
+  return meanfield::backward(grad, q, CudaLaunch{});
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segops, CUDA, m) {
+  m.impl("crf_mean_field_update", &forward_cuda);
+  m.impl("_crf_mean_field_update_out", &forward_out_cuda);
+  m.impl("_crf_mean_field_update_backward", &backward_cuda);
+}
+
+}  // namespace segops

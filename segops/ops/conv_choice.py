@@ -1,0 +1,234 @@
+"""Which kernel runs a convolution: segops' own or the vendor's (ATen: oneDNN / native on the CPU, cuDNN on CUDA).
+
+The backend setting, most specific first:
+
+1. ``backend=`` of the call (:func:`segops.ops.atrous_conv2d`, :func:`segops.ops.conv_transpose2d`) or of the layer
+   (``AtrousConv2d(..., backend="vendor")``);
+2. the innermost :func:`conv_backend` context;
+3. the process-wide :func:`set_conv_backend` (default ``"auto"``).
+
+``"segops"`` and ``"vendor"`` force a side; ``"auto"`` applies the rule of :func:`choose`: a fixed table, measured with
+``segops bench conv`` (the measurements are in the project's benchmark notes), per device, dtype, geometry and
+determinism setting. The rule is a pure function of the call's arguments: the same call always gets the same kernel
+(no timing at run time), it costs a few microseconds, and ``torch.compile`` traces it like any Python code.
+
+Forward and backward are chosen separately: under ``torch.use_deterministic_algorithms(True)`` on CUDA a dilated
+convolution runs cuDNN forward but segops' backward (gather-formulated, deterministic, unlike cuDNN's fast backward
+algorithms; cuDNN's deterministic ones are 10-80x slower there).
+
+A call the vendor cannot run (an empty image or channel dimension, which ATen refuses or special-cases) always runs
+segops, whatever the setting; :func:`explain` says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "set_conv_backend", "get_conv_backend", "conv_backend", "choose", "explain", "KernelChoice"]
+
+BACKENDS = ("auto", "segops", "vendor")
+
+_backend = "auto"
+
+# Bit flags of the ops' `kernel` argument: which side runs the forward, which the backward.
+VENDOR_FORWARD = 1
+VENDOR_BACKWARD = 2
+
+
+def _checked(backend: str, what: str = "backend") -> str:
+    if backend not in BACKENDS:
+        raise ValueError("%s must be one of %s, got %r" % (what, ", ".join(repr(b) for b in BACKENDS), backend))
+    return backend
+
+
+def set_conv_backend(backend: str) -> None:
+    """Set the process-wide convolution backend: ``"auto"`` (default), ``"segops"`` or ``"vendor"``.
+
+    A layer's or a call's own ``backend=`` still wins; :func:`conv_backend` sets it for a ``with`` block.
+    """
+    global _backend
+    _backend = _checked(backend)
+
+
+def get_conv_backend() -> str:
+    """The current process-wide (or innermost :func:`conv_backend` context's) backend."""
+    return _backend
+
+
+@contextlib.contextmanager
+def conv_backend(backend: str) -> Iterator[None]:
+    """``with segops.ops.conv_backend("vendor"): ...`` runs the convolutions inside on that backend (unless a layer
+    or call sets its own); the previous setting comes back on exit, also on an exception."""
+    global _backend
+    previous = _backend
+    _backend = _checked(backend)
+    try:
+        yield
+    finally:
+        _backend = previous
+
+
+# ---- the segops kernel a geometry takes (mirrors the C++ selection in conv_host.h) -----------------------------
+
+
+def segops_kernel(depthwise: bool, kernel: Sequence[int], stride_h: int, stride_w: int,
+                  padding: Sequence[int]) -> str:
+    """Name of the segops kernel family for a geometry (the same for forward and backward).
+
+    ``depthwise``: direct per-channel gather kernels (no matrix product). ``gemm-1x1``: 1x1, stride 1, no padding:
+    one matrix product per sample and group over the input itself. ``gemm-rows``: vertical stride 1: the input is
+    unfolded along the width only (k_w copies) and each kernel row is one matrix product over a shifted range of
+    rows, so rows that only meet zero padding are skipped. ``gemm-im2col``: the general im2col + matrix product.
+    """
+    if depthwise:
+        return "depthwise"
+    if kernel[0] == 1 and kernel[1] == 1 and stride_h == 1 and stride_w == 1 and padding[0] == 0 and padding[1] == 0:
+        return "gemm-1x1"
+    if stride_h == 1:
+        return "gemm-rows"
+    return "gemm-im2col"
+
+
+# ---- the rule ---------------------------------------------------------------------------------------------------
+
+
+def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str, kernel: Sequence[int],
+          stride: Sequence[int], dilated: bool, deterministic: bool) -> Tuple[bool, bool, str]:
+    """(vendor forward, vendor backward, reason) under "auto".
+
+    The table behind it: ``benchmarks/conv_rule_sweep.py`` (segops against the vendor, forward + backward, at the
+    reference models' shapes) and ``segops bench conv``; the measured ratios are in the benchmark notes.
+    """
+    wide = max(kernel) >= 8  # upsampling filters (x4 and more: kernel 2s)
+    if device == "cuda":
+        if kernel_family == "depthwise" and transposed and wide:
+            return False, False, "cuda: wide depthwise transposed kernel (upsampling): segops 3.9-38x cuDNN"
+        if deterministic and dilated:
+            # cuDNN's deterministic dilated backward algorithms are 10-80x slower than its default ones, segops'
+            # gather-formulated backward is deterministic at full speed
+            if transposed:
+                return False, False, "cuda, deterministic, dilated: segops' deterministic kernels"
+            return True, False, "cuda, deterministic, dilated: cuDNN forward, segops' deterministic backward"
+        return True, True, "cuda: cuDNN (segops' dense kernels 0.5-1.1x on an H200)"
+    if device != "cpu":
+        return True, True, "%s: the vendor's kernels" % device
+    # ---- CPU: oneDNN for float32 / bfloat16; ATen's generic im2col kernels for float64 / float16 ----
+    if dtype == torch.float16:
+        return False, False, "cpu float16: ATen's generic kernel (2.5-14x slower than segops')"
+    if dtype == torch.float64:
+        return False, False, "cpu float64: ATen's generic kernel (segops 0.9-3.6x, mostly > 1)"
+    if kernel_family == "depthwise":
+        if dtype == torch.bfloat16 and transposed and not wide:
+            return True, True, "cpu bfloat16: small depthwise transposed kernel: oneDNN"
+        return False, False, "cpu: depthwise: segops' direct kernels (1.4-3.9x oneDNN)"
+    if dtype == torch.float32 and max(kernel) == 1 and max(stride) > 1:
+        return False, False, "cpu: strided 1x1: segops' im2col + GEMM (1.4x oneDNN)"
+    return True, True, "cpu: dense convolution: oneDNN (segops' GEMMs 0.5-0.95x here)"
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """The kernels one convolution call runs, and why."""
+
+    op: str  # "atrous_conv2d" or "conv_transpose2d"
+    forward: str  # "segops" or "vendor"
+    backward: str  # "segops" or "vendor"
+    segops_kernel: str  # the segops kernel family of this geometry (see segops_kernel)
+    backend: str  # the setting in force: "auto", "segops" or "vendor"
+    reason: str
+
+    def kernel_name(self, side: str) -> str:
+        """``"segops:<family>"`` or ``"vendor"`` for ``side`` = ``"forward"`` / ``"backward"``."""
+        s = getattr(self, side)
+        return "segops:" + self.segops_kernel if s == "segops" else "vendor"
+
+    @property
+    def code(self) -> int:
+        """The ops' ``kernel`` argument: VENDOR_FORWARD | VENDOR_BACKWARD bits."""
+        forward = VENDOR_FORWARD if self.forward == "vendor" else 0
+        return forward | (VENDOR_BACKWARD if self.backward == "vendor" else 0)
+
+
+def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+            dilation: Sequence[int], groups: int, setting: str) -> Tuple[bool, bool, str, str]:
+    """(vendor forward, vendor backward, segops kernel family, reason): the whole rule, cheap enough for every call."""
+    w_shape = weight.shape
+    if transposed:
+        depthwise = w_shape[1] == 1 and groups == w_shape[0] and groups == w_shape[1] * groups
+    else:
+        depthwise = w_shape[1] == 1 and groups == input.shape[1] and groups == w_shape[0]
+    kernel = (w_shape[2], w_shape[3])
+    family = segops_kernel(depthwise, kernel, stride[0], stride[1], padding)
+    if input.numel() == 0 or weight.numel() == 0:
+        # ATen refuses an empty image ("Only zero batch or zero channel inputs are supported") or returns its
+        # own shapes for empty channel dimensions; segops computes the defined result (the bias).
+        return False, False, family, "empty input or weight: segops' defined result"
+    if setting == "segops":
+        return False, False, family, "forced: segops"
+    if setting == "vendor":
+        return True, True, family, "forced: vendor"
+    dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
+    vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
+                           torch.are_deterministic_algorithms_enabled())
+    return vf, vb, family, "auto: " + reason
+
+
+def explain(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+            dilation: Sequence[int], groups: int, backend: Optional[str] = None) -> KernelChoice:
+    """The :class:`KernelChoice` for a call (4-D input; arguments as the ops take them, as pairs)."""
+    op = "conv_transpose2d" if transposed else "atrous_conv2d"
+    setting = _checked(backend, op + ": backend") if backend is not None else _backend
+    vf, vb, family, reason = _decide(transposed, input, weight, stride, padding, dilation, groups, setting)
+    return KernelChoice(op, "vendor" if vf else "segops", "vendor" if vb else "segops", family, setting, reason)
+
+
+def choose(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
+           dilation: Sequence[int], groups: int, backend: Optional[str] = None) -> int:
+    """The ops' ``kernel`` code for a call (see :func:`explain`)."""
+    if backend is None:
+        setting = _backend
+    elif backend in BACKENDS:
+        setting = backend
+    else:
+        setting = _checked(backend, ("conv_transpose2d" if transposed else "atrous_conv2d") + ": backend")
+    if _recorder is not None:
+        choice = explain(transposed, input, weight, stride, padding, dilation, groups, setting)
+        _recorder.append(choice, input, weight, stride, padding, dilation, groups)
+        return choice.code
+    vf, vb, _, _ = _decide(transposed, input, weight, stride, padding, dilation, groups, setting)
+    return (VENDOR_FORWARD if vf else 0) | (VENDOR_BACKWARD if vb else 0)
+
+
+# ---- recording, for segops.nn.describe_kernels ------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.layer: Optional[str] = None
+        self.rows: List[dict] = []
+
+    def append(self, choice: KernelChoice, input: Tensor, weight: Tensor, stride, padding, dilation, groups) -> None:
+        self.rows.append(dict(layer=self.layer, choice=choice, input_shape=tuple(input.shape),
+                              weight_shape=tuple(weight.shape), dtype=input.dtype, device=input.device,
+                              stride=tuple(stride), padding=tuple(padding), dilation=tuple(dilation),
+                              groups=int(groups)))
+
+
+_recorder: Optional[_Recorder] = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[_Recorder]:
+    """Collects the :class:`KernelChoice` of every convolution call inside (not thread-safe; not under compile)."""
+    global _recorder
+    previous = _recorder
+    _recorder = _Recorder()
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous

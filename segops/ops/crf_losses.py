@@ -1,0 +1,255 @@
+"""Dense CRF (ECCV'18) and normalized-cut (CVPR'18) regularized losses on the permutohedral lattice.
+
+One pass over the whole batch: the lattice of every image is built in one op (one host read: the vertex
+count), then one op computes every image's and class's quadratic forms ``<x_k, W x_k>`` (and for the
+normalized cut ``<x_k, W r>``) in the lattice's vertex domain: with S the splat and B the blur,
+``W = alpha S^T B S``, so ``<x, W y> = alpha <S x, B S y>`` needs no per-pixel output. Kept for the backward:
+the blurred vertex values ``B S x`` (M x K, M the lattice's vertices, usually far fewer than the pixels) and
+the lattice's per-pixel vertex ids and weights; the backward slices them once, scaled by the incoming
+gradient. docs/ops/crf-losses.md has the maths, arguments, determinism and measured speed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from segops.ops._checks import check_same_device
+from segops.ops.lattice import _acc_dtype, crf_features
+
+__all__ = ["dense_crf_loss", "normalized_cut_loss"]
+
+ops = torch.ops.segops
+
+_LatticeTensors = Tuple[Tensor, Tensor, Tensor]
+
+
+# ---- the quadratic-forms op: fake kernel and autograd -------------------------------------------------------
+
+
+@torch.library.register_fake("segops::_lattice_quadratic_forms")
+def _forms_fake(x, roi, vertex, bary, neighbors, degree, exact):
+    check_same_device("_lattice_quadratic_forms", "x", x, roi=roi, vertex=vertex, bary=bary, neighbors=neighbors)
+    B, K = x.shape[0], x.shape[1]
+    M = neighbors.shape[0]
+    acc = _acc_dtype(x.dtype)
+    cg = K + 1 if degree else K
+    forms = x.new_empty((B, K, 2), dtype=torch.float64)
+    return forms, x.new_empty((M, cg), dtype=acc), x.new_empty((M, cg), dtype=acc)
+
+
+@torch.library.register_fake("segops::_lattice_quadratic_forms_backward")
+def _forms_backward_fake(grad_forms, splatted, blurred, vertex, bary, neighbors, exact, dtype):
+    return grad_forms.new_empty((vertex.shape[0], grad_forms.shape[1], vertex.shape[1]), dtype=dtype)
+
+
+def _forms_setup_context(ctx, inputs, output) -> None:
+    x, _, vertex, bary, neighbors, _, exact = inputs
+    _, splatted, blurred = output
+    # The ECCV'18 gradient needs only the blurred values; the exact one also the splatted (for B^T S x).
+    ctx.save_for_backward(splatted if exact else None, blurred, vertex, bary, neighbors)
+    ctx.exact = exact
+    ctx.dtype = x.dtype
+    ctx.shape = x.shape
+
+
+def _forms_backward(ctx, grad_forms: Tensor, *_unused: Tensor):
+    splatted, blurred, vertex, bary, neighbors = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        if splatted is None:
+            splatted = blurred.new_empty((0, blurred.shape[1]))
+        grad_x = ops._lattice_quadratic_forms_backward.default(
+            grad_forms, splatted, blurred, vertex, bary, neighbors, ctx.exact, ctx.dtype
+        ).view(ctx.shape)
+    return grad_x, None, None, None, None, None, None
+
+
+torch.library.register_autograd("segops::_lattice_quadratic_forms", _forms_backward, setup_context=_forms_setup_context)
+
+
+# ---- argument handling --------------------------------------------------------------------------------------
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; a copy from the CPU to a GPU is issued without blocking the host (the copy from
+    pageable memory is staged before the call returns, so the source may change afterwards)."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda")
+
+
+def _check_loss_inputs(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Tensor],
+                       sigma_rgb: float, sigma_xy: float, scale_factor: float) -> None:
+    if images.dim() != 4:
+        raise ValueError("%s: images must be (B, C_img, H, W), got shape %s" % (name, tuple(images.shape)))
+    if segmentations.dim() != 4:
+        raise ValueError("%s: segmentations must be (B, K, H, W), got shape %s" % (name, tuple(segmentations.shape)))
+    if images.shape[0] != segmentations.shape[0] or images.shape[2:] != segmentations.shape[2:]:
+        raise ValueError(
+            "%s: images %s and segmentations %s must agree in B, H, W"
+            % (name, tuple(images.shape), tuple(segmentations.shape))
+        )
+    if not 1 <= images.shape[1] <= 14:
+        raise ValueError("%s: images must have 1..14 channels (d = 2 + C_img <= 16), got %d" % (name, images.shape[1]))
+    for what, t in (("images", images), ("rois", rois)):
+        # images and rois are moved to the segmentations' device; a 'meta' tensor has no values to move
+        if t is not None and t.device != segmentations.device and "meta" in (t.device.type, segmentations.device.type):
+            raise ValueError("%s: %s are on %s but segmentations are on %s (a meta tensor holds no data to move)"
+                             % (name, what, t.device, segmentations.device))
+    if not segmentations.is_floating_point():
+        raise TypeError("%s: segmentations must be floating point, got %s" % (name, segmentations.dtype))
+    if rois is not None and (rois.dim() != 3 or rois.shape[0] != images.shape[0] or rois.shape[1:] != images.shape[2:]):
+        raise ValueError("%s: rois must be (B, H, W) = %s, got %s"
+                         % (name, (images.shape[0],) + tuple(images.shape[2:]), tuple(rois.shape)))
+    for what, v in (("sigma_rgb", sigma_rgb), ("sigma_xy", sigma_xy), ("scale_factor", scale_factor)):
+        if not (v > 0 and v < float("inf")):
+            raise ValueError("%s: %s must be a positive finite number, got %r" % (name, what, v))
+    H, W = images.shape[2:]
+    if scale_factor != 1.0 and segmentations.numel() > 0 and min(math.floor(H * scale_factor),
+                                                                math.floor(W * scale_factor)) < 1:
+        # F.interpolate would fail with "Input and output sizes should be greater than 0"
+        raise ValueError("%s: scale_factor %r resizes the %d x %d images to %d x %d: nothing left"
+                         % (name, scale_factor, H, W, math.floor(H * scale_factor), math.floor(W * scale_factor)))
+
+
+def _bad_images(name: str) -> RuntimeError:
+    return RuntimeError("%s: images contain NaN or Inf (or values so large that the lattice's elevated "
+                        "coordinates exceed 1e9; images are expected in 0..255)" % name)
+
+
+def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float,
+             sigma_xy: float, scale_factor: float) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Both losses' prologue: checks, images and rois onto the segmentations' device, resizing (nearest images /
+    rois, bilinear segmentations), then (features, X = S * roi, roi (B, 1, H, W) or None). None when nothing
+    is left to filter (B = 0, K = 0 or an empty image): the loss is then 0.
+
+    The images' finiteness (of the full-resolution images: a nearest resize may drop a NaN pixel) is folded
+    into the features instead of read back here; the lattice build reports it with its one host read.
+    """
+    _check_loss_inputs(name, images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    device = segmentations.device
+    images = _to_device(images, device)
+    finite = torch.isfinite(images).all() if images.is_floating_point() else None
+    if segmentations.numel() == 0:  # before resizing, which rejects empty inputs
+        if finite is not None and images.numel() > 0 and not bool(finite):
+            raise _bad_images(name)
+        return None
+    if rois is not None:
+        rois = _to_device(rois, device).to(segmentations.dtype)
+    if scale_factor != 1.0:
+        images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
+        segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+        if rois is not None:
+            rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
+        sigma_xy = sigma_xy * scale_factor
+    if segmentations.numel() == 0:
+        return None
+    feats = crf_features(images, sigma_rgb, sigma_xy, finite).to(_acc_dtype(segmentations.dtype))
+    if rois is None:
+        return feats, segmentations, None
+    roi = rois.unsqueeze(1)
+    return feats, segmentations * roi, roi
+
+
+def _lattice(name: str, feats: Tensor) -> _LatticeTensors:
+    try:
+        return ops.permutohedral_lattice.default(feats)
+    except RuntimeError as e:
+        if "NaN or Inf" in str(e):  # the features are the images' (positions are finite)
+            raise _bad_images(name) from None
+        raise
+
+
+def _forms(name: str, feats: Tensor, x: Tensor, roi: Optional[Tensor], degree: bool, exact: bool) -> Tensor:
+    vertex, bary, neighbors = _lattice(name, feats)
+    forms, _, _ = ops._lattice_quadratic_forms.default(x, roi, vertex, bary, neighbors, degree, exact)
+    return forms
+
+
+# ---- the losses ---------------------------------------------------------------------------------------------
+
+
+def dense_crf_loss(
+    images: Tensor,
+    segmentations: Tensor,
+    weight: float,
+    sigma_rgb: float,
+    sigma_xy: float,
+    scale_factor: float = 1.0,
+    rois: Optional[Tensor] = None,
+) -> Tensor:
+    """Dense CRF regularized loss of Tang et al. (ECCV'18), a drop-in for their ``DenseCRFLoss``.
+
+    ``loss = -(weight / B) sum_b sum_k X_bk^T W_b X_bk`` with ``X = S * roi`` and ``W_b`` the bilateral
+    Gaussian (permutohedral lattice, densecrf semantics) on features
+    ``(column / sigma_xy, row / sigma_xy, R / sigma_rgb, G / sigma_rgb, B / sigma_rgb)``. Equal, up to a
+    constant, to ``weight / B * sum_k S_k^T W (1 - S_k)``; it is <= 0.
+
+    Args:
+        images: ``(B, C_img, H, W)``, RGB in 0..255 (any number of channels 1..14: d = 2 + C_img), on any
+            device: moved to the segmentations' device. The values are not checked against 0..255; other
+            ranges change the meaning of sigma_rgb.
+        segmentations: ``(B, K, H, W)`` softmax probabilities (float32 / float64; float16 / bfloat16 are
+            filtered in float32).
+        weight: loss weight (ECCV'18: 2e-9; tiny because the sum runs over all N^2 pixel pairs).
+        sigma_rgb, sigma_xy: bandwidths in colour units and pixels (of the full-resolution image).
+        scale_factor: if != 1, images and rois are resized with nearest and segmentations with bilinear
+            (align_corners=False) interpolation to ``floor(H * s)``, and sigma_xy becomes ``sigma_xy * s``.
+        rois: optional ``(B, H, W)`` 0/1 region of interest (any dtype and device: moved to the
+            segmentations'); pixels with roi 0 get exactly zero gradient. The lattice is built from all
+            pixels, roi 0 ones included.
+
+    Returns:
+        A scalar of the segmentations' dtype (accumulated in float64). Gradient w.r.t. the (resized)
+        segmentations: ``-(2 weight / B) (W X) * roi``, flowing to the full-resolution input through the
+        resize's autograd. This is the ECCV'18 code's gradient, which treats W as symmetric; the exact
+        gradient of the lattice's quadratic form, ``-(weight / B) (W + W^T) X * roi``, differs from it at the
+        1e-4..1e-2 level.
+
+    Raises:
+        ValueError / TypeError: shapes, dtypes, non-positive sigmas or scale_factor, a resize to nothing,
+            images or rois on the 'meta' device. RuntimeError: NaN / Inf in the images.
+    """
+    name = "dense_crf_loss"
+    prepared = _prepare(name, images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    if prepared is None:
+        return (segmentations * 0).sum()
+    feats, x, _ = prepared
+    forms = _forms(name, feats, x, None, degree=False, exact=False)
+    loss = forms.select(2, 0).sum() * (-weight / images.shape[0])
+    return loss.to(segmentations.dtype)
+
+
+def normalized_cut_loss(
+    images: Tensor,
+    segmentations: Tensor,
+    weight: float,
+    sigma_rgb: float,
+    sigma_xy: float,
+    scale_factor: float = 1.0,
+    rois: Optional[Tensor] = None,
+) -> Tensor:
+    """Normalized-cut loss of Tang et al. (CVPR'18): ``(weight / B) sum_b sum_k S_k^T W (1 - S_k) / (d^T S_k)``.
+
+    ``d = W 1`` is the degree vector; features, resizing, devices and arguments as in :func:`dense_crf_loss`.
+    With a roi, ``X = S * roi`` replaces S and the roi replaces 1 (``d = W roi``): the cut of the region's
+    segmentation. Classes with ``d^T X_k = 0`` (absent from the region) contribute 0; NaN or Inf in the
+    segmentations give a non-finite loss. The loss lies in ``[0, weight * K]``. The gradient is exact: ``(W + W^T) X_k`` for the association term, ``W roi`` for
+    the degree term, on the lattice built in the forward pass.
+    """
+    name = "normalized_cut_loss"
+    prepared = _prepare(name, images, segmentations, rois, sigma_rgb, sigma_xy, scale_factor)
+    if prepared is None:
+        return (segmentations * 0).sum()
+    feats, x, roi = prepared
+    forms = _forms(name, feats, x, roi, degree=True, exact=True)
+    assoc, degree = forms.unbind(2)
+    live = ~(degree <= 0)  # classes absent from the region contribute 0; NaN (non-finite input) propagates
+    safe = torch.where(live, degree, torch.ones_like(degree))
+    terms = torch.where(live, (degree - assoc) / safe, torch.zeros_like(degree))
+    return (terms.sum() * (weight / images.shape[0])).to(segmentations.dtype)

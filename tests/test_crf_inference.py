@@ -1,0 +1,712 @@
+"""Dense CRF mean-field inference: pydensecrf2 parity on real photos, a pure-PyTorch twin, gradients, batches,
+the module, errors, CPU/CUDA parity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import require_optional
+from segops import nn as snn
+from segops import reference
+from segops import reference_lattice as R
+from segops.ops import CRFKernel, MeanFieldCRF, dense_crf_inference, unary_from_labels, unary_from_softmax
+from segops.ops.crf_inference import crf_mean_field_update
+
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+# ---- inputs ----------------------------------------------------------------------------------------------------
+
+
+def photo(name: str, top: int, left: int, H: int, W: int) -> np.ndarray:
+    """A (H, W, 3) uint8 C-contiguous crop of one of scikit-image's photos (test-only dependency)."""
+    skimage_data = require_optional("skimage.data")
+    im = getattr(skimage_data, name)()
+    return np.ascontiguousarray(im[top:top + H, left:left + W, :3])
+
+
+def random_unary(K: int, H: int, W: int, seed: int, concentration: float = 0.5) -> np.ndarray:
+    """(K, H, W) float32 energies -log p of Dirichlet-distributed class probabilities (clipped as pydensecrf's
+    unary_from_softmax does), so that unaries range from confident to ambiguous."""
+    rng = np.random.default_rng(seed)
+    p = rng.dirichlet(np.full(K, concentration), size=(H, W)).transpose(2, 0, 1)
+    return np.ascontiguousarray(-np.log(np.clip(p, 1e-5, 1.0)).astype(np.float32))
+
+
+def to_tensors(unary: np.ndarray, image: np.ndarray):
+    return torch.from_numpy(unary)[None], torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+
+
+# ---- pydensecrf2 parity --------------------------------------------------------------------------------------
+
+PYDENSECRF_MODES = {"none": 0, "before": 1, "after": 2, "symmetric": 3}
+
+
+def pydensecrf_marginals(unary, image, iterations, gaussian, bilateral, mode="symmetric"):
+    """pydensecrf2's DenseCRF2D marginals (K, H, W); gaussian = (sxy, compat), bilateral = (sxy, srgb, compat)."""
+    dcrf = require_optional("pydensecrf.densecrf")
+    K, H, W = unary.shape
+    d = dcrf.DenseCRF2D(W, H, K)
+    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(K, -1)))
+    norm = PYDENSECRF_MODES[mode]
+    if gaussian is not None:
+        d.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1], normalization=norm)
+    if bilateral is not None:
+        d.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=image, compat=bilateral[2],
+                               normalization=norm)
+    return np.array(d.inference(iterations)).reshape(K, H, W)
+
+
+def segops_crf(unary_t, image_t, gaussian, bilateral, mode="symmetric"):
+    crf = MeanFieldCRF(unary_t)
+    if gaussian is not None:
+        crf.add_pairwise_gaussian(gaussian[0], gaussian[1], mode)
+    if bilateral is not None:
+        crf.add_pairwise_bilateral(bilateral[0], bilateral[1], image_t, bilateral[2], mode)
+    return crf
+
+
+def pairwise_scale(crf: MeanFieldCRF, q: torch.Tensor) -> float:
+    """S = max |sum_m compat_m(filter_m(q))|: the magnitude of the pairwise logits of an update from q."""
+    return float((crf._logits(q) + crf.unary).abs().max())
+
+
+def assert_pydensecrf_close(q: np.ndarray, ref: np.ndarray, crf: MeanFieldCRF) -> None:
+    # Both sides compute in float32 and differ only in rounding order: pydensecrf splats, blurs and slices with
+    # SSE lanes in its own order, segops in another; each filtered value carries ~10 eps of relative rounding
+    # (vertex sums of up to ~10^2 points, d+1 blur passes, a d+1-term slice), so the logits differ by ~10 eps * S
+    # with S the pairwise logits' magnitude; a softmax moves a marginal by at most half the logit change, and
+    # 5 iterations compound it (measured: <= 25 eps * S on these photos). Bound: 128 eps * S.
+    S = pairwise_scale(crf, torch.from_numpy(ref)[None])
+    tol = 128 * EPS32 * max(S, 1.0)
+    err = float(np.abs(q - ref).max())
+    assert err <= tol, "max |Q - Q_pydensecrf| = %.3g > %.3g (S = %.3g)" % (err, tol, S)
+    # the labelling agrees wherever the reference's top two marginals are further apart than the tolerance
+    top2 = np.sort(ref, axis=0)[-2:]
+    decided = (top2[1] - top2[0]) > 2 * tol
+    assert (q.argmax(0) == ref.argmax(0))[decided].all()
+
+
+PHOTOS = [("astronaut", 100, 200, 96, 80), ("coffee", 150, 250, 80, 96)]
+
+
+@pytest.mark.parametrize("photo_args", PHOTOS, ids=[p[0] for p in PHOTOS])
+@pytest.mark.parametrize("K", [2, 21])
+@pytest.mark.parametrize("kernels", ["both", "gaussian", "bilateral"])
+def test_matches_pydensecrf_potts(photo_args, K, kernels):
+    image = photo(*photo_args)
+    H, W = image.shape[:2]
+    unary = random_unary(K, H, W, seed=K + len(kernels))
+    gaussian = (3, 3) if kernels in ("both", "gaussian") else None
+    bilateral = (80, 13, 10) if kernels in ("both", "bilateral") else None
+    ref = pydensecrf_marginals(unary, image, 5, gaussian, bilateral)
+    u, im = to_tensors(unary, image)
+    crf = segops_crf(u, im, gaussian, bilateral)
+    q = crf.inference(5)[0].numpy()
+    assert_pydensecrf_close(q, ref, crf)
+    if kernels == "both":  # the functional form is the same program
+        q2 = dense_crf_inference(u, im, 5)[0].numpy()
+        assert np.array_equal(q, q2)
+
+
+@pytest.mark.parametrize("mode", ["none", "before", "after", "symmetric"])
+@pytest.mark.parametrize("K", [2, 21])
+def test_matches_pydensecrf_normalizations(mode, K):
+    image = photo("astronaut", 20, 140, 80, 96)
+    H, W = image.shape[:2]
+    unary = random_unary(K, H, W, seed=7 * K)
+    # Without normalisation W 1 is ~10^2..10^3 here: Potts weights of that order would make the pairwise logits
+    # ~10^4 and the marginals one-hot; weights / 100 keep the update in the same regime as the normalised modes.
+    scale = 0.01 if mode == "none" else 1.0
+    gaussian, bilateral = (3, 3 * scale), (60, 10, 10 * scale)
+    ref = pydensecrf_marginals(unary, image, 5, gaussian, bilateral, mode)
+    u, im = to_tensors(unary, image)
+    crf = segops_crf(u, im, gaussian, bilateral, mode)
+    assert_pydensecrf_close(crf.inference(5)[0].numpy(), ref, crf)
+    # pydensecrf's integer constants are accepted too
+    crf2 = segops_crf(u, im, gaussian, bilateral, PYDENSECRF_MODES[mode])
+    assert torch.equal(crf2.inference(5), crf.inference(5))
+
+
+@pytest.mark.parametrize("K", [2, 21])
+@pytest.mark.parametrize("compat_kind", ["matrix", "diagonal", "mixed"])
+def test_matches_pydensecrf_compatibilities(K, compat_kind):
+    image = photo("coffee", 200, 100, 96, 80)
+    H, W = image.shape[:2]
+    unary = random_unary(K, H, W, seed=K)
+    rng = np.random.default_rng(K)
+    matrix = (rng.normal(size=(K, K)) * 3).astype(np.float32)  # not symmetric: pydensecrf symmetrises it
+    diagonal = (rng.normal(size=K) * 3).astype(np.float32)
+    g, b = {"matrix": (matrix, matrix.T.copy()), "diagonal": (diagonal, -diagonal),
+            "mixed": (3.0, matrix)}[compat_kind]
+    ref = pydensecrf_marginals(unary, image, 5, (3, g), (80, 13, b))
+    u, im = to_tensors(unary, image)
+    crf = segops_crf(u, im, (3, g), (80, 13, b))
+    assert_pydensecrf_close(crf.inference(5)[0].numpy(), ref, crf)
+
+
+def test_matches_pydensecrf_at_deeplab_size_and_iterations():
+    """DeepLab's setting: 10 iterations, its kernels, K = 21, on pydensecrf's full program (start, steps, KL
+    divergence); a 128 x 128 crop keeps the suite fast (`segops bench crf-inference` checks 512 x 512)."""
+    dcrf = require_optional("pydensecrf.densecrf")
+    image = photo("astronaut", 0, 200, 128, 128)
+    unary = random_unary(21, 128, 128, seed=1, concentration=0.3)
+    ref = pydensecrf_marginals(unary, image, 10, (3, 3), (121, 5, 4))
+    u, im = to_tensors(unary, image)
+    crf = segops_crf(u, im, (3, 3), (121, 5, 4))
+    q = snn.DenseCRF.deeplab()(-u, im)[0].numpy()
+    assert_pydensecrf_close(q, ref, crf)
+    # startInference / stepInference / klDivergence
+    d = dcrf.DenseCRF2D(128, 128, 21)
+    d.setUnaryEnergy(np.ascontiguousarray(unary.reshape(21, -1)))
+    d.addPairwiseGaussian(sxy=3, compat=3)
+    d.addPairwiseBilateral(sxy=121, srgb=5, rgbim=image, compat=4)
+    Q, t1, t2 = d.startInference()
+    d.stepInference(Q, t1, t2)
+    q1 = crf.step_inference(crf.start_inference())
+    assert_pydensecrf_close(q1[0].numpy(), np.array(Q).reshape(21, 128, 128), crf)
+    kl_ref = d.klDivergence(Q)
+    kl = float(crf.kl_divergence(q1)[0])
+    # a sum of 3 N K = 1e6 float32 terms of either sign, each with ~eps relative rounding on both sides:
+    # the difference is ~sqrt(#terms) eps * max term ~ 1e-4 of the largest |term| sum; bound 1e-4 relative.
+    assert abs(kl - kl_ref) <= 1e-4 * abs(kl_ref)
+
+
+def test_pydensecrf_utils_unaries():
+    utils = require_optional("pydensecrf.utils")
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(5), size=(6, 7)).transpose(2, 0, 1).astype(np.float32)
+    for scale in (None, 0.8):
+        ref = utils.unary_from_softmax(p, scale=scale)
+        # float32 -log of the same clipped probabilities: torch and numpy logs differ by <= 1 ulp
+        got = unary_from_softmax(torch.from_numpy(p)[None], scale=scale)[0].reshape(5, -1).numpy()
+        np.testing.assert_allclose(got, ref, rtol=2 * EPS32, atol=0)
+    labels = rng.integers(0, 6, size=(6, 7))
+    for zero_unsure, n in ((True, 5), (False, 6)):
+        ref = utils.unary_from_labels(labels, n, 0.7, zero_unsure=zero_unsure)
+        got = unary_from_labels(torch.from_numpy(labels)[None], n, 0.7, zero_unsure)[0].reshape(n, -1).numpy()
+        np.testing.assert_allclose(got, ref, rtol=2 * EPS32, atol=0)  # float32 constants rounded alike
+
+
+# ---- the fused update op -------------------------------------------------------------------------------------
+
+
+def update_twin(unary, messages, scales, weights):
+    """segops.reference's twin, in float64."""
+    return reference.crf_mean_field_update(unary.double(), [m.double() for m in messages],
+                                           [s.double() if s is not None else None for s in scales], weights)
+
+
+def update_inputs(shape, terms, scaled, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    unary = (torch.rand(shape, generator=g, dtype=torch.float64) * 6 - 1).to(dtype)
+    messages = [(torch.rand(shape, generator=g, dtype=torch.float64) * 2).to(dtype) for _ in range(terms)]
+    sshape = (shape[0], 1) + tuple(shape[2:])
+    scales = [(torch.rand(sshape, generator=g, dtype=torch.float64) + 0.5).to(dtype) if scaled[j % len(scaled)]
+              else None for j in range(terms)]
+    weights = [float(w) for w in (torch.rand(terms, generator=g, dtype=torch.float64) * 20 - 10)]
+    return unary, messages, scales, weights
+
+
+@given(
+    B=st.integers(0, 3), K=st.integers(1, 23), spatial=st.lists(st.integers(0, 70), min_size=0, max_size=2),
+    terms=st.integers(0, 8), scaled=st.lists(st.booleans(), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    layout=st.sampled_from(["contiguous", "channels_last", "sliced"]), seed=st.integers(0, 2**16),
+)
+def test_update_matches_twin(B, K, spatial, terms, scaled, dtype, layout, seed):
+    shape = (B, K) + tuple(spatial)
+    unary, messages, scales, weights = update_inputs(shape, terms, scaled, dtype, seed)
+    if layout == "channels_last" and unary.dim() == 4:
+        unary = unary.contiguous(memory_format=torch.channels_last)
+        messages = [m.contiguous(memory_format=torch.channels_last) for m in messages]
+    if layout == "sliced":  # every other class of twice as many: strided inputs
+        unary = torch.cat([unary, unary], 1)[:, ::2]
+    q = crf_mean_field_update(unary, messages, scales, weights)
+    assert q.shape == unary.shape and q.dtype == dtype and q.is_contiguous()
+    want = update_twin(unary, messages, scales, weights)
+    # float32: logits |l| <= ~6 + 8 * 10 * 1.5 * 2 accumulate <= 9 rounded terms (~9 eps * 250 absolute) before
+    # an exp with ~1 ulp (exp_poly) and a K-term normalisation; marginals <= 1: bound 2e-4 absolute. float64:
+    # the same with eps = 2.2e-16. Half types round the inputs first (the twin reads the same rounded values)
+    # and the output to 8 (bfloat16) / 11 (float16) bits: half an ulp of a value <= 1.
+    atol = {torch.float32: 2e-4, torch.float64: 1e-12, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    torch.testing.assert_close(q.double(), want, rtol=0, atol=atol)
+
+
+def test_update_blocked_path_matches_per_pixel_path():
+    """float32 NCHW runs the CPU's pixel-blocked path (tails included: N = 3 * 64 + 37); float64 the per-pixel
+    functor the GPU runs. Same terms in the same order, so they differ by exp's rounding only."""
+    shape = (2, 21, 7, 33)
+    unary, messages, scales, weights = update_inputs(shape, 3, [True, False], torch.float32, 0)
+    q32 = crf_mean_field_update(unary, messages, scales, weights)
+    q64 = crf_mean_field_update(unary.double(), [m.double() for m in messages],
+                                [s.double() if s is not None else None for s in scales], weights)
+    # the float32 logits carry ~4 eps * 70 of rounding; exp_poly ~1 ulp: bound 1e-5 on marginals <= 1
+    torch.testing.assert_close(q32.double(), q64, rtol=0, atol=1e-5)
+
+
+def test_update_out_op_writes_the_buffer():
+    unary, messages, scales, weights = update_inputs((2, 5, 9, 70), 2, [True], torch.float32, 1)
+    out = torch.full_like(unary, float("nan"))
+    fixed = [s if s is not None else unary.new_empty(0) for s in scales]
+    torch.ops.segops._crf_mean_field_update_out(unary, messages, fixed, weights, out)
+    assert torch.equal(out, crf_mean_field_update(unary, messages, scales, weights))
+    with pytest.raises(RuntimeError, match="out shares memory with messages"):
+        torch.ops.segops._crf_mean_field_update_out(unary, messages, fixed, weights, messages[1])
+    with pytest.raises(RuntimeError, match="out must be a contiguous tensor of the unary's shape"):
+        torch.ops.segops._crf_mean_field_update_out(unary, messages, fixed, weights, out[:1])
+
+
+def test_update_opcheck():
+    unary, messages, scales, weights = update_inputs((2, 4, 5, 6), 2, [True, False], torch.float64, 2)
+    fixed = [s if s is not None else unary.new_empty(0) for s in scales]
+    unary.requires_grad_()
+    for m in messages:
+        m.requires_grad_()
+    torch.library.opcheck(torch.ops.segops.crf_mean_field_update.default, (unary, messages, fixed, weights))
+    q = crf_mean_field_update(unary, messages, scales, weights).detach()
+    grad = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.library.opcheck(torch.ops.segops._crf_mean_field_update_backward.default,
+                          (grad.requires_grad_(), q.requires_grad_()))
+    out = torch.empty_like(unary).detach()
+    torch.library.opcheck(torch.ops.segops._crf_mean_field_update_out.default,
+                          (unary.detach(), [m.detach() for m in messages], fixed, weights, out))
+
+
+def test_update_gradcheck_and_double_backward():
+    unary, messages, scales, weights = update_inputs((2, 4, 3, 5), 3, [True, False], torch.float64, 3)
+    scales = [s.requires_grad_() if s is not None else None for s in scales]
+    args = [unary.requires_grad_()] + [m.requires_grad_() for m in messages] + [s for s in scales if s is not None]
+
+    def f(u, m0, m1, m2, *ss):
+        it = iter(ss)
+        return crf_mean_field_update(u, [m0, m1, m2], [next(it) if s is not None else None for s in scales], weights)
+
+    assert torch.autograd.gradcheck(f, tuple(args))
+    assert torch.autograd.gradgradcheck(f, tuple(args))
+
+
+def test_update_errors():
+    unary, messages, scales, weights = update_inputs((1, 3, 4, 5), 2, [True], torch.float32, 4)
+    fixed = [s if s is not None else unary.new_empty(0) for s in scales]
+    op = torch.ops.segops.crf_mean_field_update.default
+    cases = [
+        ((unary, messages[:1], fixed, weights), r"messages, scales and weights must have the same length"),
+        ((unary, [messages[0][:, :2]] * 2, fixed, weights), r"messages\[0\] must have the unary's shape"),
+        ((unary, [messages[0].double()] * 2, fixed, weights), r"dtype Double must equal the unary dtype Float"),
+        ((unary, messages, [fixed[0][:, :, :2]] * 2, weights), r"scales\[0\] must be empty or \(B, 1, \*spatial\)"),
+        ((unary, messages, fixed, [1.0, float("inf")]), r"weights\[1\] must be finite"),
+        ((unary, messages * 5, fixed * 5, weights * 5), r"at most 8 messages"),
+        ((unary.long(), [], [], []), r"unary must be float32, float64, float16 or bfloat16"),
+        ((unary[:, :0], [], [], []), r"at least one class"),
+        ((unary[0, 0, 0], [], [], []), r"unary must have shape \(B, K, \*spatial\)"),
+    ]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*args)
+    with pytest.raises(RuntimeError, match="grad must have q's shape"):
+        torch.ops.segops._crf_mean_field_update_backward.default(unary[:, :2], unary)
+
+
+def test_no_grad_path_equals_autograd_path():
+    """Inference without autograd reuses buffers (the _out op); with autograd it builds a graph. Same ops."""
+    unary, images = small_case(B=2, K=5, H=20, W=70, seed=6)
+    kern = [CRFKernel(torch.rand(1, 3, 20, 70, generator=torch.Generator().manual_seed(0)), torch.ones(5) * 0.5)]
+    with torch.no_grad():
+        a = dense_crf_inference(unary, images, 4, kernels=kern)
+    u = unary.clone().requires_grad_()
+    b = dense_crf_inference(u, images, 4, kernels=kern)
+    assert b.requires_grad
+    assert torch.equal(a, b.detach())
+
+
+# ---- a pure-PyTorch twin (the reference lattice, per image, no shared lattice) -----------------------------
+
+
+def twin_inference(unary, images, iterations, gsxy, gcompat, bsxy, bsrgb, bcompat, mode):
+    """The mean-field loop written out on segops.reference_lattice, one image at a time."""
+    B, K, H, W = unary.shape
+    dtype = unary.dtype
+    outs = []
+    for b in range(B):
+        u = unary[b:b + 1]
+        xs = torch.arange(W, dtype=dtype).view(1, W).expand(H, W)
+        ys = torch.arange(H, dtype=dtype).view(H, 1).expand(H, W)
+        feats = []
+        if gcompat != 0:
+            feats.append((torch.stack([xs / gsxy, ys / gsxy])[None], gcompat))
+        if bcompat != 0:
+            f = torch.cat([torch.stack([xs / bsxy, ys / bsxy]), images[b].to(dtype) / bsrgb])[None]
+            feats.append((f, bcompat))
+        q = torch.softmax(-u, 1)
+        for _ in range(iterations):
+            logits = -u
+            for f, w in feats:
+                n = R.permutohedral_filter(torch.ones_like(u[:, :1]), f)
+                pre = {"symmetric": n.rsqrt(), "before": 1 / n}.get(mode)
+                post = {"symmetric": n.rsqrt(), "after": 1 / n}.get(mode)
+                x = R.permutohedral_filter(q if pre is None else q * pre, f)
+                logits = logits + w * (x if post is None else x * post)  # Potts: the message is -w x
+            q = torch.softmax(logits, 1)
+        outs.append(q)
+    return torch.cat(outs)
+
+
+@given(
+    B=st.integers(1, 2), K=st.integers(1, 5), H=st.integers(1, 8), W=st.integers(1, 8),
+    iterations=st.integers(0, 3), mode=st.sampled_from(["none", "before", "after", "symmetric"]),
+    gcompat=st.sampled_from([0.0, 3.0, -1.5]), bcompat=st.sampled_from([0.0, 10.0, 2.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_twin(B, K, H, W, iterations, mode, gcompat, bcompat, seed):
+    g = torch.Generator().manual_seed(seed)
+    unary = torch.rand(B, K, H, W, generator=g, dtype=torch.float64) * 4
+    images = torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8)
+    got = dense_crf_inference(unary, images, iterations, 2.0, gcompat, 5.0, 20.0, bcompat, mode)
+    want = twin_inference(unary, images, iterations, 2.0, gcompat, 5.0, 20.0, bcompat, mode)
+    # float64 on both sides with the same lattice steps; only summation orders differ: ~1e-15 per filter,
+    # times the pairwise weights (<= 10) and W 1 (<= ~10^2 unnormalised) over <= 3 iterations.
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+# ---- properties ------------------------------------------------------------------------------------------------
+
+
+def small_case(B=2, K=4, H=11, W=13, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    unary = (torch.rand(B, K, H, W, generator=g) * 3).to(dtype)
+    images = torch.randint(0, 256, (B, 3, H, W), generator=g, dtype=torch.uint8)
+    return unary, images
+
+
+def test_zero_iterations_and_switched_off_kernels_give_softmax():
+    unary, images = small_case()
+    expected = torch.softmax(-unary, 1)
+    got = dense_crf_inference(unary, images, 0)
+    # the fused update's exp (~1 ulp) and a K-term normalisation against torch's softmax: 4 eps on values <= 1
+    torch.testing.assert_close(got, expected, rtol=0, atol=4 * EPS32)
+    assert torch.equal(dense_crf_inference(unary, images, 7, gaussian_compat=0, bilateral_compat=0), got)
+    assert torch.equal(dense_crf_inference(unary, None, 3, gaussian_compat=0, bilateral_compat=0), got)
+
+
+def test_marginals_are_distributions_and_smooth_the_unary():
+    unary, images = small_case(K=5, H=20, W=24)
+    images = torch.zeros_like(images)  # one colour: only the smoothing remains
+    q = dense_crf_inference(unary, images, 5)
+    assert q.shape == unary.shape and q.dtype == unary.dtype
+    assert bool((q >= 0).all())
+    torch.testing.assert_close(q.sum(1), torch.ones_like(q[:, 0]), rtol=0, atol=8 * EPS32 * 5)  # K-term sums
+    # Potts smoothing on a constant image pulls labels towards agreement: fewer label changes between
+    # neighbours than the unary's own argmax
+    def changes(lab):
+        return int((lab[:, 1:] != lab[:, :-1]).sum() + (lab[:, :, 1:] != lab[:, :, :-1]).sum())
+    assert changes(q.argmax(1)) < changes((-unary).argmax(1))
+
+
+def test_potts_is_the_negative_identity_matrix():
+    unary, images = small_case(K=3, dtype=torch.float64)
+    a = dense_crf_inference(unary, images, 4, gaussian_compat=3.0, bilateral_compat=10.0)
+    eye = torch.eye(3, dtype=torch.float64)
+    b = dense_crf_inference(unary, images, 4, gaussian_compat=-3.0 * eye, bilateral_compat=torch.tensor(10.0))
+    c = dense_crf_inference(unary, images, 4, gaussian_compat=torch.full((3,), -3.0), bilateral_compat=-10.0 * eye)
+    # the same products in float64, only the order of multiplication differs
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-14)
+
+
+def test_batch_equals_per_image():
+    unary, images = small_case(B=3, K=5, H=17, W=19, seed=4)
+    feats = torch.rand(3, 2, 17, 19, generator=torch.Generator().manual_seed(1)) * 4
+    kern = [CRFKernel(feats, 2.0, "after")]
+    batch = dense_crf_inference(unary, images, 5, kernels=kern)
+    for b in range(3):
+        one = dense_crf_inference(unary[b:b + 1], images[b:b + 1], 5,
+                                  kernels=[CRFKernel(feats[b:b + 1], 2.0, "after")])
+        # each image runs the same float32 arithmetic alone or in the batch (the shared position lattice filters
+        # the batch's channels side by side); 4 eps of marginals <= 1 covers a reordered channel block
+        torch.testing.assert_close(batch[b:b + 1], one, rtol=0, atol=4 * EPS32)
+
+
+def test_float64_agrees_with_float32():
+    unary, images = small_case(K=6, H=24, W=20, seed=2)
+    q32 = dense_crf_inference(unary, images, 5)
+    q64 = dense_crf_inference(unary.double(), images, 5)
+    assert q64.dtype == torch.float64
+    # float32 rounding of the lattice and the logits (pairwise logits <= ~13 here): ~10 eps * 13 per iteration
+    torch.testing.assert_close(q32.double(), q64, rtol=0, atol=128 * EPS32 * 13)
+
+
+def test_thread_count_does_not_change_results():
+    """Each pixel's update is computed alone and the lattice is deterministic: bitwise the same for 1 and 2
+    threads (the blocked update splits the pixels into tasks differently)."""
+    unary, images = small_case(B=2, K=21, H=33, W=70, seed=8)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = dense_crf_inference(unary, images, 3)
+        torch.set_num_threads(2)
+        two = dense_crf_inference(unary, images, 3)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+def test_half_unary_is_computed_in_float32():
+    unary, images = small_case(K=3)
+    q = dense_crf_inference(unary.half(), images, 3)
+    assert q.dtype == torch.float16
+    ref = dense_crf_inference(unary.half().float(), images, 3)
+    torch.testing.assert_close(q.float(), ref, rtol=0, atol=2 ** -11)  # one float16 rounding of values <= 1
+
+
+def test_user_kernel_equals_built_in_bilateral():
+    unary, images = small_case(K=3, seed=5)
+    B, _, H, W = unary.shape
+    xs = torch.arange(W, dtype=torch.float32).view(1, 1, 1, W).expand(B, 1, H, W)
+    ys = torch.arange(H, dtype=torch.float32).view(1, 1, H, 1).expand(B, 1, H, W)
+    feats = torch.cat([xs / 30, ys / 30, images.float() / 13], 1)
+    a = dense_crf_inference(unary, images, 4, bilateral_sxy=30, bilateral_srgb=13)
+    b = dense_crf_inference(unary, images, 4, bilateral_compat=0, kernels=[CRFKernel(feats, 10.0)])
+    assert torch.equal(a, b)
+
+
+def test_flat_unary_with_user_features():
+    unary, _ = small_case(B=2, K=3, H=1, W=40)
+    flat = unary.reshape(2, 3, 40)
+    feats = torch.linspace(0, 8, 40).view(1, 1, 40)
+    crf = MeanFieldCRF(flat)
+    crf.add_pairwise_energy(feats, 5.0)
+    q = crf.inference(3)
+    crf4 = MeanFieldCRF(unary)
+    crf4.add_pairwise_energy(feats.view(1, 1, 1, 40), 5.0)
+    assert torch.equal(q, crf4.inference(3).reshape(2, 3, 40))
+
+
+def test_empty_inputs():
+    for shape in [(0, 3, 4, 5), (2, 3, 0, 5), (1, 3, 4, 0)]:
+        unary = torch.zeros(shape)
+        images = torch.zeros((shape[0], 3) + shape[2:], dtype=torch.uint8)
+        q = dense_crf_inference(unary, images, 3)
+        assert q.shape == shape
+
+
+# ---- gradients (CRF-as-RNN) ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "before", "after", "symmetric"])
+def test_gradcheck(mode):
+    g = torch.Generator().manual_seed(3)
+    unary = (torch.rand(1, 3, 3, 4, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    images = torch.randint(0, 256, (1, 3, 3, 4), generator=g, dtype=torch.uint8)
+    w = 0.3 if mode == "none" else 2.0  # keep the unnormalised logits O(1) so the check is well conditioned
+    gauss = torch.tensor(w * 1.5, dtype=torch.float64, requires_grad=True)
+    matrix = (torch.randn(3, 3, generator=g, dtype=torch.float64) * w).requires_grad_()
+
+    def f(u, gc, m):
+        return dense_crf_inference(u, images, 2, 2.0, gc, 4.0, 30.0, m, mode)
+
+    assert torch.autograd.gradcheck(f, (unary, gauss, matrix))
+
+
+def test_module_learns_compat():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 8, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    images = torch.randint(0, 256, (1, 3, 8, 9), generator=g, dtype=torch.uint8)
+    crf = snn.DenseCRF(iterations=3, learn_compat=True).double()
+    q = crf(logits, images)
+    q[:, 0].sum().backward()
+    assert logits.grad is not None and crf.gaussian_compat.grad is not None and crf.bilateral_compat.grad is not None
+    assert float(crf.gaussian_compat.grad.abs()) > 0 and float(crf.bilateral_compat.grad.abs()) > 0
+    # the module is the functional op on unary = -logits; tensor weights take the message path (weight * W q
+    # in torch, then -1 in the update) instead of passing the weight to the update: float64 rounding order only
+    want = dense_crf_inference(-logits.detach(), images, 3, 3.0, 3.0, 80.0, 13.0, 10.0)
+    torch.testing.assert_close(q.detach(), want, rtol=0, atol=1e-14)
+
+
+def test_module_deeplab_defaults_and_overrides():
+    m = snn.DenseCRF.deeplab()
+    assert (m.iterations, m.gaussian_sxy, m.gaussian_compat) == (10, 3.0, 3.0)
+    assert (m.bilateral_sxy, m.bilateral_srgb, m.bilateral_compat) == (121.0, 5.0, 4.0)
+    m2 = snn.DenseCRF.deeplab(iterations=3, bilateral_srgb=10.0)
+    assert (m2.iterations, m2.bilateral_srgb, m2.bilateral_sxy) == (3, 10.0, 121.0)
+    assert "bilateral_sxy=121" in repr(m)
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+
+
+def test_errors_name_the_argument():
+    unary, images = small_case()
+    bad = [
+        (dict(unary=unary[0]), ValueError, "unary must be"),
+        (dict(unary=unary.long()), TypeError, "unary must be floating"),
+        (dict(unary=unary.clone().index_fill_(1, torch.tensor([0]), float("nan"))), ValueError, "unary contains NaN"),
+        (dict(unary=unary.clone().index_fill_(1, torch.tensor([1]), -float("inf"))), ValueError, "unary contains"),
+        (dict(images=images[:1]), ValueError, "images must be"),
+        (dict(images=images[:, :, :5]), ValueError, "images must be"),
+        (dict(images=images.to(torch.int32)), TypeError, "images must be uint8"),
+        (dict(images=torch.zeros(2, 15, 11, 13)), ValueError, "1..14 channels"),
+        (dict(images=images.float().index_fill_(2, torch.tensor([3]), float("inf"))), ValueError, "images contain"),
+        (dict(images=None), ValueError, "images are needed"),
+        (dict(iterations=-1), ValueError, "iterations"),
+        (dict(iterations=2.5), ValueError, "iterations"),
+        (dict(gaussian_sxy=0.0), ValueError, "sxy must be a positive"),
+        (dict(gaussian_sxy=(1.0, 2.0, 3.0)), ValueError, "sxy must be a number or 2"),
+        (dict(bilateral_sxy=float("inf")), ValueError, "sxy must be a positive"),
+        (dict(bilateral_srgb=-1.0), ValueError, "srgb must be a positive"),
+        (dict(bilateral_srgb=(1.0, 2.0)), ValueError, "srgb must be a number or 3"),
+        (dict(gaussian_compat=float("nan")), ValueError, "compat must be finite"),
+        (dict(bilateral_compat=torch.ones(5)), ValueError, "compat must be a number, a (K,)"),
+        (dict(bilateral_compat=torch.ones(4, 3)), ValueError, "compat must be a number, a (K,)"),
+        (dict(bilateral_compat=torch.tensor([1.0, float("inf"), 0, 0])), ValueError, "compat contains NaN"),
+        (dict(bilateral_compat="potts"), TypeError, "compat must be"),
+        (dict(normalization="sym"), ValueError, "normalization must be one of"),
+        (dict(normalization=7), ValueError, "normalization must be one of"),
+        (dict(kernels=[torch.zeros(2, 2, 11, 13)]), TypeError, "kernels[0] must be a segops.ops.CRFKernel"),
+        (dict(kernels=[CRFKernel(torch.zeros(2, 2, 11, 12), 1.0)]), ValueError, "features must be (B or 1, d)"),
+        (dict(kernels=[CRFKernel(torch.zeros(2, 17, 11, 13), 1.0)]), ValueError, "1..16 dimensions"),
+        (dict(kernels=[CRFKernel(torch.zeros(2, 2, 11, 13, dtype=torch.long), 1.0)]), TypeError, "features must be"),
+        (dict(kernels=[CRFKernel(torch.full((2, 2, 11, 13), float("nan")), 1.0)]), ValueError, "features contain"),
+    ]
+    for kwargs, exc, msg in bad:
+        args = dict(unary=unary, images=images)
+        args.update(kwargs)
+        with pytest.raises(exc) as info:
+            dense_crf_inference(**args)
+        assert msg in str(info.value), (kwargs, str(info.value))
+
+
+def test_module_and_helper_errors():
+    with pytest.raises(ValueError, match="iterations"):
+        snn.DenseCRF(iterations=-2)
+    with pytest.raises(ValueError, match="bilateral_compat must be a finite number"):
+        snn.DenseCRF(bilateral_compat=float("inf"))
+    with pytest.raises(ValueError, match="gaussian_sxy must be a positive"):
+        snn.DenseCRF(gaussian_sxy=-3)
+    with pytest.raises(TypeError, match="logits must be a floating"):
+        snn.DenseCRF()(torch.zeros(1, 2, 3, 3, dtype=torch.long), torch.zeros(1, 3, 3, 3))
+    unary, images = small_case()
+    crf = MeanFieldCRF(unary)
+    with pytest.raises(ValueError, match="Q must have the unary's shape"):
+        crf.step_inference(unary[:1])
+    with pytest.raises(ValueError, match="needs a \\(B, K, H, W\\) unary"):
+        MeanFieldCRF(unary.flatten(2)).add_pairwise_gaussian(3.0, 3.0)
+    with pytest.raises(ValueError, match="clip must be in"):
+        unary_from_softmax(torch.rand(1, 2, 3), clip=0.0)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        unary_from_labels(torch.tensor([[0, 9]]), 3, 0.5)
+    with pytest.raises(ValueError, match="gt_prob"):
+        unary_from_labels(torch.tensor([[0, 1]]), 3, 1.0)
+
+
+def test_device_mismatch_is_an_error():
+    unary, images = small_case()
+    with pytest.raises(ValueError, match="images are on meta but the unary is on cpu"):
+        dense_crf_inference(unary, images.to("meta"), 2)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["none", "symmetric"])
+def test_cuda_matches_cpu(mode):
+    unary, images = small_case(B=3, K=21, H=40, W=48, seed=9)
+    g = torch.Generator().manual_seed(2)
+    matrix = torch.randn(21, 21, generator=g)
+    args = (5, 3.0, 0.03 if mode == "none" else 3.0, 20.0, 13.0, matrix, mode)
+    cpu = dense_crf_inference(unary, images, *args)
+    gpu = dense_crf_inference(unary.cuda(), images.cuda(), *args)
+    # float32 on both; the CUDA splat adds in another order (atomics): the pydensecrf bound of rounding-order
+    # differences applies, with pairwise logits S <= ~40 here
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=128 * EPS32 * 40)
+    # the fused update alone: the same per-pixel functor (float64), and float32 against the CPU's blocked path
+    upd = update_inputs((3, 21, 40, 48), 2, [True, False], torch.float64, 5)
+    moved = [upd[0].cuda(), [m.cuda() for m in upd[1]], [s.cuda() if s is not None else None for s in upd[2]],
+             upd[3]]
+    torch.testing.assert_close(crf_mean_field_update(*moved).cpu(), crf_mean_field_update(*upd), rtol=0,
+                               atol=1e-14)  # float64 exp rounding on the two devices
+    upd32 = update_inputs((3, 21, 40, 48), 2, [True, False], torch.float32, 5)
+    moved32 = [upd32[0].cuda(), [m.cuda() for m in upd32[1]],
+               [s.cuda() if s is not None else None for s in upd32[2]], upd32[3]]
+    torch.testing.assert_close(crf_mean_field_update(*moved32).cpu(), crf_mean_field_update(*upd32), rtol=0,
+                               atol=2e-4)  # exp_poly vs expf, logits up to ~250 (see test_update_matches_twin)
+    g = torch.randn(3, 21, 40, 48, dtype=torch.float64)
+    q = crf_mean_field_update(*upd)
+    torch.testing.assert_close(torch.ops.segops._crf_mean_field_update_backward(g.cuda(), q.cuda()).cpu(),
+                               torch.ops.segops._crf_mean_field_update_backward(g, q), rtol=0, atol=1e-14)
+    u = unary.double().cuda().requires_grad_()
+    dense_crf_inference(u, images.cuda(), 3)[:, 0].sum().backward()
+    u_cpu = unary.double().requires_grad_()
+    dense_crf_inference(u_cpu, images, 3)[:, 0].sum().backward()
+    torch.testing.assert_close(u.grad.cpu(), u_cpu.grad, rtol=0, atol=1e-10)  # float64 rounding orders only
+
+
+# ---- segops eval / predict --crf --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A two-step model on the synthetic scribble data (enough to have logits worth refining)."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from standins import tiny_fcn
+
+    from segops.train import TrainConfig, register_model, train
+
+    register_model("tiny", tiny_fcn)
+    out = tmp_path_factory.mktemp("crf_ck")
+    cfg = TrainConfig(model="tiny", model_width=0.5, data="synthetic", synthetic_train=8, synthetic_val=4,
+                      image_size=32, batch_size=2, epochs=1, max_steps=2, lr=0.01, out_dir=str(out / "run"),
+                      progress=False, panels=0, loss="ce", supervision="full")
+    train(cfg, log=lambda s: None)
+    return str(out / "run" / "last.pt")
+
+
+def test_eval_with_crf(tiny_checkpoint, tmp_path, capsys):
+    import json
+
+    from segops import cli
+    from segops.train import evaluate_checkpoint
+
+    plain = evaluate_checkpoint(tiny_checkpoint)
+    assert "crf" not in plain
+    res = evaluate_checkpoint(tiny_checkpoint, crf=snn.DenseCRF.deeplab(iterations=2))
+    assert res["miou"] == plain["miou"] and 0.0 <= float(res["crf"]["miou"]) <= 1.0
+    # both kernels off: the refined prediction is argmax softmax(logits) = argmax logits
+    off = evaluate_checkpoint(tiny_checkpoint, crf=snn.DenseCRF(iterations=3, gaussian_compat=0, bilateral_compat=0))
+    assert torch.equal(off["crf"]["matrix"], off["matrix"])
+    out = tmp_path / "e.json"
+    assert cli.main(["eval", tiny_checkpoint, "--crf", "--crf-iterations", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "with the dense CRF:" in text and "without CRF" in text
+    saved = json.load(open(out))
+    assert saved["crf"]["miou"] == pytest.approx(float(res["crf"]["miou"]))
+    assert cli.main(["eval", tiny_checkpoint, "--crf", "--crf-bi-xy-std", "0"]) == 2
+    assert "--crf-bi-xy-std must be a positive finite number" in capsys.readouterr().err
+
+
+def test_predict_with_crf(tiny_checkpoint, tmp_path):
+    from PIL import Image
+
+    from segops import cli
+    from segops.train import predict_files
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(img)
+    crf = snn.DenseCRF(iterations=2, gaussian_compat=0, bilateral_compat=0)
+    plain = np.asarray(Image.open(predict_files(tiny_checkpoint, [str(img)], str(tmp_path / "a"))[0]))
+    off = np.asarray(Image.open(predict_files(tiny_checkpoint, [str(img)], str(tmp_path / "b"), crf=crf)[0]))
+    assert np.array_equal(plain, off)  # kernels off: the argmax of the logits
+    assert cli.main(["predict", tiny_checkpoint, str(img), "-o", str(tmp_path / "c"), "--crf",
+                     "--crf-iterations", "3"]) == 0
+    refined = Image.open(tmp_path / "c" / "x.png")
+    assert refined.mode == "P" and refined.size == (48, 40)
