@@ -55,6 +55,9 @@ constexpr int kStage = 8192;
 namespace generic {
 #include "segops/softmax_losses_block_impl.h"
 }  // namespace generic
+// block::exp_poly for other blocked CPU loops (the dense-CRF mean-field update), which pick their instruction
+// set themselves: the baseline copy, inlined into their per-target clones.
+using generic::exp_poly;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SEGOPS_LOSSES_MULTI_ISA 1
