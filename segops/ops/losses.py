@@ -64,7 +64,7 @@ def partial_cross_entropy(
         logits: ``(B, K, *spatial)`` or ``(B, K)`` float32 / float64 / float16 / bfloat16 class scores
             (any strides; channels_last works without a copy). half / bfloat16 accumulate in float32.
         target: ``(B, *spatial)`` int64 or uint8 class indices in ``[0, K)``; ``ignore_index`` marks
-            unlabelled pixels (255 for scribbles), which are never read from ``logits``.
+            unlabelled pixels (255 for scribbles), whose logits never reach the result (NaN there is harmless).
         ignore_index: label of unlabelled / void pixels.
         weight: optional ``(K,)`` per-class rescaling weight, same dtype and device as ``logits``.
         reduction: ``'none'`` (``(B, *spatial)`` losses, 0 at ignored pixels), ``'mean'`` or ``'sum'``.
