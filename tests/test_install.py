@@ -80,6 +80,10 @@ def _placeholder_args(schema):
         kind = str(arg.type)
         if kind == "Tensor":
             values.append(torch.zeros(1))
+        elif kind == "List[Tensor]":
+            values.append([torch.zeros(1)])
+        elif kind == "List[float]":
+            values.append([0.0])
         elif kind.startswith("Optional") or kind.endswith("?"):
             values.append(None)
         elif kind.startswith("List[int]") or kind == "int[]" or kind.startswith("int["):
@@ -124,12 +128,29 @@ def test_cuda_less_build_error_through_the_python_api():
     calls = {
         "segops::partial_cross_entropy": lambda: segops.ops.partial_cross_entropy(logits, target),
         "segops::entropy": lambda: segops.nn.EntropyLoss()(logits),
-        "segops::atrous_conv2d": lambda: segops.ops.atrous_conv2d(logits, weight, None, 1, 2, 2),
+        # forced: "auto" routes a CUDA call of a CUDA-less build to cuDNN (test below)
+        "segops::atrous_conv2d": lambda: segops.ops.atrous_conv2d(logits, weight, None, 1, 2, 2, backend="segops"),
     }
     for name, call in calls.items():
         with torch._C._IncludeDispatchKeyGuard(torch._C.DispatchKey.CUDA):
             with pytest.raises(RuntimeError, match="segops was built without CUDA kernels, so %s" % name):
                 call()
+
+
+@pytest.mark.parametrize("transposed, deterministic", [(True, False), (True, True), (False, True)])
+def test_auto_conv_runs_cudnn_on_cuda_tensors_in_a_cuda_less_build(monkeypatch, transposed, deterministic):
+    """A CUDA torch with a CPU-only segops build: "auto" never picks a segops kernel for a CUDA call (it could only
+    raise), even where the rule prefers segops on a GPU (wide depthwise upsampling, deterministic dilation)."""
+    from segops.ops import conv_choice
+
+    kernel = (16, 16) if transposed else (3, 3)  # the shapes for which a CUDA build would pick segops
+    args = (transposed, "cuda", torch.float32, "depthwise" if transposed else "gemm-rows", kernel, (1, 1), True,
+            deterministic)
+    monkeypatch.setattr(conv_choice, "_has_cuda_kernels", False)
+    vendor_forward, vendor_backward, reason = conv_choice._rule(*args)
+    assert vendor_forward and vendor_backward and "no CUDA kernels" in reason
+    monkeypatch.setattr(conv_choice, "_has_cuda_kernels", True)
+    assert not all(conv_choice._rule(*args)[:2])  # the same calls in a CUDA build: a segops kernel somewhere
 
 
 def _info_text(monkeypatch, build, torch_cuda, argv=("info",)) -> str:

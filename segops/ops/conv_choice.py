@@ -97,6 +97,19 @@ def segops_kernel(depthwise: bool, kernel: Sequence[int], stride_h: int, stride_
 # ---- the rule ---------------------------------------------------------------------------------------------------
 
 
+_has_cuda_kernels: Optional[bool] = None
+
+
+def _build_has_cuda_kernels() -> bool:
+    """Whether segops._C was compiled with CUDA kernels (read once from the build info)."""
+    global _has_cuda_kernels
+    if _has_cuda_kernels is None:
+        from segops.info import build_info
+
+        _has_cuda_kernels = build_info().get("cuda") == "1"
+    return _has_cuda_kernels
+
+
 def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str, kernel: Sequence[int],
           stride: Sequence[int], dilated: bool, deterministic: bool) -> Tuple[bool, bool, str]:
     """(vendor forward, vendor backward, reason) under "auto".
@@ -105,6 +118,10 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
     reference models' shapes) and ``segops bench conv``; the measured ratios are in the benchmark notes.
     """
     wide = max(kernel) >= 8  # upsampling filters (x4 and more: kernel 2s)
+    if device == "cuda" and not _build_has_cuda_kernels():
+        # a CUDA torch with a CPU-only segops build: cuDNN still runs the layer on the GPU, where segops' kernels
+        # would raise "built without CUDA kernels"
+        return True, True, "cuda: this segops build has no CUDA kernels: cuDNN"
     if device == "cuda":
         if kernel_family == "depthwise" and transposed and wide:
             return False, False, "cuda: wide depthwise transposed kernel (upsampling): segops 3.9-38x cuDNN"
