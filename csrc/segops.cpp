@@ -62,9 +62,11 @@ TORCH_LIBRARY(segops, m) {
   // ---- losses ---------------------------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel
   // log-sum-exp (the only per-pixel state kept for backward), denom the mean's denominator.
+  // check_labels: on CUDA, raise IndexError for an out-of-range target (one host sync) instead of the
+  // default device-side assertion; the CPU always raises it.
   m.def(
       "partial_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int reduction, "
-      "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+      "int ignore_index, float label_smoothing, bool check_labels=False) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_partial_cross_entropy_backward(Tensor grad, Tensor logits, Tensor target, Tensor? weight, "
       "Tensor lse, Tensor denom, int reduction, int ignore_index, float label_smoothing) -> Tensor");

@@ -45,6 +45,39 @@ def losses(dev: torch.device) -> None:
                 x.grad = None
 
 
+def loss_reductions(dev: torch.device) -> None:
+    """The one-launch reductions of the softmax losses: many blocks (last-block ticket), one block, an empty batch,
+    the synchronous label check (device buffer + atomicMin), the warp-cooperative sparse path (3% labelled) and a
+    CUDA graph capture (the launch's own ticket)."""
+    g = torch.Generator().manual_seed(2)
+    for B, K, H, W in ((4, 21, 131, 257), (2, 40, 17, 33), (1, 21, 3, 5), (0, 21, 7, 7)):  # K = 40: 2 class rounds
+        x = torch.randn(B, K, H, W, generator=g).to(dev).requires_grad_()
+        t = torch.randint(0, K, (B, H, W), generator=g)
+        t[torch.rand(B, H, W, generator=g) < 0.97] = 255
+        t = t.to(dev)
+        for reduction in ("mean", "sum"):
+            loss = ops.partial_cross_entropy(x, t, 255, None, reduction, 0.0, check_labels=True)
+            ent = ops.entropy(x, None, reduction)
+            (loss + ent).backward()
+            check("loss reduction %dx%dx%dx%d %s" % (B, K, H, W, reduction), loss, ent, x.grad)
+            x.grad = None
+    x = torch.randn(2, 21, 37, 29, generator=g).to(dev).requires_grad_()
+    t = torch.randint(0, 21, (2, 37, 29), generator=g).to(dev)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ops.partial_cross_entropy(x, t).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = ops.partial_cross_entropy(x, t) + ops.entropy(x)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    check("loss reduction under graph capture", loss, x.grad)
+
+
 def convolutions(dev: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
     cases = [  # (groups, C_in, C_out, kernel, stride, padding, dilation, output_padding)
@@ -131,7 +164,7 @@ def crf_inference(dev: torch.device) -> None:
         check("dense_crf_inference %s" % mode, q, gu)
 
 
-DRIVERS = [losses, convolutions, lattice, crf_inference]
+DRIVERS = [losses, loss_reductions, convolutions, lattice, crf_inference]
 
 
 def main() -> int:

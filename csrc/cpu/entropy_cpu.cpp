@@ -1,5 +1,5 @@
-// CPU backend of entropy: the shared glue run over at::parallel_for, blocked
-// across pixels for NCHW float inputs (softmax_losses_block.h).
+// CPU backend of entropy: the shared glue run over at::parallel_for, in chunks of pixels, blocked
+// across pixels for NCHW float inputs (softmax_losses_block.h); one parallel region per forward and backward.
 #include <torch/library.h>
 
 #include "segops/softmax_losses_block.h"

@@ -1,9 +1,10 @@
-// CUDA backend of entropy: the shared glue run over a grid-stride kernel on the current stream.
+// CUDA backend of entropy: the shared glue on the current stream, one kernel launch per forward (deterministic
+// in-kernel reduction) and one per backward.
 #include <torch/library.h>
 
 #include <c10/cuda/CUDAGuard.h>
 
-#include "segops/parallel_cuda.cuh"
+#include "segops/softmax_losses_cuda.cuh"
 #include "segops/softmax_losses_host.h"
 
 namespace segops {
@@ -12,14 +13,14 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> entropy_forward_cuda(
     const at::Tensor& logits, const c10::optional<at::Tensor>& mask, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  return losses::entropy_forward(logits, mask, reduction, CudaLaunch{});
+  return losses::entropy_forward(logits, mask, reduction, CudaLossLaunch{});
 }
 
 at::Tensor entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
                                 const c10::optional<at::Tensor>& mask, const at::Tensor& lse,
                                 const at::Tensor& ex, const at::Tensor& denom, int64_t reduction) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  return losses::entropy_backward(grad, logits, mask, lse, ex, denom, reduction, CudaLaunch{});
+  return losses::entropy_backward(grad, logits, mask, lse, ex, denom, reduction, CudaLossLaunch{});
 }
 
 }  // namespace

@@ -1,14 +1,34 @@
-"""Suite 'losses': fused partial cross-entropy and entropy vs F.cross_entropy / log_softmax entropy."""
+"""Suite 'losses': fused partial cross-entropy and entropy against the peers a user would pick.
+
+Per shape and label share (1%, 3%, 10%, 100% of pixels labelled), forward + backward of:
+
+* segops (``ops.partial_cross_entropy`` / ``ops.entropy``);
+* eager PyTorch (``F.cross_entropy(..., ignore_index=255)`` / entropy through ``log_softmax``);
+* ``torch.compile`` of the same PyTorch expression (inductor; ``--quick`` uses the ``aot_eager`` backend so that
+  the smoke test stays fast: its times say nothing);
+* the memory floor: ``torch.zeros_like(logits)``, allocating and zeroing the ``(B, K, H, W)`` gradient that any
+  implementation must return.
+
+The four are timed interleaved in rounds (``torch.utils.benchmark``), and each time is the median over rounds, so
+that a load change on a shared machine hits all of them alike. Rows carry ``labelled`` (the share),
+``compiled_ms``, ``floor_ms``, ``speedup_compiled`` and ``floor_ratio`` (segops time / floor time) besides the
+common columns; the suite prints its own table with them.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import os
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark as tbench
 
 from segops import ops
 from segops.bench import BenchContext, fwd_bwd, saved_bytes
+
+LABEL_SHARES = (0.01, 0.03, 0.10, 1.0)
+ROUNDS = 5
 
 
 def scribble_target(B: int, K: int, H: int, W: int, labelled: float, device, generator) -> torch.Tensor:
@@ -23,6 +43,66 @@ def _torch_entropy(x: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(1).mean()
 
 
+def _torch_pce(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(x, target, ignore_index=255)
+
+
+def _compile(fn: Callable, quick: bool) -> Optional[Callable]:
+    """torch.compile(fn) (inductor), or None where it cannot run here (no compiler, unsupported platform)."""
+    try:
+        return torch.compile(fn, backend="aot_eager" if quick else "inductor", dynamic=False)
+    except Exception:  # torch.compile itself unavailable: the row says so (compiled_ms None)
+        return None
+
+
+def interleaved_ms(ctx: BenchContext, fns: Dict[str, Optional[Callable[[], Any]]], rounds: int) -> Dict[str, float]:
+    """Median over `rounds` rounds of each fn's median time (ms); the fns take turns within a round."""
+    live = {k: f for k, f in fns.items() if f is not None}
+    for f in live.values():  # warm-up (and compilation) outside the timing
+        f()
+        f()
+    ctx.sync()
+    per_round = {k: [] for k in live}
+    for _ in range(rounds):
+        for k, f in live.items():
+            timer = tbench.Timer(stmt="fn()", globals={"fn": f})
+            per_round[k].append(timer.blocked_autorange(min_run_time=ctx.min_run_time / rounds).median * 1e3)
+    out: Dict[str, float] = {}
+    for k, v in per_round.items():
+        v = sorted(v)
+        out[k] = v[len(v) // 2]
+    return out
+
+
+def _failing_ok(fn: Callable[[], Any]) -> Optional[Callable[[], Any]]:
+    """fn if one call succeeds, else None (a compiled peer that fails to build is reported as missing)."""
+    try:
+        fn()
+        return fn
+    except Exception as e:  # inductor needs a C++ compiler on the CPU, triton on the GPU
+        print("segops bench losses: torch.compile peer unavailable:", type(e).__name__, str(e).splitlines()[0][:120])
+        return None
+
+
+def _row(ctx: BenchContext, op: str, case: str, labelled: Optional[float], times: Dict[str, float],
+         ours: Callable, theirs: Callable, compile_backend: str) -> Dict[str, Any]:
+    seg, tor, comp, floor = (times.get(k) for k in ("segops", "torch", "compiled", "floor"))
+    return dict(
+        op=op,
+        case=case,
+        labelled=labelled,
+        segops_ms=seg,
+        torch_ms=tor,
+        compiled_ms=comp,
+        floor_ms=floor,
+        speedup_compiled=comp / seg if comp and seg else None,
+        floor_ratio=seg / floor if seg and floor else None,
+        compile_backend=compile_backend,
+        segops_mem=ctx.peak_bytes(ours),
+        torch_mem=ctx.peak_bytes(theirs),
+    )
+
+
 def run(ctx: BenchContext) -> List[Dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
     if ctx.quick:
@@ -31,41 +111,66 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
         shapes = [(8, 21, 256, 256), (16, 21, 512, 512)]
     else:
         shapes = [(8, 21, 256, 256)]
+    shares = (0.03, 1.0) if ctx.quick else LABEL_SHARES
+    backend = "aot_eager" if ctx.quick else "inductor"
+    compiled_pce = _compile(_torch_pce, ctx.quick)
+    compiled_entropy = _compile(_torch_entropy, ctx.quick)
     rows: List[Dict[str, Any]] = []
     for B, K, H, W in shapes:
         logits = torch.randn(B, K, H, W, generator=g).mul_(3).to(ctx.device).requires_grad_()
-        for frac in (0.03, 1.0):
+        shape = "%dx%dx%dx%d" % (B, K, H, W)
+        floor = lambda: torch.zeros_like(logits)  # noqa: E731
+        for frac in shares:
             target = scribble_target(B, K, H, W, frac, ctx.device, g)
-            case = "%dx%dx%dx%d %d%% labelled" % (B, K, H, W, round(frac * 100))
             ours = fwd_bwd(lambda x: ops.partial_cross_entropy(x, target), logits)
-            theirs = fwd_bwd(lambda x: F.cross_entropy(x, target, ignore_index=255), logits)
-            rows.append(
-                dict(
-                    op="partial_cross_entropy",
-                    case=case,
-                    segops_ms=ctx.time_ms(ours),
-                    torch_ms=ctx.time_ms(theirs),
-                    segops_mem=ctx.peak_bytes(ours),
-                    torch_mem=ctx.peak_bytes(theirs),
-                    segops_saved_bytes=saved_bytes(lambda: ops.partial_cross_entropy(logits, target), [logits, target]),
-                    torch_saved_bytes=saved_bytes(
-                        lambda: F.cross_entropy(logits, target, ignore_index=255), [logits, target]
-                    ),
-                )
-            )
-        case = "%dx%dx%dx%d" % (B, K, H, W)
+            theirs = fwd_bwd(lambda x: _torch_pce(x, target), logits)
+            comp = None
+            if compiled_pce is not None:
+                comp = _failing_ok(fwd_bwd(lambda x: compiled_pce(x, target), logits))
+            times = interleaved_ms(ctx, dict(segops=ours, torch=theirs, compiled=comp, floor=floor),
+                                   1 if ctx.quick else ROUNDS)
+            row = _row(ctx, "partial_cross_entropy", "%s %g%% labelled" % (shape, frac * 100), frac, times, ours,
+                       theirs, backend)
+            row["segops_saved_bytes"] = saved_bytes(lambda: ops.partial_cross_entropy(logits, target), [logits, target])
+            row["torch_saved_bytes"] = saved_bytes(lambda: _torch_pce(logits, target), [logits, target])
+            rows.append(row)
         ours = fwd_bwd(lambda x: ops.entropy(x), logits)
         theirs = fwd_bwd(_torch_entropy, logits)
-        rows.append(
-            dict(
-                op="entropy",
-                case=case,
-                segops_ms=ctx.time_ms(ours),
-                torch_ms=ctx.time_ms(theirs),
-                segops_mem=ctx.peak_bytes(ours),
-                torch_mem=ctx.peak_bytes(theirs),
-                segops_saved_bytes=saved_bytes(lambda: ops.entropy(logits), [logits]),
-                torch_saved_bytes=saved_bytes(lambda: _torch_entropy(logits), [logits]),
-            )
-        )
+        comp = _failing_ok(fwd_bwd(compiled_entropy, logits)) if compiled_entropy is not None else None
+        times = interleaved_ms(ctx, dict(segops=ours, torch=theirs, compiled=comp, floor=floor),
+                               1 if ctx.quick else ROUNDS)
+        row = _row(ctx, "entropy", shape, 1.0, times, ours, theirs, backend)
+        row["segops_saved_bytes"] = saved_bytes(lambda: ops.entropy(logits), [logits])
+        row["torch_saved_bytes"] = saved_bytes(lambda: _torch_entropy(logits), [logits])
+        rows.append(row)
+    print(format_losses_table(rows, ctx))
     return rows
+
+
+def format_losses_table(rows: List[Dict[str, Any]], ctx: BenchContext) -> str:
+    """The suite's own table: every peer and ratio, the label share as a column."""
+    head = ["op", "shape", "labelled", "segops ms", "eager ms", "compiled ms", "floor ms",
+            "vs eager", "vs compiled", "/ floor"]
+    lines = [head]
+    for r in rows:
+        def ms(key: str) -> str:
+            return "-" if r.get(key) is None else "%.3f" % r[key]
+
+        def ratio(v: Optional[float]) -> str:
+            return "-" if v is None else "%.2fx" % v
+
+        eager = r["torch_ms"] / r["segops_ms"] if r.get("torch_ms") and r.get("segops_ms") else None
+        lines.append([
+            r["op"], r["case"].split()[0], "-" if r["op"] == "entropy" else "%g%%" % (r["labelled"] * 100),
+            ms("segops_ms"), ms("torch_ms"), ms("compiled_ms"), ms("floor_ms"),
+            ratio(eager), ratio(r.get("speedup_compiled")), ratio(r.get("floor_ratio")),
+        ])
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+    text = ["  ".join(str(c).ljust(w) for c, w in zip(l, widths)) for l in lines]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    title = "losses on %s, %d threads, load %s (compiled: torch.compile, %s backend)" % (
+        ctx.device, torch.get_num_threads(),
+        " ".join("%.2f" % v for v in os.getloadavg()) if hasattr(os, "getloadavg") else "?",
+        rows[0]["compile_backend"] if rows else "-",
+    )
+    return title + "\n" + "\n".join(text)

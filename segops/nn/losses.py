@@ -18,7 +18,8 @@ class PartialCrossEntropyLoss(nn.Module):
     A drop-in for ``nn.CrossEntropyLoss(weight, ignore_index=255, reduction=..., label_smoothing=...)``
     on segmentation logits ``(B, K, H, W)`` and targets ``(B, H, W)``; ``'mean'`` over a batch without a
     labelled pixel is 0 rather than NaN. ``weight`` is a buffer (moves with ``.to()``, saved in the
-    state_dict).
+    state_dict). ``check_labels``: see :func:`segops.ops.partial_cross_entropy` (CUDA's out-of-range label
+    check: device-side assertion by default, ``True`` for a synchronous ``IndexError``).
     """
 
     def __init__(
@@ -27,6 +28,7 @@ class PartialCrossEntropyLoss(nn.Module):
         ignore_index: int = 255,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
+        check_labels: Optional[bool] = None,
     ) -> None:
         super().__init__()
         reduction_code(reduction)  # validate early
@@ -36,12 +38,15 @@ class PartialCrossEntropyLoss(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.label_smoothing = label_smoothing
+        self.check_labels = check_labels
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         weight = self.weight
         if weight is not None and weight.dtype != logits.dtype:
             weight = weight.to(logits.dtype)
-        return partial_cross_entropy(logits, target, self.ignore_index, weight, self.reduction, self.label_smoothing)
+        return partial_cross_entropy(
+            logits, target, self.ignore_index, weight, self.reduction, self.label_smoothing, self.check_labels
+        )
 
     def extra_repr(self) -> str:
         return "ignore_index=%d, reduction=%r, label_smoothing=%g" % (

@@ -208,3 +208,52 @@ struct CpuLaunch {
 #endif
 
 }  // namespace segops
+
+// ---- deterministic reductions ------------------------------------------------------------------------
+// Loss sums are reduced in a fixed order, never with float atomics, so that a result's bits depend only on
+// the inputs (and, on a GPU, the device's grid size), not on the thread count or the scheduling.
+#if !defined(__CUDACC__)
+#include <vector>
+#endif
+
+namespace segops {
+
+// Sums v[0..n) in place by a fixed pairwise tree: v[i] += v[i + w] for w = 1, 2, 4, ...; returns the sum
+// (Sum{} when n == 0). Sum: an aggregate with operator+ and Sum{} as zero. Error grows as log2(n).
+template <typename Sum>
+SEGOPS_HD Sum pairwise_sum_inplace(Sum* v, index_t n) {
+  if (n <= 0) return Sum{};
+  for (index_t w = 1; w < n; w *= 2)
+    for (index_t i = 0; i + w < n; i += 2 * w) v[i] = v[i] + v[i + w];
+  return v[0];
+}
+
+// *address = min(*address, value), atomically: records e.g. the lowest index of a bad element, whichever
+// thread finds it first.
+SEGOPS_HD_INLINE void atomic_min(int64_t* address, int64_t value) {
+#if defined(__CUDA_ARCH__)
+  atomicMin(reinterpret_cast<long long*>(address), static_cast<long long>(value));
+#else
+  int64_t old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (value < old && !__atomic_compare_exchange_n(address, &old, value, /*weak=*/true, __ATOMIC_RELAXED,
+                                                     __ATOMIC_RELAXED)) {
+  }
+#endif
+}
+
+#if !defined(__CUDACC__)
+// Runs f(task) for task in [0, n) in parallel and returns the pairwise sum of the results in task order:
+// the same bits for any thread count, since each task's partial is computed by one thread and the tree's
+// shape depends only on n. The caller chooses what a task covers (a fixed number of elements).
+template <typename Sum, typename F>
+inline Sum cpu_parallel_reduce(index_t n, const F& f, index_t grain = 1) {
+  if (n <= 0) return Sum{};
+  std::vector<Sum> partial(static_cast<size_t>(n));
+  omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) partial[task] = f(task);
+  });
+  return pairwise_sum_inplace(partial.data(), n);
+}
+#endif
+
+}  // namespace segops

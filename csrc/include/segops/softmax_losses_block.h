@@ -1,284 +1,191 @@
-// CPU fast path of the softmax losses for unit pixel stride (NCHW logits): kBlock consecutive pixels of
-// one image per task with the pixel loop innermost, so that the compiler vectorises across pixels (the
-// per-pixel functors loop over classes at stride S, which it cannot). Same math as the functors in
-// softmax_losses_math.h, which remain the path for other layouts, double precision and the GPU; sparse
-// blocks (scribbles: mostly unlabelled) fall back to them so unlabelled logits are still never read.
-// tests/test_losses.py compares the two paths (contiguous vs channels_last inputs).
+// CPU launch policy of the softmax losses, with a fast path for unit pixel stride (NCHW float / half /
+// bfloat16 logits): a task is a chunk of kChunk consecutive pixels of one image, and its loops run over the
+// K class rows of the chunk with the pixels innermost, so that reads are row-sequential and the compiler
+// vectorises across pixels (the per-pixel functors loop over classes at stride S, which it cannot). A chunk
+// visits either all its pixels ("dense" lanes: contiguous loads) or, when fewer than a quarter are labelled
+// (scribbles), only the labelled ones ("sparse" lanes: gathers), so unlabelled logits are never read. The
+// gradient is written once, row by row, zeros included (no fill first); large dense rows with non-temporal stores.
+// The loops are compiled for SSE2, AVX2 and AVX-512 and run with the widest this CPU has.
+//
+// Same math as the functors in softmax_losses_math.h (they share pixel_loss / store / skip), which remain the
+// path for other layouts, double precision and the GPU; tests/test_losses.py compares the two paths.
+//
+// Determinism: a task's loss share is summed in pixel order, and cpu_parallel_reduce combines the shares by a
+// fixed tree, so the bits do not depend on the thread count.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
 
 #include "segops/softmax_losses_math.h"
 
 namespace segops {
 namespace block {
 
-constexpr int kBlock = 32;
+constexpr int kChunk = 256;  // pixels per task: also the fixed unit of the loss reduction
 
-// exp for x <= 88 with ~1 ulp error: Cody-Waite reduction x = n ln2 + r, degree-6 Taylor on |r| <= ln2/2
-// (truncation r^7/7! < 1.2e-7 relative), 2^n by exponent bits. Branch-free, so loops over it vectorise.
-// Inputs below -87 are clamped (exp(-87) = 1.6e-38 stands in for values that would underflow).
-inline float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low mantissa bits
-  const float t = x * 1.44269504088896341f + magic;
-  const float n = t - magic;
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// Gradients at least this large are written with non-temporal stores: they cannot stay in the caches anyway,
+// and the op never reads them back, so they should neither evict the logits nor be read for ownership first.
+// Smaller ones are written normally: their consumer (autograd, the optimizer) finds them in the cache.
+constexpr size_t kStreamBytes = size_t(16) << 20;
+
+// Staging buffer: the logits a chunk's loops work on, as float, class-major (xs[k * L + j]). Loading them in one
+// tight loop and computing from the copy matters twice over: the K rows of a chunk lie S elements apart, so for
+// the usual power-of-two S they all map to the same L1 and L2 cache sets and evict each other between passes
+// (max, then sum of exponentials); and a labelled pixel's K logits lie in K cache lines that no hardware
+// prefetcher guesses, so only a loop of independent loads keeps enough of those misses in flight.
+constexpr int kStage = 8192;
+
+// ---- one body per instruction set --------------------------------------------------------------------------
+// The blocked loops are written for the compiler to vectorise across pixels; the baseline build may only use
+// SSE2 (4 floats), so the body is compiled again for AVX2 + FMA (8) and AVX-512 (16) and chosen at run time.
+
+namespace generic {
+#include "segops/softmax_losses_block_impl.h"
+}  // namespace generic
+// block::exp_poly for other blocked CPU loops (the dense-CRF mean-field update), which pick their instruction
+// set themselves: the baseline copy, inlined into their per-target clones.
+using generic::exp_poly;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEGOPS_LOSSES_MULTI_ISA 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "segops/softmax_losses_block_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+namespace avx512 {
+#include "segops/softmax_losses_block_impl.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#endif
+
+enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The widest instruction set this CPU runs, capped like ATen's own kernels by ATEN_CPU_CAPABILITY
+// ("default", "avx2", "avx512"), so that one setting pins both for a comparison.
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+#if defined(SEGOPS_LOSSES_MULTI_ISA)
+    __builtin_cpu_init();
+    Isa best = Isa::kGeneric;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      best = Isa::kAvx512;
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    if (cap && std::strcmp(cap, "default") == 0) best = Isa::kGeneric;
+    if (cap && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
+    return best;
+#else
+    return Isa::kGeneric;
+#endif
+  }();
+  return isa;
 }
 
-// Zeroes the gradient rows of pixels [s0, s0+n) of image b: the blocked launcher owns the whole
-// gradient (no up-front memset), so sparse blocks clear their slice before the per-pixel pass.
-template <typename scalar_t>
-void zero_rows(const View3<scalar_t>& gx, index_t K, index_t b, index_t s0, index_t n) {
-  scalar_t* pg = gx.pixel(b, s0);
-  for (index_t k = 0; k < K; ++k) std::memset(static_cast<void*>(pg + k * gx.sk), 0, sizeof(scalar_t) * n);
-}
-
-// ---- partial cross-entropy ------------------------------------------------------------------------
-
-// Reads the labels of pixels [s0, s0+n) of image b into t; returns how many are labelled and in range.
+// forward_chunk / backward_chunk of the body compiled for `isa`. float logits only: half and bfloat16 convert
+// element by element, which the wider builds hardly speed up, so they keep one (generic) copy.
 template <typename F>
-int load_labels(const F& f, index_t b, index_t s0, index_t n, int64_t* t) {
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) {
-    t[v] = static_cast<int64_t>(f.target.at(b, s0 + v));
-    count += t[v] != f.ignore_index && t[v] >= 0 && t[v] < f.K;
+constexpr bool kFloatLogits =
+    std::is_same<std::remove_const_t<std::remove_pointer_t<decltype(std::declval<F>().x.data)>>, float>::value;
+
+template <typename F, typename... Args>
+inline auto forward_chunk_isa(Isa isa, const F& f, Args... args) {
+#if defined(SEGOPS_LOSSES_MULTI_ISA)
+  if constexpr (kFloatLogits<F>) {
+    if (isa == Isa::kAvx512) return avx512::forward_chunk(f, args...);
+    if (isa == Isa::kAvx2) return avx2::forward_chunk(f, args...);
   }
-  return count;
+#endif
+  (void)isa;
+  return generic::forward_chunk(f, args...);
 }
-
-// Sparse (scribble) or ragged blocks go to the per-pixel functor, which reads only labelled pixels.
-// m[v] = max over the K classes of the block's pixel v (px: the block's class-0 row, sk: the class stride).
-template <typename scalar_t>
-inline void block_max(const scalar_t* px, index_t sk, index_t K, float* m) {
-  for (int v = 0; v < kBlock; ++v) m[v] = static_cast<float>(px[v]);
-  for (index_t k = 1; k < K; ++k) {
-    const scalar_t* row = px + k * sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const float xv = static_cast<float>(row[v]);
-      m[v] = xv > m[v] ? xv : m[v];
-    }
+template <typename F, typename... Args>
+inline void backward_chunk_isa(Isa isa, const F& f, Args... args) {
+#if defined(SEGOPS_LOSSES_MULTI_ISA)
+  if constexpr (kFloatLogits<F>) {
+    if (isa == Isa::kAvx512) return avx512::backward_chunk(f, args...);
+    if (isa == Isa::kAvx2) return avx2::backward_chunk(f, args...);
   }
-}
-
-inline bool use_per_pixel(index_t n, int count) { return n < kBlock || count * 4 < kBlock; }
-
-template <typename scalar_t, typename target_t>
-void pce_forward(const PceForward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int64_t t[kBlock];
-  const int count = load_labels(f, b, s0, n, t);
-  if (use_per_pixel(n, count)) {
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  const index_t sk = f.x.sk;
-  acc m[kBlock], sum[kBlock], swx[kBlock];
-  block_max(px, sk, f.K, m);
-  for (int v = 0; v < kBlock; ++v) sum[v] = swx[v] = 0.0f;
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) sum[v] += exp_poly(static_cast<acc>(row[v]) - m[v]);
-  }
-  acc sum_w = 0.0f;
-  if (f.eps != 0.0f) {  // label smoothing needs sum_k w_k x_k as well
-    for (index_t k = 0; k < f.K; ++k) {
-      const scalar_t* row = px + k * sk;
-      const acc w = f.weight ? static_cast<acc>(f.weight[k]) : 1.0f;
-      sum_w += w;
-#pragma omp simd
-      for (int v = 0; v < kBlock; ++v) swx[v] += w * static_cast<acc>(row[v]);
-    }
-  }
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    if (t[v] == f.ignore_index || t[v] < 0 || t[v] >= f.K) {
-      f(i);  // writes the zeros (and flags an out-of-range label)
-      continue;
-    }
-    const acc l = m[v] + std::log(sum[v]);
-    const acc w_t = f.weight ? static_cast<acc>(f.weight[t[v]]) : 1.0f;
-    const acc nll_i = w_t * (l - static_cast<acc>(px[t[v] * sk + v]));
-    const acc smooth_i = f.eps != 0.0f ? sum_w * l - swx[v] : 0.0f;
-    f.lse[i] = l;
-    if (f.loss) f.loss[i] = static_cast<scalar_t>((1.0f - f.eps) * nll_i + f.eps / acc(f.K) * smooth_i);
-    if (f.nll) f.nll[i] = nll_i;
-    if (f.smooth) f.smooth[i] = smooth_i;
-    if (f.wt) f.wt[i] = w_t;
-  }
-}
-
-template <typename scalar_t, typename target_t>
-void pce_backward(const PceBackward<scalar_t, target_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int64_t t[kBlock];
-  const int count = load_labels(f, b, s0, n, t);
-  if (use_per_pixel(n, count)) {
-    zero_rows(f.gx, f.K, b, s0, n);
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
-  }
-  acc a[kBlock], c[kBlock], l[kBlock];
-  int32_t tk[kBlock], on[kBlock];  // int32 like the float lanes, so the selects below vectorise
-  acc sum_w = acc(f.K);
-  if (f.eps != 0.0f && f.weight) {
-    sum_w = 0.0f;
-    for (index_t k = 0; k < f.K; ++k) sum_w += static_cast<acc>(f.weight[k]);
-  }
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    on[v] = t[v] != f.ignore_index && t[v] >= 0 && t[v] < f.K;
-    acc g = on[v] ? static_cast<acc>(f.grad_per_pixel ? f.grad[i] : f.grad[0]) : 0.0f;
-    if (f.denom) g /= f.denom[0];
-    const acc w_t = on[v] && f.weight ? static_cast<acc>(f.weight[t[v]]) : 1.0f;
-    a[v] = g * (1.0f - f.eps) * w_t;
-    c[v] = g * f.eps / acc(f.K);
-    l[v] = on[v] ? f.lse[i] : 0.0f;
-    tk[v] = on[v] ? static_cast<int32_t>(t[v]) : -1;
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  scalar_t* pg = f.gx.pixel(b, s0);
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
-    scalar_t* grow = pg + k * f.gx.sk;
-    const acc wk = f.weight ? static_cast<acc>(f.weight[k]) : 1.0f;
-    const int32_t kk = static_cast<int32_t>(k);
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc p = exp_poly(static_cast<acc>(row[v]) - l[v]);
-      const acc val = a[v] * (p - (tk[v] == kk ? 1.0f : 0.0f)) + c[v] * (sum_w * p - wk);
-      grow[v] = static_cast<scalar_t>(on[v] ? val : 0.0f);  // select: unlabelled logits may be NaN
-    }
-  }
-}
-
-// ---- entropy ----------------------------------------------------------------------------------------------
-
-template <typename scalar_t>
-void entropy_forward(const EntropyForward<scalar_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) count += !f.mask.data || f.mask.at(b, s0 + v);
-  if (use_per_pixel(n, count)) {
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  acc m[kBlock], s[kBlock], tx[kBlock];
-  block_max(px, f.x.sk, f.K, m);
-  for (int v = 0; v < kBlock; ++v) s[v] = tx[v] = 0.0f;
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc xv = static_cast<acc>(row[v]);
-      const acc e = exp_poly(xv - m[v]);
-      s[v] += e;
-      tx[v] += xv == -INFINITY ? 0.0f : e * xv;  // p = 0 at -inf (exp_poly clamps it to 1.6e-38)
-    }
-  }
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    if (f.mask.data && !f.mask.at(b, s0 + v)) {
-      f(i);
-      continue;
-    }
-    const acc l = m[v] + std::log(s[v]), e = tx[v] / s[v];
-    const acc h = l - e < 0.0f ? 0.0f : l - e;  // NaN passes through (as in EntropyForward)
-    f.lse[i] = l;
-    f.ex[i] = e;
-    if (f.ent) f.ent[i] = static_cast<scalar_t>(h);
-    if (f.ent_acc) f.ent_acc[i] = h;
-  }
-}
-
-template <typename scalar_t>
-void entropy_backward(const EntropyBackward<scalar_t>& f, index_t b, index_t s0, index_t n) {
-  using acc = float;
-  int count = 0;
-  for (index_t v = 0; v < n; ++v) count += !f.mask.data || f.mask.at(b, s0 + v);
-  if (use_per_pixel(n, count)) {
-    zero_rows(f.gx, f.K, b, s0, n);
-    for (index_t v = 0; v < n; ++v) f(b * f.S + s0 + v);
-    return;
-  }
-  acc g[kBlock], l[kBlock], e[kBlock];
-  int32_t on[kBlock];
-  for (int v = 0; v < kBlock; ++v) {
-    const index_t i = b * f.S + s0 + v;
-    on[v] = !f.mask.data || f.mask.at(b, s0 + v);
-    acc gv = static_cast<acc>(f.grad_per_pixel ? f.grad[i] : f.grad[0]);
-    if (f.denom) gv /= f.denom[0];
-    g[v] = on[v] ? gv : 0.0f;
-    l[v] = f.lse[i];
-    e[v] = f.ex[i];
-  }
-  const scalar_t* px = f.x.pixel(b, s0);
-  scalar_t* pg = f.gx.pixel(b, s0);
-  for (index_t k = 0; k < f.K; ++k) {
-    const scalar_t* row = px + k * f.x.sk;
-    scalar_t* grow = pg + k * f.gx.sk;
-#pragma omp simd
-    for (int v = 0; v < kBlock; ++v) {
-      const acc xv = static_cast<acc>(row[v]);
-      const acc val = -g[v] * exp_poly(xv - l[v]) * (xv - e[v]);
-      grow[v] = static_cast<scalar_t>(on[v] && xv != -INFINITY ? val : 0.0f);
-    }
-  }
+#endif
+  (void)isa;
+  generic::backward_chunk(f, args...);
 }
 
 // ---- launcher ---------------------------------------------------------------------------------------------
 
+// The blocked paths compute in float: for float, half and bfloat16 logits (double takes the functors), with
+// unit pixel stride and a staging buffer that holds one lane's K classes.
 template <typename F>
-bool blockable(const F& f) {
-  return std::is_same<typename F::acc, float>::value && f.x.ss == 1 && f.S >= kBlock;
+constexpr bool kBlockable = std::is_same<typename F::acc, float>::value;
+
+template <typename F>
+bool blocked_layout(const F& f) {
+  return f.x.ss == 1 && f.K <= kStage;
 }
 
-// CpuLaunch for the softmax-loss functors: blocked when the layout allows it, per pixel otherwise.
+// The CPU policy of softmax_losses_host.h: tasks of kChunk pixels, blocked when the layout allows it, per-pixel
+// functors otherwise.
 struct CpuLossLaunch {
-  // Whether launching f writes every gradient element itself (else the caller zero-fills first).
-  template <typename F>
-  bool writes_every_gradient(const F& f) const { return blockable(f); }
-  template <typename F>
-  bool functor_writes_zeros(const F& f) const {
-    // channels_last: a pixel's K gradients are contiguous, writing its zeros inline beats a memset pass.
-    // Blocked NCHW: sparse blocks zero their own rows first.
-    return !blockable(f) && f.gx.sk == 1;
+  static constexpr bool kHostMemory = true;
+
+  template <typename Sum, typename F, typename Fin>
+  void reduce(index_t n, const F& f, const Fin& fin) const {
+    Sum total{};
+    bool done = n <= 0;
+    if constexpr (kBlockable<F>) {
+      if (!done && blocked_layout(f)) {
+        const Isa isa = cpu_isa();
+        const index_t per_image = (f.S + kChunk - 1) / kChunk;
+        total = cpu_parallel_reduce<Sum>(n / f.S * per_image, [&](index_t task) {
+          const index_t b = task / per_image, s0 = (task - b * per_image) * kChunk;
+          return forward_chunk_isa(isa, f, b, s0, static_cast<int>(std::min<index_t>(kChunk, f.S - s0)));
+        });
+        done = true;
+      }
+    }
+    if (!done) {
+      total = cpu_parallel_reduce<Sum>((n + kChunk - 1) / kChunk, [&](index_t task) {
+        Sum s{};
+        for (index_t i = task * kChunk, end = std::min<index_t>(n, i + kChunk); i < end; ++i) s = s + f(i);
+        return s;
+      });
+    }
+    fin(total);
   }
-  template <typename F, typename BlockFn>
-  static void run(index_t n, const F& f, const BlockFn& block_fn) {
-    if (!blockable(f)) return cpu_parallel_for(n, f, 256);
-    const index_t per_image = (f.S + kBlock - 1) / kBlock;
-    cpu_parallel_for(n / f.S * per_image, [&](index_t task) {
-      const index_t b = task / per_image, s0 = (task - b * per_image) * kBlock;
-      block_fn(f, b, s0, std::min<index_t>(kBlock, f.S - s0));
-    }, 16);
+
+  template <typename F>
+  void for_each(index_t n, const F& f) const {
+    if constexpr (kBlockable<F>) {
+      if (n > 0 && blocked_layout(f) && f.gx.ss == 1) {
+        const index_t per_image = (f.S + kChunk - 1) / kChunk;
+        const bool nt = static_cast<size_t>(n) * f.K * sizeof(*f.gx.data) >= kStreamBytes;
+        const Isa isa = cpu_isa();
+        cpu_parallel_for(n / f.S * per_image, [&](index_t task) {
+          const index_t b = task / per_image, s0 = (task - b * per_image) * kChunk;
+          backward_chunk_isa(isa, f, b, s0, static_cast<int>(std::min<index_t>(kChunk, f.S - s0)), nt);
+        }, 1);
+        return;
+      }
+    }
+    cpu_parallel_for(n, f, kChunk);
   }
-  template <typename S, typename T>
-  void operator()(index_t n, const PceForward<S, T>& f) const { run(n, f, pce_forward<S, T>); }
-  template <typename S, typename T>
-  void operator()(index_t n, const PceBackward<S, T>& f) const { run(n, f, pce_backward<S, T>); }
-  template <typename S>
-  void operator()(index_t n, const EntropyForward<S>& f) const { run(n, f, entropy_forward<S>); }
-  template <typename S>
-  void operator()(index_t n, const EntropyBackward<S>& f) const { run(n, f, entropy_backward<S>); }
 };
 
 }  // namespace block

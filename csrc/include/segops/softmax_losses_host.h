@@ -1,37 +1,50 @@
-// Host-side glue of the partial cross-entropy and entropy ops, shared by the CPU and CUDA backends:
-// argument checks, strided views, buffers and the final reductions are device-agnostic ATen code; a
-// backend only supplies `launch(n, functor)` (cpu_parallel_for or cuda_parallel_for).
+// Host-side glue of the partial cross-entropy and entropy ops, shared by the CPU and CUDA backends: argument
+// checks, strided views and the output allocations. Each call is ONE launch of the backend's policy:
+//   launch.reduce<Sum>(n, functor, finalize)  forward: per-pixel outputs, the loss reduced in a fixed order
+//                                             and finalize(total) writing the loss and its denominator;
+//   launch.for_each(n, functor)               backward: every gradient element written once.
+// Launch::kHostMemory says whether the kernels can write host memory (the CPU's label check needs no buffer).
+// Besides the launch a call only allocates (no fills, reductions or copies for the usual layouts), and on CUDA
+// it never waits for the device unless the caller asked for the synchronous label check.
 #pragma once
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
-#include <ATen/ops/ones.h>
-#include <ATen/ops/ones_like.h>
-#include <ATen/ops/sum.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/core/ScalarType.h>
 
+#include <limits>
 #include <tuple>
+#include <vector>
 
 #include "segops/softmax_losses_math.h"
 
 namespace segops {
 namespace losses {
 
+using at::IntArrayRef;
 using at::Tensor;
 
-// Logits of shape (B, K, *spatial) (or (B, K)) as a strided (B, K, S) view, without a copy when the
-// spatial dims can be flattened (contiguous, channels_last, sliced batches).
-inline Tensor as_bks(const Tensor& t) {
-  const int64_t B = t.size(0), K = t.size(1);
-  const int64_t S = t.dim() > 2 ? t.numel() / std::max<int64_t>(B * K, 1) : 1;
-  std::vector<int64_t> shape{B, K, S};
-  auto v = t.dim() == 2 ? t.unsqueeze(2) : t.flatten(2);  // flatten returns a view when it can
-  return v.view(shape);
+// Whether the dims [first, t.dim()) of t collapse into one stride (contiguous, channels_last, expanded, sliced
+// batches...); if so *ss is that stride. Size-1 dims do not matter. No ATen op: a view costs a dispatch.
+inline bool collapse_spatial(const Tensor& t, int64_t first, int64_t* ss) {
+  int64_t stride = 1, expected = -1;
+  for (int64_t d = t.dim() - 1; d >= first; --d) {
+    if (t.size(d) == 1) continue;
+    if (expected >= 0 && t.stride(d) != expected) return false;
+    if (expected < 0) stride = t.stride(d);
+    expected = t.stride(d) * t.size(d);
+  }
+  *ss = stride;
+  return true;
+}
+
+// t itself when its dims from `first` on collapse into one stride, else a contiguous copy (rare layouts such
+// as a transposed image).
+inline Tensor collapsible(const Tensor& t, int64_t first) {
+  int64_t ss = 0;
+  return collapse_spatial(t, first, &ss) ? t : t.contiguous();
 }
 
 inline int64_t spatial_size(const Tensor& logits) {
@@ -40,9 +53,8 @@ inline int64_t spatial_size(const Tensor& logits) {
   return S;
 }
 
-// A fresh tensor shaped like t that is viewable as (B, K, S): t's own layout when it is contiguous or
-// channels_last, else contiguous (empty_like would keep e.g. a transposed layout, whose (B, K, S) view
-// does not exist and would silently become a copy).
+// A fresh tensor shaped like t whose spatial dims collapse: t's own layout when it is contiguous or
+// channels_last, else contiguous (empty_like would keep e.g. a transposed layout).
 inline Tensor empty_bks_like(const Tensor& t) {
   auto fmt = at::MemoryFormat::Contiguous;
   if (!t.is_contiguous()) {
@@ -93,15 +105,17 @@ inline void check_reduction(const char* op, int64_t reduction) {
 }
 
 template <typename T>
-View3<T> view3(const Tensor& t) {  // t: (B, K, S)
-  return View3<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+View3<T> view3(const Tensor& t) {  // t: (B, K, *spatial) with collapsible spatial dims
+  int64_t ss = 1;
+  collapse_spatial(t, 2, &ss);
+  return View3<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1), ss};
 }
 template <typename T>
-View2<T> view2(const Tensor& t) {  // t: (B, S)
-  return View2<T>{static_cast<T*>(t.data_ptr()), t.stride(0), t.stride(1)};
+View2<T> view2(const Tensor& t) {  // t: (B, *spatial) with collapsible spatial dims
+  int64_t ss = 1;
+  collapse_spatial(t, 1, &ss);
+  return View2<T>{static_cast<T*>(t.data_ptr()), t.dim() > 0 ? t.stride(0) : 0, ss};
 }
-
-inline Tensor as_bs(const Tensor& t, int64_t B, int64_t S) { return t.reshape({B, S}); }
 
 // Calls f(target_t{}) with the C++ type of the target's dtype.
 template <typename F>
@@ -118,10 +132,12 @@ void dispatch_target(const Tensor& target, const F& f) {
 
 // ---- partial cross-entropy -------------------------------------------------------------------------
 
+constexpr int64_t kNoBadLabel = std::numeric_limits<int64_t>::max();
+
 template <typename Launch>
 std::tuple<Tensor, Tensor, Tensor> pce_forward(const Tensor& logits, const Tensor& target,
                                                const c10::optional<Tensor>& weight, int64_t reduction,
-                                               int64_t ignore_index, double label_smoothing,
+                                               int64_t ignore_index, double label_smoothing, bool check_labels,
                                                const Launch& launch) {
   const char* op = "partial_cross_entropy";
   check_logits(op, logits);
@@ -131,68 +147,76 @@ std::tuple<Tensor, Tensor, Tensor> pce_forward(const Tensor& logits, const Tenso
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
               ": label_smoothing must be in [0, 1], got ", label_smoothing);
   const int64_t B = logits.size(0), K = logits.size(1), S = spatial_size(logits), N = B * S;
-  const auto acc = acc_dtype(logits);
-  const auto fopt = logits.options().dtype(acc);
-  Tensor x = as_bks(logits), t = as_bs(target, B, S);
-  Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const auto fopt = logits.options().dtype(acc_dtype(logits));
+  const Tensor x = collapsible(logits, 2), t = collapsible(target, 1);
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   Tensor lse = at::empty({N}, fopt);
-  Tensor loss_none = reduction == kNone ? at::empty({N}, logits.options()) : Tensor();
-  Tensor nll = reduction != kNone ? at::empty({N}, fopt) : Tensor();
-  Tensor smooth = reduction != kNone && label_smoothing > 0 ? at::empty({N}, fopt) : Tensor();
-  Tensor wt = reduction == kMean ? at::empty({N}, fopt) : Tensor();
-  Tensor bad = at::full({1}, -1, logits.options().dtype(at::kLong));
+  Tensor loss = reduction == kNone ? at::empty(target.sizes(), logits.options()) : at::empty({}, logits.options());
+  Tensor denom = at::empty({1}, fopt);
+  // Out-of-range labels: the CPU kernel records the lowest such pixel in host memory; CUDA asserts on the
+  // device, or, under check_labels, records it in a device buffer read back below (the one sync of the call).
+  int64_t host_bad = kNoBadLabel;
+  Tensor device_bad;
+  int64_t* bad = nullptr;
+  if (Launch::kHostMemory) {
+    bad = &host_bad;
+  } else if (check_labels) {
+    device_bad = at::full({1}, kNoBadLabel, logits.options().dtype(at::kLong));
+    bad = device_bad.data_ptr<int64_t>();
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "partial_cross_entropy", [&] {
     using accT = acc_t<scalar_t>;
     dispatch_target(t, [&](auto tag) {
       using target_t = decltype(tag);
-      PceForward<scalar_t, target_t> f{view3<const scalar_t>(x),
-                                       view2<const target_t>(t),
-                                       w.defined() ? w.data_ptr<scalar_t>() : nullptr,
-                                       K,
-                                       S,
-                                       ignore_index,
-                                       static_cast<accT>(label_smoothing),
-                                       lse.data_ptr<accT>(),
-                                       loss_none.defined() ? loss_none.data_ptr<scalar_t>() : nullptr,
-                                       nll.defined() ? nll.data_ptr<accT>() : nullptr,
-                                       smooth.defined() ? smooth.data_ptr<accT>() : nullptr,
-                                       wt.defined() ? wt.data_ptr<accT>() : nullptr,
-                                       bad.data_ptr<int64_t>()};
-      launch(N, f);
+      const PceForward<scalar_t, target_t> f{view3<const scalar_t>(x),
+                                             view2<const target_t>(t),
+                                             w.defined() ? w.data_ptr<scalar_t>() : nullptr,
+                                             K,
+                                             S,
+                                             ignore_index,
+                                             static_cast<accT>(label_smoothing),
+                                             lse.data_ptr<accT>(),
+                                             reduction == kNone ? loss.data_ptr<scalar_t>() : nullptr,
+                                             bad};
+      const LossFinalize<scalar_t> fin{static_cast<int>(reduction),
+                                       reduction == kNone ? nullptr : loss.data_ptr<scalar_t>(),
+                                       denom.data_ptr<accT>()};
+      launch.template reduce<LossSum<accT>>(N, f, fin);
     });
   });
 
-  const int64_t bad_i = N > 0 ? bad.item<int64_t>() : -1;  // one device sync on CUDA: labels are user data
-  if (bad_i >= 0) {
-    const int64_t value = t.reshape({N})[bad_i].item<int64_t>();
-    TORCH_CHECK_INDEX(false, op, ": target value ", value, " at flat pixel ", bad_i,
-                      " is outside [0, K) = [0, ", K, ") and is not ignore_index (", ignore_index, ")");
+  const int64_t bad_i = device_bad.defined() ? device_bad.item<int64_t>() : host_bad;
+  if (bad_i != kNoBadLabel) {
+    const int64_t b = bad_i / S, s = bad_i - b * S;
+    int64_t ss = 1;
+    collapse_spatial(t, 1, &ss);
+    const int64_t value =
+        t.as_strided({}, {}, t.storage_offset() + b * (t.dim() > 0 ? t.stride(0) : 0) + s * ss).item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": target value ", value, " at flat pixel ", bad_i, " (batch ", b, ", pixel ", s,
+                      ") is outside [0, K) = [0, ", K, ") and is not ignore_index (", ignore_index, ")");
   }
+  return std::make_tuple(loss, lse, denom);
+}
 
-  Tensor denom = at::ones({1}, fopt);
-  Tensor out;
-  const double eps = label_smoothing;
-  if (reduction == kNone) {
-    out = loss_none.view(target.sizes());
-  } else {
-    Tensor total = at::sum(nll) * (1.0 - eps);
-    Tensor total_smooth = smooth.defined() ? at::sum(smooth) * (eps / K) : Tensor();
-    if (reduction == kSum) {
-      out = total_smooth.defined() ? total + total_smooth : total;
-    } else {
-      // F.cross_entropy's mean: both terms are divided by sum of w_t over the labelled pixels (the
-      // count when unweighted). When nothing is labelled, the loss is 0 (PyTorch: NaN).
-      Tensor d = at::sum(wt);
-      Tensor any = d > 0;
-      Tensor safe_d = at::where(any, d, at::ones_like(d));
-      if (total_smooth.defined()) total = total + total_smooth;
-      out = at::where(any, total / safe_d, at::zeros_like(d));
-      denom = safe_d.reshape({1});
-    }
-    out = out.to(logits.scalar_type());
-  }
-  return std::make_tuple(out, lse, denom);
+// The upstream gradient as a (B, S) view of the loss's shape: per pixel for reduction 'none', else the one
+// scalar read by every pixel (strides 0). Converted only if its dtype differs.
+inline Tensor prepare_grad(const char* op, const Tensor& grad, const Tensor& logits, IntArrayRef pixel_shape,
+                           int64_t reduction, int64_t N) {
+  TORCH_CHECK(reduction == kNone ? grad.numel() == N : grad.numel() == 1, op, ": grad has ", grad.numel(),
+              " elements, expected ", reduction == kNone ? N : 1);
+  TORCH_CHECK(grad.device() == logits.device(), op, ": grad is on ", grad.device(), " but logits are on ",
+              logits.device());
+  Tensor g = grad.scalar_type() == logits.scalar_type() ? grad : grad.to(logits.scalar_type());
+  if (reduction != kNone) return g;
+  if (g.sizes() != pixel_shape) g = g.reshape(pixel_shape);
+  return collapsible(g, 1);
+}
+
+template <typename T>
+View2<const T> grad_view(const Tensor& g, int64_t reduction) {
+  if (reduction != kNone) return View2<const T>{static_cast<const T*>(g.data_ptr()), 0, 0};
+  return view2<const T>(g);
 }
 
 template <typename Launch>
@@ -208,34 +232,28 @@ Tensor pce_backward(const Tensor& grad, const Tensor& logits, const Tensor& targ
   const auto acc = acc_dtype(logits);
   TORCH_CHECK(lse.numel() == N && lse.scalar_type() == acc, op, ": lse must be (", N, ",) ", acc);
   TORCH_CHECK(denom.numel() == 1 && denom.scalar_type() == acc, op, ": denom must be (1,) ", acc);
-  TORCH_CHECK(reduction == kNone ? grad.numel() == N : grad.numel() == 1, op,
-              ": grad has ", grad.numel(), " elements, expected ", reduction == kNone ? N : 1);
-  Tensor x = as_bks(logits), t = as_bs(target, B, S);
-  Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
-  Tensor g = grad.to(logits.scalar_type()).contiguous();
-  Tensor lse_c = lse.contiguous(), denom_c = denom.contiguous();
+  const Tensor g = prepare_grad(op, grad, logits, target.sizes(), reduction, N);
+  const Tensor x = collapsible(logits, 2), t = collapsible(target, 1);
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const Tensor lse_c = lse.contiguous();  // as saved by the forward: no copy
   Tensor grad_logits = empty_bks_like(logits);
-  Tensor gx = as_bks(grad_logits);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segops_loss", [&] {
     using accT = acc_t<scalar_t>;
     dispatch_target(t, [&](auto tag) {
       using target_t = decltype(tag);
-      PceBackward<scalar_t, target_t> f{view3<const scalar_t>(x),
-                                        view2<const target_t>(t),
-                                        w.defined() ? w.data_ptr<scalar_t>() : nullptr,
-                                        K,
-                                        S,
-                                        ignore_index,
-                                        static_cast<accT>(label_smoothing),
-                                        lse_c.data_ptr<accT>(),
-                                        g.data_ptr<scalar_t>(),
-                                        reduction == kNone,
-                                        reduction == kMean ? denom_c.data_ptr<accT>() : nullptr,
-                                        view3<scalar_t>(gx),
-                                        launch.functor_writes_zeros(f)};
-      if (!f.write_zeros && !launch.writes_every_gradient(f)) grad_logits.zero_();
-      launch(N, f);
+      const PceBackward<scalar_t, target_t> f{view3<const scalar_t>(x),
+                                              view2<const target_t>(t),
+                                              w.defined() ? w.data_ptr<scalar_t>() : nullptr,
+                                              K,
+                                              S,
+                                              ignore_index,
+                                              static_cast<accT>(label_smoothing),
+                                              lse_c.data_ptr<accT>(),
+                                              grad_view<scalar_t>(g, reduction),
+                                              reduction == kMean ? denom.data_ptr<accT>() : nullptr,
+                                              view3<scalar_t>(grad_logits)};
+      launch.for_each(N, f);
     });
   });
   return grad_logits;
@@ -243,8 +261,7 @@ Tensor pce_backward(const Tensor& grad, const Tensor& logits, const Tensor& targ
 
 // ---- entropy -------------------------------------------------------------------------------------------
 
-inline Tensor prepare_mask(const char* op, const Tensor& logits, const c10::optional<Tensor>& mask,
-                           int64_t B, int64_t S) {
+inline Tensor prepare_mask(const char* op, const Tensor& logits, const c10::optional<Tensor>& mask) {
   if (!mask.has_value()) return Tensor();
   const Tensor& m = *mask;
   TORCH_CHECK(m.device() == logits.device(), op, ": mask is on ", m.device(), " but logits are on ",
@@ -254,7 +271,13 @@ inline Tensor prepare_mask(const char* op, const Tensor& logits, const c10::opti
   for (int64_t d = 2; ok && d < logits.dim(); ++d) ok = m.size(d - 1) == logits.size(d);
   TORCH_CHECK(ok, op, ": mask must have shape (B, *spatial) = logits.shape without dim 1; logits ",
               logits.sizes(), ", mask ", m.sizes());
-  return m.reshape({B, S});
+  return collapsible(m, 1);
+}
+
+inline std::vector<int64_t> pixel_shape(const Tensor& logits) {  // (B, *spatial)
+  std::vector<int64_t> shape(logits.sizes().begin(), logits.sizes().end());
+  shape.erase(shape.begin() + 1);
+  return shape;
 }
 
 template <typename Launch>
@@ -265,37 +288,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> entropy_forward(const Tensor& logits,
   check_reduction(op, reduction);
   const int64_t B = logits.size(0), S = spatial_size(logits), K = logits.size(1), N = B * S;
   const auto fopt = logits.options().dtype(acc_dtype(logits));
-  Tensor x = as_bks(logits), m = prepare_mask(op, logits, mask, B, S);
+  const Tensor x = collapsible(logits, 2), m = prepare_mask(op, logits, mask);
   Tensor lse = at::empty({N}, fopt), ex = at::empty({N}, fopt);
-  Tensor ent = reduction == kNone ? at::empty({N}, logits.options()) : Tensor();
-  Tensor ent_acc = reduction != kNone ? at::empty({N}, fopt) : Tensor();
+  Tensor out = reduction == kNone ? at::empty(pixel_shape(logits), logits.options()) : at::empty({}, logits.options());
+  Tensor denom = at::empty({1}, fopt);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segops_loss", [&] {
     using accT = acc_t<scalar_t>;
-    EntropyForward<scalar_t> f{view3<const scalar_t>(x),
-                               m.defined() ? view2<const bool>(m) : View2<const bool>{nullptr, 0, 0},
-                               K,
-                               S,
-                               lse.data_ptr<accT>(),
-                               ex.data_ptr<accT>(),
-                               ent.defined() ? ent.data_ptr<scalar_t>() : nullptr,
-                               ent_acc.defined() ? ent_acc.data_ptr<accT>() : nullptr};
-    launch(N, f);
+    const EntropyForward<scalar_t> f{view3<const scalar_t>(x),
+                                     m.defined() ? view2<const bool>(m) : View2<const bool>{nullptr, 0, 0},
+                                     K,
+                                     S,
+                                     lse.data_ptr<accT>(),
+                                     ex.data_ptr<accT>(),
+                                     reduction == kNone ? out.data_ptr<scalar_t>() : nullptr};
+    const LossFinalize<scalar_t> fin{static_cast<int>(reduction),
+                                     reduction == kNone ? nullptr : out.data_ptr<scalar_t>(),
+                                     denom.data_ptr<accT>()};
+    launch.template reduce<LossSum<accT>>(N, f, fin);
   });
-  Tensor denom = at::ones({1}, fopt);
-  Tensor out;
-  if (reduction == kNone) {
-    out = ent.view(logits.select(1, 0).sizes());
-  } else {
-    out = at::sum(ent_acc);
-    if (reduction == kMean) {
-      Tensor count = m.defined() ? m.sum(acc_dtype(logits)) : at::full({}, double(N), fopt);
-      Tensor any = count > 0;
-      Tensor safe = at::where(any, count, at::ones_like(count));
-      out = at::where(any, out / safe, at::zeros_like(out));
-      denom = safe.reshape({1});
-    }
-    out = out.to(logits.scalar_type());
-  }
   return std::make_tuple(out, lse, ex, denom);
 }
 
@@ -311,28 +321,22 @@ Tensor entropy_backward(const Tensor& grad, const Tensor& logits, const c10::opt
   TORCH_CHECK(lse.numel() == N && ex.numel() == N && lse.scalar_type() == acc && ex.scalar_type() == acc, op,
               ": lse and expectation must be (", N, ",) ", acc);
   TORCH_CHECK(denom.numel() == 1 && denom.scalar_type() == acc, op, ": denom must be (1,) ", acc);
-  TORCH_CHECK(reduction == kNone ? grad.numel() == N : grad.numel() == 1, op, ": grad has ", grad.numel(),
-              " elements, expected ", reduction == kNone ? N : 1);
-  Tensor x = as_bks(logits), m = prepare_mask(op, logits, mask, B, S);
-  Tensor g = grad.to(logits.scalar_type()).contiguous();
-  Tensor lse_c = lse.contiguous(), ex_c = ex.contiguous(), denom_c = denom.contiguous();
+  const Tensor g = prepare_grad(op, grad, logits, pixel_shape(logits), reduction, N);
+  const Tensor x = collapsible(logits, 2), m = prepare_mask(op, logits, mask);
+  const Tensor lse_c = lse.contiguous(), ex_c = ex.contiguous();  // as saved by the forward: no copy
   Tensor grad_logits = empty_bks_like(logits);
-  Tensor gx = as_bks(grad_logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "segops_loss", [&] {
     using accT = acc_t<scalar_t>;
-    EntropyBackward<scalar_t> f{view3<const scalar_t>(x),
-                                m.defined() ? view2<const bool>(m) : View2<const bool>{nullptr, 0, 0},
-                                K,
-                                S,
-                                lse_c.data_ptr<accT>(),
-                                ex_c.data_ptr<accT>(),
-                                g.data_ptr<scalar_t>(),
-                                reduction == kNone,
-                                reduction == kMean ? denom_c.data_ptr<accT>() : nullptr,
-                                view3<scalar_t>(gx),
-                                launch.functor_writes_zeros(f)};
-    if (!f.write_zeros && !launch.writes_every_gradient(f)) grad_logits.zero_();
-    launch(N, f);
+    const EntropyBackward<scalar_t> f{view3<const scalar_t>(x),
+                                      m.defined() ? view2<const bool>(m) : View2<const bool>{nullptr, 0, 0},
+                                      K,
+                                      S,
+                                      lse_c.data_ptr<accT>(),
+                                      ex_c.data_ptr<accT>(),
+                                      grad_view<scalar_t>(g, reduction),
+                                      reduction == kMean ? denom.data_ptr<accT>() : nullptr,
+                                      view3<scalar_t>(grad_logits)};
+    launch.for_each(N, f);
   });
   return grad_logits;
 }
