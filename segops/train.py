@@ -1,7 +1,7 @@
 """Training, evaluation and prediction for (weakly-supervised) semantic segmentation.
 
 ``train(cfg)`` runs the whole loop: data (synthetic or PASCAL VOC / ScribbleSup folders), the model, the loss
-(``ce``, ``pce``, ``pce+crf``, ``pce+crf+entropy``, ``pce+ncut``), SGD/Adam with DeepLab's poly learning
+(any ``{ce|pce}[+crf][+ncut][+entropy]``, see :mod:`segops.weak.losses`), SGD/Adam with DeepLab's poly learning
 rate, optional AMP, tqdm progress bars with the loss terms and throughput, a CSV log (and TensorBoard when
 installed), checkpoints with exact resume (``last.pt``) and the best validation mIoU (``best.pt``), evaluation
 every N epochs, labelled PNG panels (image | scribbles | prediction | ground truth, with a class legend) and a
@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segops.figures import colorize, save_labelled_panels, save_training_curves
 from segops.metrics import ConfusionMatrix, format_iou_table
 from segops.progress import progress_bar
+from segops.weak.losses import RegularizedLoss, parse_loss
+from segops.weak.supervision import check_supervision, prepare_training_set
 
 __all__ = [
     "TrainConfig",
@@ -56,13 +58,14 @@ __all__ = [
     "PANEL_COLUMNS",
 ]
 
-LOSSES = ("ce", "pce", "pce+crf", "pce+crf+entropy", "pce+ncut")
+#: named examples of the loss grammar {ce|pce}[+crf][+ncut][+entropy] (segops.weak.losses parses any of it)
+LOSSES = ("ce", "pce", "pce+crf", "pce+entropy", "pce+crf+entropy", "pce+ncut")
 # Settings of one invocation, not of the run: left out of the run's saved config.json.
 RUN_CONTROL_KEYS = ("resume", "overwrite")
 # What `segops train` writes into its output folder (removed first by --overwrite; nothing else is touched).
 RUN_FILES = ("config.json", "log.csv", "metrics.json", "last.pt", "best.pt", "last.pt.tmp", "best.pt.tmp", "curves.png")
 RUN_FILE_PATTERNS = ("panels_epoch*.png",)
-RUN_FOLDERS = ("tb",)
+RUN_FOLDERS = ("tb", "cam")  # cam/: the classifier and seeds of --supervision tags
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -103,7 +106,7 @@ class TrainConfig:
     scale_max: float = 1.0
     flip: bool = True
     # supervision and loss
-    supervision: str = "scribble"  # full | scribble
+    supervision: str = "scribble"  # full | scribble | clicks | tags (segops.weak.supervision)
     loss: str = "pce"
     crf_weight: float = 2e-9  # ECCV'18 defaults (DeepLab on 513x513 VOC crops)
     crf_sigma_rgb: float = 15.0
@@ -111,6 +114,11 @@ class TrainConfig:
     crf_scale: float = 0.5
     ncut_weight: float = 0.5
     entropy_weight: float = 0.1
+    # image-level tags (--supervision tags): the CAM classifier's epochs and its seed thresholds
+    cam_epochs: int = 32
+    cam_bg_level: float = 0.6
+    cam_confidence: float = 0.9
+    cam_seeds: Optional[str] = None  # seeds.pt of an earlier tags run: reuse its seeds, train no classifier
     # optimisation
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
@@ -138,10 +146,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.data not in ("synthetic", "voc"):
             raise ValueError("--data must be 'synthetic' or 'voc', got %r" % self.data)
-        if self.loss not in LOSSES:
-            raise ValueError("--loss must be one of %s, got %r" % (", ".join(LOSSES), self.loss))
-        if self.supervision not in ("full", "scribble"):
-            raise ValueError("--supervision must be 'full' or 'scribble', got %r" % self.supervision)
+        parse_loss(self.loss)  # ValueError showing the grammar
+        self.supervision = check_supervision(self.supervision)
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError("--optimizer must be sgd, adam or adamw, got %r" % self.optimizer)
         for name in ("epochs", "batch_size", "eval_every", "save_every"):
@@ -256,8 +262,8 @@ def build_datasets(cfg: TrainConfig) -> Tuple[Dataset, Dataset, int, Sequence[st
         num_classes = cfg.num_classes or 21
         train_set = VOCSegmentation(
             cfg.data_root, cfg.train_split, cfg.mask_dir, cfg.scribble_dir, num_classes=num_classes, seed=cfg.seed,
-            require_masks=cfg.supervision == "full" or cfg.scribble_dir is None,
-            synthesize=cfg.supervision != "full",  # full masks need no scribbles (nor the synthesis warning)
+            require_masks=cfg.supervision != "scribble" or cfg.scribble_dir is None,
+            synthesize=cfg.supervision == "scribble",  # full masks, clicks and tags need no scribbles (nor the warning)
         )  # fmt: skip
         val_set = VOCSegmentation(cfg.data_root, cfg.val_split, cfg.mask_dir, None, num_classes=num_classes, synthesize=False)
         class_names = train_set.classes if num_classes == 21 else [str(i) for i in range(num_classes)]
@@ -319,70 +325,6 @@ def normalize(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1) * 255
     return (images - mean) / std
-
-
-# ------------------------------------------------------------------------------------------------ loss
-
-
-class RegularizedLoss(nn.Module):
-    """The training loss: ``ce`` / ``pce`` on the target, plus the dense CRF, normalized cut or entropy
-    regularizers on the softmax of the logits over the unpadded region (``roi``).
-
-    ``forward(logits, target, images_0_255, roi)`` returns ``(total, terms)`` with ``terms`` a dict of
-    detached per-term values (``ce``/``pce``, ``crf``, ``ncut``, ``entropy``).
-    """
-
-    def __init__(self, cfg: TrainConfig, crf_cls=None, ncut_cls=None) -> None:
-        super().__init__()
-        import segops.nn as snn
-
-        self.kind = cfg.loss
-        parts = self.kind.split("+")
-        self.ce_name = parts[0]
-        if self.ce_name == "pce":
-            self.pce = snn.PartialCrossEntropyLoss(ignore_index=255)
-        self.crf = None
-        self.ncut = None
-        self.entropy = None
-        if "crf" in parts:
-            crf_loss_cls = crf_cls or getattr(snn, "DenseCRFLoss", None)
-            if crf_loss_cls is None:
-                raise RuntimeError("--loss %s needs segops.nn.DenseCRFLoss, which this build lacks" % self.kind)
-            self.crf = crf_loss_cls(cfg.crf_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_scale)
-        if "ncut" in parts:
-            ncut_loss_cls = ncut_cls or getattr(snn, "NormalizedCutLoss", None)
-            if ncut_loss_cls is None:
-                raise RuntimeError("--loss %s needs segops.nn.NormalizedCutLoss, which this build lacks" % self.kind)
-            self.ncut = ncut_loss_cls(cfg.ncut_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_scale)
-        if "entropy" in parts:
-            self.entropy = snn.EntropyLoss()
-            self.entropy_weight = float(cfg.entropy_weight)
-
-    def forward(self, logits: Tensor, target: Tensor, images: Tensor, roi: Optional[Tensor]) -> Tuple[Tensor, Dict[str, float]]:
-        logits = logits.float()  # the regularizers and the CE run in float32 under AMP
-        terms: Dict[str, float] = {}
-        if self.ce_name == "pce":
-            total = self.pce(logits, target)
-        else:
-            total = F.cross_entropy(logits, target, ignore_index=255)
-        terms[self.ce_name] = float(total.detach())
-        if self.crf is not None or self.ncut is not None:
-            probs = logits.softmax(1)
-            roi_weights = None if roi is None else roi.float()
-            if self.crf is not None:
-                crf_term = self.crf(images.float(), probs, roi_weights)
-                terms["crf"] = float(crf_term.detach())
-                total = total + crf_term
-            if self.ncut is not None:
-                ncut_term = self.ncut(images.float(), probs, roi_weights)
-                terms["ncut"] = float(ncut_term.detach())
-                total = total + ncut_term
-        if self.entropy is not None:
-            mask = None if roi is None else roi > 0.5
-            entropy_term = self.entropy_weight * self.entropy(logits, mask)
-            terms["entropy"] = float(entropy_term.detach())
-            total = total + entropy_term
-        return total, terms
 
 
 # ------------------------------------------------------------------------------------------ utilities
@@ -707,6 +649,7 @@ def _build_data(ctx: _RunContext) -> _TrainData:
 
     cfg = ctx.cfg
     train_set, val_set, num_classes, class_names = build_datasets(cfg)
+    train_set = prepare_training_set(cfg, train_set, num_classes, ctx.device, ctx.log)  # clicks / CAM seeds for scribbles
     crop = cfg.crop_size if cfg.crop_size is not None else (None if cfg.data == "synthetic" else 321)
     augmentation = RandomScaleCropFlip(crop, (cfg.scale_min, cfg.scale_max), cfg.flip)
     augmented = AugmentedDataset(train_set, augmentation, seed=cfg.seed)

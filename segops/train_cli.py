@@ -23,6 +23,7 @@ __all__ = ["add_subcommands", "config_from_args", "load_config_file", "config_fi
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     from segops.train import LOSSES, TrainConfig
+    from segops.weak.losses import LOSS_GRAMMAR, loss_choice
 
     defaults = TrainConfig()
     group = parser.add_argument_group("run")
@@ -67,9 +68,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale-max", type=float, default=defaults.scale_max, help="random scale upper bound (default %(default)s)")
     group.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
     group = parser.add_argument_group("supervision and loss")
-    group.add_argument("--supervision", choices=("full", "scribble"), default=defaults.supervision,
-                       help="train on full masks or on scribbles (default %(default)s)")
-    group.add_argument("--loss", choices=LOSSES, default=defaults.loss, help="loss (default %(default)s)")
+    group.add_argument("--supervision", choices=("full", "scribble", "scribbles", "clicks", "tags"), default=defaults.supervision,
+                       help="full masks; scribbles; clicks (one per object region, synthesized from the masks); tags "
+                            "(image-level tags: a CAM classifier's seeds) (default %(default)s)")
+    group.add_argument("--cam-epochs", type=int, default=defaults.cam_epochs,
+                       help="--supervision tags: classifier epochs (default %(default)s)")
+    group.add_argument("--cam-bg-level", type=float, default=defaults.cam_bg_level,
+                       help="--supervision tags: background score against the normalised CAMs (default %(default)s)")
+    group.add_argument("--cam-confidence", type=float, default=defaults.cam_confidence,
+                       help="--supervision tags: refined class probability of a seed, at least (default %(default)s)")
+    group.add_argument("--cam-seeds", default=None, metavar="SEEDS.pt",
+                       help="--supervision tags: reuse the seeds an earlier run wrote (<out-dir>/cam/seeds.pt)")
+    group.add_argument("--loss", type=loss_choice, default=defaults.loss, metavar="LOSS",
+                       help="%s: data term plus any regularizers, e.g. %s (default %%(default)s)" % (LOSS_GRAMMAR, ", ".join(LOSSES)))
     group.add_argument("--crf-weight", type=float, default=defaults.crf_weight, help="dense CRF loss weight (ECCV'18: %(default)s)")
     group.add_argument("--crf-sigma-rgb", type=float, default=defaults.crf_sigma_rgb, help="colour bandwidth (ECCV'18: %(default)s)")
     group.add_argument("--crf-sigma-xy", type=float, default=defaults.crf_sigma_xy, help="spatial bandwidth in pixels (ECCV'18: %(default)s)")
@@ -138,7 +149,7 @@ def parse_model_args(items: Optional[List[str]]) -> Dict[str, Any]:
 
 
 # Settings holding paths: a leading ~ in a config file is expanded, as the shell expands it on the command line.
-PATH_SETTINGS = ("data_root", "mask_dir", "scribble_dir", "backbone_weights", "out_dir", "resume")
+PATH_SETTINGS = ("data_root", "mask_dir", "scribble_dir", "backbone_weights", "out_dir", "resume", "cam_seeds")
 
 
 class ConfigFileError(ValueError):
@@ -216,6 +227,8 @@ def _config_value(source: str, key: str, value: Any, action: argparse.Action, in
             raise bad("an integer")
         try:
             value = action.type(value)
+        except argparse.ArgumentTypeError as e:  # a type with its own message (--loss shows the grammar)
+            raise ConfigFileError("%s: %r: %s" % (source, key, e)) from None
         except (TypeError, ValueError):
             raise bad("a %s" % action.type.__name__) from None
     elif not isinstance(value, str):
@@ -396,6 +409,13 @@ def add_subcommands(subcommands: Any) -> None:
 
     from segops import demo
 
-    command = subcommands.add_parser("demo", help="the ECCV'18 experiment in miniature: full+CE vs scribbles+pCE vs pCE+DenseCRF")
+    command = subcommands.add_parser("demo", help="the lecture's weak-supervision table in miniature: full, pCE, pCE+CRF, "
+                                                  "pCE+entropy, pCE+CRF+entropy (and clicks, image-level tags)")
     demo.add_arguments(command)
     command.set_defaults(func=_cmd_demo)
+
+    from segops.weak import segment
+
+    command = subcommands.add_parser("segment", help="segment one photo from a few strokes (pCE + dense CRF loss, no dataset)")
+    segment.add_arguments(command)
+    command.set_defaults(func=segment.main)

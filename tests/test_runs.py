@@ -104,7 +104,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
         ("epochs: ten\n", "'epochs' must be a int, got 'ten'"),
         ("epochs: 2.5\n", "'epochs' must be an integer"),
         ("amp: 1\n", "'amp' must be true or false"),
-        ("loss: crf-only\n", "'loss' must be one of"),
+        ("loss: crf-only\n", "'loss': loss 'crf-only'"),  # the loss grammar's own message follows
         ("lr: null\n", "'lr' must be set"),
         ("config: other.yaml\n", "'config' cannot be set inside a config file"),
         ("- just\n- a list\n", "must hold a mapping"),

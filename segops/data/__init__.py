@@ -1,7 +1,14 @@
 """Datasets and augmentations: the built-in synthetic scribble dataset, PASCAL VOC / ScribbleSup folder
-loaders, scribble synthesis from full masks, and aligned training augmentations."""
+loaders, weak labels synthesized from full masks (scribbles, clicks, image tags), and aligned training
+augmentations."""
 
-from segops.data.scribbles import connected_components, distance_to_boundary, synthesize_scribbles
+from segops.data.scribbles import (
+    connected_components,
+    distance_to_boundary,
+    image_tags,
+    synthesize_clicks,
+    synthesize_scribbles,
+)
 from segops.data.synthetic import SYNTHETIC_CLASSES, SyntheticScribbles, render_sample
 
 __all__ = [
@@ -9,6 +16,8 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "render_sample",
     "synthesize_scribbles",
+    "synthesize_clicks",
+    "image_tags",
     "distance_to_boundary",
     "connected_components",
 ]

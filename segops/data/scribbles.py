@@ -1,4 +1,4 @@
-"""Scribble synthesis from full masks, for any mask dataset (no scipy).
+"""Weak labels synthesized from full masks, for any mask dataset (no scipy): scribbles, clicks, image tags.
 
 A scribble is a thin stroke inside a region, kept away from the region's boundary, as a person would draw it
 (ScribbleSup, Lin et al. CVPR'16: ~3% of the pixels labelled, the rest ``ignore_index``). For every class
@@ -11,8 +11,13 @@ strokes inside it:
 * polyline strokes between random core points (starting at the deepest point), which covers blob-like
   shapes whose skeleton is nearly a single point.
 
-Strokes are added until the requested fraction of the region is labelled. Everything is deterministic
-given the ``numpy.random.Generator`` passed in.
+Strokes are added until the requested fraction of the region is labelled.
+
+A *click* (:func:`synthesize_clicks`) is one small disk per region, placed at a random point of the region's
+core, as a person clicks once inside each object and each piece of background. *Image tags*
+(:func:`image_tags`) are the classes present in a mask, the label of image-level supervision.
+
+Everything is deterministic given the ``numpy.random.Generator`` passed in.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["distance_to_boundary", "connected_components", "synthesize_scribbles", "draw_line"]
+__all__ = ["distance_to_boundary", "connected_components", "synthesize_scribbles", "draw_line", "synthesize_clicks", "image_tags"]
 
 
 def _shift_reduce(a: np.ndarray, fill, op) -> np.ndarray:
@@ -258,3 +263,87 @@ def synthesize_scribbles(
     if ignore_index <= 255 and (out[out != ignore_index] <= 255).all():
         return out.astype(np.uint8)
     return out
+
+
+def _check_label_map(fn: str, mask: np.ndarray, ignore_index: int, num_classes: Optional[int]) -> List[int]:
+    """The labels of a 2-D mask other than ``ignore_index`` (``ValueError`` naming ``fn`` if out of range)."""
+    if mask.ndim != 2:
+        raise ValueError("%s: mask must be (H, W), got shape %s" % (fn, mask.shape))
+    if not np.issubdtype(mask.dtype, np.integer):
+        raise ValueError("%s: mask must hold integer class ids, got dtype %s" % (fn, mask.dtype))
+    labels = [int(v) for v in np.unique(mask) if int(v) != ignore_index]
+    bad = [v for v in labels if v < 0 or (num_classes is not None and v >= num_classes)]
+    if bad:
+        raise ValueError(
+            "%s: mask has labels %s outside [0, %s) other than ignore_index=%d"
+            % (fn, bad, num_classes if num_classes is not None else "inf", ignore_index)
+        )
+    return labels
+
+
+def synthesize_clicks(
+    mask: np.ndarray,
+    rng: np.random.Generator,
+    radius: float = 1.5,
+    ignore_index: int = 255,
+    core_ratio: float = 0.5,
+    min_area: int = 16,
+    num_classes: Optional[int] = None,
+) -> np.ndarray:
+    """Click labels from a full mask: one small disk per connected region of every class, the rest ``ignore_index``.
+
+    The click's centre is drawn uniformly among the region's *core*: pixels whose chessboard distance to the
+    region's boundary is at least ``core_ratio`` of the region's largest (a person clicks well inside an
+    object, not on its edge). The disk (pixels within ``radius`` of the centre, Euclidean) is clipped to the
+    region, so a click never labels a pixel of another class.
+
+    Args:
+        mask: ``(H, W)`` integer class map; ``ignore_index`` pixels (void) never get a click.
+        rng: source of randomness (deterministic given its state).
+        radius: click radius in pixels (1.5: a 3x3 cross plus corners, 9 pixels; 0: a single pixel).
+        core_ratio: in [0, 1]; 0 places clicks anywhere in the region, 1 only at its deepest points.
+        min_area: regions smaller than this (pixels) get no click.
+        num_classes: if given, labels must be in ``[0, num_classes)`` (else ``ValueError``).
+
+    Returns:
+        ``(H, W)`` uint8 (int64 if labels exceed 255): class index on click pixels, else ``ignore_index``.
+    """
+    mask = np.asarray(mask)
+    labels = _check_label_map("synthesize_clicks", mask, ignore_index, num_classes)
+    if not (radius >= 0 and np.isfinite(radius)):
+        raise ValueError("synthesize_clicks: radius must be a finite number >= 0, got %r" % (radius,))
+    if not 0.0 <= core_ratio <= 1.0:
+        raise ValueError("synthesize_clicks: core_ratio must be in [0, 1], got %r" % (core_ratio,))
+    h, w = mask.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.full(mask.shape, ignore_index, dtype=np.int64)
+    for c in labels:
+        comps = connected_components(mask == c)
+        for i in range(1, int(comps.max()) + 1):
+            region = comps == i
+            if int(region.sum()) < min_area:
+                continue
+            dist = distance_to_boundary(region)
+            thr = max(1, int(np.ceil(core_ratio * int(dist.max()))))
+            cand = np.flatnonzero(dist.ravel() >= thr)
+            cy, cx = divmod(int(cand[rng.integers(0, len(cand))]), w)
+            disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius * radius
+            out[disk & region] = c
+    if ignore_index <= 255 and (out[out != ignore_index] <= 255).all():
+        return out.astype(np.uint8)
+    return out
+
+
+def image_tags(mask: np.ndarray, num_classes: int, ignore_index: int = 255, min_pixels: int = 1) -> np.ndarray:
+    """The image-level tags of a mask: ``(num_classes,) bool``, True for every class with at least
+    ``min_pixels`` pixels (``ignore_index`` never counts). Raises ``ValueError`` for labels outside
+    ``[0, num_classes)`` other than ``ignore_index``."""
+    mask = np.asarray(mask)
+    if int(num_classes) < 1:
+        raise ValueError("image_tags: num_classes must be >= 1, got %r" % (num_classes,))
+    _check_label_map("image_tags", mask, ignore_index, num_classes)
+    if int(min_pixels) < 1:
+        raise ValueError("image_tags: min_pixels must be >= 1, got %r" % (min_pixels,))
+    valid = mask[mask != ignore_index].astype(np.int64)
+    counts = np.bincount(valid, minlength=int(num_classes))
+    return counts >= int(min_pixels)

@@ -1,0 +1,199 @@
+"""``segops demo --experiment tags``: segmentation from image-level tags on the built-in synthetic data.
+
+Four numbers on the same held-out images as the table experiment (mIoU in 0..1, ``runs/demo-tags/results.json``):
+
+* ``full``: the demo model trained on full masks (the same run as ``segops demo``'s ``full``);
+* ``cam``: the class activation maps' own segmentation (:func:`segops.weak.tags.cam_segmentation`), with the
+  classifier's predicted tags and a background level chosen on a selection split (the next ``val_images``
+  samples of the training stream, never trained on and never reported);
+* ``tags:pce``: the demo model trained with partial cross-entropy on the CAM seeds of the training images;
+* ``tags:pce+crf``: the same with the dense CRF loss added (the demo's :data:`segops.demo.DEMO_CRF`), which
+  expands the seeds up to the colour edges.
+
+The classifier and ``full`` train in parallel processes, then the two seed-trained networks; every number is a
+function of the seed only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+__all__ = ["run_tags_demo", "BG_LEVELS", "TAG_KEYS"]
+
+#: the background levels tried for the ``cam`` baseline on the selection split.
+BG_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: the keys of results.json, in table order.
+TAG_KEYS = ("full", "cam", "tags:pce", "tags:pce+crf")
+
+
+def _miou(pred: torch.Tensor, mask: torch.Tensor, k: int) -> float:
+    from segops.metrics import ConfusionMatrix
+
+    cm = ConfusionMatrix(k)
+    cm.update(pred, mask)
+    return float(cm.compute()["miou"])  # type: ignore[arg-type]
+
+
+def _stack(ds) -> Tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items])
+
+
+def _cam_stage(args) -> Dict[str, object]:
+    """Worker: trains the tag classifier, writes the seeds of the training images, scores the CAM baseline."""
+    from segops.data import SyntheticScribbles
+    from segops.weak.tags import CAMSettings, cam_segmentation, normalized_cams, tag_seeds, train_cam_classifier
+
+    out_dir, seed, train_images, val_images, threads, settings, quiet = args
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    log = (lambda s: None) if quiet else print
+    t0, c0 = time.perf_counter(), time.process_time()
+    train_ds = SyntheticScribbles(train_images, size=64, seed=seed)
+    k = train_ds.num_classes
+    settings = CAMSettings(**settings)
+    model = train_cam_classifier(train_ds, k, settings, torch.device("cpu"), seed, log)
+    # the background level: chosen for the CAM baseline on the selection split, then used for the reported
+    # split's CAM segmentation and for the seeds of the training images
+    sel_x, sel_y = _stack(SyntheticScribbles(val_images, size=64, seed=seed, offset=train_images))
+    cams, logits = normalized_cams(model, sel_x)
+    by_level = {lv: _miou(cam_segmentation(cams, logits, lv), sel_y, k) for lv in BG_LEVELS}
+    level = max(BG_LEVELS, key=lambda lv: (by_level[lv], -lv))
+    settings.bg_level = level
+    tag_seeds(train_ds, k, settings, torch.device("cpu"), seed, out_dir, log, model=model)
+    with open(os.path.join(out_dir, "cam", "settings.json")) as f:
+        seed_stats = json.load(f)
+    test_x, test_y = _stack(SyntheticScribbles(val_images, size=64, seed=seed + 1))
+    cams, logits = normalized_cams(model, test_x)
+    tags = torch.stack([(test_y == c).flatten(1).any(1) for c in range(1, k)], 1)
+    return {
+        "cam": _miou(cam_segmentation(cams, logits, level), test_y, k),
+        "bg_level": level,
+        "settings": dataclasses.asdict(settings),
+        "selection_miou_by_level": by_level,
+        "tag_accuracy": float(((logits > 0) == tags).float().mean()),
+        "seed_coverage": seed_stats["seed_coverage"],
+        "seed_precision": seed_stats["seed_precision"],
+        "seeds_file": os.path.join(out_dir, "cam", "seeds.pt"),
+        "classifier": os.path.join(out_dir, "cam", "classifier.pt"),
+        "time_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+    }
+
+
+def run_tags_demo(
+    out_dir: str = "runs/demo-tags",
+    seed: int = 0,
+    epochs: int = 16,
+    train_images: int = 400,
+    val_images: int = 200,
+    threads: Optional[int] = 1,
+    jobs: int = 2,
+    cam_settings: Optional[Dict[str, object]] = None,
+    log: Callable[[str], None] = print,
+) -> Dict[str, object]:
+    """Runs the tags experiment; writes ``results.json`` and ``comparison.png`` into ``out_dir``."""
+    import multiprocessing as mp
+
+    from segops.data import SyntheticScribbles
+    from segops.demo import DEMO_MODEL, _image_cell, _load_model, _net_name, _predict, _train_one, _worker, demo_config, write_results
+    from segops.train import colorize
+    from segops.figures import save_labelled_panels
+    from segops.weak.tags import CAMClassifier, CAMSettings, cam_segmentation, normalized_cams
+
+    os.makedirs(out_dir, exist_ok=True)
+    settings = dataclasses.asdict(CAMSettings(**(cam_settings or {})))
+    full_cfg = demo_config("full", out_dir, seed, epochs, train_images, val_images)
+
+    def tag_cfg(loss: str, seeds_file: str):
+        base = demo_config(loss, out_dir, seed, epochs, train_images, val_images)
+        return dataclasses.replace(base, supervision="tags", cam_seeds=seeds_file,
+                                   out_dir=os.path.join(out_dir, "tags_" + loss.replace("+", "_")))
+
+    t_all = time.perf_counter()
+    res: Dict[str, Dict[str, object]] = {}
+    cam_args = (out_dir, seed, train_images, val_images, threads, settings, jobs > 1)
+    if jobs <= 1:
+        log("== tag classifier (CAM) and its seeds")
+        cam = _cam_stage(cam_args)
+        log("== full")
+        res["full"] = _train_one("full", full_cfg, threads, None, None, log, quiet=False)
+        for loss in ("pce", "pce+crf"):
+            log("== tags:%s" % loss)
+            res["tags:" + loss] = _train_one("tags:" + loss, tag_cfg(loss, str(cam["seeds_file"])), threads, None, None, log, quiet=False)
+    else:
+        log("training the tag classifier and full supervision, then tags:pce and tags:pce+crf, in %d processes of %s "
+            "torch thread(s) each" % (jobs, threads))
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as ex:
+            f_cam = ex.submit(_cam_stage, cam_args)
+            f_full = ex.submit(_worker, ("full", full_cfg, threads, None, None))
+            cam = f_cam.result()
+            log("   cam classifier + seeds: %.1f s (CPU %.1f s); seeds label %.1f%% of the pixels, %.1f%% correctly"
+                % (cam["time_s"], cam["cpu_s"], 100 * cam["seed_coverage"], 100 * cam["seed_precision"]))  # type: ignore[operator]
+            fut = {"tags:" + loss: ex.submit(_worker, ("tags:" + loss, tag_cfg(loss, str(cam["seeds_file"])), threads, None, None))
+                   for loss in ("pce+crf", "pce")}
+            res["full"] = f_full.result()
+            for k in ("tags:pce", "tags:pce+crf"):
+                res[k] = fut[k].result()
+            for k in ("full", "tags:pce", "tags:pce+crf"):
+                log("   %-14s mIoU %.2f%%  (%.1f s, CPU %.1f s)" % (k, 100 * float(res[k]["miou"]), res[k]["time_s"], res[k]["cpu_s"]))  # type: ignore[arg-type]
+    total = time.perf_counter() - t_all
+    results = {"full": float(res["full"]["miou"]), "cam": float(cam["cam"]),  # type: ignore[arg-type]
+               "tags:pce": float(res["tags:pce"]["miou"]), "tags:pce+crf": float(res["tags:pce+crf"]["miou"])}  # type: ignore[arg-type]
+    net = _net_name(None)
+    head = ["network", "full", "CAM", "tags: pCE", "tags: pCE+CRF"]
+    row = [net] + ["%.2f" % (100 * results[k]) for k in TAG_KEYS]
+    widths = [max(len(a), len(b)) for a, b in zip(head, row)]
+    log("")
+    log("mIoU (%%) on %d held-out synthetic images, seed %d; CAM = the classifier's maps (background level %.2f, "
+        "chosen on a selection split)" % (val_images, seed, cam["bg_level"]))
+    log(" | ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))))
+    log("-+-".join("-" * w for w in widths))
+    log(" | ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(row, widths))))
+    cpu = {k: float(res[k]["cpu_s"]) for k in res}  # type: ignore[arg-type]
+    cpu["cam"] = float(cam["cpu_s"])  # type: ignore[arg-type]
+    log("total %.1f s (CPU %.1f s in the training processes); seeds label %.1f%% of the training pixels, %.1f%% "
+        "correctly" % (total, sum(cpu.values()), 100 * cam["seed_coverage"], 100 * cam["seed_precision"]))  # type: ignore[operator]
+
+    # the figure: image | CAM per class | CAM segmentation | tags:pCE | tags:pCE+CRF | full | truth
+    val_ds = SyntheticScribbles(val_images, size=64, seed=seed + 1)
+    ck = torch.load(str(cam["classifier"]), map_location="cpu", weights_only=True)
+    clf = CAMClassifier(val_ds.num_classes - 1, width=float(settings["width"]), blocks=int(settings["blocks"]))  # type: ignore[arg-type]
+    clf.load_state_dict(ck["model"])
+    n = min(6, len(val_ds))
+    x = torch.stack([val_ds[i]["image"] for i in range(n)])
+    cams, logits = normalized_cams(clf, x)
+    cam_seg = cam_segmentation(cams, logits, float(cam["bg_level"]))  # type: ignore[arg-type]
+    from segops.weak.tags import _heat
+
+    models = {k: _load_model(res[k], None) for k in ("full", "tags:pce", "tags:pce+crf")}
+    columns: List[Tuple[str, Callable[[int], np.ndarray]]] = [("image", lambda i: _image_cell(val_ds, i))]
+    for c in range(1, val_ds.num_classes):
+        columns.append(("CAM %s" % val_ds.classes[c], lambda i, c=c: _heat(cams[i, c - 1])))
+    columns.append(("CAM argmax", lambda i: colorize(cam_seg[i].numpy())))
+    for k, title in (("tags:pce", "tags: pCE"), ("tags:pce+crf", "tags: pCE+CRF"), ("full", "full")):
+        columns.append((title, lambda i, m=models[k]: colorize(_predict(m, val_ds[i]["image"]))))
+    columns.append(("truth", lambda i: colorize(val_ds[i]["mask"].numpy())))
+    rows = [[cell(i) for _, cell in columns] for i in range(n)]
+    png = os.path.join(out_dir, "comparison.png")
+    save_labelled_panels(png, rows, [t for t, _ in columns], val_ds.classes, scale=3)  # CAM cells: white = 1, black = 0
+    out: Dict[str, object] = dict(results)
+    out.update(
+        gap_closed=((results["tags:pce+crf"] - results["tags:pce"]) / (results["full"] - results["tags:pce"])
+                    if results["full"] > results["tags:pce"] else None),
+        cam_stage={k: v for k, v in cam.items() if k not in ("seeds_file", "classifier", "settings")},
+        cam_settings=cam["settings"],
+        model=DEMO_MODEL,
+    )
+    times = {k: float(res[k]["time_s"]) for k in res}  # type: ignore[arg-type]
+    return write_results(out_dir, out, dict(times_s=times, cpu_s=cpu, total_time_s=total, seed=seed, epochs=epochs,
+                                            train_images=train_images, val_images=val_images, jobs=jobs, threads=threads,
+                                            comparison_png=png), log)
