@@ -326,6 +326,97 @@ def test_no_grad_path_equals_autograd_path():
     assert torch.equal(a, b.detach())
 
 
+# ---- the one-op CPU schedule (_crf_mean_field_iterate) ----------------------------------------------------
+
+
+def two_kernel_crf(B: int, K: int, H: int, W: int, mode: str, seed: int) -> MeanFieldCRF:
+    """A shared (batch-1) position lattice and a per-image bilateral one, Potts weights, float32."""
+    unary, images = small_case(B=B, K=K, H=H, W=W, seed=seed)
+    crf = MeanFieldCRF(unary)
+    crf.add_pairwise_gaussian(3.0, 3.0, normalization=mode)
+    crf.add_pairwise_bilateral(20.0, 13.0, images, 10.0, normalization=mode)
+    return crf
+
+
+def op_by_op(crf: MeanFieldCRF, iterations: int) -> torch.Tensor:
+    """The same inference through the separate ops (splat -> blur -> slice per kernel, then the update)."""
+    with torch.no_grad():
+        return crf._iterate_without_grad(crf._softmax_of_unary(), iterations)
+
+
+def segops_ops_called(fn) -> list:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("segops::")]
+
+
+@pytest.mark.parametrize("K", [1, 3, 8, 21, 64])
+@pytest.mark.parametrize("mode", ["none", "before", "after", "symmetric"])
+def test_one_op_schedule_matches_op_by_op(K, mode):
+    # H W = 667 points: five blocks of 128 and a tail, groups of 4 with a remainder; B = 2 with a shared lattice
+    crf = two_kernel_crf(2, K, 23, 29, mode, seed=K)
+    with torch.no_grad():
+        got = crf.inference(1)
+    want = op_by_op(crf, 1)
+    # Every product and sum is the op-by-op schedule's except the softmax denominators, summed as a tree of
+    # 8-lane pieces instead of in class order: each order is within (K - 1) eps of the exact sum of K positive
+    # terms, so softmax(-U) differs by <= 2 (K - 1) eps relative. The filters and scales are non-negative and
+    # linear, so each message keeps that relative bound, and a logit moves by <= 2 (K - 1) eps * |message
+    # terms| (their sum, at most `pairwise`); the second softmax turns logit changes d into marginal changes
+    # <= 2 max|d| and adds its own denominator order, 2 (K - 1) eps.
+    messages, scales, weights = crf._terms(crf._softmax_of_unary())
+    pairwise = sum((m * (w if s is None else s * w)).abs() for m, s, w in zip(messages, scales, weights)).max()
+    bound = 2 * (K - 1) * EPS32 * (2 * float(pairwise) + 1) + 4 * EPS32  # + the division's own rounding
+    torch.testing.assert_close(got, want, rtol=0, atol=bound)
+
+
+def test_one_op_schedule_runs_for_no_grad_potts_cpu_float32_only():
+    crf = two_kernel_crf(2, 5, 12, 14, "symmetric", seed=3)
+    with torch.no_grad():
+        names = segops_ops_called(lambda: crf.inference(3))
+    assert names.count("segops::_crf_mean_field_iterate") == 1
+    assert "segops::_crf_mean_field_update_out" not in names and "segops::permutohedral_apply" not in names
+    # with a graph to build, float64, a compatibility matrix or more than 64 classes: the separate ops
+    unary, images = small_case(B=1, K=5, H=12, W=14, seed=1)
+    cases = [
+        lambda: dense_crf_inference(unary.clone().requires_grad_(), images, 2),
+        lambda: dense_crf_inference(unary.double(), images, 2),
+        lambda: dense_crf_inference(unary, images, 2, bilateral_compat=-10 * torch.eye(5)),
+        lambda: dense_crf_inference(small_case(B=1, K=65, H=6, W=7)[0], small_case(B=1, H=6, W=7)[1], 2),
+    ]
+    for case in cases:
+        names = segops_ops_called(case)
+        assert "segops::_crf_mean_field_iterate" not in names and "segops::crf_mean_field_update" in names
+
+
+def iterate_args(crf: MeanFieldCRF):
+    vertex, bary, neighbors, modes, weights = crf._fused_cpu_terms()
+    return [crf.unary, vertex, bary, neighbors, modes, weights]
+
+
+def test_iterate_op_opcheck_and_errors():
+    crf = two_kernel_crf(2, 4, 9, 11, "symmetric", seed=5)
+    args = iterate_args(crf)
+    torch.library.opcheck(torch.ops.segops._crf_mean_field_iterate.default, (*args, 2))
+    op = torch.ops.segops._crf_mean_field_iterate.default
+    u, vx, ba, nb, modes, w = args
+    cases = [
+        ((u.double(), vx, ba, nb, modes, w, 2), "unary must be float32"),
+        ((u.new_zeros(2, 65, 9, 11), vx, ba, nb, modes, w, 2), "1 to 64 classes"),
+        ((u, vx, ba, nb, modes, w, 0), "iterations must be >= 1"),
+        ((u, vx, ba, nb, [1, 4], w, 2), r"normalization\[1\] must be 0 \(none\)"),
+        ((u, vx[:1], ba, nb, modes, w, 2), "one entry per kernel"),
+        ((u, [vx[0].long(), vx[1]], ba, nb, modes, w, 2), r"vertex\[0\] \(int32\)"),
+        ((u[:, :, :8], vx, ba, nb, modes, w, 2), "the lattice of kernel 0 has 1 images of 99 points"),
+        ((u, vx, ba, [nb[0], nb[1][:, :2]], modes, w, 2), r"neighbors\[1\] must be \(M, d\+1, 2\)"),
+        ((u, vx, ba, nb, modes, [1.0, math.inf], 2), r"weights\[1\] must be finite"),
+        ((u, vx * 9, ba * 9, nb * 9, modes * 9, w * 9, 2), "1 to 8 kernels"),
+    ]
+    for case, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            op(*case)
+
+
 # ---- a pure-PyTorch twin (the reference lattice, per image, no shared lattice) -----------------------------
 
 

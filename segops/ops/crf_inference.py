@@ -44,6 +44,9 @@ __all__ = [
 
 # pydensecrf's NormalizationType values (dcrf.NO_NORMALIZATION = 0, ..., dcrf.NORMALIZE_SYMMETRIC = 3), by name.
 NORMALIZATIONS = ("none", "before", "after", "symmetric")
+# the codes of the one-op CPU schedule (_crf_mean_field_iterate), which handles up to 64 classes
+_NORMALIZATION_CODES = {"none": 0, "symmetric": 1, "before": 2, "after": 3}
+_FUSED_MAX_CLASSES = 64
 _NORMALIZATION_ALIASES = {
     "no_normalization": "none",
     "normalize_before": "before",
@@ -165,6 +168,16 @@ def _update_backward_fake(grad, q):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+@torch.library.register_fake("segops::_crf_mean_field_iterate")
+def _iterate_fake(unary, vertex, bary, neighbors, normalization, weights, iterations):
+    torch._check(unary.dim() >= 3, lambda: "_crf_mean_field_iterate: unary must have shape (B, K, *spatial)")
+    torch._check(1 <= len(vertex) <= MAX_TERMS, lambda: "_crf_mean_field_iterate: 1 to 8 kernels")
+    torch._check(len(bary) == len(neighbors) == len(normalization) == len(weights) == len(vertex),
+                 lambda: "_crf_mean_field_iterate: one entry per kernel in every list")
+    torch._check(iterations >= 1, lambda: "_crf_mean_field_iterate: iterations must be >= 1")
+    return torch.empty_like(unary, memory_format=torch.contiguous_format)
+
+
 def _update_setup_context(ctx, inputs, output) -> None:
     _, messages, scales, weights = inputs
     ctx.n = len(messages)
@@ -219,7 +232,12 @@ class _Lattice:
     def __init__(self, features: Tensor, dtype: torch.dtype) -> None:
         self._lattice = build_lattice(features.to(dtype))
         self.shared = features.shape[0] == 1
-        self.w1 = self._lattice.norm()  # W 1, (B or 1, 1, *spatial): the normalisation modes' degree vector
+
+    @property
+    def w1(self) -> Tensor:
+        """``W 1``, ``(B or 1, 1, *spatial)``: the normalisation modes' degree vector (computed on first use;
+        the one-op CPU schedule computes it itself)."""
+        return self._lattice.norm()
 
     def filter(self, values: Tensor) -> Tensor:
         """``W values`` per image, ``values (B, C, *spatial)``; differentiable (the gradient is ``W^T grad``)."""
@@ -227,6 +245,10 @@ class _Lattice:
         if self.shared and shape[0] != 1:
             values = values.reshape((1, shape[0] * shape[1]) + tuple(shape[2:]))
         return self._lattice.filter(values.contiguous()).reshape(shape)
+
+    def tensors(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(vertex, bary, neighbors)`` of the built lattice (batch 1 when shared by the images)."""
+        return self._lattice.tensors()
 
 
 # ---- compatibilities and kernels ---------------------------------------------------------------------------
@@ -271,17 +293,36 @@ class _Kernel:
         self.normalization = normalization
         self.kind = kind
         self.compat = compat
-        # a lattice shared by the batch has one W 1 for all images: per image for the fused update
-        w1 = lattice.w1.expand((batch,) + tuple(lattice.w1.shape[1:])).contiguous()
-        self.pre: Optional[Tensor] = None  # multiplies the values before filtering, per pixel
-        self.post: Optional[Tensor] = None  # multiplies the filtered values, per pixel
-        # pydensecrf's DenseKernel: norm = 1 / (W 1 + 1e-20) (its square root for "symmetric")
-        if normalization == "symmetric":
-            self.pre = self.post = torch.rsqrt(w1 + 1e-20)
-        elif normalization == "before":
-            self.pre = 1.0 / (w1 + 1e-20)
-        elif normalization == "after":
-            self.post = 1.0 / (w1 + 1e-20)
+        self.batch = batch
+        self._scales: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None
+
+    def _pre_post(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(pre, post): pydensecrf's DenseKernel norm = 1 / (W 1 + 1e-20) (its square root for "symmetric"),
+        per pixel, applied before / after filtering (None: not applied). Computed on first use."""
+        if self._scales is None:
+            pre = post = None
+            if self.normalization != "none":
+                # a lattice shared by the batch has one W 1 for all images: per image for the fused update
+                w1 = self.lattice.w1
+                w1 = w1.expand((self.batch,) + tuple(w1.shape[1:])).contiguous()
+                if self.normalization == "symmetric":
+                    pre = post = torch.rsqrt(w1 + 1e-20)
+                elif self.normalization == "before":
+                    pre = 1.0 / (w1 + 1e-20)
+                else:
+                    post = 1.0 / (w1 + 1e-20)
+            self._scales = (pre, post)
+        return self._scales
+
+    @property
+    def pre(self) -> Optional[Tensor]:
+        """Multiplies the values before filtering, per pixel (or None)."""
+        return self._pre_post()[0]
+
+    @property
+    def post(self) -> Optional[Tensor]:
+        """Multiplies the filtered values, per pixel (or None)."""
+        return self._pre_post()[1]
 
     def filtered(self, q: Tensor) -> Tensor:
         """The kernel applied to the marginals, normalisation included: ``post * W (pre * q)``."""
@@ -464,6 +505,25 @@ class MeanFieldCRF:
         """``softmax(self._logits(q))`` with the sum and the softmax fused into one pass (differentiable)."""
         return crf_mean_field_update(self.unary, *self._terms(q))
 
+    def _fused_cpu_terms(self) -> Optional[Tuple[List[Tensor], ...]]:
+        """The arguments of the one-op CPU schedule (``_crf_mean_field_iterate``), or None where it does not
+        apply: CUDA tensors (the op-by-op schedule there), float64, a compatibility other than a Potts number."""
+        if self.unary.device.type != "cpu" or self.dtype != torch.float32 or not 1 <= len(self.kernels) <= MAX_TERMS:
+            return None
+        if any(k.kind != "potts" or isinstance(k.compat, Tensor) for k in self.kernels):
+            return None
+        if self.unary.shape[1] > _FUSED_MAX_CLASSES:
+            return None
+        vertex, bary, neighbors, modes, weights = [], [], [], [], []
+        for k in self.kernels:
+            v, w, nb = k.lattice.tensors()
+            vertex.append(v)
+            bary.append(w)
+            neighbors.append(nb)
+            modes.append(_NORMALIZATION_CODES[k.normalization])
+            weights.append(float(k.compat))  # type: ignore[arg-type]
+        return vertex, bary, neighbors, modes, weights  # type: ignore[return-value]
+
     def _iterate_without_grad(self, q: Tensor, iterations: int) -> Tensor:
         """The same updates, reusing the marginals' and pre-scaled marginals' buffers across iterations: a fresh
         (B, K, H, W) tensor per pass costs more in first-touch page faults than the pass itself."""
@@ -499,6 +559,11 @@ class MeanFieldCRF:
         """The marginals after ``iterations`` mean-field updates (0: ``softmax(-U)``), ``(B, K, ...)``."""
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
             raise ValueError("iterations must be an integer >= 0, got %r" % (iterations,))
+        if self.kernels and iterations > 0 and not self._needs_grad():
+            with torch.no_grad():
+                fused = self._fused_cpu_terms()
+                if fused is not None:  # one op: the same marginals, bitwise, in one pass per iteration
+                    return self._out(torch.ops.segops._crf_mean_field_iterate(self.unary, *fused, iterations))
         q = self._softmax_of_unary()
         if not self.kernels or iterations == 0:
             return self._out(q)

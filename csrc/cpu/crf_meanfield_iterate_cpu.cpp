@@ -1,0 +1,521 @@
+// CPU schedule of no-grad dense CRF mean-field inference with Potts kernels: all iterations in one op.
+//
+// The op-by-op schedule (splat -> blur -> slice per kernel, then the update) streams the (B, K, N)
+// marginals and messages through memory five times per iteration, each read as K planes N floats apart.
+// Here one pass over the points does, per point and all in registers: the point's unary row, the slice of
+// every kernel's blurred vertex values, the softmax, and the splat of the new marginals (times the kernel's
+// pre-scale) into each kernel's next vertex grid. The unary is transposed once to point-major rows; only
+// the last pass writes marginals to memory.
+//
+// The arithmetic is the op-by-op schedule's, element by element (same products and sums in the same order,
+// exp_poly, no FMA), except for two sums taken as a tree over 8-lane pieces: the softmax's max (exact in any
+// order) and its denominator (rounding differs by about one ulp). Results do not depend on the number of
+// threads: with more than one, a pass first computes the marginals of all points (in parallel over points)
+// and then splats them by vertex ranges (each task adds, in point order, the contributions that land in its
+// vertices), which is the per-vertex order of the one-thread pass.
+#include <torch/library.h>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "segops/crf_meanfield_math.h"
+#include "segops/permutohedral_host.h"
+#include "segops/softmax_losses_block.h"
+
+namespace segops {
+namespace {
+
+using at::Tensor;
+
+// Classes are processed in pieces of 8 floats; rows (unary, vertex values, marginals) hold Kp = 8 C8 floats
+// with zero pad columns. C8 <= kMaxPieces, i.e. K <= 64 (more classes use the op-by-op schedule).
+constexpr int kMaxPieces = 8;
+constexpr int64_t kPoints = 128;  // points per task of the parallel marginals phase
+constexpr int kGroup = 4;         // points whose marginals are computed together
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+SEGOPS_LATTICE_INLINE v8 load8(const float* p) {
+  v8 r;
+  __builtin_memcpy(&r, p, sizeof(v8));
+  return r;
+}
+SEGOPS_LATTICE_INLINE void store8(float* p, v8 r) { __builtin_memcpy(p, &r, sizeof(v8)); }
+SEGOPS_LATTICE_INLINE v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+// block::exp_poly on 8 lanes: the same operations, so the same values lane by lane.
+SEGOPS_LATTICE_INLINE v8 exp8(v8 x) {
+  x = x < splat8(-87.0f) ? splat8(-87.0f) : (x > splat8(88.0f) ? splat8(88.0f) : x);
+  const v8 magic = splat8(12582912.0f);
+  const v8 t = x * splat8(1.44269504088896341f) + magic;
+  const v8 n = t - magic;
+  const v8 r = (x - n * splat8(0.693145751953125f)) - n * splat8(1.428606765330187045e-06f);
+  v8 p = splat8(1.0f / 720.0f);
+  p = p * r + splat8(1.0f / 120.0f);
+  p = p * r + splat8(1.0f / 24.0f);
+  p = p * r + splat8(1.0f / 6.0f);
+  p = p * r + splat8(0.5f);
+  p = p * r + splat8(1.0f);
+  p = p * r + splat8(1.0f);
+  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
+  v8 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(v8));
+  return p * scale;
+}
+
+// Every lane = the max / the sum of the 8 lanes (a fixed tree: the same result in every lane, every call).
+SEGOPS_LATTICE_INLINE v8 hmax(v8 x) {
+  x = x > __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3}) ? x : __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3});
+  x = x > __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5}) ? x : __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5});
+  x = x > __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6}) ? x : __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6});
+  return x;
+}
+SEGOPS_LATTICE_INLINE v8 hsum(v8 x) {
+  x = x + __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3});
+  x = x + __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5});
+  x = x + __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6});
+  return x;
+}
+
+struct BlurLaunch {
+  template <typename F>
+  static void launch(index_t n, const F& f, index_t grain) {
+    cpu_parallel_for(n, f, grain);
+  }
+};
+
+// One Potts kernel: its lattice, normalisation scales and weight; the grids of the current pass.
+struct Term {
+  const int32_t* vertex;  // (Bt N V), Bt = B or 1 (shared: one lattice for every image)
+  const float* bary;      // (Bt N V)
+  int64_t V = 0, M = 0, Cg = 0;
+  bool shared = false;  // grid columns (B Kp): image b's classes at column b Kp
+  const float* pre = nullptr;   // (Bt N): multiplies the marginals before the splat, or null
+  const float* post = nullptr;  // (Bt N): multiplies the filtered marginals, or null
+  float weight = 0.f;
+  float alpha = 0.f;               // the lattice's slice factor 1 / (1 + 2^-d)
+  const float* blurred = nullptr;  // (M, Cg): W's vertex values of the previous marginals
+  float* grid = nullptr;           // (M, Cg), zeroed: the splat of this pass's marginals
+};
+
+struct Pass {
+  const float* unary = nullptr;  // (B N, Kp) point-major, pad columns 0
+  float* out = nullptr;          // (B, K, N), last pass only
+  int64_t B = 0, K = 0, N = 0, Kp = 0;
+  Term terms[meanfield::kMaxTerms];
+  int count = 0;
+  bool slice = false;  // false in the first pass: softmax(-unary)
+  bool last = false;
+
+  int64_t point(const Term& t, int64_t b, int64_t n) const { return (t.shared ? 0 : b * N) + n; }
+  int64_t entry(const Term& t, int64_t b, int64_t n) const { return point(t, b, n) * t.V; }
+  int64_t column(const Term& t, int64_t b) const { return t.shared ? b * Kp : 0; }
+};
+
+template <int C8>
+struct PointMath {
+  // The marginals of points n .. n+G-1 of image b (G interleaved chains: one point's max -> exp -> sum ->
+  // divide is a chain of dependent operations; G independent ones keep the pipelines busy):
+  // l = -u, l += (weight post) (alpha s) per kernel in order with s = sum over the point's vertices (in order)
+  // of bary * blurred[vertex]; softmax with exp8.
+  template <int G>
+  static SEGOPS_LATTICE_INLINE void marginals(const Pass& P, int64_t b, int64_t n, v8 (*q)[C8]) {
+    const int64_t i = b * P.N + n;
+    v8 l[G][C8];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C8; ++c) l[g][c] = -load8(P.unary + (i + g) * P.Kp + 8 * c);
+    if (P.slice) {
+      for (int j = 0; j < P.count; ++j) {
+        const Term& t = P.terms[j];
+        const int64_t e = P.entry(t, b, n);
+        const float* base = t.blurred + P.column(t, b);
+        for (int g = 0; g < G; ++g) {
+          v8 s[C8];
+          for (int c = 0; c < C8; ++c) s[c] = splat8(0.f);
+          for (int64_t v = 0; v < t.V; ++v) {
+            const float* row = base + static_cast<int64_t>(t.vertex[e + g * t.V + v]) * t.Cg;
+            const float w = t.bary[e + g * t.V + v];
+            for (int c = 0; c < C8; ++c) s[c] += w * load8(row + 8 * c);
+          }
+          const float w = t.post ? t.weight * t.post[P.point(t, b, n + g)] : t.weight;
+          for (int c = 0; c < C8; ++c) l[g][c] += w * (s[c] * t.alpha);
+        }
+      }
+    }
+    // pad lanes out of the max and the sum: the last piece's lanes >= K - 8 (C8 - 1)
+    const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const vi8 live = lane < static_cast<int>(P.K - 8 * (C8 - 1));
+    v8 m[G], sum[G];
+    for (int g = 0; g < G; ++g) {
+      l[g][C8 - 1] = live ? l[g][C8 - 1] : splat8(-INFINITY);
+      v8 mv = l[g][0];
+      for (int c = 1; c < C8; ++c) mv = mv > l[g][c] ? mv : l[g][c];
+      m[g] = hmax(mv);
+    }
+    for (int g = 0; g < G; ++g) {
+      v8 sv = splat8(0.f);
+      for (int c = 0; c < C8; ++c) {
+        q[g][c] = exp8(l[g][c] - m[g]);
+        if (c == C8 - 1) q[g][c] = live ? q[g][c] : splat8(0.f);
+        sv += q[g][c];
+      }
+      sum[g] = splat8(1.0f) / hsum(sv);
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < C8; ++c) q[g][c] *= sum[g];
+  }
+
+  // x = q (times the kernel's pre-scale, as the op-by-op schedule's torch.mul(q, pre)).
+  static SEGOPS_LATTICE_INLINE void splat_values(const Pass& P, const Term& t, int64_t b, int64_t n, const v8* q,
+                                                 v8* x) {
+    if (t.pre) {
+      const float ps = t.pre[P.point(t, b, n)];
+      for (int c = 0; c < C8; ++c) x[c] = q[c] * ps;
+    } else {
+      for (int c = 0; c < C8; ++c) x[c] = q[c];
+    }
+  }
+
+  // rows of the point's vertices (in order) += bary * x; only vertices in [v0, v0 + span) when ranged.
+  template <bool kRanged>
+  static SEGOPS_LATTICE_INLINE void scatter(const Pass& P, const Term& t, int64_t b, int64_t n, const v8* x,
+                                            int64_t v0, uint32_t span) {
+    const int64_t e = P.entry(t, b, n);
+    float* base = t.grid + P.column(t, b);
+    for (int64_t v = 0; v < t.V; ++v) {
+      const int32_t id = t.vertex[e + v];
+      if (kRanged && static_cast<uint32_t>(id - v0) >= span) continue;
+      float* row = base + static_cast<int64_t>(id) * t.Cg;
+      const float w = t.bary[e + v];
+      for (int c = 0; c < C8; ++c) store8(row + 8 * c, load8(row + 8 * c) + w * x[c]);
+    }
+  }
+
+  static SEGOPS_LATTICE_INLINE void store_row(float* dst, const v8* q) {
+    for (int c = 0; c < C8; ++c) store8(dst + 8 * c, q[c]);
+  }
+
+  // Points n0 + p .. n0 + p + G - 1: their marginals, then (in point order) their splats, or their rows.
+  template <int G>
+  static SEGOPS_LATTICE_INLINE void point_group(const Pass& P, int64_t b, int64_t n0, int64_t p, float* rows) {
+    v8 q[G][C8];
+    marginals<G>(P, b, n0 + p, q);
+    for (int g = 0; g < G; ++g) {
+      if (P.last) {
+        store_row(rows + (p + g) * P.Kp, q[g]);
+        continue;
+      }
+      for (int j = 0; j < P.count; ++j) {
+        v8 x[C8];
+        splat_values(P, P.terms[j], b, n0 + p + g, q[g], x);
+        scatter<false>(P, P.terms[j], b, n0 + p + g, x, 0, 0);
+      }
+    }
+  }
+
+  // One thread: the whole pass; each point's marginals are splatted as soon as they are known.
+  static SEGOPS_LATTICE_INLINE void fused_pass(const Pass& P) {
+    std::vector<float> rows(P.last ? static_cast<size_t>(kPoints * P.Kp) : 0);
+    for (int64_t b = 0; b < P.B; ++b) {
+      for (int64_t n0 = 0; n0 < P.N; n0 += kPoints) {
+        const int64_t np = std::min(kPoints, P.N - n0);
+        int64_t p = 0;
+        for (; p + kGroup <= np; p += kGroup) point_group<kGroup>(P, b, n0, p, rows.data());
+        for (; p < np; ++p) point_group<1>(P, b, n0, p, rows.data());
+        if (P.last) write_block(P, b, n0, np, rows.data());
+      }
+    }
+  }
+
+  // Several threads, phase 1: the marginals of blocks [t0, t1) of kPoints points into qall (B N rows of Kp),
+  // or, in the last pass, into the output.
+  static SEGOPS_LATTICE_INLINE void marginals_range(const Pass& P, float* qall, int64_t t0, int64_t t1) {
+    const int64_t per_image = (P.N + kPoints - 1) / kPoints;
+    std::vector<float> own(P.last ? static_cast<size_t>(kPoints * P.Kp) : 0);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / per_image, n0 = (task - b * per_image) * kPoints;
+      const int64_t np = std::min(kPoints, P.N - n0);
+      float* rows = P.last ? own.data() : qall + (b * P.N + n0) * P.Kp;
+      int64_t p = 0;
+      for (; p + kGroup <= np; p += kGroup) {
+        v8 q[kGroup][C8];
+        marginals<kGroup>(P, b, n0 + p, q);
+        for (int g = 0; g < kGroup; ++g) store_row(rows + (p + g) * P.Kp, q[g]);
+      }
+      for (; p < np; ++p) {
+        v8 q[1][C8];
+        marginals<1>(P, b, n0 + p, q);
+        store_row(rows + p * P.Kp, q[0]);
+      }
+      if (P.last) write_block(P, b, n0, np, rows);
+    }
+  }
+
+  // Phase 2: every point's marginals splatted into kernel t's vertices [v0, v1), in point order.
+  static SEGOPS_LATTICE_INLINE void splat_range(const Pass& P, const Term& t, const float* qall, int64_t v0,
+                                                int64_t v1) {
+    const uint32_t span = static_cast<uint32_t>(v1 - v0);
+    for (int64_t b = 0; b < P.B; ++b) {
+      for (int64_t n = 0; n < P.N; ++n) {
+        const int64_t e = P.entry(t, b, n);
+        bool any = false;
+        for (int64_t v = 0; v < t.V; ++v) any |= static_cast<uint32_t>(t.vertex[e + v] - v0) < span;
+        if (!any) continue;
+        v8 q[C8], x[C8];
+        for (int c = 0; c < C8; ++c) q[c] = load8(qall + (b * P.N + n) * P.Kp + 8 * c);
+        splat_values(P, t, b, n, q, x);
+        scatter<true>(P, t, b, n, x, v0, span);
+      }
+    }
+  }
+
+  // The block's point-major rows written as K runs of np values, one per class plane.
+  static SEGOPS_LATTICE_INLINE void write_block(const Pass& P, int64_t b, int64_t n0, int64_t np, const float* rows) {
+    for (int64_t k = 0; k < P.K; ++k) {
+      float* o = P.out + (b * P.K + k) * P.N + n0;
+      for (int64_t p = 0; p < np; ++p) o[p] = rows[p * P.Kp + k];
+    }
+  }
+};
+
+// The three loops for one C8, in an AVX2 clone where the CPU has AVX2 (no FMA: the baseline's roundings).
+template <int C8>
+struct Loops {
+  static void fused(const Pass& P) { PointMath<C8>::fused_pass(P); }
+  static void marginals(const Pass& P, float* qall, int64_t t0, int64_t t1) {
+    PointMath<C8>::marginals_range(P, qall, t0, t1);
+  }
+  static void splat(const Pass& P, const Term& t, const float* qall, int64_t v0, int64_t v1) {
+    PointMath<C8>::splat_range(P, t, qall, v0, v1);
+  }
+#if defined(__x86_64__) && defined(__GNUC__)
+  __attribute__((target("avx2"))) static void fused_avx2(const Pass& P) { PointMath<C8>::fused_pass(P); }
+  __attribute__((target("avx2"))) static void marginals_avx2(const Pass& P, float* qall, int64_t t0, int64_t t1) {
+    PointMath<C8>::marginals_range(P, qall, t0, t1);
+  }
+  __attribute__((target("avx2"))) static void splat_avx2(const Pass& P, const Term& t, const float* qall, int64_t v0,
+                                                         int64_t v1) {
+    PointMath<C8>::splat_range(P, t, qall, v0, v1);
+  }
+#endif
+};
+
+inline bool has_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <int C8>
+void run_pass_c8(const Pass& P, Tensor& qall) {
+  const bool avx2 = has_avx2();
+  const int64_t per_image = (P.N + kPoints - 1) / kPoints;
+  const int64_t blocks = P.B * per_image;
+  const int64_t threads = blocks < 8 ? 1 : at::get_num_threads();
+#if defined(__x86_64__) && defined(__GNUC__)
+  auto fused = avx2 ? &Loops<C8>::fused_avx2 : &Loops<C8>::fused;
+  auto marginals = avx2 ? &Loops<C8>::marginals_avx2 : &Loops<C8>::marginals;
+  auto splat = avx2 ? &Loops<C8>::splat_avx2 : &Loops<C8>::splat;
+#else
+  (void)avx2;
+  auto fused = &Loops<C8>::fused;
+  auto marginals = &Loops<C8>::marginals;
+  auto splat = &Loops<C8>::splat;
+#endif
+  if (threads == 1) return fused(P);
+  if (!P.last && !qall.defined()) qall = at::empty({P.B * P.N * P.Kp}, at::kFloat);
+  float* rows = P.last ? nullptr : qall.data_ptr<float>();
+  omp_parallel_for(0, blocks, 4, [&](int64_t t0, int64_t t1) { marginals(P, rows, t0, t1); });
+  if (P.last) return;
+  for (int j = 0; j < P.count; ++j) {
+    const Term& t = P.terms[j];
+    const int64_t tasks = std::min<int64_t>(threads, t.M);
+    omp_parallel_for(0, tasks, 1, [&](int64_t a, int64_t e) {
+      for (int64_t task = a; task < e; ++task) splat(P, t, rows, t.M * task / tasks, t.M * (task + 1) / tasks);
+    });
+  }
+}
+
+void run_pass(const Pass& P, Tensor& qall) {
+  RECORD_USER_SCOPE("segops_kernel::meanfield_pass");
+  switch (P.Kp / 8) {
+    case 1: return run_pass_c8<1>(P, qall);
+    case 2: return run_pass_c8<2>(P, qall);
+    case 3: return run_pass_c8<3>(P, qall);
+    case 4: return run_pass_c8<4>(P, qall);
+    case 5: return run_pass_c8<5>(P, qall);
+    case 6: return run_pass_c8<6>(P, qall);
+    case 7: return run_pass_c8<7>(P, qall);
+    case 8: return run_pass_c8<8>(P, qall);
+    default: TORCH_CHECK(false, "_crf_mean_field_iterate: K = ", P.K, " classes; at most ", 8 * kMaxPieces);
+  }
+}
+
+// (B, K, N) planes -> (B N, Kp) rows with zero pad columns, in blocks of kPoints points.
+Tensor point_major(const Tensor& unary, int64_t B, int64_t K, int64_t N, int64_t Kp) {
+  Tensor rows = at::empty({B * N, Kp}, unary.options());
+  const float* u = unary.data_ptr<float>();
+  float* r = rows.data_ptr<float>();
+  const int64_t per_image = (N + kPoints - 1) / kPoints;
+  omp_parallel_for(0, B * per_image, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / per_image, n0 = (task - b * per_image) * kPoints;
+      const int64_t np = std::min(kPoints, N - n0);
+      float* dst = r + (b * N + n0) * Kp;
+      for (int64_t p = 0; p < np; ++p)
+        for (int64_t k = K; k < Kp; ++k) dst[p * Kp + k] = 0.f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float* src = u + (b * K + k) * N + n0;
+        for (int64_t p = 0; p < np; ++p) dst[p * Kp + k] = src[p];
+      }
+    }
+  });
+  return rows;
+}
+
+// Normalisation modes of pydensecrf's kernels (NO_NORMALIZATION, NORMALIZE_SYMMETRIC, _BEFORE, _AFTER).
+enum Normalization : int64_t { kNone = 0, kSymmetric = 1, kBefore = 2, kAfter = 3 };
+
+// The kernel's scales from its degrees W 1 at the lattice's Bt N points (pydensecrf's DenseKernel: norm =
+// 1 / (W 1 + 1e-20), its square root for "symmetric"): pre multiplies the marginals before the filter, post
+// the filtered ones. W 1 is the filter of ones: each vertex sums its entries' weights in entry order (one
+// thread: deterministic), the blur, and the slice times alpha.
+void normalization_scales(Term& t, int64_t points, const Tensor& nbrs, int64_t d, int64_t mode, Tensor& pre,
+                          Tensor& post) {
+  if (mode == kNone) return;
+  Tensor grid = at::zeros({t.M, 1}, at::kFloat);
+  float* g = grid.data_ptr<float>();
+  for (int64_t e = 0; e < points * t.V; ++e) g[t.vertex[e]] += t.bary[e];
+  const Tensor blurred = lattice::blur<BlurLaunch>(grid, nbrs, d, /*adjoint=*/false, /*keep_input=*/false);
+  const float* bl = blurred.data_ptr<float>();
+  Tensor scale = at::empty({points}, at::kFloat);
+  float* sc = scale.data_ptr<float>();
+  const int64_t V = t.V;
+  const float alpha = t.alpha;
+  const int32_t* vertex = t.vertex;
+  const float* bary = t.bary;
+  omp_parallel_for(0, points, 4096, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      float s = 0.f;
+      for (int64_t v = 0; v < V; ++v) s += bary[i * V + v] * bl[vertex[i * V + v]];
+      const float w1 = s * alpha + 1e-20f;
+      sc[i] = mode == kSymmetric ? 1.0f / std::sqrt(w1) : 1.0f / w1;
+    }
+  });
+  if (mode != kAfter) {
+    pre = scale;
+    t.pre = sc;
+  }
+  if (mode == kSymmetric || mode == kAfter) {
+    post = scale;
+    t.post = sc;
+  }
+}
+
+Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList bary, at::TensorList neighbors,
+                   at::IntArrayRef normalization, at::ArrayRef<double> weights, int64_t iterations) {
+  const char* op = "_crf_mean_field_iterate";
+  TORCH_CHECK(unary_in.dim() >= 3 && unary_in.scalar_type() == at::kFloat, op,
+              ": unary must be float32 (B, K, *spatial), got ", unary_in.scalar_type(), " ", unary_in.sizes());
+  TORCH_CHECK(unary_in.size(1) > 0 && unary_in.size(1) <= 8 * kMaxPieces, op,
+              ": unary must have 1 to 64 classes (more use the op-by-op schedule), got ", unary_in.sizes());
+  TORCH_CHECK(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
+  const size_t count = vertex.size();
+  TORCH_CHECK(count >= 1 && count <= size_t(meanfield::kMaxTerms), op, ": 1 to ", meanfield::kMaxTerms,
+              " kernels, got ", count);
+  TORCH_CHECK(bary.size() == count && neighbors.size() == count && normalization.size() == count &&
+                  weights.size() == count,
+              op, ": vertex, bary, neighbors, normalization and weights must have one entry per kernel");
+  const Tensor unary = unary_in.contiguous();
+  const int64_t B = unary.size(0), K = unary.size(1), N = lattice::spatial_numel(unary);
+  Tensor out = at::empty(unary.sizes(), unary.options());
+  if (B * N == 0) return out;
+
+  Pass P;
+  P.B = B;
+  P.K = K;
+  P.N = N;
+  P.Kp = (K + 7) / 8 * 8;
+  const Tensor unary_rows = point_major(unary, B, K, N, P.Kp);
+  P.unary = unary_rows.data_ptr<float>();
+  P.count = static_cast<int>(count);
+  std::vector<Tensor> keep;  // contiguous inputs and the grids, alive for the whole call
+  std::vector<Tensor> blurred(count), grids(count), nbrs(count), pres(count), posts(count);
+  std::vector<int64_t> dims(count);
+  for (size_t j = 0; j < count; ++j) {
+    const Tensor& vx = vertex[j];
+    TORCH_CHECK(vx.dim() == 3 && vx.scalar_type() == at::kInt && bary[j].sizes() == vx.sizes() &&
+                    bary[j].scalar_type() == at::kFloat,
+                op, ": vertex[", j, "] (int32) and bary[", j, "] (float32) must be (B or 1, N, d+1), got ", vx.sizes(),
+                " ", vx.scalar_type(), " and ", bary[j].sizes(), " ", bary[j].scalar_type());
+    TORCH_CHECK((vx.size(0) == B || vx.size(0) == 1) && vx.size(1) == N, op, ": the lattice of kernel ", j, " has ",
+                vx.size(0), " images of ", vx.size(1), " points; the unary ", unary.sizes(), " needs ", B,
+                " (or 1) of ", N);
+    const int64_t d = vx.size(2) - 1;
+    TORCH_CHECK(d >= 1 && d <= lattice::kMaxD, op, ": the lattice of kernel ", j, " has d = ", d, ", expected 1..16");
+    TORCH_CHECK(neighbors[j].dim() == 3 && neighbors[j].size(1) == d + 1 && neighbors[j].size(2) == 2 &&
+                    neighbors[j].scalar_type() == at::kInt,
+                op, ": neighbors[", j, "] must be (M, d+1, 2) int32, got ", neighbors[j].sizes(), " ",
+                neighbors[j].scalar_type());
+    TORCH_CHECK(std::isfinite(weights[j]), op, ": weights[", j, "] must be finite, got ", weights[j]);
+    TORCH_CHECK(normalization[j] >= kNone && normalization[j] <= kAfter, op, ": normalization[", j,
+                "] must be 0 (none), 1 (symmetric), 2 (before) or 3 (after), got ", normalization[j]);
+    for (const Tensor& t : {vx, bary[j], neighbors[j]})
+      TORCH_CHECK(t.device() == unary.device(), op, ": kernel ", j, "'s lattice is on ", t.device(),
+                  " but the unary is on ", unary.device());
+    Term& t = P.terms[j];
+    keep.push_back(vx.contiguous());
+    t.vertex = keep.back().data_ptr<int32_t>();
+    keep.push_back(bary[j].contiguous());
+    t.bary = keep.back().data_ptr<float>();
+    nbrs[j] = neighbors[j].contiguous();
+    t.V = d + 1;
+    t.M = neighbors[j].size(0);
+    t.shared = vx.size(0) == 1 && B > 1;
+    t.Cg = t.shared ? B * P.Kp : P.Kp;
+    t.weight = static_cast<float>(weights[j]);
+    t.alpha = static_cast<float>(lattice::slice_alpha(d));
+    dims[j] = d;
+    {
+      RECORD_USER_SCOPE("segops_kernel::degrees");
+      normalization_scales(t, vx.size(0) * N, nbrs[j], d, normalization[j], pres[j], posts[j]);
+    }
+    grids[j] = at::zeros({t.M, t.Cg}, unary.options());
+    t.grid = grids[j].data_ptr<float>();
+  }
+  Tensor qall;
+  run_pass(P, qall);  // softmax(-unary), splatted
+  P.slice = true;
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (size_t j = 0; j < count; ++j) {
+      RECORD_USER_SCOPE("segops_kernel::blur");
+      blurred[j] = lattice::blur<BlurLaunch>(grids[j], nbrs[j], dims[j], /*adjoint=*/false, /*keep_input=*/false);
+      P.terms[j].blurred = blurred[j].data_ptr<float>();
+    }
+    P.last = it == iterations - 1;
+    if (P.last) {
+      P.out = out.data_ptr<float>();
+    } else {
+      for (size_t j = 0; j < count; ++j) {
+        grids[j] = at::zeros({P.terms[j].M, P.terms[j].Cg}, unary.options());
+        P.terms[j].grid = grids[j].data_ptr<float>();
+      }
+    }
+    run_pass(P, qall);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(segops, CPU, m) { m.impl("_crf_mean_field_iterate", &iterate_cpu); }
+
+}  // namespace segops
