@@ -374,8 +374,11 @@ def test_one_op_schedule_runs_for_no_grad_potts_cpu_float32_only():
     crf = two_kernel_crf(2, 5, 12, 14, "symmetric", seed=3)
     with torch.no_grad():
         names = segops_ops_called(lambda: crf.inference(3))
-    assert names.count("segops::_crf_mean_field_iterate") == 1
-    assert "segops::_crf_mean_field_update_out" not in names and "segops::permutohedral_apply" not in names
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert names.count("segops::_crf_mean_field_iterate") == 1
+        assert "segops::_crf_mean_field_update_out" not in names and "segops::permutohedral_apply" not in names
+    else:  # the portable build of the one-op schedule is slower than the separate ops: not chosen
+        assert "segops::_crf_mean_field_iterate" not in names and "segops::_crf_mean_field_update_out" in names
     # with a graph to build, float64, a compatibility matrix or more than 64 classes: the separate ops
     unary, images = small_case(B=1, K=5, H=12, W=14, seed=1)
     cases = [
@@ -392,6 +395,29 @@ def test_one_op_schedule_runs_for_no_grad_potts_cpu_float32_only():
 def iterate_args(crf: MeanFieldCRF):
     vertex, bary, neighbors, modes, weights = crf._fused_cpu_terms()
     return [crf.unary, vertex, bary, neighbors, modes, weights]
+
+
+def test_iterate_op_same_bits_on_every_instruction_set(tmp_path):
+    """The one-op schedule's AVX2 clone and its portable build (ATEN_CPU_CAPABILITY=default, read once per
+    process: so in a subprocess) do the same operations in the same order: identical marginals (on a CPU
+    without AVX2 both runs take the portable build)."""
+    import os
+    import subprocess
+    import sys
+
+    def marginals() -> torch.Tensor:
+        crf = two_kernel_crf(2, 21, 23, 29, "symmetric", seed=11)
+        return torch.ops.segops._crf_mean_field_iterate(*iterate_args(crf), 3)
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = tmp_path / "portable.pt"
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_crf_inference as t; "
+            "crf = t.two_kernel_crf(2, 21, 23, 29, 'symmetric', seed=11); "
+            "torch.save(torch.ops.segops._crf_mean_field_iterate(*t.iterate_args(crf), 3), %r)" % (here, str(out)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.equal(torch.load(out), marginals())
 
 
 def test_iterate_op_opcheck_and_errors():

@@ -75,18 +75,31 @@ SEGOPS_LATTICE_INLINE v8 exp8(v8 x) {
   return p * scale;
 }
 
-// Every lane = the max / the sum of the 8 lanes (a fixed tree: the same result in every lane, every call).
-SEGOPS_LATTICE_INLINE v8 hmax(v8 x) {
-  x = x > __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3}) ? x : __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3});
-  x = x > __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5}) ? x : __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5});
-  x = x > __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6}) ? x : __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6});
-  return x;
+// The max / the sum of the 8 lanes as a fixed tree: lanes i and i + 4, then pairs 2 apart, then neighbours
+// (written on 4-lane halves: cheap shuffles on SSE2 and AVX2 alike). The same result every call.
+typedef float v4 __attribute__((vector_size(16)));
+typedef int32_t vi4 __attribute__((vector_size(16)));
+SEGOPS_LATTICE_INLINE void halves(v8 x, v4& lo, v4& hi) {
+  __builtin_memcpy(&lo, &x, sizeof(v4));
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(v4), sizeof(v4));
 }
-SEGOPS_LATTICE_INLINE v8 hsum(v8 x) {
-  x = x + __builtin_shuffle(x, vi8{4, 5, 6, 7, 0, 1, 2, 3});
-  x = x + __builtin_shuffle(x, vi8{2, 3, 0, 1, 6, 7, 4, 5});
-  x = x + __builtin_shuffle(x, vi8{1, 0, 3, 2, 5, 4, 7, 6});
-  return x;
+SEGOPS_LATTICE_INLINE float hmax8(v8 x) {
+  v4 a, b;
+  halves(x, a, b);
+  a = a > b ? a : b;
+  b = __builtin_shuffle(a, vi4{2, 3, 0, 1});
+  a = a > b ? a : b;
+  b = __builtin_shuffle(a, vi4{1, 0, 3, 2});
+  a = a > b ? a : b;
+  return a[0];
+}
+SEGOPS_LATTICE_INLINE float hsum8(v8 x) {
+  v4 a, b;
+  halves(x, a, b);
+  a = a + b;
+  a = a + __builtin_shuffle(a, vi4{2, 3, 0, 1});
+  a = a + __builtin_shuffle(a, vi4{1, 0, 3, 2});
+  return a[0];
 }
 
 struct BlurLaunch {
@@ -181,7 +194,7 @@ struct PointMath {
       l[g][C8 - 1] = live ? l[g][C8 - 1] : splat8(-INFINITY);
       v8 mv = l[g][0];
       for (int c = 1; c < C8; ++c) mv = mv > l[g][c] ? mv : l[g][c];
-      m[g] = hmax(mv);
+      m[g] = splat8(hmax8(mv));
     }
     for (int g = 0; g < G; ++g) {
       v8 sv = splat8(0.f);
@@ -190,7 +203,7 @@ struct PointMath {
         if (c == C8 - 1) q[g][c] = live ? q[g][c] : splat8(0.f);
         sv += q[g][c];
       }
-      sum[g] = splat8(1.0f) / hsum(sv);
+      sum[g] = splat8(1.0f / hsum8(sv));
     }
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < C8; ++c) q[g][c] *= sum[g];
@@ -331,9 +344,11 @@ struct Loops {
 #endif
 };
 
+// The AVX2 clones where the CPU has AVX2, unless ATEN_CPU_CAPABILITY=default (as for ATen's kernels and the
+// losses' blocked loops).
 inline bool has_avx2() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool yes = __builtin_cpu_supports("avx2");
+  static const bool yes = __builtin_cpu_supports("avx2") && block::cpu_isa() != block::Isa::kGeneric;
   return yes;
 #else
   return false;

@@ -47,6 +47,12 @@ NORMALIZATIONS = ("none", "before", "after", "symmetric")
 # the codes of the one-op CPU schedule (_crf_mean_field_iterate), which handles up to 64 classes
 _NORMALIZATION_CODES = {"none": 0, "symmetric": 1, "before": 2, "after": 3}
 _FUSED_MAX_CLASSES = 64
+
+
+def _fused_cpu_is_fast() -> bool:
+    """The one-op CPU schedule is written for AVX2 / AVX-512 (x86-64); elsewhere (or under
+    ATEN_CPU_CAPABILITY=default) its portable build is slower than the separate ops, which run instead."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 _NORMALIZATION_ALIASES = {
     "no_normalization": "none",
     "normalize_before": "before",
@@ -561,7 +567,7 @@ class MeanFieldCRF:
             raise ValueError("iterations must be an integer >= 0, got %r" % (iterations,))
         if self.kernels and iterations > 0 and not self._needs_grad():
             with torch.no_grad():
-                fused = self._fused_cpu_terms()
+                fused = self._fused_cpu_terms() if _fused_cpu_is_fast() else None
                 if fused is not None:  # one op: the same marginals, bitwise, in one pass per iteration
                     return self._out(torch.ops.segops._crf_mean_field_iterate(self.unary, *fused, iterations))
         q = self._softmax_of_unary()
