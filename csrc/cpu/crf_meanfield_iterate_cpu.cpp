@@ -431,8 +431,8 @@ SEGOPS_LATTICE_INLINE void blur_range(const float* in, float* out, const int32_t
     const int32_t a = nbrs[(v * V + j) * 2], c = nbrs[(v * V + j) * 2 + 1];
     const float* self = in + v * Cg;
     float* o = out + v * Cg;
-    const float* pa = in + static_cast<int64_t>(a) * Cg;
-    const float* pc = in + static_cast<int64_t>(c) * Cg;
+    const float* pa = a >= 0 ? in + static_cast<int64_t>(a) * Cg : self;  // (absent neighbours are not read)
+    const float* pc = c >= 0 ? in + static_cast<int64_t>(c) * Cg : self;
     if (a >= 0 && c >= 0) {
       for (int64_t x = 0; x < Cg; x += 8) store8(o + x, load8(self + x) + half * (load8(pa + x) + load8(pc + x)));
     } else if (a >= 0) {
