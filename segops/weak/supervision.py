@@ -147,5 +147,6 @@ def prepare_training_set(cfg, train_ds: Dataset, num_classes: int, device: torch
             # segmentation network starts the same whether the seeds are computed here or read from a file
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 seeds = tag_seeds(train_ds, num_classes, CAMSettings.from_config(cfg), device, cfg.seed, cfg.out_dir, log)
-        return SeedLabels(train_ds, seeds)
+        # the image tags ride along for the expand term of the loss (segops.weak.losses.expand_loss)
+        return TaggedDataset(SeedLabels(train_ds, seeds), num_classes)
     return train_ds
