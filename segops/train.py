@@ -466,15 +466,19 @@ def evaluate(
 
 class _CSVLog:
     FIELDS = [
-        "epoch", "step", "lr", "loss", "ce", "pce", "crf", "ncut", "entropy", "img_per_s", "epoch_time_s",
+        "epoch", "step", "lr", "loss", "ce", "pce", "crf", "ncut", "entropy", "expand", "img_per_s", "epoch_time_s",
         "val_miou", "val_pixel_acc", "val_mean_acc",
     ]  # fmt: skip
 
     def __init__(self, path: str, append: bool) -> None:
         self.path = path
         new_file = not (append and os.path.isfile(path))
+        fields = self.FIELDS
+        if not new_file:  # a resumed run keeps the columns its log started with (an older log may lack some)
+            with open(path, newline="") as f:
+                fields = next(csv.reader(f), None) or self.FIELDS
         self.file = open(path, "w" if new_file else "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS, extrasaction="ignore")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         if new_file:
             self.writer.writeheader()
             self.file.flush()

@@ -226,3 +226,22 @@ def test_cli_expand_weight():
     parse = cli.build_parser().parse_args
     assert train_cli.config_from_args(parse(["train", "--supervision", "tags", "--expand-weight", "0.5"])).expand_weight == 0.5
     assert train_cli.config_from_args(parse(["train", "--supervision", "tags"])).expand_weight == TrainConfig().expand_weight
+
+
+def test_the_log_has_an_expand_column_and_an_older_log_keeps_its_columns(tmp_path):
+    import csv
+
+    from segops.train import _CSVLog
+
+    log = _CSVLog(str(tmp_path / "new.csv"), append=False)
+    log.write({"epoch": 1, "pce": 0.5, "expand": 2.0})
+    log.close()
+    assert next(csv.DictReader(open(tmp_path / "new.csv")))["expand"] == "2.0"
+    # a run resumed from a log written before the column existed appends under the header it has
+    old = tmp_path / "old.csv"
+    old.write_text("epoch,step,loss,pce,val_miou\n1,10,0.7,0.7,0.5\n")
+    log = _CSVLog(str(old), append=True)
+    log.write({"epoch": 2, "step": 20, "loss": 0.6, "pce": 0.6, "expand": 1.0, "val_miou": 0.6})
+    log.close()
+    rows = list(csv.DictReader(open(old)))
+    assert rows[1] == {"epoch": "2", "step": "20", "loss": "0.6", "pce": "0.6", "val_miou": "0.6"}
