@@ -121,6 +121,8 @@ class TrainConfig:
     cam_confidence: float = 0.9
     cam_seeds: Optional[str] = None  # seeds.pt of an earlier tags run: reuse its seeds, train no classifier
     expand_weight: float = 1.0  # --supervision tags: weight of SEC's expand loss on the tags (0: off)
+    expand_fg_decay: Optional[float] = None  # its rank-pooling decays per pixel of the logits (None: SEC's, rescaled)
+    expand_bg_decay: Optional[float] = None
     # optimisation
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
@@ -165,6 +167,10 @@ class TrainConfig:
             raise ValueError("--scale-min/--scale-max must satisfy 0 < min <= max")
         if not (math.isfinite(self.expand_weight) and self.expand_weight >= 0):
             raise ValueError("--expand-weight must be a finite number >= 0, got %r" % (self.expand_weight,))
+        for name in ("expand_fg_decay", "expand_bg_decay"):
+            d = getattr(self, name)
+            if d is not None and not 0.0 < float(d) <= 1.0:
+                raise ValueError("--%s must be in (0, 1], got %r" % (name.replace("_", "-"), d))
         if self.crf_sigma_rgb <= 0 or self.crf_sigma_xy <= 0 or not 0 < self.crf_scale <= 1:
             raise ValueError("CRF sigmas must be > 0 and --crf-scale in (0, 1]")
         if self.data == "voc" and not self.data_root:

@@ -211,6 +211,9 @@ def test_the_trainer_adds_the_weighted_term_for_tags_only():
     assert set(terms) == {"pce", "expand"}
     # the same float32 values, one addition: equal to float32 rounding
     assert float(total) == pytest.approx(float(plain + want), rel=1e-6)
+    decayed, _ = RegularizedLoss(TrainConfig(loss="pce", supervision="tags", expand_weight=0.25, expand_fg_decay=0.9,
+                                             expand_bg_decay=0.95))(logits, target, images, roi, full_tags)
+    assert float(decayed) == pytest.approx(float(plain + 0.25 * expand_loss(logits, full_tags, roi, 0.9, 0.95)), rel=1e-6)
     off, terms = RegularizedLoss(TrainConfig(loss="pce", supervision="tags", expand_weight=0.0))(logits, target, images, roi)
     assert set(terms) == {"pce"} and float(off) == float(plain)
     with pytest.raises(ValueError, match="needs the images' tags, got tags=None"):
@@ -218,6 +221,11 @@ def test_the_trainer_adds_the_weighted_term_for_tags_only():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="--expand-weight must be a finite number >= 0"):
             TrainConfig(supervision="tags", expand_weight=bad).validate()
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"--expand-fg-decay must be in \(0, 1\]"):
+            TrainConfig(supervision="tags", expand_fg_decay=bad).validate()
+        with pytest.raises(ValueError, match=r"--expand-bg-decay must be in \(0, 1\]"):
+            TrainConfig(supervision="tags", expand_bg_decay=bad).validate()
 
 
 def test_cli_expand_weight():
@@ -225,7 +233,10 @@ def test_cli_expand_weight():
 
     parse = cli.build_parser().parse_args
     assert train_cli.config_from_args(parse(["train", "--supervision", "tags", "--expand-weight", "0.5"])).expand_weight == 0.5
-    assert train_cli.config_from_args(parse(["train", "--supervision", "tags"])).expand_weight == TrainConfig().expand_weight
+    default = train_cli.config_from_args(parse(["train", "--supervision", "tags"]))
+    assert default.expand_weight == TrainConfig().expand_weight and default.expand_fg_decay is None
+    cfg = train_cli.config_from_args(parse(["train", "--expand-fg-decay", "0.99", "--expand-bg-decay", "0.999"]))
+    assert (cfg.expand_fg_decay, cfg.expand_bg_decay) == (0.99, 0.999)
 
 
 def test_the_log_has_an_expand_column_and_an_older_log_keeps_its_columns(tmp_path):

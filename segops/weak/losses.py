@@ -115,8 +115,8 @@ class RegularizedLoss(nn.Module):
     (same constructor and call).
 
     With ``cfg.supervision == "tags"`` and ``cfg.expand_weight > 0`` the total also has SEC's expand term
-    ``expand_weight * expand_loss(logits, tags, roi)`` (:func:`expand_loss`, SEC's decays carried over to the
-    size of the logits), which needs each image's tags.
+    ``expand_weight * expand_loss(logits, tags, roi, expand_fg_decay, expand_bg_decay)`` (:func:`expand_loss`;
+    a decay of ``None`` is SEC's, carried over to the size of the logits), which needs each image's tags.
 
     ``forward(logits (B, K, H, W), target (B, H, W) int64 with 255 = unlabelled, images (B, 3, H, W) 0..255,
     roi (B, H, W) or None, tags (B, K) or None)`` returns ``(total, terms)`` with ``terms`` a dict of detached
@@ -149,6 +149,7 @@ class RegularizedLoss(nn.Module):
         if self.spec.entropy:
             self.entropy = snn.EntropyLoss()
         self.expand_weight = float(getattr(cfg, "expand_weight", 0.0)) if getattr(cfg, "supervision", None) == "tags" else 0.0
+        self.expand_decays = (getattr(cfg, "expand_fg_decay", None), getattr(cfg, "expand_bg_decay", None))
 
     def forward(
         self, logits: Tensor, target: Tensor, images: Tensor, roi: Optional[Tensor], tags: Optional[Tensor] = None
@@ -180,7 +181,7 @@ class RegularizedLoss(nn.Module):
             if tags is None:
                 raise ValueError("RegularizedLoss: the expand term (--supervision tags, --expand-weight %g) needs the "
                                  "images' tags, got tags=None" % self.expand_weight)
-            t = self.expand_weight * expand_loss(logits, tags, roi)
+            t = self.expand_weight * expand_loss(logits, tags, roi, *self.expand_decays)
             terms["expand"] = float(t.detach())
             total = total + t
         return total, terms

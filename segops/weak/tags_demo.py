@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["run_tags_demo", "BG_LEVELS", "TAG_KEYS", "NO_EXPAND_KEYS", "SEED_KEYS", "EXPAND_WEIGHT"]
+__all__ = ["run_tags_demo", "BG_LEVELS", "TAG_KEYS", "NO_EXPAND_KEYS", "SEED_KEYS", "EXPAND"]
 
 #: the background levels tried for the ``cam`` baseline on the selection split.
 BG_LEVELS = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -38,8 +38,9 @@ TAG_KEYS = ("full", "cam", "tags:pce", "tags:pce+crf")
 NO_EXPAND_KEYS = ("tags:pce:no-expand", "tags:pce+crf:no-expand")
 #: every network trained on the seeds.
 SEED_KEYS = TAG_KEYS[2:] + NO_EXPAND_KEYS
-#: the expand term's weight in the demo: SEC's (the seed, expand and constrain losses weighted equally).
-EXPAND_WEIGHT = 1.0
+#: the expand term of the demo's seed networks: its weight and the decays of its rank pooling (None: SEC's, carried
+#: over to 64 x 64), chosen on a selection replicate (``benchmarks/tags_weights.py``).
+EXPAND: Dict[str, Optional[float]] = {"expand_weight": 1.0, "expand_fg_decay": None, "expand_bg_decay": None}
 
 
 def _miou(pred: torch.Tensor, mask: torch.Tensor, k: int) -> float:
@@ -107,12 +108,13 @@ def run_tags_demo(
     jobs: int = 2,
     cam_settings: Optional[Dict[str, object]] = None,
     log: Callable[[str], None] = print,
-    expand_weight: float = EXPAND_WEIGHT,
+    expand: Optional[Dict[str, Optional[float]]] = None,
 ) -> Dict[str, object]:
     """Runs the tags experiment; writes ``results.json`` and ``comparison.png`` into ``out_dir``.
 
-    The seed-trained networks carry SEC's expand term with weight ``expand_weight`` (``tags:pce``,
-    ``tags:pce+crf``) and, for comparison, without it (``tags:pce:no-expand``, ``tags:pce+crf:no-expand``)."""
+    The seed-trained networks carry SEC's expand term (``tags:pce``, ``tags:pce+crf``; its settings are
+    :data:`EXPAND` updated by ``expand``) and, for comparison, the same two are trained without it
+    (``tags:pce:no-expand``, ``tags:pce+crf:no-expand``)."""
     import multiprocessing as mp
 
     from segops.data import SyntheticScribbles
@@ -124,12 +126,15 @@ def run_tags_demo(
     os.makedirs(out_dir, exist_ok=True)
     settings = dataclasses.asdict(CAMSettings(**(cam_settings or {})))
     full_cfg = demo_config("full", out_dir, seed, epochs, train_images, val_images)
-    weights = {k: (float(expand_weight) if k in TAG_KEYS else 0.0) for k in SEED_KEYS}
+    exp = dict(EXPAND, **(expand or {}))
+    expand_weight = float(exp["expand_weight"])  # type: ignore[arg-type]
+    weights = {k: (expand_weight if k in TAG_KEYS else 0.0) for k in SEED_KEYS}
 
     def tag_cfg(key: str, seeds_file: str):
         loss = key.split(":")[1]
         base = demo_config(loss, out_dir, seed, epochs, train_images, val_images)
         return dataclasses.replace(base, supervision="tags", cam_seeds=seeds_file, expand_weight=weights[key],
+                                   expand_fg_decay=exp["expand_fg_decay"], expand_bg_decay=exp["expand_bg_decay"],
                                    out_dir=os.path.join(out_dir, key.replace("+", "_").replace(":", "_").replace("-", "")))
 
     t_all = time.perf_counter()
@@ -166,7 +171,8 @@ def run_tags_demo(
         results[key] = float(res[key]["miou"])  # type: ignore[arg-type]
     net = _net_name(None)
     head = ["network", "seed networks", "full", "CAM", "tags: pCE", "tags: pCE+CRF"]
-    rows = [[net, "expand weight %g" % expand_weight] + ["%.2f" % (100 * results[k]) for k in TAG_KEYS],
+    label = "expand %g, fg decay %s" % (expand_weight, "SEC" if exp["expand_fg_decay"] is None else "%g" % exp["expand_fg_decay"])
+    rows = [[net, label] + ["%.2f" % (100 * results[k]) for k in TAG_KEYS],
             [net, "no expand term", "%.2f" % (100 * results["full"]), "%.2f" % (100 * results["cam"])]
             + ["%.2f" % (100 * results[k]) for k in NO_EXPAND_KEYS]]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
@@ -215,7 +221,7 @@ def run_tags_demo(
         gap_closed=((results["tags:pce+crf"] - results["tags:pce"]) / (results["full"] - results["tags:pce"])
                     if results["full"] > results["tags:pce"] else None),
         losses={k: "%s, expand weight %g" % (k.split(":")[1], weights[k]) for k in SEED_KEYS},
-        expand_weight=float(expand_weight),
+        expand=exp,
         cam_stage={k: v for k, v in cam.items() if k not in ("seeds_file", "classifier", "settings")},
         cam_settings=cam["settings"],
         model=DEMO_MODEL,
