@@ -126,7 +126,8 @@ class TaggedDataset(_Wrapper):
 def prepare_training_set(cfg, train_ds: Dataset, num_classes: int, device: torch.device,
                          log: Callable[[str], None] = print) -> Dataset:
     """The training set as ``cfg.supervision`` asks: unchanged for ``full`` / ``scribble``, clicks for
-    ``clicks``, class-activation-map seeds for ``tags`` (this trains the tag classifier first; its checkpoint,
+    ``clicks``, class-activation-map seeds plus each sample's ``tags`` (:class:`TaggedDataset`, for the loss's
+    expand term) for ``tags`` (this trains the tag classifier first; its checkpoint,
     the seeds, settings and a seed panel go to ``<out_dir>/cam/``; with ``cfg.cam_seeds`` the seeds are read
     from that file instead, e.g. ``<earlier run>/cam/seeds.pt``; a resumed run reads its own ``cam/seeds.pt``)."""
     sup = check_supervision(cfg.supervision)
