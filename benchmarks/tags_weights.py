@@ -9,6 +9,9 @@ pCE + expand and pCE + CRF + expand (the demo's CRF loss). The pair with the hig
 networks goes into ``segops.weak.tags_demo.EXPAND`` by hand::
 
     python benchmarks/tags_weights.py --out benchmarks/results/<date>-tags-weights/sweep.json
+
+``--crf-weights W,W,...`` with one expand weight and one decay trains pCE + CRF + expand only, once per CRF weight,
+and chooses the CRF weight with the highest selection mIoU (the demo's ``DEMO_CRF`` for tags: ``TAGS_CRF``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=100)
     ap.add_argument("--expand-weights", default="0.3,1.0")
     ap.add_argument("--fg-decays", default="sec,0.99,0.98", help="'sec': SEC's 0.996 at 41x41, carried over")
+    ap.add_argument("--crf-weights", default=None, help="CRF weights for pCE + CRF + expand only (see above)")
     ap.add_argument("--no-expand", action="store_true", help="also train pCE and pCE + CRF without the expand term")
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--train-images", type=int, default=400)
@@ -48,14 +52,29 @@ def main() -> None:
     print("cam stage: %.1f s, seeds label %.1f%% of the pixels, %.1f%% correctly, background level %.2f"
           % (cam["time_s"], 100 * cam["seed_coverage"], 100 * cam["seed_precision"], cam["bg_level"]))  # type: ignore[operator]
 
-    def cfg(loss: str, weight: float, decay):
+    def cfg(loss: str, weight: float, decay, crf_w=None):
         name = "%s@expand=%g@fgdecay=%s" % (loss, weight, "sec" if decay is None else "%g" % decay)
-        c = demo_config(loss, a.work_dir, a.seed, a.epochs, a.train_images, a.val_images)
+        name += "" if crf_w is None else "@crf=%g" % crf_w
+        c = demo_config(loss, a.work_dir, a.seed, a.epochs, a.train_images, a.val_images,
+                        crf=None if crf_w is None else {"crf_weight": crf_w})
         c = dataclasses.replace(c, supervision="tags", cam_seeds=str(cam["seeds_file"]), expand_weight=weight,
                                 expand_fg_decay=decay,
                                 out_dir=os.path.join(a.work_dir, name.replace("+", "_").replace("@", "_").replace("=", "")))
         return name, c
 
+    if a.crf_weights is not None:
+        if len(weights) != 1 or len(decays) != 1:
+            raise SystemExit("--crf-weights takes exactly one --expand-weights value and one --fg-decays value")
+        crf_ws = [float(v) for v in a.crf_weights.split(",")]
+        res = run_settings([cfg("pce+crf", weights[0], decays[0], w) for w in crf_ws], a.jobs, 1)
+        rows = {k: {"miou": float(v["miou"]), "iou": v["iou"], "cpu_s": v["cpu_s"], "time_s": v["time_s"]} for k, v in res.items()}  # type: ignore[arg-type]
+        for k, v in rows.items():
+            print("%-52s selection mIoU %.2f%%" % (k, 100 * v["miou"]))
+        best_w = max(crf_ws, key=lambda w: rows[cfg("pce+crf", weights[0], decays[0], w)[0]]["miou"])
+        chosen = {"crf_weight": best_w, "selection_miou": rows[cfg("pce+crf", weights[0], decays[0], best_w)[0]]["miou"]}
+        print("chosen:", json.dumps(chosen))
+        _write(a, cam, rows, chosen, t0)
+        return
     jobs = [cfg(loss, w, d) for w in weights for d in decays for loss in ("pce+crf", "pce")]
     if a.no_expand:
         jobs += [cfg(loss, 0.0, None) for loss in ("pce+crf", "pce")]
@@ -71,6 +90,10 @@ def main() -> None:
     best = max(((w, d) for w in weights for d in decays), key=lambda p: mean_of_pair(*p))
     chosen = {"expand_weight": best[0], "expand_fg_decay": best[1], "mean_selection_miou": mean_of_pair(*best)}
     print("chosen:", json.dumps(chosen))
+    _write(a, cam, rows, chosen, t0)
+
+
+def _write(a, cam, rows, chosen, t0) -> None:
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:
