@@ -9,7 +9,8 @@ each closes. ``--settings`` runs any subset, including clicks instead of scribbl
 
 ``segops demo --experiment tags`` runs the image-level-tags experiment instead (see :mod:`segops.weak.tags`):
 full supervision, the class activation maps' own segmentation (``cam``), and networks trained on the CAM seeds
-with pCE (``tags:pce``) and with pCE + dense CRF (``tags:pce+crf``).
+with pCE (``tags:pce``) and with pCE + dense CRF (``tags:pce+crf``), both with SEC's expand loss on the tags,
+and the same two without it (``tags:pce:no-expand``, ``tags:pce+crf:no-expand``).
 
 Outputs (``runs/demo/`` or ``runs/demo-tags/``): ``results.json`` (mIoU in 0..1 per setting, ``gap_closed``,
 times, settings), ``comparison.png`` (labelled columns: image | weak labels | each setting | truth, with a class
@@ -397,7 +398,7 @@ def main(args: argparse.Namespace) -> int:
             from segops.weak.tags_demo import run_tags_demo
 
             if args.settings is not None:
-                raise ValueError("--settings is for the table experiment; --experiment tags always runs its four settings")
+                raise ValueError("--settings is for the table experiment; --experiment tags always runs its six settings")
             run_tags_demo(args.out_dir or "runs/demo-tags", args.seed, args.epochs, args.train_images, args.val_images,
                           args.threads, jobs=jobs)
             return 0

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import importlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -119,6 +120,9 @@ class TrainConfig:
     cam_bg_level: float = 0.6
     cam_confidence: float = 0.9
     cam_seeds: Optional[str] = None  # seeds.pt of an earlier tags run: reuse its seeds, train no classifier
+    expand_weight: float = 1.0  # --supervision tags: weight of SEC's expand loss on the tags (0: off)
+    expand_fg_decay: Optional[float] = None  # its rank-pooling decays per pixel of the logits (None: SEC's, rescaled)
+    expand_bg_decay: Optional[float] = None
     # optimisation
     optimizer: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.01
@@ -161,6 +165,12 @@ class TrainConfig:
             raise ValueError("--workers must be >= 0, got %r" % self.workers)
         if not 0 < self.scale_min <= self.scale_max:
             raise ValueError("--scale-min/--scale-max must satisfy 0 < min <= max")
+        if not (math.isfinite(self.expand_weight) and self.expand_weight >= 0):
+            raise ValueError("--expand-weight must be a finite number >= 0, got %r" % (self.expand_weight,))
+        for name in ("expand_fg_decay", "expand_bg_decay"):
+            d = getattr(self, name)
+            if d is not None and not 0.0 < float(d) <= 1.0:
+                raise ValueError("--%s must be in (0, 1], got %r" % (name.replace("_", "-"), d))
         if self.crf_sigma_rgb <= 0 or self.crf_sigma_xy <= 0 or not 0 < self.crf_scale <= 1:
             raise ValueError("CRF sigmas must be > 0 and --crf-scale in (0, 1]")
         if self.data == "voc" and not self.data_root:
@@ -462,15 +472,19 @@ def evaluate(
 
 class _CSVLog:
     FIELDS = [
-        "epoch", "step", "lr", "loss", "ce", "pce", "crf", "ncut", "entropy", "img_per_s", "epoch_time_s",
+        "epoch", "step", "lr", "loss", "ce", "pce", "crf", "ncut", "entropy", "expand", "img_per_s", "epoch_time_s",
         "val_miou", "val_pixel_acc", "val_mean_acc",
     ]  # fmt: skip
 
     def __init__(self, path: str, append: bool) -> None:
         self.path = path
         new_file = not (append and os.path.isfile(path))
+        fields = self.FIELDS
+        if not new_file:  # a resumed run keeps the columns its log started with (an older log may lack some)
+            with open(path, newline="") as f:
+                fields = next(csv.reader(f), None) or self.FIELDS
         self.file = open(path, "w" if new_file else "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=self.FIELDS, extrasaction="ignore")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         if new_file:
             self.writer.writeheader()
             self.file.flush()
@@ -808,7 +822,8 @@ def _train_one_epoch(ctx: _RunContext, epoch: int, data: _TrainData, optim: _Opt
             logits = optim.forward_model(normalize(images))
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-        loss, terms = optim.criterion(logits, target, images, roi)
+        tags = batch.get("tags")  # --supervision tags: (B, K) multi-hot, for the expand term
+        loss, terms = optim.criterion(logits, target, images, roi, tags.to(device) if isinstance(tags, Tensor) else None)
         if not torch.isfinite(loss):
             raise FloatingPointError("loss became %s at step %d (terms %s); lower --lr" % (float(loss), progress.step, terms))
         optim.optimizer.zero_grad(set_to_none=True)

@@ -79,6 +79,14 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                        help="--supervision tags: refined class probability of a seed, at least (default %(default)s)")
     group.add_argument("--cam-seeds", default=None, metavar="SEEDS.pt",
                        help="--supervision tags: reuse the seeds an earlier run wrote (<out-dir>/cam/seeds.pt)")
+    group.add_argument("--expand-weight", type=float, default=defaults.expand_weight,
+                       help="--supervision tags: weight of SEC's expand loss on the image tags, added to --loss "
+                            "(0: off; default %(default)s)")
+    group.add_argument("--expand-fg-decay", type=float, default=None, metavar="D",
+                       help="--supervision tags: the expand loss's rank-pooling decay per pixel for the tagged classes "
+                            "(default: SEC's 0.996 on 41x41 maps carried over to the label size)")
+    group.add_argument("--expand-bg-decay", type=float, default=None, metavar="D",
+                       help="the same for the background (default: SEC's 0.999 on 41x41 maps, carried over)")
     group.add_argument("--loss", type=loss_choice, default=defaults.loss, metavar="LOSS",
                        help="%s: data term plus any regularizers, e.g. %s (default %%(default)s)" % (LOSS_GRAMMAR, ", ".join(LOSSES)))
     group.add_argument("--crf-weight", type=float, default=defaults.crf_weight, help="dense CRF loss weight (ECCV'18: %(default)s)")

@@ -3,6 +3,7 @@ determinism (the same seed gives the same numbers, in one process or in several)
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -62,12 +63,19 @@ def test_demo_settings_and_errors(tmp_path, capsys):
 
 
 def test_tags_demo_end_to_end_tiny(tmp_path):
-    from segops.weak.tags_demo import TAG_KEYS, run_tags_demo
+    from segops.weak.tags_demo import NO_EXPAND_KEYS, TAG_KEYS, run_tags_demo
 
     out = run_tags_demo(str(tmp_path / "tags"), jobs=1, cam_settings={"epochs": 1}, log=lambda s: None, **TINY)
     res = json.load(open(tmp_path / "tags" / "results.json"))
-    for k in TAG_KEYS:
+    for k in TAG_KEYS + NO_EXPAND_KEYS:
         assert 0.0 <= res[k] <= 1.0 and res[k] == out[k], k
+    # the pairs differ by the expand term only: it is in the logs of the first pair, not of the second
+    for k, with_expand in (("tags_pce", True), ("tags_pce_crf", True), ("tags_pce_noexpand", False),
+                           ("tags_pce_crf_noexpand", False)):
+        row = next(csv.DictReader(open(tmp_path / "tags" / k / "log.csv")))
+        assert (row["expand"] != "") == with_expand, k
+        assert (row["crf"] != "") == ("crf" in k), k
     assert res["cam_stage"]["bg_level"] in [round(0.05 * i, 2) for i in range(1, 20)]
     assert (tmp_path / "tags" / "cam" / "seeds.pt").is_file()
-    assert Image.open(tmp_path / "tags" / "comparison.png").width >= 8 * 64 * 3
+    # image | 2 CAMs | CAM argmax | 4 seed-trained networks | full | truth
+    assert Image.open(tmp_path / "tags" / "comparison.png").width >= 10 * 64 * 3

@@ -286,6 +286,11 @@ def test_training_from_tags_writes_and_reuses_the_seeds(tmp_path):
     cfg = _cfg(tmp_path, supervision="tags", loss="pce", cam_epochs=1)
     out = train(cfg, log=lines.append)
     assert out["steps"] == 2 and any(ln.startswith("cam seeds:") for ln in lines)
+    # SEC's expand term on the image tags is on by default (--expand-weight 1) and logged with the others
+    assert out["history"][0]["expand"] > 0 and np.isfinite(out["history"][0]["expand"])
+    off = train(_cfg(tmp_path, supervision="tags", loss="pce", cam_epochs=1, expand_weight=0.0, out_dir=str(tmp_path / "off")),
+                log=lambda s: None)
+    assert "expand" not in off["history"][0]
     seeds_file = tmp_path / "run" / "cam" / "seeds.pt"
     assert seeds_file.is_file() and (tmp_path / "run" / "cam" / "seeds.png").is_file()
     seeds = load_seeds(str(seeds_file), 8)

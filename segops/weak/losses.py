@@ -18,10 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LOSS_GRAMMAR", "REGULARIZERS", "LossSpec", "parse_loss", "loss_choice", "RegularizedLoss"]
+__all__ = [
+    "LOSS_GRAMMAR", "REGULARIZERS", "LossSpec", "parse_loss", "loss_choice", "RegularizedLoss", "expand_loss",
+    "sec_decay", "SEC_FG_DECAY", "SEC_BG_DECAY",
+]
 
 #: what ``--loss`` accepts, as shown in error messages and ``--help``.
 LOSS_GRAMMAR = "{ce|pce}[+crf][+ncut][+entropy]"
@@ -110,9 +114,13 @@ class RegularizedLoss(nn.Module):
     ``entropy_weight``. ``crf_cls`` / ``ncut_cls`` replace ``segops.nn.DenseCRFLoss`` / ``NormalizedCutLoss``
     (same constructor and call).
 
+    With ``cfg.supervision == "tags"`` and ``cfg.expand_weight > 0`` the total also has SEC's expand term
+    ``expand_weight * expand_loss(logits, tags, roi, expand_fg_decay, expand_bg_decay)`` (:func:`expand_loss`;
+    a decay of ``None`` is SEC's, carried over to the size of the logits), which needs each image's tags.
+
     ``forward(logits (B, K, H, W), target (B, H, W) int64 with 255 = unlabelled, images (B, 3, H, W) 0..255,
-    roi (B, H, W) or None)`` returns ``(total, terms)`` with ``terms`` a dict of detached per-term values
-    (``ce``/``pce``, ``crf``, ``ncut``, ``entropy``; the regularizers already weighted).
+    roi (B, H, W) or None, tags (B, K) or None)`` returns ``(total, terms)`` with ``terms`` a dict of detached
+    per-term values (``ce``/``pce``, ``crf``, ``ncut``, ``entropy``, ``expand``; the regularizers already weighted).
     """
 
     def __init__(self, cfg, crf_cls=None, ncut_cls=None) -> None:
@@ -140,8 +148,12 @@ class RegularizedLoss(nn.Module):
             self.ncut = cls(cfg.ncut_weight, cfg.crf_sigma_rgb, cfg.crf_sigma_xy, cfg.crf_scale)
         if self.spec.entropy:
             self.entropy = snn.EntropyLoss()
+        self.expand_weight = float(getattr(cfg, "expand_weight", 0.0)) if getattr(cfg, "supervision", None) == "tags" else 0.0
+        self.expand_decays = (getattr(cfg, "expand_fg_decay", None), getattr(cfg, "expand_bg_decay", None))
 
-    def forward(self, logits: Tensor, target: Tensor, images: Tensor, roi: Optional[Tensor]) -> Tuple[Tensor, Dict[str, float]]:
+    def forward(
+        self, logits: Tensor, target: Tensor, images: Tensor, roi: Optional[Tensor], tags: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Dict[str, float]]:
         logits = logits.float()  # the regularizers and the CE run in float32 under AMP
         terms: Dict[str, float] = {}
         if self.ce_name == "pce":
@@ -165,4 +177,156 @@ class RegularizedLoss(nn.Module):
             t = self.entropy_weight * self.entropy(logits, mask)
             terms["entropy"] = float(t.detach())
             total = total + t
+        if self.expand_weight > 0:
+            if tags is None:
+                raise ValueError("RegularizedLoss: the expand term (--supervision tags, --expand-weight %g) needs the "
+                                 "images' tags, got tags=None" % self.expand_weight)
+            t = self.expand_weight * expand_loss(logits, tags, roi, *self.expand_decays)
+            terms["expand"] = float(t.detach())
+            total = total + t
         return total, terms
+
+
+# ----------------------------------------------------------------------------------------------- expand (SEC)
+
+#: SEC's decay parameters (Kolesnikov & Lampert, ECCV'16), chosen there for 41 x 41 score maps.
+SEC_FG_DECAY = 0.996
+SEC_BG_DECAY = 0.999
+SEC_MAP_PIXELS = 41 * 41
+
+
+def sec_decay(decay: float, pixels: int) -> float:
+    """SEC's decay ``decay`` (for a 41 x 41 map) carried over to a map of ``pixels`` pixels: ``decay ** (1681 /
+    pixels)``. The weight of the pixel of rank ``j`` is ``d ** j``; with this ``d`` the pixel at a given fraction
+    ``q`` of the image (rank ``q * pixels``) gets the same weight ``decay ** (1681 q)`` as in SEC, so the loss asks
+    each class to cover the same share of the image whatever the resolution."""
+    if not 0.0 < float(decay) <= 1.0:
+        raise ValueError("sec_decay: decay must be in (0, 1], got %r" % (decay,))
+    if int(pixels) < 1:
+        raise ValueError("sec_decay: pixels must be >= 1, got %r" % (pixels,))
+    return float(decay) ** (SEC_MAP_PIXELS / int(pixels))
+
+
+def _check_decay(name: str, d: Optional[float], pixels: int, sec: float) -> float:
+    if d is None:
+        return sec_decay(sec, pixels)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+        raise ValueError("expand_loss: %s must be a number in (0, 1], got %r" % (name, d))
+    return float(d)
+
+
+def expand_loss(
+    logits: Tensor,
+    tags: Tensor,
+    roi: Optional[Tensor] = None,
+    fg_decay: Optional[float] = None,
+    bg_decay: Optional[float] = None,
+) -> Tensor:
+    """SEC's "expand" loss (Kolesnikov & Lampert, ECCV'16 "Seed, expand and constrain"), mean over the batch.
+
+    For one image with softmax probabilities ``P = softmax(logits)`` over ``K`` classes (class 0 = background)
+    and the set ``T`` of its foreground tags, the global weighted rank pooling of class ``c`` with decay ``d`` is
+
+    ``G_c(d) = sum_j d^j P_c[j] / sum_j d^j``, ``P_c[0] >= P_c[1] >= ...`` the class's probabilities sorted
+    over the image's pixels (descending), ``j = 0 .. n-1``;
+
+    ``d = 1`` is the mean (global average pooling), ``d -> 0`` the maximum. The loss is
+
+    ``- 1/|T| sum_{c in T} log G_c(fg_decay) - 1/|A| sum_{c in A} log(1 - max_xy P_c) - log G_0(bg_decay)``
+
+    with ``A`` the absent foreground classes (a term whose set is empty is 0). The first term makes every
+    tagged class cover a share of the image set by ``fg_decay``, the second keeps absent classes out
+    everywhere, the third does the same for the background (always present). Everything is computed from
+    the log-softmax: ``log G_c`` is a log-sum-exp over the sorted log-probabilities and ``log(1 - P_c)`` is
+    ``logsumexp_{k != c} f_k - logsumexp_k f_k`` at the pixel where ``P_c`` is largest, so neither term
+    saturates to ``log 0`` in floating point.
+
+    Args:
+        logits: ``(B, K, H, W)`` floating point scores, ``K >= 2``.
+        tags: ``(B, K)`` (column 0, the background, is ignored: it is always present) or ``(B, K - 1)``
+            presence of each foreground class, 0/1 (bool, integer or floating point).
+        roi: ``(B, H, W)`` or ``None``: the pixels that count (> 0.5; padding excluded). An image without any
+            pixel in its ROI contributes 0, with zero gradient.
+        fg_decay / bg_decay: the decays in ``(0, 1]``; ``None`` takes SEC's 0.996 / 0.999 (for 41 x 41 maps)
+            carried over to ``H * W`` pixels by :func:`sec_decay`.
+
+    Returns a scalar tensor (the mean of the per-image losses over the ``B`` images), differentiable in
+    ``logits``. ``ValueError`` names the argument that is wrong: shapes, dtypes, devices, tags other than
+    0/1, NaN/Inf logits, decays outside ``(0, 1]``.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 4 or not logits.is_floating_point():
+        raise ValueError("expand_loss: logits must be a floating point (B, K, H, W) tensor, got %s"
+                         % (_describe(logits),))
+    B, K, H, W = logits.shape
+    if K < 2:
+        raise ValueError("expand_loss: logits need K >= 2 classes (background and a foreground class), got K = %d" % K)
+    if not isinstance(tags, Tensor) or tags.dim() != 2 or tags.shape[0] != B or tags.shape[1] not in (K, K - 1):
+        raise ValueError("expand_loss: tags must be (B, K) = (%d, %d) or (B, K - 1) = (%d, %d), got %s"
+                         % (B, K, B, K - 1, _describe(tags)))
+    if tags.is_complex():
+        raise ValueError("expand_loss: tags must be bool, integer or real, got %s" % (tags.dtype,))
+    if tags.device != logits.device:
+        raise ValueError("expand_loss: tags are on %s but logits on %s" % (tags.device, logits.device))
+    if roi is not None:
+        if not isinstance(roi, Tensor) or tuple(roi.shape) != (B, H, W):
+            raise ValueError("expand_loss: roi must be None or (B, H, W) = (%d, %d, %d), got %s" % (B, H, W, _describe(roi)))
+        if roi.device != logits.device:
+            raise ValueError("expand_loss: roi is on %s but logits on %s" % (roi.device, logits.device))
+    N = H * W
+    dfg = _check_decay("fg_decay", fg_decay, max(N, 1), SEC_FG_DECAY)
+    dbg = _check_decay("bg_decay", bg_decay, max(N, 1), SEC_BG_DECAY)
+    fg_tags = tags[:, 1:] if tags.shape[1] == K else tags
+    # one read-back for both value checks
+    bad_tags = ((fg_tags != 0) & (fg_tags != 1)).any()
+    bad_logits = ~torch.isfinite(logits).all()
+    flags = torch.stack([bad_tags, bad_logits]).tolist()
+    if flags[0]:
+        raise ValueError("expand_loss: tags must be 0 or 1, got the values %s" % (torch.unique(fg_tags).tolist(),))
+    if flags[1]:
+        raise ValueError("expand_loss: logits contain NaN or Inf")
+    if B == 0 or N == 0:
+        return logits.sum() * 0.0  # nothing to pool: loss 0, zero gradient
+
+    present = fg_tags.to(torch.bool)  # (B, K - 1)
+    valid = torch.ones((B, N), dtype=torch.bool, device=logits.device) if roi is None else (roi.reshape(B, N) > 0.5)
+    counts = valid.sum(1)  # (B,)
+    has_pixels = counts > 0
+    # an image with an empty ROI is computed on all of its pixels (finite values) and then weighted 0
+    valid = valid | ~has_pixels[:, None]
+    counts = valid.sum(1)
+
+    work = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    flat = work.reshape(B, K, N)
+    logp = flat.log_softmax(1)  # (B, K, N)
+    neg_inf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+    logp_roi = torch.where(valid[:, None, :], logp, neg_inf)
+
+    # global weighted rank pooling, in log space: log G_c = logsumexp_j (s_j + j log d_c) - log sum_{j<n} d_c^j;
+    # pixels outside the ROI sort last with log-probability -inf and add nothing
+    ranked = logp_roi.sort(-1, descending=True).values  # (B, K, N)
+    j = torch.arange(N, dtype=torch.float64, device=logp.device)
+    decay = torch.tensor([dbg] + [dfg] * (K - 1), dtype=torch.float64, device=logp.device)  # (K,)
+    log_w = j[None, :] * torch.log(decay)[:, None]  # (K, N), float64: d^j underflows for large j otherwise
+    norm = torch.logcumsumexp(log_w, 1)  # (K, N): log sum_{j <= i} d^j
+    log_norm = norm[:, counts - 1].T  # (B, K): the normaliser over each image's own ROI pixels
+    log_g = torch.logsumexp(ranked + log_w.to(logp.dtype)[None], -1) - log_norm.to(logp.dtype)  # (B, K)
+
+    # absent classes: log(1 - max_xy P_c) at the pixel where P_c is largest, as logsumexp_{k != c} - logsumexp_k
+    peak = logp_roi.detach().argmax(-1)  # (B, K): the pixel of each class's maximum
+    at_peak = flat.gather(2, peak[:, None, :].expand(B, K, K)).transpose(1, 2)  # [b, c, k] = f_k at c's peak
+    others = at_peak.masked_fill(torch.eye(K, dtype=torch.bool, device=logp.device)[None], float("-inf"))
+    log_not_c = torch.logsumexp(others, -1) - torch.logsumexp(at_peak, -1)  # (B, K): log(1 - max P_c)
+
+    fg = present.to(logp.dtype)
+    absent = 1.0 - fg
+    seed_term = -(log_g[:, 1:] * fg).sum(1) / fg.sum(1).clamp_min(1.0)
+    absent_term = -(log_not_c[:, 1:] * absent).sum(1) / absent.sum(1).clamp_min(1.0)
+    bg_term = -log_g[:, 0]
+    per_image = (seed_term + absent_term + bg_term) * has_pixels.to(logp.dtype)
+    return per_image.mean().to(logits.dtype)
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return "a %s tensor of shape %s" % (x.dtype, tuple(x.shape))
+    return "a %s" % type(x).__name__

@@ -126,7 +126,8 @@ class TaggedDataset(_Wrapper):
 def prepare_training_set(cfg, train_ds: Dataset, num_classes: int, device: torch.device,
                          log: Callable[[str], None] = print) -> Dataset:
     """The training set as ``cfg.supervision`` asks: unchanged for ``full`` / ``scribble``, clicks for
-    ``clicks``, class-activation-map seeds for ``tags`` (this trains the tag classifier first; its checkpoint,
+    ``clicks``, class-activation-map seeds plus each sample's ``tags`` (:class:`TaggedDataset`, for the loss's
+    expand term) for ``tags`` (this trains the tag classifier first; its checkpoint,
     the seeds, settings and a seed panel go to ``<out_dir>/cam/``; with ``cfg.cam_seeds`` the seeds are read
     from that file instead, e.g. ``<earlier run>/cam/seeds.pt``; a resumed run reads its own ``cam/seeds.pt``)."""
     sup = check_supervision(cfg.supervision)
@@ -147,5 +148,6 @@ def prepare_training_set(cfg, train_ds: Dataset, num_classes: int, device: torch
             # segmentation network starts the same whether the seeds are computed here or read from a file
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 seeds = tag_seeds(train_ds, num_classes, CAMSettings.from_config(cfg), device, cfg.seed, cfg.out_dir, log)
-        return SeedLabels(train_ds, seeds)
+        # the image tags ride along for the expand term of the loss (segops.weak.losses.expand_loss)
+        return TaggedDataset(SeedLabels(train_ds, seeds), num_classes)
     return train_ds

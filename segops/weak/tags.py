@@ -21,8 +21,9 @@ Lampert, ECCV'16 "Seed, expand and constrain"):
 4. **Seeds.** A pixel is a seed of the tagged class with the largest refined probability if that probability
    is at least ``confidence``, a background seed if every tagged class is below ``1 - confidence``, and
    unlabelled (255) otherwise; an image tagged with no foreground class is all background.
-5. **Expand and constrain.** A segmentation network is trained on the seeds with pCE, or pCE + the dense CRF
-   loss, which expands the seeds to the colour edges of the unlabelled band.
+5. **Expand and constrain.** A segmentation network is trained on the seeds with pCE plus SEC's expand loss on
+   the image's tags (:func:`segops.weak.losses.expand_loss`: every tagged class covers a share of the image, no
+   absent class any pixel), optionally with the dense CRF loss, which moves the label changes onto colour edges.
 
 The baseline ``cam`` segmentation of a test image uses the classifier's own tags (sigmoid > 0.5) and labels
 each pixel with the argmax of ``[bg_level, CAM_c for the predicted classes]``.
