@@ -370,6 +370,31 @@ def test_one_op_schedule_matches_op_by_op(K, mode):
     torch.testing.assert_close(got, want, rtol=0, atol=bound)
 
 
+def test_one_op_schedule_chunked_splat_matches_and_ignores_threads():
+    # 2 x 256 x 256 points: the splat runs in S = 2 chunks (grids added in chunk order), whatever the threads
+    crf = two_kernel_crf(2, 3, 256, 256, "symmetric", seed=21)
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                runs.append(crf.inference(1))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(runs[0], runs[1])
+    want = op_by_op(crf, 1)
+    # As in the test above, plus the splat's order: each vertex sums its n non-negative contributions in two
+    # chunks instead of one run; either order is within (n - 1) eps of the exact sum, so the vertex values,
+    # and through the non-negative blur, slice and scales each message, move by <= 2 (n_max - 1) eps relative.
+    K = 3
+    n_max = max(int(torch.bincount(k.lattice.tensors()[0].flatten().long()).max()) for k in crf.kernels)
+    messages, scales, weights = crf._terms(crf._softmax_of_unary())
+    pairwise = float(sum((m * (w if s is None else s * w)).abs() for m, s, w in zip(messages, scales, weights)).max())
+    bound = 2 * (K - 1) * EPS32 * (2 * pairwise + 1) + 2 * 2 * (n_max - 1) * EPS32 * pairwise + 4 * EPS32
+    torch.testing.assert_close(runs[0], want, rtol=0, atol=bound)
+
+
 def test_one_op_schedule_runs_for_no_grad_potts_cpu_float32_only():
     crf = two_kernel_crf(2, 5, 12, 14, "symmetric", seed=3)
     with torch.no_grad():

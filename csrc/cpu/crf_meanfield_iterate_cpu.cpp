@@ -8,11 +8,11 @@
 // the last pass writes marginals to memory.
 //
 // The arithmetic is the op-by-op schedule's, element by element (same products and sums in the same order,
-// exp_poly, no FMA), except for two sums taken as a tree over 8-lane pieces: the softmax's max (exact in any
-// order) and its denominator (rounding differs by about one ulp). Results do not depend on the number of
-// threads: with more than one, a pass first computes the marginals of all points (in parallel over points)
-// and then splats them by vertex ranges (each task adds, in point order, the contributions that land in its
-// vertices), which is the per-vertex order of the one-thread pass.
+// exp_poly, no FMA), except for two kinds of sums: the softmax's max (exact in any order) and denominator,
+// taken as a tree over 8-lane pieces, and, for large inputs, the splats: the points are split into S fixed
+// chunks of blocks (S = 1..4 from the number of points, never from the number of threads), each chunk
+// splats into its own grid in point order, and the grids are added in chunk order. So results do not depend
+// on the number of threads; the chunks run in parallel.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -43,6 +43,7 @@ using at::Tensor;
 constexpr int kMaxPieces = 8;
 constexpr int64_t kPoints = 128;  // points per task of the parallel marginals phase
 constexpr int kGroup = 4;         // points whose marginals are computed together
+constexpr int kMaxChunks = 4;     // splat chunks: S = min(4, max(1, B N / 2^16))
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
@@ -139,7 +140,10 @@ struct Term {
   float weight = 0.f;
   float alpha = 0.f;               // the lattice's slice factor 1 / (1 + 2^-d)
   const float* blurred = nullptr;  // (M, Cg): W's vertex values of the previous marginals
-  float* grid = nullptr;           // (M, Cg), zeroed: the splat of this pass's marginals
+  float* grid = nullptr;           // (M, Cg), zeroed: the splat of this pass's marginals (chunk 0)
+  float* extra[kMaxChunks - 1] = {};  // the same for chunks 1 .. S-1, added into grid after the pass
+
+  float* grid_of(int chunk) const { return chunk == 0 ? grid : extra[chunk - 1]; }
 };
 
 struct Pass {
@@ -148,6 +152,7 @@ struct Pass {
   int64_t B = 0, K = 0, N = 0, Kp = 0;
   Term terms[meanfield::kMaxTerms];
   int count = 0;
+  int chunks = 1;      // S
   bool slice = false;  // false in the first pass: softmax(-unary)
   bool last = false;
 
@@ -220,16 +225,13 @@ struct PointMath {
     }
   }
 
-  // rows of the point's vertices (in order) += bary * x; only vertices in [v0, v0 + span) when ranged.
-  template <bool kRanged>
-  static SEGOPS_LATTICE_INLINE void scatter(const Pass& P, const Term& t, int64_t b, int64_t n, const v8* x,
-                                            int64_t v0, uint32_t span) {
+  // rows of the point's vertices (in order) += bary * x, in the grid of chunk `chunk`.
+  static SEGOPS_LATTICE_INLINE void scatter(const Pass& P, const Term& t, int chunk, int64_t b, int64_t n,
+                                            const v8* x) {
     const int64_t e = P.entry(t, b, n);
-    float* base = t.grid + P.column(t, b);
+    float* base = t.grid_of(chunk) + P.column(t, b);
     for (int64_t v = 0; v < t.V; ++v) {
-      const int32_t id = t.vertex[e + v];
-      if (kRanged && static_cast<uint32_t>(id - v0) >= span) continue;
-      float* row = base + static_cast<int64_t>(id) * t.Cg;
+      float* row = base + static_cast<int64_t>(t.vertex[e + v]) * t.Cg;
       const float w = t.bary[e + v];
       for (int c = 0; c < C8; ++c) store8(row + 8 * c, load8(row + 8 * c) + w * x[c]);
     }
@@ -241,7 +243,8 @@ struct PointMath {
 
   // Points n0 + p .. n0 + p + G - 1: their marginals, then (in point order) their splats, or their rows.
   template <int G>
-  static SEGOPS_LATTICE_INLINE void point_group(const Pass& P, int64_t b, int64_t n0, int64_t p, float* rows) {
+  static SEGOPS_LATTICE_INLINE void point_group(const Pass& P, int chunk, int64_t b, int64_t n0, int64_t p,
+                                                float* rows) {
     v8 q[G][C8];
     marginals<G>(P, b, n0 + p, q);
     for (int g = 0; g < G; ++g) {
@@ -252,64 +255,23 @@ struct PointMath {
       for (int j = 0; j < P.count; ++j) {
         v8 x[C8];
         splat_values(P, P.terms[j], b, n0 + p + g, q[g], x);
-        scatter<false>(P, P.terms[j], b, n0 + p + g, x, 0, 0);
+        scatter(P, P.terms[j], chunk, b, n0 + p + g, x);
       }
     }
   }
 
-  // One thread: the whole pass; each point's marginals are splatted as soon as they are known.
-  static SEGOPS_LATTICE_INLINE void fused_pass(const Pass& P) {
-    std::vector<float> rows(P.last ? static_cast<size_t>(kPoints * P.Kp) : 0);
-    for (int64_t b = 0; b < P.B; ++b) {
-      for (int64_t n0 = 0; n0 < P.N; n0 += kPoints) {
-        const int64_t np = std::min(kPoints, P.N - n0);
-        int64_t p = 0;
-        for (; p + kGroup <= np; p += kGroup) point_group<kGroup>(P, b, n0, p, rows.data());
-        for (; p < np; ++p) point_group<1>(P, b, n0, p, rows.data());
-        if (P.last) write_block(P, b, n0, np, rows.data());
-      }
-    }
-  }
-
-  // Several threads, phase 1: the marginals of blocks [t0, t1) of kPoints points into qall (B N rows of Kp),
-  // or, in the last pass, into the output.
-  static SEGOPS_LATTICE_INLINE void marginals_range(const Pass& P, float* qall, int64_t t0, int64_t t1) {
+  // Blocks [blk0, blk1) of kPoints points (block = image b, points n0 ..), in order: each point's marginals
+  // are splatted into chunk `chunk`'s grids as soon as they are known; the last pass writes them out.
+  static SEGOPS_LATTICE_INLINE void fused_blocks(const Pass& P, int64_t blk0, int64_t blk1, int chunk) {
     const int64_t per_image = (P.N + kPoints - 1) / kPoints;
-    std::vector<float> own(P.last ? static_cast<size_t>(kPoints * P.Kp) : 0);
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / per_image, n0 = (task - b * per_image) * kPoints;
+    std::vector<float> rows(P.last ? static_cast<size_t>(kPoints * P.Kp) : 0);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t b = blk / per_image, n0 = (blk - b * per_image) * kPoints;
       const int64_t np = std::min(kPoints, P.N - n0);
-      float* rows = P.last ? own.data() : qall + (b * P.N + n0) * P.Kp;
       int64_t p = 0;
-      for (; p + kGroup <= np; p += kGroup) {
-        v8 q[kGroup][C8];
-        marginals<kGroup>(P, b, n0 + p, q);
-        for (int g = 0; g < kGroup; ++g) store_row(rows + (p + g) * P.Kp, q[g]);
-      }
-      for (; p < np; ++p) {
-        v8 q[1][C8];
-        marginals<1>(P, b, n0 + p, q);
-        store_row(rows + p * P.Kp, q[0]);
-      }
-      if (P.last) write_block(P, b, n0, np, rows);
-    }
-  }
-
-  // Phase 2: every point's marginals splatted into kernel t's vertices [v0, v1), in point order.
-  static SEGOPS_LATTICE_INLINE void splat_range(const Pass& P, const Term& t, const float* qall, int64_t v0,
-                                                int64_t v1) {
-    const uint32_t span = static_cast<uint32_t>(v1 - v0);
-    for (int64_t b = 0; b < P.B; ++b) {
-      for (int64_t n = 0; n < P.N; ++n) {
-        const int64_t e = P.entry(t, b, n);
-        bool any = false;
-        for (int64_t v = 0; v < t.V; ++v) any |= static_cast<uint32_t>(t.vertex[e + v] - v0) < span;
-        if (!any) continue;
-        v8 q[C8], x[C8];
-        for (int c = 0; c < C8; ++c) q[c] = load8(qall + (b * P.N + n) * P.Kp + 8 * c);
-        splat_values(P, t, b, n, q, x);
-        scatter<true>(P, t, b, n, x, v0, span);
-      }
+      for (; p + kGroup <= np; p += kGroup) point_group<kGroup>(P, chunk, b, n0, p, rows.data());
+      for (; p < np; ++p) point_group<1>(P, chunk, b, n0, p, rows.data());
+      if (P.last) write_block(P, b, n0, np, rows.data());
     }
   }
 
@@ -322,24 +284,13 @@ struct PointMath {
   }
 };
 
-// The three loops for one C8, in an AVX2 clone where the CPU has AVX2 (no FMA: the baseline's roundings).
+// The pass's loop for one C8, in an AVX2 clone where the CPU has AVX2 (no FMA: the baseline's roundings).
 template <int C8>
 struct Loops {
-  static void fused(const Pass& P) { PointMath<C8>::fused_pass(P); }
-  static void marginals(const Pass& P, float* qall, int64_t t0, int64_t t1) {
-    PointMath<C8>::marginals_range(P, qall, t0, t1);
-  }
-  static void splat(const Pass& P, const Term& t, const float* qall, int64_t v0, int64_t v1) {
-    PointMath<C8>::splat_range(P, t, qall, v0, v1);
-  }
+  static void blocks(const Pass& P, int64_t b0, int64_t b1, int chunk) { PointMath<C8>::fused_blocks(P, b0, b1, chunk); }
 #if defined(__x86_64__) && defined(__GNUC__)
-  __attribute__((target("avx2"))) static void fused_avx2(const Pass& P) { PointMath<C8>::fused_pass(P); }
-  __attribute__((target("avx2"))) static void marginals_avx2(const Pass& P, float* qall, int64_t t0, int64_t t1) {
-    PointMath<C8>::marginals_range(P, qall, t0, t1);
-  }
-  __attribute__((target("avx2"))) static void splat_avx2(const Pass& P, const Term& t, const float* qall, int64_t v0,
-                                                         int64_t v1) {
-    PointMath<C8>::splat_range(P, t, qall, v0, v1);
+  __attribute__((target("avx2"))) static void blocks_avx2(const Pass& P, int64_t b0, int64_t b1, int chunk) {
+    PointMath<C8>::fused_blocks(P, b0, b1, chunk);
   }
 #endif
 };
@@ -355,47 +306,44 @@ inline bool has_avx2() {
 #endif
 }
 
-template <int C8>
-void run_pass_c8(const Pass& P, Tensor& qall) {
-  const bool avx2 = has_avx2();
-  const int64_t per_image = (P.N + kPoints - 1) / kPoints;
-  const int64_t blocks = P.B * per_image;
-  const int64_t threads = blocks < 8 ? 1 : at::get_num_threads();
-#if defined(__x86_64__) && defined(__GNUC__)
-  auto fused = avx2 ? &Loops<C8>::fused_avx2 : &Loops<C8>::fused;
-  auto marginals = avx2 ? &Loops<C8>::marginals_avx2 : &Loops<C8>::marginals;
-  auto splat = avx2 ? &Loops<C8>::splat_avx2 : &Loops<C8>::splat;
-#else
-  (void)avx2;
-  auto fused = &Loops<C8>::fused;
-  auto marginals = &Loops<C8>::marginals;
-  auto splat = &Loops<C8>::splat;
-#endif
-  if (threads == 1) return fused(P);
-  if (!P.last && !qall.defined()) qall = scratch(P.B * P.N * P.Kp);
-  float* rows = P.last ? nullptr : qall.data_ptr<float>();
-  omp_parallel_for(0, blocks, 4, [&](int64_t t0, int64_t t1) { marginals(P, rows, t0, t1); });
-  if (P.last) return;
-  for (int j = 0; j < P.count; ++j) {
-    const Term& t = P.terms[j];
-    const int64_t tasks = std::min<int64_t>(threads, t.M);
-    omp_parallel_for(0, tasks, 1, [&](int64_t a, int64_t e) {
-      for (int64_t task = a; task < e; ++task) splat(P, t, rows, t.M * task / tasks, t.M * (task + 1) / tasks);
-    });
-  }
+// grid += extra[0] + extra[1] + ... (in chunk order) for kernel t, rows in parallel.
+void add_chunks(const Pass& P, const Term& t) {
+  if (P.chunks == 1) return;
+  const int64_t n = t.M * t.Cg;
+  omp_parallel_for(0, n, int64_t(1) << 14, [&](int64_t i0, int64_t i1) {
+    for (int s = 1; s < P.chunks; ++s) {
+      const float* e = t.extra[s - 1];
+      for (int64_t i = i0; i < i1; ++i) t.grid[i] += e[i];
+    }
+  });
 }
 
-void run_pass(const Pass& P, Tensor& qall) {
+template <int C8>
+void run_pass_c8(const Pass& P) {
+  auto blocks = &Loops<C8>::blocks;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (has_avx2()) blocks = &Loops<C8>::blocks_avx2;
+#endif
+  const int64_t nb = P.B * ((P.N + kPoints - 1) / kPoints);
+  const int S = P.chunks;
+  omp_parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) blocks(P, nb * s / S, nb * (s + 1) / S, static_cast<int>(s));
+  });
+  if (P.last) return;
+  for (int j = 0; j < P.count; ++j) add_chunks(P, P.terms[j]);
+}
+
+void run_pass(const Pass& P) {
   RECORD_USER_SCOPE("segops_kernel::meanfield_pass");
   switch (P.Kp / 8) {
-    case 1: return run_pass_c8<1>(P, qall);
-    case 2: return run_pass_c8<2>(P, qall);
-    case 3: return run_pass_c8<3>(P, qall);
-    case 4: return run_pass_c8<4>(P, qall);
-    case 5: return run_pass_c8<5>(P, qall);
-    case 6: return run_pass_c8<6>(P, qall);
-    case 7: return run_pass_c8<7>(P, qall);
-    case 8: return run_pass_c8<8>(P, qall);
+    case 1: return run_pass_c8<1>(P);
+    case 2: return run_pass_c8<2>(P);
+    case 3: return run_pass_c8<3>(P);
+    case 4: return run_pass_c8<4>(P);
+    case 5: return run_pass_c8<5>(P);
+    case 6: return run_pass_c8<6>(P);
+    case 7: return run_pass_c8<7>(P);
+    case 8: return run_pass_c8<8>(P);
     default: TORCH_CHECK(false, "_crf_mean_field_iterate: K = ", P.K, " classes; at most ", 8 * kMaxPieces);
   }
 }
@@ -536,6 +484,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
   const Tensor unary_rows = point_major(unary, B, K, N, P.Kp);
   P.unary = unary_rows.data_ptr<float>();
   P.count = static_cast<int>(count);
+  P.chunks = static_cast<int>(std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, B * N >> 16)));
   std::vector<Tensor> keep;  // contiguous inputs and the grids, alive for the whole call
   std::vector<Tensor> grids(count), nbrs(count), pres(count), posts(count);
   std::vector<int64_t> dims(count);
@@ -581,15 +530,21 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     t.grid = grids[j].data_ptr<float>();
   }
   // Per kernel two grids: the splat of the current pass and the blur's other buffer; the blurred values end
-  // in one of them (after d+1 directions), and the next pass splats into the other, zeroed.
+  // in one of them (after d+1 directions), and the next pass splats into the other, zeroed. Chunks 1 .. S-1
+  // splat into grids of their own, zeroed before each pass and added into the first after it.
   std::vector<std::array<Tensor, 2>> g(count);
+  std::vector<Tensor> extras(count);
   std::vector<int> target(count, 0);
   for (size_t j = 0; j < count; ++j) {
+    Term& t = P.terms[j];
     g[j][0] = grids[j];
     g[j][1] = at::empty_like(grids[j]);
+    if (P.chunks > 1) {
+      extras[j] = at::zeros({P.chunks - 1, t.M, t.Cg}, unary.options());
+      for (int c = 1; c < P.chunks; ++c) t.extra[c - 1] = extras[j][c - 1].data_ptr<float>();
+    }
   }
-  Tensor qall;
-  run_pass(P, qall);  // softmax(-unary), splatted
+  run_pass(P);  // softmax(-unary), splatted
   P.slice = true;
   for (int64_t it = 0; it < iterations; ++it) {
     P.last = it == iterations - 1;
@@ -601,10 +556,11 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
       if (!P.last) {
         g[j][target[j]].zero_();
         t.grid = g[j][target[j]].data_ptr<float>();
+        if (extras[j].defined()) extras[j].zero_();
       }
     }
     if (P.last) P.out = out.data_ptr<float>();
-    run_pass(P, qall);
+    run_pass(P);
   }
   return out;
 }
