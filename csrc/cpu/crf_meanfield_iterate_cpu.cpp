@@ -10,7 +10,7 @@
 // The arithmetic is the op-by-op schedule's, element by element (same products and sums in the same order,
 // exp_poly, no FMA), except for two kinds of sums: the softmax's max (exact in any order) and denominator,
 // taken as a tree over 8-lane pieces, and, for large inputs, the splats: the points are split into S fixed
-// chunks of blocks (S = 1..4 from the number of points, never from the number of threads), each chunk
+// chunks of blocks (S = 1..4 from the input's sizes, never from the number of threads), each chunk
 // splats into its own grid in point order, and the grids are added in chunk order. So results do not depend
 // on the number of threads; the chunks run in parallel.
 #include <torch/library.h>
@@ -43,7 +43,7 @@ using at::Tensor;
 constexpr int kMaxPieces = 8;
 constexpr int64_t kPoints = 128;  // points per task of the parallel marginals phase
 constexpr int kGroup = 4;         // points whose marginals are computed together
-constexpr int kMaxChunks = 4;     // splat chunks: S = min(4, max(1, B N / 2^16))
+constexpr int kMaxChunks = 4;     // splat chunks (see iterate_cpu)
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t vi8 __attribute__((vector_size(32)));
@@ -484,7 +484,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
   const Tensor unary_rows = point_major(unary, B, K, N, P.Kp);
   P.unary = unary_rows.data_ptr<float>();
   P.count = static_cast<int>(count);
-  P.chunks = static_cast<int>(std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, B * N >> 16)));
+
   std::vector<Tensor> keep;  // contiguous inputs and the grids, alive for the whole call
   std::vector<Tensor> grids(count), nbrs(count), pres(count), posts(count);
   std::vector<int64_t> dims(count);
@@ -528,6 +528,18 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     }
     grids[j] = at::zeros({t.M, t.Cg}, unary.options());
     t.grid = grids[j].data_ptr<float>();
+  }
+  // Splat chunks: each extra one costs zeroing and adding the kernels' grids once per pass (~3 M Cg values),
+  // next to the points' gathers and splats (2 B N (d+1) Kp): as many as keep that under a tenth, at most 4,
+  // and one per 2^16 points. Sizes only, never the thread count: the same sums for any number of threads.
+  {
+    int64_t work = 0, per_chunk = 0;
+    for (size_t j = 0; j < count; ++j) {
+      work += 2 * B * N * P.terms[j].V;
+      per_chunk += 3 * P.terms[j].M * (P.terms[j].Cg / P.Kp);
+    }
+    const int64_t by_cost = 1 + work / std::max<int64_t>(1, 10 * per_chunk);
+    P.chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kMaxChunks, by_cost, (B * N) >> 16})));
   }
   // Per kernel two grids: the splat of the current pass and the blur's other buffer; the blurred values end
   // in one of them (after d+1 directions), and the next pass splats into the other, zeroed. Chunks 1 .. S-1
