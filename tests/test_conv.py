@@ -950,6 +950,24 @@ def test_cuda_parity_every_kernel(case, kernel):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
 
 
+def test_auto_picks_segops_for_large_unet_upconvs_on_the_cpu():
+    # 2x2 / stride 2 transposed convolutions, float32, CPU (fwd + bwd, 2 threads, idle machine): segops 1.35-2.50x
+    # oneDNN from 28x28 maps and 20M multiply-adds per tap up; level or slower below (0.93-0.99x)
+    from segops.ops import conv_choice
+
+    def choice(n, cin, cout, hw, dtype=torch.float32):
+        x = torch.empty(n, cin, hw, hw, dtype=dtype)
+        w = torch.empty(cin, cout, 2, 2, dtype=dtype)
+        c = conv_choice.explain(True, x, w, [2, 2], [0, 0], [1, 1], 1)
+        return c.forward, c.backward
+
+    for shape in [(2, 128, 64, 112), (2, 256, 128, 56), (2, 512, 256, 28), (2, 64, 32, 224)]:
+        assert choice(*shape) == ("segops", "segops"), shape
+    for shape in [(2, 32, 16, 80), (2, 256, 128, 20), (2, 1024, 512, 14)]:  # the width-scaled models' shapes
+        assert choice(*shape) == ("vendor", "vendor"), shape
+    assert choice(2, 128, 64, 112, torch.bfloat16) == ("vendor", "vendor")  # measured for float32 only
+
+
 @pytest.mark.cuda
 def test_cuda_deterministic_mode_bitwise_and_choice():
     from segops.ops import conv_choice

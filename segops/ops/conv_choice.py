@@ -111,8 +111,10 @@ def _build_has_cuda_kernels() -> bool:
 
 
 def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str, kernel: Sequence[int],
-          stride: Sequence[int], dilated: bool, deterministic: bool) -> Tuple[bool, bool, str]:
-    """(vendor forward, vendor backward, reason) under "auto".
+          stride: Sequence[int], dilated: bool, deterministic: bool, spatial: int = 0,
+          macs: int = 0) -> Tuple[bool, bool, str]:
+    """(vendor forward, vendor backward, reason) under "auto". ``spatial``: input H W; ``macs``: multiply-adds
+    per sample and kernel tap (input channels x output channels per group x H W).
 
     The table behind it: ``benchmarks/conv_rule_sweep.py`` (segops against the vendor, forward + backward, at the
     reference models' shapes) and ``segops bench conv``; the measured ratios are in the benchmark notes.
@@ -145,6 +147,10 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
         return False, False, "cpu: depthwise: segops' direct kernels (1.4-3.9x oneDNN)"
     if dtype == torch.float32 and max(kernel) == 1 and max(stride) > 1:
         return False, False, "cpu: strided 1x1: segops' im2col + GEMM (1.4x oneDNN)"
+    if (transposed and dtype == torch.float32 and tuple(kernel) == (2, 2) and tuple(stride) == (2, 2)
+            and spatial >= 28 * 28 and macs >= 20_000_000):
+        # U-Net's up-convolution on full-width maps; at width-scaled sizes (20x20, 32 channels) oneDNN is level
+        return False, False, "cpu: 2x2/2 transposed on large maps: segops' GEMM (1.3-2.5x oneDNN)"
     return True, True, "cpu: dense convolution: oneDNN (segops' GEMMs 0.5-0.95x here)"
 
 
@@ -190,8 +196,10 @@ def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[in
     if setting == "vendor":
         return True, True, family, "forced: vendor"
     dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
+    spatial = input.shape[2] * input.shape[3]
     vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
-                           torch.are_deterministic_algorithms_enabled())
+                           torch.are_deterministic_algorithms_enabled(), spatial,
+                           input.shape[1] * w_shape[1] * spatial if transposed else w_shape[0] * w_shape[1] * spatial)
     return vf, vb, family, "auto: " + reason
 
 
