@@ -27,9 +27,21 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& q) {
   return meanfield::backward(grad, q, CudaLaunch{});
 }
 
+// The one-op inference schedule is the CPU's (one pass over the pixels per iteration, splatting as it goes);
+// on the GPU, MeanFieldCRF / dense_crf_inference run crf_mean_field_update and the lattice filters instead.
+// Called directly on CUDA tensors, it says so rather than the dispatcher's "could not run".
+at::Tensor iterate_cuda(const at::Tensor& unary, at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
+                        at::ArrayRef<double>, int64_t) {
+  TORCH_CHECK(false, "_crf_mean_field_iterate is the CPU schedule of dense CRF inference (got unary on ",
+              unary.device(), "); on CUDA, segops.ops.dense_crf_inference / MeanFieldCRF run crf_mean_field_update ",
+              "and the lattice filters. Call those, or move the tensors to the CPU.");
+  return at::Tensor();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(segops, CUDA, m) {
+  m.impl("_crf_mean_field_iterate", &iterate_cuda);
   m.impl("crf_mean_field_update", &forward_cuda);
   m.impl("_crf_mean_field_update_out", &forward_out_cuda);
   m.impl("_crf_mean_field_update_backward", &backward_cuda);
