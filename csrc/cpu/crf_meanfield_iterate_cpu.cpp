@@ -41,7 +41,7 @@ using at::Tensor;
 // Classes are processed in pieces of 8 floats; rows (unary, vertex values, marginals) hold Kp = 8 C8 floats
 // with zero pad columns. C8 <= kMaxPieces, i.e. K <= 64 (more classes use the op-by-op schedule).
 constexpr int kMaxPieces = 8;
-constexpr int64_t kPoints = 128;  // points per task of the parallel marginals phase
+constexpr int64_t kPoints = 128;  // points per block (one image's consecutive pixels)
 constexpr int kGroup = 4;         // points whose marginals are computed together
 constexpr int kMaxChunks = 4;     // splat chunks (see iterate_cpu)
 
@@ -418,8 +418,8 @@ int blur_grid(const Term& t, const int32_t* nbrs, Tensor* g, int src) {
   return src;
 }
 
-// Normalisation modes of pydensecrf's kernels (NO_NORMALIZATION, NORMALIZE_SYMMETRIC, _BEFORE, _AFTER).
-enum Normalization : int64_t { kNone = 0, kSymmetric = 1, kBefore = 2, kAfter = 3 };
+// Normalisation modes: pydensecrf's NormalizationType codes (NO_NORMALIZATION, _BEFORE, _AFTER, _SYMMETRIC).
+enum Normalization : int64_t { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric = 3 };
 
 // The kernel's scales from its degrees W 1 at the lattice's Bt N points (pydensecrf's DenseKernel: norm =
 // 1 / (W 1 + 1e-20), its square root for "symmetric"): pre multiplies the marginals before the filter, post
@@ -504,8 +504,8 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
                 op, ": neighbors[", j, "] must be (M, d+1, 2) int32, got ", neighbors[j].sizes(), " ",
                 neighbors[j].scalar_type());
     TORCH_CHECK(std::isfinite(weights[j]), op, ": weights[", j, "] must be finite, got ", weights[j]);
-    TORCH_CHECK(normalization[j] >= kNone && normalization[j] <= kAfter, op, ": normalization[", j,
-                "] must be 0 (none), 1 (symmetric), 2 (before) or 3 (after), got ", normalization[j]);
+    TORCH_CHECK(normalization[j] >= kNone && normalization[j] <= kSymmetric, op, ": normalization[", j,
+                "] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got ", normalization[j]);
     for (const Tensor& t : {vx, bary[j], neighbors[j]})
       TORCH_CHECK(t.device() == unary.device(), op, ": kernel ", j, "'s lattice is on ", t.device(),
                   " but the unary is on ", unary.device());

@@ -44,8 +44,13 @@ __all__ = [
 
 # pydensecrf's NormalizationType values (dcrf.NO_NORMALIZATION = 0, ..., dcrf.NORMALIZE_SYMMETRIC = 3), by name.
 NORMALIZATIONS = ("none", "before", "after", "symmetric")
-# the codes of the one-op CPU schedule (_crf_mean_field_iterate), which handles up to 64 classes
-_NORMALIZATION_CODES = {"none": 0, "symmetric": 1, "before": 2, "after": 3}
+_NORMALIZATION_ALIASES = {
+    "no_normalization": "none",
+    "normalize_before": "before",
+    "normalize_after": "after",
+    "normalize_symmetric": "symmetric",
+}
+# the one-op CPU schedule (_crf_mean_field_iterate) takes up to 64 classes and the codes above (their index)
 _FUSED_MAX_CLASSES = 64
 
 
@@ -53,12 +58,7 @@ def _fused_cpu_is_fast() -> bool:
     """The one-op CPU schedule is written for AVX2 / AVX-512 (x86-64); elsewhere (or under
     ATEN_CPU_CAPABILITY=default) its portable build is slower than the separate ops, which run instead."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-_NORMALIZATION_ALIASES = {
-    "no_normalization": "none",
-    "normalize_before": "before",
-    "normalize_after": "after",
-    "normalize_symmetric": "symmetric",
-}
+
 
 Compat = Union[float, int, Tensor, Sequence[float], Sequence[Sequence[float]]]
 Pair = Union[float, Tuple[float, float]]
@@ -526,7 +526,7 @@ class MeanFieldCRF:
             vertex.append(v)
             bary.append(w)
             neighbors.append(nb)
-            modes.append(_NORMALIZATION_CODES[k.normalization])
+            modes.append(NORMALIZATIONS.index(k.normalization))
             weights.append(float(k.compat))  # type: ignore[arg-type]
         return vertex, bary, neighbors, modes, weights  # type: ignore[return-value]
 
@@ -568,7 +568,7 @@ class MeanFieldCRF:
         if self.kernels and iterations > 0 and not self._needs_grad():
             with torch.no_grad():
                 fused = self._fused_cpu_terms() if _fused_cpu_is_fast() else None
-                if fused is not None:  # one op: the same marginals, bitwise, in one pass per iteration
+                if fused is not None:  # one op, one pass per iteration: the same marginals to float rounding
                     return self._out(torch.ops.segops._crf_mean_field_iterate(self.unary, *fused, iterations))
         q = self._softmax_of_unary()
         if not self.kernels or iterations == 0:
