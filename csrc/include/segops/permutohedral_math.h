@@ -23,6 +23,7 @@
 
 #if !defined(__CUDACC__)
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 #endif
 
@@ -255,6 +256,104 @@ SEGOPS_HD_INLINE uint64_t hash_key(const int32_t* key) {
   return mix64(h);
 }
 
+#if !defined(__CUDACC__)
+// ---- steps 1-3 for 8 consecutive float32 points at once (CPU) ---------------------------------------------
+// The same operations as find_simplex, lane by lane and in the same order (GCC vector extensions: SSE2 in
+// the baseline build, AVX2 in the AVX2 clones), so every lane's result is bitwise the scalar one.
+namespace simd8 {
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+SEGOPS_LATTICE_INLINE f8 splat(float x) { return f8{x, x, x, x, x, x, x, x}; }
+SEGOPS_LATTICE_INLINE i8 splat(int32_t x) { return i8{x, x, x, x, x, x, x, x}; }
+SEGOPS_LATTICE_INLINE f8 as_f8(i8 x) {
+  f8 r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
+SEGOPS_LATTICE_INLINE i8 as_i8(f8 x) {
+  i8 r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
+// round_even(float) on 8 lanes: |x| + 2^23 - 2^23 with x's sign where |x| < 2^23, x itself elsewhere.
+SEGOPS_LATTICE_INLINE f8 round_even(f8 x) {
+  const f8 big = splat(8388608.0f);
+  const i8 sign = as_i8(x) & splat(int32_t(0x80000000u));
+  const f8 a = as_f8(as_i8(x) & splat(int32_t(0x7fffffff)));
+  const f8 t = (a + big) - big;
+  const f8 signed_t = as_f8(as_i8(t) | sign);
+  return a < big ? signed_t : x;
+}
+}  // namespace simd8
+
+// find_simplex for the 8 points at f[0..7], f[fs + 0..7], ... (feature j of point p at f[j fs + p]).
+// Returns false, with nothing written, when a lane's features are unusable (the caller then takes the
+// scalar path, which flags them). On success: rem0[i][p], rank[i][p] and bary[p (D+1) + k].
+template <int D>
+SEGOPS_LATTICE_INLINE bool find_simplex8(const float* f, index_t fs, const float* scale, int32_t (*rem0)[8],
+                                         int32_t (*rank)[8], float* bary) {
+  using simd8::f8;
+  using simd8::i8;
+  using simd8::splat;
+  f8 e[D + 1];
+  f8 sum_above = splat(0.0f);
+  for (int j = D; j >= 1; --j) {
+    f8 x;
+    __builtin_memcpy(&x, f + (j - 1) * fs, sizeof(x));
+    const f8 c = x * scale[j - 1];
+    e[j] = sum_above - splat(float(j)) * c;
+    sum_above = sum_above + c;
+  }
+  e[0] = sum_above;
+  i8 finite = splat(int32_t(-1));
+  for (int i = 0; i <= D; ++i) finite &= (e[i] < splat(float(kMaxElevated))) & (e[i] > splat(float(-kMaxElevated)));
+  for (int p = 0; p < 8; ++p)
+    if (!finite[p]) return false;
+  const float down = float(1.0 / (D + 1));
+  i8 r0[D + 1], rk[D + 1];
+  f8 r[D + 1];
+  i8 sum = splat(int32_t(0));
+  for (int i = 0; i <= D; ++i) {
+    const i8 qi = __builtin_convertvector(simd8::round_even(e[i] * down), i8);
+    r0[i] = qi * (D + 1);
+    sum += qi;
+    r[i] = e[i] - __builtin_convertvector(r0[i], f8);
+    rk[i] = splat(int32_t(0));
+  }
+  for (int i = 0; i < D; ++i) {
+    for (int j = i + 1; j <= D; ++j) {
+      const i8 lt = r[i] < r[j];  // -1 where r_i < r_j
+      rk[i] -= lt;
+      rk[j] += 1 + lt;
+    }
+  }
+  for (int i = 0; i <= D; ++i) {
+    i8 k = rk[i] + sum;
+    const i8 shift = ((k > D) - (k < 0)) * (D + 1);  // masks are -1: (under - over) (D + 1)
+    rk[i] = k + shift;
+    r0[i] += shift;
+  }
+  // step 3, the scalar loop's adds and subtracts lane by lane in its order
+  f8 b[D + 2];
+  for (int t = 0; t < D + 2; ++t) b[t] = splat(0.0f);
+  for (int i = 0; i <= D; ++i) {
+    const f8 v = (e[i] - __builtin_convertvector(r0[i], f8)) * down;
+    const i8 lo = D - rk[i];
+    for (int t = 0; t <= D; ++t) b[t] = lo == t ? b[t] + v : b[t];
+    for (int t = 1; t < D + 2; ++t) b[t] = lo + 1 == t ? b[t] - v : b[t];
+  }
+  b[0] = b[0] + (splat(1.0f) + b[D + 1]);
+  for (int i = 0; i <= D; ++i) {
+    __builtin_memcpy(rem0[i], &r0[i], sizeof(r0[i]));
+    __builtin_memcpy(rank[i], &rk[i], sizeof(rk[i]));
+  }
+  for (int p = 0; p < 8; ++p)
+    for (int k = 0; k <= D; ++k) bary[p * (D + 1) + k] = b[k][p];
+  return true;
+}
+#endif
+
 // ---- packed keys -------------------------------------------------------------------------------------------
 // When the bound on the key coordinates (from the feature ranges) fits, a vertex key plus its image index
 // is one int64 code = sum_i (key_i - lo_i) << shift_i + image << image_shift, stored in the slot itself.
@@ -442,7 +541,6 @@ struct BuildPacked : BuildBase<D, T> {
   // misses the cache and claims the slot.
   void run_range(index_t begin, index_t end) const {
     const PackPlan p = *plan;
-    constexpr int kCache = 16384;  // ~1% misses on 512^2 photos at the ECCV'18 settings (4096: ~4%)
     std::vector<int64_t> cache_code(kCache, int64_t(-1));
     std::vector<int32_t> cache_slot(kCache);
     Simplex<D, T> s;
@@ -452,27 +550,53 @@ struct BuildPacked : BuildBase<D, T> {
         n = 0;
         ++b;
       }
+      // float32 with points contiguous: 8 points' simplices at once, then their vertices in point order
+      if constexpr (std::is_same<T, float>::value) {
+        int32_t rem0[D + 1][8], rank[D + 1][8];
+        if (this->fsn == 1 && p.ok && n + 8 <= N && i + 8 <= end &&
+            find_simplex8<D>(this->feats + b * this->fsb + n, this->fsd, this->scale, rem0, rank,
+                             this->bary + i * (D + 1))) {
+          for (int q = 0; q < 8; ++q) {
+            for (int c = 0; c <= D; ++c) {
+              s.rem0[c] = rem0[c][q];
+              s.rank[c] = rank[c][q];
+            }
+            insert_vertices(p, s, b, i + q, cache_code.data(), cache_slot.data());
+          }
+          i += 7;
+          n += 7;
+          continue;
+        }
+      }
       if (!simplex(i, b, n, s)) continue;
       if (!p.ok) {
         raise_flag(flags + 1);
         this->dummy(i);
         continue;
       }
-      vertex_codes(p, s, b, [&](int k, int64_t code) {
-        const uint64_t mixed = mix64(static_cast<uint64_t>(code));
-        const int c = static_cast<int>(mixed >> 50) & (kCache - 1);
-        const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
-        if (cache_code[c] == code) {
-          slot[entry] = cache_slot[c];
-          return;
-        }
-        const int32_t h = packed_insert(codes, cap, code);
-        slot[entry] = h;
-        claim(h, entry);
-        cache_code[c] = code;
-        cache_slot[c] = h;
-      });
+      insert_vertices(p, s, b, i, cache_code.data(), cache_slot.data());
     }
+  }
+
+  static constexpr int kCache = 16384;  // ~1% misses on 512^2 photos at the ECCV'18 settings (4096: ~4%)
+
+  // The slots of point i's vertices, through the thread's cache.
+  SEGOPS_LATTICE_INLINE void insert_vertices(const PackPlan& p, const Simplex<D, T>& s, index_t b, index_t i,
+                                             int64_t* cache_code, int32_t* cache_slot) const {
+    vertex_codes(p, s, b, [&](int k, int64_t code) {
+      const uint64_t mixed = mix64(static_cast<uint64_t>(code));
+      const int c = static_cast<int>(mixed >> 50) & (kCache - 1);
+      const int32_t entry = static_cast<int32_t>(i * (D + 1) + k);
+      if (cache_code[c] == code) {
+        slot[entry] = cache_slot[c];
+        return;
+      }
+      const int32_t h = packed_insert(codes, cap, code);
+      slot[entry] = h;
+      claim(h, entry);
+      cache_code[c] = code;
+      cache_slot[c] = h;
+    });
   }
 #endif
 };
