@@ -10,8 +10,8 @@ pCE + CRF + expand once per schedule, with the demo's expand term and CRF loss. 
 ``--crf-start-epoch START --crf-ramp-epochs RAMP``; ``0:0`` is the CRF loss at full weight from the first step.
 
 The criterion, fixed before the runs: the highest mean selection mIoU of pCE + CRF + expand over the replicates
-(a tie goes to the earlier schedule in ``--schedules``). The chosen schedule goes into
-``segops.weak.tags_demo.TAGS_CRF_SCHEDULE`` by hand::
+(a tie goes to the earlier schedule in ``--schedules``). A chosen schedule other than ``0:0`` would go into the
+demo's CRF networks (``segops.weak.tags_demo``) by hand; ``0:0`` leaves the demo as it is::
 
     python benchmarks/tags_crf_schedule.py --out benchmarks/results/<date>-tags-seed1/schedule.json
 """
