@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from segops.figures import colorize, save_labelled_panels, save_training_curves
 from segops.metrics import ConfusionMatrix, format_iou_table
 from segops.progress import progress_bar
-from segops.weak.losses import RegularizedLoss, parse_loss
+from segops.weak.losses import RegularizedLoss, crf_schedule, parse_loss
 from segops.weak.supervision import check_supervision, prepare_training_set
 
 __all__ = [
@@ -113,6 +113,8 @@ class TrainConfig:
     crf_sigma_rgb: float = 15.0
     crf_sigma_xy: float = 80.0
     crf_scale: float = 0.5
+    crf_start_epoch: float = 0.0  # epochs of the data term (and expand term) alone before the CRF loss joins
+    crf_ramp_epochs: float = 0.0  # then its weight rises linearly from 0 to crf_weight over this many epochs
     ncut_weight: float = 0.5
     entropy_weight: float = 0.1
     # image-level tags (--supervision tags): the CAM classifier's epochs and its seed thresholds
@@ -171,6 +173,10 @@ class TrainConfig:
             d = getattr(self, name)
             if d is not None and not 0.0 < float(d) <= 1.0:
                 raise ValueError("--%s must be in (0, 1], got %r" % (name.replace("_", "-"), d))
+        for name in ("crf_start_epoch", "crf_ramp_epochs"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ValueError("--%s must be a finite number >= 0, got %r" % (name.replace("_", "-"), v))
         if self.crf_sigma_rgb <= 0 or self.crf_sigma_xy <= 0 or not 0 < self.crf_scale <= 1:
             raise ValueError("CRF sigmas must be > 0 and --crf-scale in (0, 1]")
         if self.data == "voc" and not self.data_root:
@@ -823,6 +829,7 @@ def _train_one_epoch(ctx: _RunContext, epoch: int, data: _TrainData, optim: _Opt
         if logits.shape[-2:] != target.shape[-2:]:
             logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
         tags = batch.get("tags")  # --supervision tags: (B, K) multi-hot, for the expand term
+        optim.criterion.crf_factor = crf_schedule(progress.step, data.steps_per_epoch, cfg.crf_start_epoch, cfg.crf_ramp_epochs)
         loss, terms = optim.criterion(logits, target, images, roi, tags.to(device) if isinstance(tags, Tensor) else None)
         if not torch.isfinite(loss):
             raise FloatingPointError("loss became %s at step %d (terms %s); lower --lr" % (float(loss), progress.step, terms))

@@ -94,6 +94,11 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--crf-sigma-xy", type=float, default=defaults.crf_sigma_xy, help="spatial bandwidth in pixels (ECCV'18: %(default)s)")
     group.add_argument("--crf-scale", type=float, default=defaults.crf_scale,
                        help="resolution at which the CRF / ncut loss runs (ECCV'18: %(default)s)")
+    group.add_argument("--crf-start-epoch", type=float, default=defaults.crf_start_epoch, metavar="E",
+                       help="train the first E epochs without the CRF loss, then add it (default %(default)s)")
+    group.add_argument("--crf-ramp-epochs", type=float, default=defaults.crf_ramp_epochs, metavar="E",
+                       help="from --crf-start-epoch on, raise the CRF loss's weight linearly from 0 to --crf-weight "
+                            "over E epochs (0: at once; default %(default)s)")
     group.add_argument("--ncut-weight", type=float, default=defaults.ncut_weight, help="normalized cut loss weight (default %(default)s)")
     group.add_argument("--entropy-weight", type=float, default=defaults.entropy_weight, help="entropy loss weight (default %(default)s)")
     group = parser.add_argument_group("optimisation")

@@ -72,9 +72,14 @@ def test_tags_demo_end_to_end_tiny(tmp_path):
     # the pairs differ by the expand term only: it is in the logs of the first pair, not of the second
     for k, with_expand in (("tags_pce", True), ("tags_pce_crf", True), ("tags_pce_noexpand", False),
                            ("tags_pce_crf_noexpand", False)):
-        row = next(csv.DictReader(open(tmp_path / "tags" / k / "log.csv")))
+        rows = list(csv.DictReader(open(tmp_path / "tags" / k / "log.csv")))
+        row = rows[0]
         assert (row["expand"] != "") == with_expand, k
         assert (row["crf"] != "") == ("crf" in k), k
+        # the seed-trained networks train 1.5 times the demo's epochs (rounded up): 2 for 1
+        assert [int(r["epoch"]) for r in rows] == [1, 2], k
+    assert len(list(csv.DictReader(open(tmp_path / "tags" / "full" / "log.csv")))) == 1
+    assert res["epochs"] == 1 and res["seed_epochs"] == 2
     assert res["cam_stage"]["bg_level"] in [round(0.05 * i, 2) for i in range(1, 20)]
     assert (tmp_path / "tags" / "cam" / "seeds.pt").is_file()
     # image | 2 CAMs | CAM argmax | 4 seed-trained networks | full | truth

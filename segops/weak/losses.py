@@ -15,6 +15,7 @@ each at most once; :attr:`LossSpec.name` is the canonical spelling); :class:`Reg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LOSS_GRAMMAR", "REGULARIZERS", "LossSpec", "parse_loss", "loss_choice", "RegularizedLoss", "expand_loss",
-    "sec_decay", "SEC_FG_DECAY", "SEC_BG_DECAY",
+    "sec_decay", "SEC_FG_DECAY", "SEC_BG_DECAY", "crf_schedule",
 ]
 
 #: what ``--loss`` accepts, as shown in error messages and ``--help``.
@@ -118,6 +119,10 @@ class RegularizedLoss(nn.Module):
     ``expand_weight * expand_loss(logits, tags, roi, expand_fg_decay, expand_bg_decay)`` (:func:`expand_loss`;
     a decay of ``None`` is SEC's, carried over to the size of the logits), which needs each image's tags.
 
+    :attr:`crf_factor` (default 1) multiplies the CRF term: the trainer sets it before every step from
+    ``cfg.crf_start_epoch`` and ``cfg.crf_ramp_epochs`` (:func:`crf_schedule`). At 0 the CRF term is not computed
+    and is logged as 0.
+
     ``forward(logits (B, K, H, W), target (B, H, W) int64 with 255 = unlabelled, images (B, 3, H, W) 0..255,
     roi (B, H, W) or None, tags (B, K) or None)`` returns ``(total, terms)`` with ``terms`` a dict of detached
     per-term values (``ce``/``pce``, ``crf``, ``ncut``, ``entropy``, ``expand``; the regularizers already weighted).
@@ -150,6 +155,7 @@ class RegularizedLoss(nn.Module):
             self.entropy = snn.EntropyLoss()
         self.expand_weight = float(getattr(cfg, "expand_weight", 0.0)) if getattr(cfg, "supervision", None) == "tags" else 0.0
         self.expand_decays = (getattr(cfg, "expand_fg_decay", None), getattr(cfg, "expand_bg_decay", None))
+        self.crf_factor = 1.0
 
     def forward(
         self, logits: Tensor, target: Tensor, images: Tensor, roi: Optional[Tensor], tags: Optional[Tensor] = None
@@ -161,11 +167,16 @@ class RegularizedLoss(nn.Module):
         else:
             total = F.cross_entropy(logits, target, ignore_index=255)
         terms[self.ce_name] = float(total.detach())
-        if self.crf is not None or self.ncut is not None:
+        crf_on = self.crf is not None and self.crf_factor > 0
+        if self.crf is not None and not crf_on:
+            terms["crf"] = 0.0
+        if crf_on or self.ncut is not None:
             probs = logits.softmax(1)
             roi_f = None if roi is None else roi.float()
-            if self.crf is not None:
-                t = self.crf(images.float(), probs, roi_f)
+            if crf_on:
+                t = self.crf(images.float(), probs, roi_f)  # type: ignore[misc]
+                if self.crf_factor != 1.0:
+                    t = self.crf_factor * t
                 terms["crf"] = float(t.detach())
                 total = total + t
             if self.ncut is not None:
@@ -185,6 +196,28 @@ class RegularizedLoss(nn.Module):
             terms["expand"] = float(t.detach())
             total = total + t
         return total, terms
+
+
+def crf_schedule(step: int, steps_per_epoch: int, start_epoch: float = 0.0, ramp_epochs: float = 0.0) -> float:
+    """The factor on the CRF loss's weight at optimizer step ``step`` (0-based): 0 for the first ``start_epoch``
+    epochs (the data term alone, as when Tang et al. fine-tune a pCE model with the CRF loss), then rising linearly
+    over ``ramp_epochs`` epochs to 1, where it stays. With ``ramp_epochs`` 0 the full weight starts at once.
+
+    The step ``start_epoch * steps_per_epoch + i`` (``i >= 0``) gets ``min(1, (i + 1) / (ramp_epochs *
+    steps_per_epoch))``: the first step of the ramp carries a small weight, its last step the full one.
+    """
+    if int(steps_per_epoch) < 1:
+        raise ValueError("crf_schedule: steps_per_epoch must be >= 1, got %r" % (steps_per_epoch,))
+    for name, v in (("start_epoch", start_epoch), ("ramp_epochs", ramp_epochs)):
+        if not (math.isfinite(float(v)) and float(v) >= 0):
+            raise ValueError("crf_schedule: %s must be a finite number >= 0, got %r" % (name, v))
+    i = int(step) - float(start_epoch) * int(steps_per_epoch)
+    if i < 0:
+        return 0.0
+    ramp_steps = float(ramp_epochs) * int(steps_per_epoch)
+    if ramp_steps <= 0:
+        return 1.0
+    return min(1.0, (i + 1) / ramp_steps)
 
 
 # ----------------------------------------------------------------------------------------------- expand (SEC)
