@@ -87,3 +87,60 @@ def test_lattice_threads_match_reference():
     # float32, the same lattice: accumulation order only, u = 6e-8 over up to ~300 terms per vertex
     assert err < 2e-5
     assert out[3].shape[0] == RL.build_lattice(f[0].reshape(5, -1).t().contiguous()).num_vertices
+
+
+
+def _isa_cases():
+    """Features for the instruction-set check: every case above, plus odd sizes (runs of 8 points cut by
+    an image's end and by a thread's range) and the dimensions 2, 3 and 7; with the values to filter."""
+    g = torch.Generator().manual_seed(3)
+    cases = dict(CASES)
+    photo = (torch.nn.functional.interpolate(torch.rand(3, 3, 5, 5, generator=g) * 255, size=(37, 53),
+                                             mode="bilinear", align_corners=False)
+             + torch.randn(3, 3, 37, 53, generator=g) * 3)
+    cases["odd_sizes_d5"] = crf_features(photo, 13.0, 6.0)
+    for d in (2, 3, 7):
+        cases[f"odd_sizes_d{d}"] = torch.randn(2, d, 41, 29, generator=g) * 2
+    return {name: (f, torch.rand(f.shape[0], 3, *f.shape[2:], generator=g)) for name, f in cases.items()}
+
+
+def _isa_results(inputs: dict[str, tuple[torch.Tensor, torch.Tensor]], threads: int) -> dict[str, list]:
+    old = torch.get_num_threads()
+    out = {}
+    try:
+        torch.set_num_threads(threads)
+        for name, (f, v) in sorted(inputs.items()):
+            raw = ops.permutohedral_filter.default(v, f, False)
+            # the filtered values and the number of vertices (vertex ids may depend on thread timing)
+            out[name] = [raw[0], torch.tensor(raw[3].shape[0])]
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lattice_same_bits_on_every_instruction_set(tmp_path, threads):
+    """The lattice loops' AVX2 clones (there the build finds 8 points' simplices at once in vector lanes) and
+    the portable build (ATEN_CPU_CAPABILITY=default, read once per process: so in a subprocess) do the same
+    operations in the same order: bitwise equal results (on a CPU without AVX2 both runs are portable).
+    The inputs are made here and handed over: ATen's own random and resampling kernels round differently
+    per instruction set."""
+    import os
+    import subprocess
+    import sys
+
+    inputs = _isa_cases()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_lattice_threads as t; "
+            "torch.save(t._isa_results(torch.load(%r), %d), %r)"
+            % (here, str(tmp_path / "inputs.pt"), threads, str(tmp_path / "portable.pt")))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    portable = torch.load(tmp_path / "portable.pt")
+    native = _isa_results(inputs, threads)
+    assert sorted(portable) == sorted(native)
+    for name in native:
+        for a, b in zip(native[name], portable[name]):
+            assert torch.equal(a, b), name

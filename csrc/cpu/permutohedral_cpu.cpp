@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "segops/permutohedral_host.h"
@@ -75,13 +76,24 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, i
 // so both versions give bitwise identical results.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SEGOPS_LATTICE_AVX2 1
+// ATEN_CPU_CAPABILITY=default pins the baseline build, as for ATen's own kernels (read once per process).
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
+  static const bool has = [] {
+    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+    return __builtin_cpu_supports("avx2") && !(cap && std::strcmp(cap, "default") == 0);
+  }();
   return has;
 }
+// A functor with a run_range_wide(begin, end) has a loop that is only worth its vector form under AVX2.
+template <typename F>
+concept HasWideRange = requires(const F& f) { f.run_range_wide(int64_t(0), int64_t(0)); };
+
 template <typename F>
 __attribute__((target("avx2"))) void run_range_avx2(const F& f, int64_t begin, int64_t end) {
-  f.run_range(begin, end);
+  if constexpr (HasWideRange<F>)
+    f.run_range_wide(begin, end);
+  else
+    f.run_range(begin, end);
 }
 template <typename scalar_t, typename acc>
 __attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& args, int64_t B,

@@ -258,8 +258,9 @@ SEGOPS_HD_INLINE uint64_t hash_key(const int32_t* key) {
 
 #if !defined(__CUDACC__)
 // ---- steps 1-3 for 8 consecutive float32 points at once (CPU) ---------------------------------------------
-// The same operations as find_simplex, lane by lane and in the same order (GCC vector extensions: SSE2 in
-// the baseline build, AVX2 in the AVX2 clones), so every lane's result is bitwise the scalar one.
+// The same operations as find_simplex, lane by lane and in the same order (GCC vector extensions), so every
+// lane's result is bitwise the scalar one. Used only inside the AVX2 clones: at the SSE2 baseline GCC
+// scalarises the lane selects and the search is slower than the scalar one.
 namespace simd8 {
 typedef float f8 __attribute__((vector_size(32)));
 typedef int32_t i8 __attribute__((vector_size(32)));
@@ -539,7 +540,14 @@ struct BuildPacked : BuildBase<D, T> {
   // of the shared table (neighbouring pixels share most vertices): a hit costs no table probe and no
   // atomic. The owners stay right: a chunk meets each key first at its smallest entry id, which always
   // misses the cache and claims the slot.
-  void run_range(index_t begin, index_t end) const {
+  void run_range(index_t begin, index_t end) const { run_points<false>(begin, end); }
+  // The AVX2 clone's entry (see the CPU backend): the 8-lane simplex search pays off only where its vector
+  // types map to AVX2 registers; at the SSE2 baseline GCC splits them and scalarises the selects, which
+  // made the build 3.5x slower than the scalar search on an EPYC.
+  SEGOPS_LATTICE_INLINE void run_range_wide(index_t begin, index_t end) const { run_points<true>(begin, end); }
+
+  template <bool kWide>
+  SEGOPS_LATTICE_INLINE void run_points(index_t begin, index_t end) const {
     const PackPlan p = *plan;
     std::vector<int64_t> cache_code(kCache, int64_t(-1));
     std::vector<int32_t> cache_slot(kCache);
@@ -551,7 +559,7 @@ struct BuildPacked : BuildBase<D, T> {
         ++b;
       }
       // float32 with points contiguous: 8 points' simplices at once, then their vertices in point order
-      if constexpr (std::is_same<T, float>::value) {
+      if constexpr (kWide && std::is_same<T, float>::value) {
         int32_t rem0[D + 1][8], rank[D + 1][8];
         if (this->fsn == 1 && p.ok && n + 8 <= N && i + 8 <= end &&
             find_simplex8<D>(this->feats + b * this->fsb + n, this->fsd, this->scale, rem0, rank,
