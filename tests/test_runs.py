@@ -300,7 +300,13 @@ def test_bench_writes_into_a_named_folder_of_the_current_directory(tmp_path, mon
     assert len(written) == 1 and written[0].endswith("-quick.json")
     assert sorted(os.listdir(tmp_path)) == ["segops-bench-results"]  # no benchmarks/results tree
     with open(tmp_path / "segops-bench-results" / written[0]) as f:
-        assert {row["op"] for row in json.load(f)["rows"]} >= {"partial_cross_entropy", "entropy"}
+        result = json.load(f)
+    assert {row["op"] for row in result["rows"]} >= {"partial_cross_entropy", "entropy"}
+    # the CPU is named, so that results from different machine classes are not compared as one
+    env = result["environment"]
+    assert "cpu_model" in env and "cpu_count" in env
+    if sys.platform.startswith("linux"):
+        assert env["cpu_model"] and env["cache_l2"]
 
 
 # --------------------------------------------------------------------- backbone weights, head lr, workers

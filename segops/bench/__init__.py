@@ -101,6 +101,39 @@ def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Call
     return step
 
 
+def _cpu_model() -> Dict[str, Any]:
+    """The CPU's model name and cache sizes (Linux), so that timings from different machine classes are not
+    compared as one: the same 2-core VM type has run on CPUs 1.7x apart."""
+    out: Dict[str, Any] = {"cpu_model": platform.processor() or None}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    out["cpu_model"] = value.strip()
+                elif key in ("cpu family", "model"):  # a VM may show only the vendor in the name
+                    out[{"cpu family": "cpu_family", "model": "cpu_model_number"}[key]] = value.strip()
+                elif not line.strip():
+                    break  # the first CPU's block is enough
+    except OSError:  # not Linux: platform.processor() is what there is
+        pass
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for idx in sorted(os.listdir(base)):
+            with open(os.path.join(base, idx, "level")) as fh:
+                level = fh.read().strip()
+            with open(os.path.join(base, idx, "type")) as fh:
+                kind = fh.read().strip()
+            with open(os.path.join(base, idx, "size")) as fh:
+                size = fh.read().strip()
+            if kind != "Instruction":
+                out["cache_l%s" % level] = size
+    except OSError:
+        pass
+    return out
+
+
 def environment(device: torch.device) -> Dict[str, Any]:
     from segops.info import info
 
@@ -109,6 +142,7 @@ def environment(device: torch.device) -> Dict[str, Any]:
     env["bench_device"] = str(device)
     env["machine"] = platform.machine()
     env["cpu_count"] = os.cpu_count()
+    env.update(_cpu_model())
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         try:
