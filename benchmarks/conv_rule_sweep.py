@@ -22,6 +22,7 @@ import torch.utils.benchmark as tb
 
 import segops
 from segops import ops
+from segops.bench import environment
 from segops.ops import conv_choice
 
 # (name, transposed, batch, C_in, C_out, size, kernel, stride, padding, dilation, groups)
@@ -39,6 +40,17 @@ SHAPES = [
     ("depthwise 3x3 r6", False, 2, 64, 64, 41, 3, 1, 6, 6, 64),
     ("unet 2x2/2", True, 2, 256, 128, 20, 2, 2, 0, 1, 1),
     ("unet 2x2/2", True, 2, 32, 16, 80, 2, 2, 0, 1, 1),
+    # the full-width U-Net's up-convolutions and the sizes around the rule's bounds
+    ("unet 2x2/2", True, 2, 1024, 512, 14, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 1024, 512, 28, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 512, 256, 28, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 256, 128, 28, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 512, 256, 56, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 256, 128, 56, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 128, 64, 112, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 64, 32, 112, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 128, 64, 224, 2, 2, 0, 1, 1),
+    ("unet 2x2/2", True, 2, 64, 32, 224, 2, 2, 0, 1, 1),
     ("fcn up2 4x4/2", True, 2, 21, 21, 12, 4, 2, 0, 1, 1),
     ("depthwise up x2", True, 2, 21, 21, 16, 4, 2, 1, 1, 21),
     ("depthwise up x8", True, 2, 21, 21, 21, 16, 8, 4, 1, 21),
@@ -59,6 +71,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--out", default="")
+    p.add_argument("--only", default="", help="run only the shapes whose name contains this text")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     dev, dtype = torch.device(a.device), getattr(torch, a.dtype)
@@ -66,6 +79,8 @@ def main() -> None:
     rows: List[dict] = []
     print("%-18s %-40s %10s %10s %8s  %s" % ("family", "shape", "segops ms", "vendor ms", "v/s", "auto"))
     for name, transposed, B, cin, cout, size, k, s, pad, d, groups in SHAPES:
+        if a.only not in name:
+            continue
         x = torch.randn(B, cin, size, size, generator=g).to(dev, dtype).requires_grad_()
         wshape = (cin, cout // groups, k, k) if transposed else (cout, cin // groups, k, k)
         w = (torch.randn(*wshape, generator=g) * 0.05).to(dev, dtype).requires_grad_()
@@ -97,7 +112,8 @@ def main() -> None:
             row["load"]), flush=True)
     if a.out:
         env = dict(torch=torch.__version__, segops=segops.__version__ if hasattr(segops, "__version__") else None,
-                   device=str(dev), dtype=a.dtype, threads=a.threads, machine=platform.processor() or platform.machine())
+                   device=str(dev), dtype=a.dtype, threads=a.threads, machine=platform.processor() or platform.machine(),
+                   **{k: v for k, v in environment(dev).items() if k.startswith(("cpu_", "cache_"))})
         with open(a.out, "w") as f:
             json.dump(dict(environment=env, rows=rows), f, indent=2)
         print("wrote", a.out)
