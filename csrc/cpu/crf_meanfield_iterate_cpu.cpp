@@ -299,17 +299,6 @@ struct Loops {
 #endif
 };
 
-// The AVX2 clones where the CPU has AVX2, unless ATEN_CPU_CAPABILITY=default (as for ATen's kernels and the
-// losses' blocked loops).
-inline bool has_avx2() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  static const bool yes = __builtin_cpu_supports("avx2") && block::cpu_isa() != block::Isa::kGeneric;
-  return yes;
-#else
-  return false;
-#endif
-}
-
 // grid += extra[0] + extra[1] + ... (in chunk order) for kernel t, rows in parallel.
 void add_chunks(const Pass& P, const Term& t) {
   if (P.chunks == 1) return;
@@ -326,7 +315,7 @@ template <int C8>
 void run_pass_c8(const Pass& P) {
   auto blocks = &Loops<C8>::blocks;
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) blocks = &Loops<C8>::blocks_avx2;
+  if (block::avx2_clones()) blocks = &Loops<C8>::blocks_avx2;
 #endif
   const int64_t nb = P.B * ((P.N + kPoints - 1) / kPoints);
   const int S = P.chunks;
@@ -405,7 +394,7 @@ __attribute__((target("avx2"))) void blur_range_avx2(const float* in, float* out
 void blur_range_best(const float* in, float* out, const int32_t* nbrs, int64_t V, int64_t j, int64_t Cg, int64_t v0,
                      int64_t v1) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (has_avx2()) return blur_range_avx2(in, out, nbrs, V, j, Cg, v0, v1);
+  if (block::avx2_clones()) return blur_range_avx2(in, out, nbrs, V, j, Cg, v0, v1);
 #endif
   blur_range(in, out, nbrs, V, j, Cg, v0, v1);
 }

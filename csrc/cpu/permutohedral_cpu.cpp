@@ -6,9 +6,9 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
+#include "segops/cpu_isa.h"
 #include "segops/permutohedral_host.h"
 
 namespace segops {
@@ -76,14 +76,6 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, i
 // so both versions give bitwise identical results.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SEGOPS_LATTICE_AVX2 1
-// ATEN_CPU_CAPABILITY=default pins the baseline build, as for ATen's own kernels (read once per process).
-inline bool cpu_has_avx2() {
-  static const bool has = [] {
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    return __builtin_cpu_supports("avx2") && !(cap && std::strcmp(cap, "default") == 0);
-  }();
-  return has;
-}
 // A functor with a run_range_wide(begin, end) has a loop that is only worth its vector form under AVX2.
 template <typename F>
 concept HasWideRange = requires(const F& f) { f.run_range_wide(int64_t(0), int64_t(0)); };
@@ -106,7 +98,7 @@ __attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t
 template <typename F>
 void run_range_best(const F& f, int64_t begin, int64_t end) {
 #if defined(SEGOPS_LATTICE_AVX2)
-  if (cpu_has_avx2()) return run_range_avx2(f, begin, end);
+  if (block::avx2_clones()) return run_range_avx2(f, begin, end);
 #endif
   f.run_range(begin, end);
 }
@@ -115,7 +107,7 @@ template <typename scalar_t, typename acc>
 void scatter_range_best(const SplatArgs<scalar_t, acc>& args, int64_t B, const std::vector<int64_t>& image_start,
                         int64_t v0, int64_t v1) {
 #if defined(SEGOPS_LATTICE_AVX2)
-  if (cpu_has_avx2()) return scatter_range_avx2(args, B, image_start, v0, v1);
+  if (block::avx2_clones()) return scatter_range_avx2(args, B, image_start, v0, v1);
 #endif
   scatter_range(args, B, image_start, v0, v1);
 }

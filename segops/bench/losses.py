@@ -49,9 +49,9 @@ def stroke_target(B: int, K: int, H: int, W: int, labelled: float, device, gener
     heading turns by up to ~0.3 rad per `step` pixels), one class per stroke, added until `labelled` of each
     image's pixels carry a label (overshooting by at most one stroke stamp); the rest 255. The layout of
     ScribbleSup-style annotations, which a scribble user's loss sees."""
-    target = torch.full((B, H, W), 255, dtype=torch.int64)
     if labelled >= 1.0:
         return torch.randint(0, K, (B, H, W), generator=generator).to(device)
+    target = torch.full((B, H, W), 255, dtype=torch.int64)
     want = int(round(labelled * H * W))
     r = width // 2
     for b in range(B):
@@ -59,7 +59,7 @@ def stroke_target(B: int, K: int, H: int, W: int, labelled: float, device, gener
         count = 0
         while count < want:
             u = torch.rand(4, generator=generator).tolist()
-            y, x, heading = u[0] * (H - 1), u[1] * (W - 1), u[2] * 6.283185307179586
+            y, x, heading = u[0] * (H - 1), u[1] * (W - 1), u[2] * math.tau
             cls = int(torch.randint(0, K, (1,), generator=generator))
             length = int(20 + u[3] * 80)  # stamps per stroke
             turns = (torch.rand(length, generator=generator) - 0.5) * 0.6

@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+#include "segops/cpu_isa.h"
 #include "segops/softmax_losses_math.h"
 
 namespace segops {
@@ -59,7 +60,7 @@ namespace generic {
 // set themselves: the baseline copy, inlined into their per-target clones.
 using generic::exp_poly;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(SEGOPS_CPU_MULTI_ISA)
 #define SEGOPS_LOSSES_MULTI_ISA 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -74,30 +75,6 @@ namespace avx512 {
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
-
-enum class Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-
-// The widest instruction set this CPU runs, capped like ATen's own kernels by ATEN_CPU_CAPABILITY
-// ("default", "avx2", "avx512"), so that one setting pins both for a comparison.
-inline Isa cpu_isa() {
-  static const Isa isa = [] {
-#if defined(SEGOPS_LOSSES_MULTI_ISA)
-    __builtin_cpu_init();
-    Isa best = Isa::kGeneric;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-      best = Isa::kAvx512;
-    const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
-    if (cap && std::strcmp(cap, "default") == 0) best = Isa::kGeneric;
-    if (cap && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) best = Isa::kAvx2;
-    return best;
-#else
-    return Isa::kGeneric;
-#endif
-  }();
-  return isa;
-}
 
 // forward_chunk / backward_chunk of the body compiled for `isa`. float logits only: half and bfloat16 convert
 // element by element, which the wider builds hardly speed up, so they keep one (generic) copy.
