@@ -103,6 +103,11 @@ TORCH_LIBRARY(segops, m) {
   m.def(
       "_lattice_quadratic_forms_backward(Tensor grad_forms, Tensor splatted, Tensor blurred, Tensor vertex, "
       "Tensor bary, Tensor neighbors, bool exact, ScalarType dtype) -> Tensor");
+  // The losses' scale_factor = 0.5 resize: F.interpolate(x, scale_factor=0.5, mode="bilinear",
+  // align_corners=False) of x (B, C, H, W), i.e. the mean of each 2x2 block, (B, C, H // 2, W // 2); _backward
+  // returns the gradient (B, C, size[0], size[1]) of x.
+  m.def("_half_resolution(Tensor x) -> Tensor");
+  m.def("_half_resolution_backward(Tensor grad, SymInt[2] size) -> Tensor");
 
   // ---- transposed / atrous convolution --------------------------------------------------------------
   // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return

@@ -74,3 +74,8 @@ def crf_mean_field_update(unary: Tensor, messages, scales, weights) -> Tensor:
     for m, s, w in zip(messages, scales, weights):
         logits = logits + w * (m if s is None else s * m)
     return torch.softmax(logits, 1)
+
+
+def half_resolution(x: Tensor) -> Tensor:
+    """The CRF losses' scale-0.5 resize: ``x`` (B, C, H, W) -> (B, C, H // 2, W // 2)."""
+    return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)

@@ -16,19 +16,14 @@
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
+#include "segops/cpu_alloc.h"
 #include "segops/crf_meanfield_math.h"
 #include "segops/permutohedral_host.h"
 #include "segops/softmax_losses_block.h"
@@ -110,28 +105,10 @@ struct BlurLaunch {
   }
 };
 
-// A float32 scratch buffer of n values for the op's own use. Large ones sit on 2 MiB-aligned memory advised
-// for transparent huge pages: a fresh 25 MB buffer costs ~6 ms of first-touch page faults in 4 KiB pages,
-// one fault per 2 MiB otherwise (a no-op where the kernel does not do huge pages), and the passes read it
-// with fewer TLB misses (the one-thread pass: 74 vs 83 ms at 512², K = 21). The huge pages are faulted in
-// here, one thread in order: when the parallel writers of the first pass faulted them concurrently, the call
-// cost 30 ms more on two threads (Linux 6.18, THP defrag "madvise") than on one.
-Tensor scratch(int64_t n) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr size_t kHuge = size_t(2) << 20;
-  const size_t bytes = static_cast<size_t>(n) * sizeof(float);
-  if (bytes >= 4 * kHuge) {
-    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
-    void* p = nullptr;
-    if (posix_memalign(&p, kHuge, size) == 0) {
-      madvise(p, size, MADV_HUGEPAGE);
-      for (size_t at = 0; at < size; at += kHuge) static_cast<volatile char*>(p)[at] = 0;
-      return at::from_blob(p, {n}, [](void* q) { std::free(q); }, at::TensorOptions().dtype(at::kFloat));
-    }
-  }
-#endif
-  return at::empty({n}, at::kFloat);
-}
+// A float32 scratch buffer of n values for the op's own use: a large one on transparent huge pages
+// (segops/cpu_alloc.h), which also makes the passes read it with fewer TLB misses (the one-thread pass: 74 vs
+// 83 ms at 512², K = 21).
+Tensor scratch(int64_t n) { return empty_output({n}, at::TensorOptions().dtype(at::kFloat)); }
 
 // One Potts kernel: its lattice, normalisation scales and weight; the grids of the current pass.
 struct Term {

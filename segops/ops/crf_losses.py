@@ -20,6 +20,7 @@ from torch import Tensor
 
 from segops.ops._checks import check_same_device
 from segops.ops.lattice import _acc_dtype, crf_features
+from segops.ops.resize import half_resolution
 
 __all__ = ["dense_crf_loss", "normalized_cut_loss"]
 
@@ -146,7 +147,11 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         rois = _to_device(rois, device).to(segmentations.dtype)
     if scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
-        segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
+        if scale_factor == 0.5:  # the ECCV'18 setting: the same values as the bilinear resize, one op each way
+            segmentations = half_resolution(segmentations)
+        else:
+            segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear",
+                                          align_corners=False)
         if rois is not None:
             rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
         sigma_xy = sigma_xy * scale_factor

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "segops/cpu_alloc.h"
 #include "segops/crf_meanfield_math.h"
 
 namespace segops {
@@ -114,7 +115,7 @@ template <typename Launch>
 Tensor forward(const Tensor& unary, at::TensorList messages, at::TensorList scales, at::ArrayRef<double> weights,
                const Launch& launch) {
   check_inputs("crf_mean_field_update", unary, messages, scales, weights);
-  Tensor out = at::empty_like(unary, at::MemoryFormat::Contiguous);
+  Tensor out = empty_output(unary.sizes(), unary.options());
   return forward_into(unary, messages, scales, weights, out, launch);
 }
 
@@ -130,7 +131,7 @@ Tensor backward(const Tensor& grad_in, const Tensor& q_in, const Launch& launch)
               ": grad (", grad_in.scalar_type(), " on ", grad_in.device(), ") must match q (", q_in.scalar_type(),
               " on ", q_in.device(), ")");
   const Tensor grad = grad_in.contiguous(), q = q_in.contiguous();
-  Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  Tensor out = empty_output(q.sizes(), q.options());
   const int64_t B = q.size(0), K = q.size(1), N = spatial_size(q);
   if (B * N == 0 || K == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "_crf_mean_field_update_backward", [&] {

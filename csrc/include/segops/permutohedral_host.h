@@ -34,6 +34,7 @@
 #include <tuple>
 #include <utility>
 
+#include "segops/cpu_alloc.h"
 #include "segops/permutohedral_math.h"
 
 #define SEGOPS_LATTICE_KERNEL(name) RECORD_USER_SCOPE("segops_kernel::" name)
@@ -492,7 +493,7 @@ Tensor apply_forward(const Tensor& values, const Tensor& vertex, const Tensor& b
   const char* op = "permutohedral_apply";
   const int64_t d = check_lattice(op, "values", values, vertex, bary, neighbors);
   const int64_t B = values.size(0), C = values.size(1), N = spatial_numel(values);
-  Tensor out = at::empty(values.sizes(), values.options());
+  Tensor out = empty_output(values.sizes(), values.options());
   if (B * N * C == 0) return out;
   const Tensor vflat = vertex.reshape({-1}), bflat = bary.reshape({-1});
   Tensor grid = splat<Backend>(as_bcn(values), vflat, bflat, neighbors.size(0), d + 1, Tensor(), false, Tensor());
@@ -510,7 +511,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> filter_forward(const Tensor& 
   const auto acc = acc_dtype(values.scalar_type());
   const auto fopt = values.options().dtype(acc);
   const auto iopt = values.options().dtype(at::kInt);
-  Tensor out = at::empty(values.sizes(), values.options());
+  Tensor out = empty_output(values.sizes(), values.options());
   if (B * N == 0) {
     return std::make_tuple(out, at::empty({B, N, d + 1}, iopt), at::empty({B, N, d + 1}, fopt),
                            at::empty({0, d + 1, 2}, iopt), normalize ? at::empty({B, N}, fopt) : at::empty({0}, fopt));
@@ -537,7 +538,7 @@ Tensor filter_backward(const Tensor& grad, const Tensor& vertex, const Tensor& b
   const int64_t d = check_lattice(op, "grad", grad, vertex, bary, neighbors);
   const int64_t B = grad.size(0), C = grad.size(1), N = spatial_numel(grad);
   const auto acc = acc_dtype(grad.scalar_type());
-  Tensor out = at::empty(grad.sizes(), grad.options());
+  Tensor out = empty_output(grad.sizes(), grad.options());
   if (B * N == 0) return out;
   Tensor prescale;
   if (normalize) {
@@ -635,7 +636,7 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
   TORCH_CHECK(blurred.dim() == 2 && blurred.size(0) == M && (blurred.size(1) == K || blurred.size(1) == K + 1), op,
               ": blurred must be (M, K [+1]), got ", blurred.sizes());
   const bool degree = blurred.size(1) == K + 1;
-  Tensor out = at::empty({B, K, N}, grad_forms.options().dtype(dtype));
+  Tensor out = empty_output({B, K, N}, grad_forms.options().dtype(dtype));
   if (B * N * K == 0) return out;
   Tensor coef = grad_forms.contiguous();
   Tensor grid = blurred;

@@ -18,6 +18,7 @@
 #include <tuple>
 #include <vector>
 
+#include "segops/cpu_alloc.h"
 #include "segops/softmax_losses_math.h"
 
 namespace segops {
@@ -61,7 +62,7 @@ inline Tensor empty_bks_like(const Tensor& t) {
     if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) fmt = at::MemoryFormat::ChannelsLast;
     if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) fmt = at::MemoryFormat::ChannelsLast3d;
   }
-  return at::empty(t.sizes(), t.options().memory_format(fmt));
+  return empty_output(t.sizes(), t.options(), fmt);
 }
 
 inline at::ScalarType acc_dtype(const Tensor& t) {

@@ -1,0 +1,133 @@
+// The CRF losses' half-resolution resize: F.interpolate(x, scale_factor=0.5, mode="bilinear",
+// align_corners=False) of x (B, C, H, W). At exactly one half the bilinear source coordinate of output (i, j) is
+// (2i + 0.5, 2j + 0.5): both weights are 1/2 in each direction, so every output is the mean of one 2x2 block
+// and a trailing odd row / column is never read. The forward reads x once; the backward writes each element of
+// the input gradient once (a quarter of the output gradient in each block, 0 on a trailing odd row / column)
+// instead of ATen's zero fill plus scatter-add. Sums in acc_t (float for half / bfloat16), in ATen's order:
+// 0.25 * ((x00 + x01) + (x10 + x11)).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include "segops/cpu_alloc.h"
+#include "segops/parallel.h"
+
+namespace segops {
+namespace half_resolution {
+
+// One work item: outputs [j0, j0 + seg) of one output row (a whole row on the CPU, one output on CUDA).
+template <typename scalar_t, typename idx_t>
+struct Down {
+  const scalar_t* x;
+  scalar_t* y;
+  idx_t H, W, Ho, Wo, seg, per_row;
+  SEGOPS_HD_INLINE void operator()(index_t item) const {
+    using A = acc_t<scalar_t>;
+    const idx_t i = static_cast<idx_t>(item);
+    const idx_t row = i / per_row, j0 = (i - row * per_row) * seg, j1 = hd_min<idx_t>(j0 + seg, Wo);
+    const idx_t plane = row / Ho, r = row - plane * Ho;
+    const scalar_t* x0 = x + (plane * H + 2 * r) * W;
+    const scalar_t* x1 = x0 + W;
+    scalar_t* out = y + row * Wo;
+    for (idx_t j = j0; j < j1; ++j) {
+      const A top = static_cast<A>(x0[2 * j]) + static_cast<A>(x0[2 * j + 1]);
+      const A bottom = static_cast<A>(x1[2 * j]) + static_cast<A>(x1[2 * j + 1]);
+      out[j] = static_cast<scalar_t>(A(0.25) * (top + bottom));
+    }
+  }
+};
+
+// One work item: column pairs [j0, j0 + seg) of one input row; the row's last item also writes the zero of a
+// trailing odd column, and a trailing odd row is all zeros.
+template <typename scalar_t, typename idx_t>
+struct Up {
+  const scalar_t* g;
+  scalar_t* gx;
+  idx_t H, W, Ho, Wo, seg, per_row;
+  SEGOPS_HD_INLINE void operator()(index_t item) const {
+    using A = acc_t<scalar_t>;
+    const idx_t i = static_cast<idx_t>(item);
+    const idx_t row = i / per_row, j0 = (i - row * per_row) * seg, j1 = hd_min<idx_t>(j0 + seg, Wo);
+    const idx_t plane = row / H, r = row - plane * H;
+    scalar_t* out = gx + row * W;
+    if (r >= 2 * Ho) {
+      for (idx_t j = 2 * j0; j < (j1 == Wo ? W : 2 * j1); ++j) out[j] = scalar_t(0);
+      return;
+    }
+    const scalar_t* src = g + (plane * Ho + r / 2) * Wo;
+    for (idx_t j = j0; j < j1; ++j) {
+      const scalar_t v = static_cast<scalar_t>(A(0.25) * static_cast<A>(src[j]));
+      out[2 * j] = v;
+      out[2 * j + 1] = v;
+    }
+    if (j1 == Wo)
+      for (idx_t j = 2 * Wo; j < W; ++j) out[j] = scalar_t(0);
+  }
+};
+
+inline void check_dtype(const char* op, const char* arg, const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, op, ": ", arg,
+              " must be float32, float64, float16 or bfloat16, got ", s);
+}
+
+// Work items of `rows` rows of `width` outputs in segments of launch.segment(width) (at least one item per row).
+template <typename Launch, typename F>
+void launch_rows(const Launch& launch, int64_t rows, int64_t width, bool fits32, const F& make) {
+  const int64_t seg = launch.segment(width);
+  const int64_t per_row = width > 0 ? (width + seg - 1) / seg : 1;
+  launch.with_index(fits32 && rows * per_row < (int64_t(1) << 31), [&](auto tag) {
+    using idx_t = decltype(tag);
+    launch(rows * per_row, make(idx_t{}, static_cast<idx_t>(seg), static_cast<idx_t>(per_row)), seg * 4);
+  });
+}
+
+template <typename Launch>
+at::Tensor forward(const at::Tensor& x_in, const Launch& launch) {
+  const char* op = "_half_resolution";
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be (B, C, H, W), got ", x_in.dim(), " dimensions");
+  check_dtype(op, "x", x_in);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = H / 2, Wo = W / 2;
+  at::Tensor y = empty_output({B, C, Ho, Wo}, x.options());
+  if (y.numel() == 0) return y;
+  const bool fits32 = x.numel() < (int64_t(1) << 31);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "_half_resolution", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    launch_rows(launch, B * C * Ho, Wo, fits32, [&](auto tag, auto seg, auto per_row) {
+      using idx_t = decltype(tag);
+      return Down<scalar_t, idx_t>{xp, yp, idx_t(H), idx_t(W), idx_t(Ho), idx_t(Wo), seg, per_row};
+    });
+  });
+  return y;
+}
+
+template <typename Launch>
+at::Tensor backward(const at::Tensor& grad_in, at::IntArrayRef size, const Launch& launch) {
+  const char* op = "_half_resolution_backward";
+  TORCH_CHECK(grad_in.dim() == 4, op, ": grad must be (B, C, H / 2, W / 2), got ", grad_in.dim(), " dimensions");
+  check_dtype(op, "grad", grad_in);
+  TORCH_CHECK(size.size() == 2 && size[0] >= 0 && size[1] >= 0, op, ": size must be the input's [H, W], got ",
+              size);
+  const int64_t B = grad_in.size(0), C = grad_in.size(1), H = size[0], W = size[1], Ho = H / 2, Wo = W / 2;
+  TORCH_CHECK(grad_in.size(2) == Ho && grad_in.size(3) == Wo, op, ": grad must be (B, C, H / 2, W / 2) = (", B,
+              ", ", C, ", ", Ho, ", ", Wo, ") for size ", size, ", got ", grad_in.sizes());
+  const at::Tensor g = grad_in.contiguous();
+  at::Tensor gx = empty_output({B, C, H, W}, g.options());
+  if (gx.numel() == 0) return gx;
+  const bool fits32 = gx.numel() < (int64_t(1) << 31);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_half_resolution_backward", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* gxp = gx.data_ptr<scalar_t>();
+    launch_rows(launch, B * C * H, Wo, fits32, [&](auto tag, auto seg, auto per_row) {
+      using idx_t = decltype(tag);
+      return Up<scalar_t, idx_t>{gp, gxp, idx_t(H), idx_t(W), idx_t(Ho), idx_t(Wo), seg, per_row};
+    });
+  });
+  return gx;
+}
+
+}  // namespace half_resolution
+}  // namespace segops
