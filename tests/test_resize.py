@@ -117,9 +117,12 @@ def test_cuda_matches_cpu(dtype):
 # ---- large CPU outputs: huge-page allocations (segops/cpu_alloc.h) -------------------------------------------
 
 
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_large_outputs_have_the_usual_layout_and_values(channels_last):
-    # 2 x 21 x 256 x 256 float32 = 11 MB: above the 8 MiB from which outputs sit on huge pages
+def test_large_outputs_have_the_usual_layout_and_values(channels_last, huge_pages, monkeypatch):
+    # 2 x 21 x 256 x 256 float32 = 11 MB: above the 8 MiB from which outputs sit on huge pages (unless
+    # SEGOPS_HUGE_PAGES=0, which is read at each allocation)
+    monkeypatch.setenv("SEGOPS_HUGE_PAGES", huge_pages)
     from segops.ops import partial_cross_entropy
 
     g = torch.Generator().manual_seed(9)

@@ -9,12 +9,16 @@ scattered independently (the worst case for reading only the labelled pixels):
 * ``torch.compile`` of the same PyTorch expression (inductor; ``--quick`` uses the ``aot_eager`` backend so that
   the smoke test stays fast: its times say nothing);
 * the memory floor: ``torch.zeros_like(logits)``, allocating and zeroing the ``(B, K, H, W)`` gradient that any
-  implementation must return.
+  implementation must return, with PyTorch's allocator (on the CPU a tensor this large is mapped afresh each
+  time and most of the floor is the kernel's page faults; segops puts large CPU outputs on transparent huge
+  pages and can go below it);
+* the resident floor: zeroing a gradient-sized buffer that is already mapped, the bytes that must be written
+  and nothing else.
 
-The four are timed interleaved in rounds (``torch.utils.benchmark``), and each time is the median over rounds, so
+The five are timed interleaved in rounds (``torch.utils.benchmark``), and each time is the median over rounds, so
 that a load change on a shared machine hits all of them alike. Rows carry ``labelled`` (the share),
-``compiled_ms``, ``floor_ms``, ``speedup_compiled`` and ``floor_ratio`` (segops time / floor time) besides the
-common columns; the suite prints its own table with them.
+``compiled_ms``, ``floor_ms``, ``resident_ms``, ``speedup_compiled``, ``floor_ratio`` (segops time / floor time) and
+``resident_ratio`` (segops time / resident floor) besides the common columns; the suite prints its own table with them.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ def _failing_ok(fn: Callable[[], Any]) -> Optional[Callable[[], Any]]:
 
 def _row(ctx: BenchContext, op: str, case: str, labelled: Optional[float], times: Dict[str, float],
          ours: Callable, theirs: Callable, compile_backend: str) -> Dict[str, Any]:
-    seg, tor, comp, floor = (times.get(k) for k in ("segops", "torch", "compiled", "floor"))
+    seg, tor, comp, floor, resident = (times.get(k) for k in ("segops", "torch", "compiled", "floor", "resident"))
     return dict(
         op=op,
         case=case,
@@ -140,8 +144,10 @@ def _row(ctx: BenchContext, op: str, case: str, labelled: Optional[float], times
         torch_ms=tor,
         compiled_ms=comp,
         floor_ms=floor,
+        resident_ms=resident,
         speedup_compiled=comp / seg if comp and seg else None,
         floor_ratio=seg / floor if seg and floor else None,
+        resident_ratio=seg / resident if seg and resident else None,
         compile_backend=compile_backend,
         segops_mem=ctx.peak_bytes(ours),
         torch_mem=ctx.peak_bytes(theirs),
@@ -165,6 +171,8 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
         logits = torch.randn(B, K, H, W, generator=g).mul_(3).to(ctx.device).requires_grad_()
         shape = "%dx%dx%dx%d" % (B, K, H, W)
         floor = lambda: torch.zeros_like(logits)  # noqa: E731
+        resident_buffer = torch.empty_like(logits, requires_grad=False)
+        resident = resident_buffer.zero_
         cases = [("strokes", frac) for frac in shares]
         cases += [("scattered", frac) for frac in shares if frac in SCATTERED_SHARES]
         for layout, frac in cases:
@@ -176,7 +184,7 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
             comp = None
             if compiled_pce is not None:
                 comp = _failing_ok(fwd_bwd(lambda x: compiled_pce(x, target), logits))
-            times = interleaved_ms(ctx, dict(segops=ours, torch=theirs, compiled=comp, floor=floor),
+            times = interleaved_ms(ctx, dict(segops=ours, torch=theirs, compiled=comp, floor=floor, resident=resident),
                                    1 if ctx.quick else ROUNDS)
             share = float((target != 255).float().mean())
             row = _row(ctx, "partial_cross_entropy", "%s %g%% labelled (%s)" % (shape, frac * 100, layout), frac,
@@ -189,7 +197,7 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
         ours = fwd_bwd(lambda x: ops.entropy(x), logits)
         theirs = fwd_bwd(_torch_entropy, logits)
         comp = _failing_ok(fwd_bwd(compiled_entropy, logits)) if compiled_entropy is not None else None
-        times = interleaved_ms(ctx, dict(segops=ours, torch=theirs, compiled=comp, floor=floor),
+        times = interleaved_ms(ctx, dict(segops=ours, torch=theirs, compiled=comp, floor=floor, resident=resident),
                                1 if ctx.quick else ROUNDS)
         row = _row(ctx, "entropy", shape, 1.0, times, ours, theirs, backend)
         row["segops_saved_bytes"] = saved_bytes(lambda: ops.entropy(logits), [logits])
@@ -202,7 +210,7 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
 def format_losses_table(rows: List[Dict[str, Any]], ctx: BenchContext) -> str:
     """The suite's own table: every peer and ratio, the label share as a column."""
     head = ["op", "shape", "labelled", "layout", "segops ms", "eager ms", "compiled ms", "floor ms",
-            "vs eager", "vs compiled", "/ floor"]
+            "resident ms", "vs eager", "vs compiled", "/ floor", "/ resident"]
     lines = [head]
     for r in rows:
         def ms(key: str) -> str:
@@ -215,8 +223,9 @@ def format_losses_table(rows: List[Dict[str, Any]], ctx: BenchContext) -> str:
         lines.append([
             r["op"], r["case"].split()[0], "-" if r["op"] == "entropy" else "%g%%" % (r["labelled"] * 100),
             r.get("layout", "-"),
-            ms("segops_ms"), ms("torch_ms"), ms("compiled_ms"), ms("floor_ms"),
+            ms("segops_ms"), ms("torch_ms"), ms("compiled_ms"), ms("floor_ms"), ms("resident_ms"),
             ratio(eager), ratio(r.get("speedup_compiled")), ratio(r.get("floor_ratio")),
+            ratio(r.get("resident_ratio")),
         ])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     text = ["  ".join(str(c).ljust(w) for c, w in zip(l, widths)) for l in lines]

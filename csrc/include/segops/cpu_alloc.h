@@ -8,7 +8,9 @@
 // ATen's again. The pages are faulted in here, by the calling thread in address order: faulting them from
 // several threads at once was slower than from one (the mean-field pass: 30 ms more at two threads with
 // THP defrag "madvise"). CUDA tensors and CPU tensors under 8 MiB come from at::empty (the caching
-// allocator / malloc's reuse already avoid the faults there).
+// allocator / malloc's reuse already avoid the faults there). SEGOPS_HUGE_PAGES=0 in the environment (read at
+// each allocation, so a benchmark can compare both in one process) turns this off: at::empty everywhere.
+// Faulting the pages from both threads, each its own half, measured no faster (PCE backward, 44 MB).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -25,11 +27,16 @@
 
 namespace segops {
 
+inline bool huge_pages_enabled() {
+  const char* v = std::getenv("SEGOPS_HUGE_PAGES");
+  return v == nullptr || v[0] != '0';
+}
+
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
                                at::MemoryFormat format = at::MemoryFormat::Contiguous) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr size_t kHuge = size_t(2) << 20;
-  if (options.device().is_cpu() && !options.pinned_memory()) {
+  if (options.device().is_cpu() && !options.pinned_memory() && huge_pages_enabled()) {
     size_t numel = 1;
     for (const int64_t s : sizes) numel *= static_cast<size_t>(s);
     const size_t bytes = numel * at::elementSize(at::typeMetaToScalarType(options.dtype()));
