@@ -320,6 +320,7 @@ void run_pass(const Pass& P) {
 
 // (B, K, N) planes -> (B N, Kp) rows with zero pad columns, in blocks of kPoints points.
 Tensor point_major(const Tensor& unary, int64_t B, int64_t K, int64_t N, int64_t Kp) {
+  RECORD_USER_SCOPE("segops_kernel::point_major");
   Tensor rows = scratch(B * N * Kp);
   const float* u = unary.data_ptr<float>();
   float* r = rows.data_ptr<float>();
@@ -443,7 +444,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
               op, ": vertex, bary, neighbors, normalization and weights must have one entry per kernel");
   const Tensor unary = unary_in.contiguous();
   const int64_t B = unary.size(0), K = unary.size(1), N = lattice::spatial_numel(unary);
-  Tensor out = at::empty(unary.sizes(), unary.options());
+  Tensor out = empty_output(unary.sizes(), unary.options());
   if (B * N == 0) return out;
 
   Pass P;

@@ -11,6 +11,9 @@
 // allocator / malloc's reuse already avoid the faults there). SEGOPS_HUGE_PAGES=0 in the environment (read at
 // each allocation, so a benchmark can compare both in one process) turns this off: at::empty everywhere.
 // Faulting the pages from both threads, each its own half, measured no faster (PCE backward, 44 MB).
+// On a virtual machine a fresh huge page can cost far more when the host backs it only on first touch: the
+// mean-field pass's 25 MB scratch took 1-80 ms to fault in across calls on the 2-core EPYC VM; the whole
+// inference was still as fast as with 4 KiB pages (medians 149 vs 156 ms at one thread, 77 vs 78 at two).
 #pragma once
 
 #include <ATen/core/Tensor.h>
