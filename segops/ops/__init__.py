@@ -4,6 +4,7 @@ from segops.ops.conv import atrous_conv2d, conv_transpose2d
 from segops.ops.crf_losses import dense_crf_loss, normalized_cut_loss
 from segops.ops.lattice import PermutohedralLattice, build_lattice, permutohedral_filter
 from segops.ops.losses import entropy, partial_cross_entropy
+from segops.ops.resize import half_resolution
 # dense CRF inference (mean field)
 from segops.ops.crf_inference import (CRFKernel, MeanFieldCRF, dense_crf_inference, unary_from_labels,
                                       unary_from_softmax)
@@ -17,6 +18,7 @@ __all__ = [
     "PermutohedralLattice",
     "dense_crf_loss",
     "normalized_cut_loss",
+    "half_resolution",
     "atrous_conv2d",
     "conv_transpose2d",
     # dense CRF inference
