@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+
 #include "segops/cpu_alloc.h"
 #include "segops/parallel.h"
 
@@ -72,14 +74,21 @@ inline void check_dtype(const char* op, const char* arg, const at::Tensor& t) {
               " must be float32, float64, float16 or bfloat16, got ", s);
 }
 
-// Work items of `rows` rows of `width` outputs in segments of launch.segment(width) (at least one item per row).
-template <typename Launch, typename F>
-void launch_rows(const Launch& launch, int64_t rows, int64_t width, bool fits32, const F& make) {
-  const int64_t seg = launch.segment(width);
-  const int64_t per_row = width > 0 ? (width + seg - 1) / seg : 1;
-  launch.with_index(fits32 && rows * per_row < (int64_t(1) << 31), [&](auto tag) {
-    using idx_t = decltype(tag);
-    launch(rows * per_row, make(idx_t{}, static_cast<idx_t>(seg), static_cast<idx_t>(per_row)), seg * 4);
+// Body (Down or Up) over `rows` rows of the full-resolution (H, W) grid's outputs: work items of
+// launch.segment(W / 2) outputs or column pairs (at least one item per row), 32-bit indices where they fit.
+template <template <typename, typename> class Body, typename Launch>
+void run_rows(const Launch& launch, const at::Tensor& src, const at::Tensor& dst, int64_t rows, int64_t H,
+              int64_t W) {
+  const int64_t Wo = W / 2, seg = launch.segment(Wo), per_row = Wo > 0 ? (Wo + seg - 1) / seg : 1;
+  const bool fits32 = std::max(src.numel(), dst.numel()) < (int64_t(1) << 31) && rows * per_row < (int64_t(1) << 31);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "_half_resolution", [&] {
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    launch.with_index(fits32, [&](auto tag) {
+      using idx_t = decltype(tag);
+      const Body<scalar_t, idx_t> body{sp, dp, idx_t(H), idx_t(W), idx_t(H / 2), idx_t(Wo), idx_t(seg), idx_t(per_row)};
+      launch(rows * per_row, body, seg * 4);
+    });
   });
 }
 
@@ -92,15 +101,7 @@ at::Tensor forward(const at::Tensor& x_in, const Launch& launch) {
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Ho = H / 2, Wo = W / 2;
   at::Tensor y = empty_output({B, C, Ho, Wo}, x.options());
   if (y.numel() == 0) return y;
-  const bool fits32 = x.numel() < (int64_t(1) << 31);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "_half_resolution", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    launch_rows(launch, B * C * Ho, Wo, fits32, [&](auto tag, auto seg, auto per_row) {
-      using idx_t = decltype(tag);
-      return Down<scalar_t, idx_t>{xp, yp, idx_t(H), idx_t(W), idx_t(Ho), idx_t(Wo), seg, per_row};
-    });
-  });
+  run_rows<Down>(launch, x, y, B * C * Ho, H, W);
   return y;
 }
 
@@ -117,15 +118,7 @@ at::Tensor backward(const at::Tensor& grad_in, at::IntArrayRef size, const Launc
   const at::Tensor g = grad_in.contiguous();
   at::Tensor gx = empty_output({B, C, H, W}, g.options());
   if (gx.numel() == 0) return gx;
-  const bool fits32 = gx.numel() < (int64_t(1) << 31);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "_half_resolution_backward", [&] {
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* gxp = gx.data_ptr<scalar_t>();
-    launch_rows(launch, B * C * H, Wo, fits32, [&](auto tag, auto seg, auto per_row) {
-      using idx_t = decltype(tag);
-      return Up<scalar_t, idx_t>{gp, gxp, idx_t(H), idx_t(W), idx_t(Ho), idx_t(Wo), seg, per_row};
-    });
-  });
+  run_rows<Up>(launch, g, gx, B * C * H, H, W);
   return gx;
 }
 
