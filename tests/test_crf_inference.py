@@ -445,6 +445,21 @@ def test_iterate_op_same_bits_on_every_instruction_set(tmp_path):
     assert torch.equal(torch.load(out), marginals())
 
 
+def test_iterate_op_reused_rows_buffer_changes_nothing():
+    # The op keeps its largest buffer (the unary's point-major rows) for the next call: a call after a larger
+    # one (whose leftover rows are still in the buffer), and one with fewer classes (other pad columns), give
+    # the bits of a first call.
+    small = two_kernel_crf(1, 5, 12, 14, "symmetric", seed=21)
+    first = torch.ops.segops._crf_mean_field_iterate(*iterate_args(small), 2)
+    big = two_kernel_crf(2, 21, 23, 29, "symmetric", seed=22)
+    torch.ops.segops._crf_mean_field_iterate(*iterate_args(big), 2)
+    assert torch.equal(torch.ops.segops._crf_mean_field_iterate(*iterate_args(small), 2), first)
+    fewer = two_kernel_crf(1, 3, 12, 14, "symmetric", seed=23)
+    alone = torch.ops.segops._crf_mean_field_iterate(*iterate_args(fewer), 2)
+    torch.ops.segops._crf_mean_field_iterate(*iterate_args(big), 2)
+    assert torch.equal(torch.ops.segops._crf_mean_field_iterate(*iterate_args(fewer), 2), alone)
+
+
 def test_iterate_op_opcheck_and_errors():
     crf = two_kernel_crf(2, 4, 9, 11, "symmetric", seed=5)
     args = iterate_args(crf)
