@@ -7,7 +7,7 @@
 // 0.25 * ((x00 + x01) + (x10 + x11)).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 
 #include <algorithm>
@@ -18,21 +18,33 @@
 namespace segops {
 namespace half_resolution {
 
-// One work item: outputs [j0, j0 + seg) of one output row (a whole row on the CPU, one output on CUDA).
+// What the two directions share: the tensors, sizes and the work item's place. Item k covers positions
+// [j0, j1) (output columns, or input column pairs) of row `row` = plane * rows_per_plane + r.
 template <typename scalar_t, typename idx_t>
-struct Down {
-  const scalar_t* x;
-  scalar_t* y;
+struct RowItems {
+  const scalar_t* src;
+  scalar_t* dst;
   idx_t H, W, Ho, Wo, seg, per_row;
+  struct Place {
+    idx_t row, j0, j1, plane, r;
+  };
+  SEGOPS_HD_INLINE Place place(index_t item, idx_t rows_per_plane) const {
+    const idx_t i = static_cast<idx_t>(item);
+    const idx_t row = i / per_row, j0 = (i - row * per_row) * seg, plane = row / rows_per_plane;
+    return Place{row, j0, hd_min<idx_t>(j0 + seg, Wo), plane, row - plane * rows_per_plane};
+  }
+};
+
+// Forward: outputs [j0, j1) of one output row (a whole row on the CPU, one output on CUDA).
+template <typename scalar_t, typename idx_t>
+struct Down : RowItems<scalar_t, idx_t> {
   SEGOPS_HD_INLINE void operator()(index_t item) const {
     using A = acc_t<scalar_t>;
-    const idx_t i = static_cast<idx_t>(item);
-    const idx_t row = i / per_row, j0 = (i - row * per_row) * seg, j1 = hd_min<idx_t>(j0 + seg, Wo);
-    const idx_t plane = row / Ho, r = row - plane * Ho;
-    const scalar_t* x0 = x + (plane * H + 2 * r) * W;
-    const scalar_t* x1 = x0 + W;
-    scalar_t* out = y + row * Wo;
-    for (idx_t j = j0; j < j1; ++j) {
+    const auto p = this->place(item, this->Ho);
+    const scalar_t* x0 = this->src + (p.plane * this->H + 2 * p.r) * this->W;
+    const scalar_t* x1 = x0 + this->W;
+    scalar_t* out = this->dst + p.row * this->Wo;
+    for (idx_t j = p.j0; j < p.j1; ++j) {
       const A top = static_cast<A>(x0[2 * j]) + static_cast<A>(x0[2 * j + 1]);
       const A bottom = static_cast<A>(x1[2 * j]) + static_cast<A>(x1[2 * j + 1]);
       out[j] = static_cast<scalar_t>(A(0.25) * (top + bottom));
@@ -40,24 +52,20 @@ struct Down {
   }
 };
 
-// One work item: column pairs [j0, j0 + seg) of one input row; the row's last item also writes the zero of a
-// trailing odd column, and a trailing odd row is all zeros.
+// Backward: column pairs [j0, j1) of one input row; the row's last item also writes the zero of a trailing odd
+// column, and a trailing odd row is all zeros.
 template <typename scalar_t, typename idx_t>
-struct Up {
-  const scalar_t* g;
-  scalar_t* gx;
-  idx_t H, W, Ho, Wo, seg, per_row;
+struct Up : RowItems<scalar_t, idx_t> {
   SEGOPS_HD_INLINE void operator()(index_t item) const {
     using A = acc_t<scalar_t>;
-    const idx_t i = static_cast<idx_t>(item);
-    const idx_t row = i / per_row, j0 = (i - row * per_row) * seg, j1 = hd_min<idx_t>(j0 + seg, Wo);
-    const idx_t plane = row / H, r = row - plane * H;
-    scalar_t* out = gx + row * W;
-    if (r >= 2 * Ho) {
+    const auto p = this->place(item, this->H);
+    const idx_t W = this->W, Ho = this->Ho, Wo = this->Wo, j0 = p.j0, j1 = p.j1;
+    scalar_t* out = this->dst + p.row * W;
+    if (p.r >= 2 * Ho) {
       for (idx_t j = 2 * j0; j < (j1 == Wo ? W : 2 * j1); ++j) out[j] = scalar_t(0);
       return;
     }
-    const scalar_t* src = g + (plane * Ho + r / 2) * Wo;
+    const scalar_t* src = this->src + (p.plane * Ho + p.r / 2) * Wo;
     for (idx_t j = j0; j < j1; ++j) {
       const scalar_t v = static_cast<scalar_t>(A(0.25) * static_cast<A>(src[j]));
       out[2 * j] = v;
@@ -86,7 +94,8 @@ void run_rows(const Launch& launch, const at::Tensor& src, const at::Tensor& dst
     scalar_t* dp = dst.data_ptr<scalar_t>();
     launch.with_index(fits32, [&](auto tag) {
       using idx_t = decltype(tag);
-      const Body<scalar_t, idx_t> body{sp, dp, idx_t(H), idx_t(W), idx_t(H / 2), idx_t(Wo), idx_t(seg), idx_t(per_row)};
+      const Body<scalar_t, idx_t> body{
+          {sp, dp, idx_t(H), idx_t(W), idx_t(H / 2), idx_t(Wo), idx_t(seg), idx_t(per_row)}};
       launch(rows * per_row, body, seg * 4);
     });
   });
