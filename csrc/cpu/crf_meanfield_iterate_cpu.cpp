@@ -21,7 +21,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
 #include "segops/cpu_alloc.h"
@@ -106,48 +105,12 @@ struct BlurLaunch {
   }
 };
 
-// A float32 scratch buffer of n values for the op's own use: a large one on transparent huge pages
-// (segops/cpu_alloc.h), which also makes the passes read it with fewer TLB misses (the one-thread pass: 74 vs
-// 83 ms at 512², K = 21).
-Tensor scratch(int64_t n) { return empty_output({n}, at::TensorOptions().dtype(at::kFloat)); }
-
-// The unary's point-major rows, the op's largest buffer (25 MB at 512², K = 21), are kept for the next call: one
-// cached buffer of at most 64 MiB, taken by one call at a time (a concurrent call allocates its own). Faulting a
-// fresh one in took 1-89 ms per call on the 2-core VM (the hypervisor backs huge pages on first touch), next to
-// ~100 ms for the whole inference.
-class RowsCache {
- public:
-  static constexpr int64_t kMaxBytes = int64_t(64) << 20;
-  // A buffer of at least n floats, returned to the cache when the holder goes.
-  struct Lease {
-    explicit Lease(Tensor t) : rows(std::move(t)) {}
-    Lease(const Lease&) = delete;
-    Lease& operator=(const Lease&) = delete;
-    ~Lease() { instance().give(std::move(rows)); }
-    Tensor rows;
-  };
-  static Lease take(int64_t n) {
-    RowsCache& c = instance();
-    {
-      const std::lock_guard<std::mutex> guard(c.lock_);
-      if (c.rows_.defined() && c.rows_.numel() >= n) return Lease(std::move(c.rows_));
-    }
-    return Lease(scratch(n));
-  }
-
- private:
-  static RowsCache& instance() {
-    static RowsCache* c = new RowsCache();  // never destroyed: leases may end during static destruction
-    return *c;
-  }
-  void give(Tensor rows) {
-    if (!rows.defined() || rows.numel() * int64_t(sizeof(float)) > kMaxBytes) return;
-    const std::lock_guard<std::mutex> guard(lock_);
-    if (!rows_.defined() || rows_.numel() < rows.numel()) rows_ = std::move(rows);
-  }
-  std::mutex lock_;
-  Tensor rows_;
-};
+// The unary's point-major rows, the op's largest buffer (25 MB at 512², K = 21), sit on transparent huge pages
+// (segops/cpu_alloc.h), which also makes the passes read them with fewer TLB misses (the one-thread pass: 74 vs
+// 83 ms at 512², K = 21), and are kept for the next call (CachedScratch: faulting a fresh buffer in took 1-89 ms
+// per call on the 2-core VM, next to ~100 ms for the whole inference).
+struct UnaryRowsTag {};
+using RowsCache = CachedScratch<UnaryRowsTag>;
 
 // One Potts kernel: its lattice, normalisation scales and weight; the grids of the current pass.
 struct Term {
@@ -489,9 +452,9 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
   P.K = K;
   P.N = N;
   P.Kp = (K + 7) / 8 * 8;
-  const RowsCache::Lease unary_rows = RowsCache::take(B * N * P.Kp);
-  point_major(unary, B, K, N, P.Kp, unary_rows.rows);
-  P.unary = unary_rows.rows.data_ptr<float>();
+  const RowsCache::Lease unary_rows = RowsCache::take(B * N * P.Kp, at::kFloat);
+  point_major(unary, B, K, N, P.Kp, unary_rows.buffer);
+  P.unary = unary_rows.buffer.data_ptr<float>();
   P.count = static_cast<int>(count);
 
   std::vector<Tensor> keep;  // contiguous inputs and the grids, alive for the whole call
