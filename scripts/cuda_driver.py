@@ -1,6 +1,6 @@
 """Runs every CUDA kernel of segops once (forward, backward; the lattice also double backward, both key paths,
-the normalised filter, a lattice built once and applied with W and W^T, and the CRF / normalized-cut losses,
-also with CPU images) on small inputs, for compute-sanitizer.
+the normalised filter, a lattice built once and applied with W and W^T, the CRF / normalized-cut losses, also
+with CPU images, and their half-resolution resize) on small inputs, for compute-sanitizer.
 
 `compute-sanitizer --tool memcheck python scripts/cuda_driver.py`: every launch sees sizes that do not
 divide the block size, strided / channels_last inputs, half precision and ignored pixels, so out-of-bounds
@@ -164,7 +164,20 @@ def crf_inference(dev: torch.device) -> None:
         check("dense_crf_inference %s" % mode, q, gu)
 
 
-DRIVERS = [losses, loss_reductions, convolutions, lattice, crf_inference]
+def resize(dev: torch.device) -> None:
+    # the CRF losses' half-resolution op on its own: every dtype, odd sizes, channels_last (made contiguous),
+    # forward and backward
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape in ((2, 21, 37, 29), (1, 3, 2, 3), (3, 5, 64, 65)):
+            x = torch.randn(shape, generator=g).to(dev, dtype)
+            x = x.to(memory_format=torch.channels_last).requires_grad_()
+            y = ops.half_resolution(x)
+            (gx,) = torch.autograd.grad(y.float().square().sum(), x)
+            check("half_resolution %s %s" % (dtype, shape), y, gx)
+
+
+DRIVERS = [losses, loss_reductions, convolutions, lattice, crf_inference, resize]
 
 
 def main() -> int:
