@@ -578,7 +578,15 @@ def train(
     rank, world_size, local_rank = _dist_info()
     try:
         ctx = _RunContext(cfg, _select_device(cfg.device, local_rank), rank, world_size, log if rank == 0 else (lambda s: None))
-        return _run_training(ctx, model_fn, crf_cls, ncut_cls)
+        summary = _run_training(ctx, model_fn, crf_cls, ncut_cls)
+        if started_process_group:
+            import torch.distributed as dist
+
+            # every rank finishes (rank 0 writes the results) before any tears the process group down: a gloo
+            # rank that destroyed its group while rank 0 was still writing aborted once at exit ("terminate
+            # called without an active exception", torch 2.14.1, 2 CPU processes)
+            dist.barrier()
+        return summary
     finally:
         if started_process_group:
             import torch.distributed as dist
