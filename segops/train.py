@@ -576,12 +576,12 @@ def train(
     _prepare_output_folder(cfg)
     started_process_group = _maybe_init_distributed(cfg.device)
     rank, world_size, local_rank = _dist_info()
+    import torch.distributed as dist
+
     try:
         ctx = _RunContext(cfg, _select_device(cfg.device, local_rank), rank, world_size, log if rank == 0 else (lambda s: None))
         summary = _run_training(ctx, model_fn, crf_cls, ncut_cls)
         if started_process_group:
-            import torch.distributed as dist
-
             # every rank finishes (rank 0 writes the results) before any tears the process group down: a gloo
             # rank that destroyed its group while rank 0 was still writing aborted once at exit ("terminate
             # called without an active exception", torch 2.14.1, 2 CPU processes)
@@ -589,8 +589,6 @@ def train(
         return summary
     finally:
         if started_process_group:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 

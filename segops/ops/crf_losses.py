@@ -147,7 +147,7 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         rois = _to_device(rois, device).to(segmentations.dtype)
     if scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
-        if scale_factor == 0.5:  # the ECCV'18 setting: the same values as the bilinear resize, one op each way
+        if scale_factor == 0.5:  # the ECCV'18 setting: the bilinear resize's values (last-bit order aside), one op
             segmentations = half_resolution(segmentations)
         else:
             segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear",

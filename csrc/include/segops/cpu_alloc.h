@@ -20,6 +20,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/MemoryFormat.h>
+#include <c10/util/strides.h>
 
 #include <cstdlib>
 #include <mutex>
@@ -51,17 +52,14 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
       if (posix_memalign(&p, kHuge, size) == 0) {
         madvise(p, size, MADV_HUGEPAGE);
         for (size_t at = 0; at < size; at += kHuge) static_cast<volatile char*>(p)[at] = 0;
-        std::vector<int64_t> strides(sizes.size());
+        std::vector<int64_t> strides;
         if (format == at::MemoryFormat::ChannelsLast && sizes.size() == 4) {
           strides = c10::get_channels_last_strides_2d(sizes);
         } else if (format == at::MemoryFormat::ChannelsLast3d && sizes.size() == 5) {
           strides = c10::get_channels_last_strides_3d(sizes);
         } else {
-          int64_t stride = 1;
-          for (size_t d = sizes.size(); d-- > 0;) {
-            strides[d] = stride;
-            stride *= sizes[d] > 1 ? sizes[d] : 1;
-          }
+          const c10::DimVector contiguous = c10::contiguous_strides(sizes);
+          strides.assign(contiguous.begin(), contiguous.end());
         }
         return at::from_blob(p, sizes, strides, [](void* q) { std::free(q); }, options);
       }
@@ -87,17 +85,16 @@ class CachedScratch {
     ~Lease() { instance().give(std::move(buffer)); }
     at::Tensor buffer;
   };
-  // At least n elements of `dtype` (a 1-D CPU tensor, possibly longer than n), for a Lease to give back.
-  static at::Tensor acquire(int64_t n, at::ScalarType dtype) {
+  // At least n elements of `dtype` (a 1-D CPU tensor, possibly longer than n), given back when the lease ends.
+  static Lease take(int64_t n, at::ScalarType dtype) {
     CachedScratch& c = instance();
     {
       const std::lock_guard<std::mutex> guard(c.lock_);
       if (c.buffer_.defined() && c.buffer_.scalar_type() == dtype && c.buffer_.numel() >= n)
-        return std::move(c.buffer_);
+        return Lease(std::move(c.buffer_));
     }
-    return empty_output({n}, at::TensorOptions().dtype(dtype));
+    return Lease(empty_output({n}, at::TensorOptions().dtype(dtype)));
   }
-  static Lease take(int64_t n, at::ScalarType dtype) { return Lease(acquire(n, dtype)); }
 
  private:
   static CachedScratch& instance() {

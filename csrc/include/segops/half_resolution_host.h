@@ -3,8 +3,9 @@
 // (2i + 0.5, 2j + 0.5): both weights are 1/2 in each direction, so every output is the mean of one 2x2 block
 // and a trailing odd row / column is never read. The forward reads x once; the backward writes each element of
 // the input gradient once (a quarter of the output gradient in each block, 0 on a trailing odd row / column)
-// instead of ATen's zero fill plus scatter-add. Sums in acc_t (float for half / bfloat16), in ATen's order:
-// 0.25 * ((x00 + x01) + (x10 + x11)).
+// instead of ATen's zero fill plus scatter-add. Sums in acc_t (float for half / bfloat16) as
+// 0.25 * ((x00 + x01) + (x10 + x11)): ATen's order for large outputs (bitwise its values at 512²); for small
+// outputs and odd sizes ATen adds the four weighted terms in sequence, a last-bit difference.
 #pragma once
 
 #include <ATen/core/Tensor.h>
