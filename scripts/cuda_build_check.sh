@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 venv=${SEGOPS_CUDA_VENV:-$repo/.venv-cuda}
 stage=${TMPDIR:-/tmp}/segops-cuda-build-$(echo "$repo" | md5sum | cut -c1-8)
+# Scratch (~230 MB): removed on exit so repeated runs do not fill the disk; SEGOPS_KEEP_STAGE=1 keeps it.
+[ -n "${SEGOPS_KEEP_STAGE:-}" ] || trap 'rm -rf "$stage"' EXIT
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}

@@ -8,6 +8,8 @@ py=${SEGOPS_BUILD_PYTHON:-$repo/.venv/bin/python}
 tag=$(echo "$repo" | md5sum | cut -c1-8)  # one staging folder per checkout: several may run at once
 stage=${TMPDIR:-/tmp}/segops-wheel-build-$tag
 fresh=${TMPDIR:-/tmp}/segops-wheel-venv-$tag
+# Both folders are scratch (~1.1 GB with torch): left behind, repeated runs fill the disk. SEGOPS_KEEP_STAGE=1 keeps them.
+[ -n "${SEGOPS_KEEP_STAGE:-}" ] || trap 'rm -rf "$stage" "$fresh"' EXIT
 
 bash scripts/stage_tree.sh "$stage"
 (cd "$stage" && SEGOPS_CUDA=0 "$py" -m pip wheel -q --no-build-isolation --no-deps -w "$stage/dist" .)
