@@ -53,11 +53,16 @@ int64_t parallel_threads(int64_t n) {
   return __builtin_popcountll(seen.load());
 }
 
+// Whether the CPU convolutions' float matrix products run segops' AVX-512 GEMM (segops/cpu_gemm.h) rather than
+// ATen's BLAS, under the current environment (SEGOPS_CPU_GEMM, ATEN_CPU_CAPABILITY).
+bool cpu_gemm_enabled() { return segops::cpu::sgemm_enabled(); }
+
 }  // namespace
 
 TORCH_LIBRARY(segops, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_parallel_threads(int n) -> int", &parallel_threads);
+  m.def("_cpu_gemm_enabled() -> bool", &cpu_gemm_enabled);
 
   // ---- losses ---------------------------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel

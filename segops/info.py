@@ -49,6 +49,8 @@ def info() -> Dict[str, Any]:
         "openmp": b.get("openmp", "0") != "0",
         "compiler": b.get("compiler", ""),
         "cpu_threads": torch.get_num_threads(),
+        # the CPU convolutions' float matrix products: segops' AVX-512 GEMM or ATen's BLAS (docs/convolutions.md)
+        "cpu_gemm": "segops (AVX-512)" if torch.ops.segops._cpu_gemm_enabled() else "ATen BLAS",
         "cuda_available": torch.cuda.is_available(),
         "devices": ["cpu"],
         "warnings": [],
@@ -78,6 +80,7 @@ def format_info(d: Dict[str, Any]) -> str:
         ("compiler", d["compiler"]),
         ("CPU kernels", "yes, OpenMP %s" % ("on" if d["openmp"] else "OFF (single-threaded)")),
         ("CPU threads", d["cpu_threads"]),
+        ("CPU conv GEMM", d["cpu_gemm"]),
         ("CUDA kernels", ("yes, for " + d["cuda_archs"]) if d["cuda_kernels_compiled"] else "not compiled: " + d["cuda_skipped"]),
         ("devices", ", ".join(d["devices"])),
     ]

@@ -232,22 +232,38 @@ inline Tensor col_operand(const Tensor& col, at::ScalarType acc) {
   return pixel_stride(c) < 0 ? c.contiguous() : c;
 }
 
+// C (M, N) (+)= A (M, K) B (K, N): the launcher's own float GEMM where it has one (the CPU's AVX-512 kernel,
+// cpu_gemm.h), else ATen's (BLAS on the CPU, cuBLAS on CUDA).
+template <typename Launch>
+inline void matmul_into(Tensor C, const Tensor& A, const Tensor& B, bool accumulate, const Launch& launch) {
+  if (C.scalar_type() == at::kFloat && A.scalar_type() == at::kFloat && B.scalar_type() == at::kFloat &&
+      launch.sgemm(C.size(0), C.size(1), A.size(1), A.data_ptr<float>(), A.stride(0), A.stride(1),
+                   B.data_ptr<float>(), B.stride(0), B.stride(1), C.data_ptr<float>(), C.stride(0), C.stride(1),
+                   accumulate))
+    return;
+  if (accumulate) {
+    C.addmm_(A, B);
+  } else {
+    at::mm_out(C, A, B);
+  }
+}
+
 // C[n] += A B[n] for the matrices of C (samples, M, N) and B (samples, K, N), one shared A (M, K): one product
 // per matrix when samples == 1 (the CPU's case), one batched product otherwise (a fixed number of launches on CUDA).
-inline void add_products(Tensor C, const Tensor& A, const Tensor& B) {
+template <typename Launch>
+inline void add_products(Tensor C, const Tensor& A, const Tensor& B, const Launch& launch) {
   if (C.size(0) == 1) {
-    Tensor c = C.select(0, 0);
-    c.addmm_(A, B.select(0, 0));
+    matmul_into(C.select(0, 0), A, B.select(0, 0), true, launch);
   } else {
     C.baddbmm_(A.unsqueeze(0).expand({C.size(0), A.size(0), A.size(1)}), B);
   }
 }
 
 // C[n] = A B[n] (C contiguous).
-inline void set_products(Tensor C, const Tensor& A, const Tensor& B) {
+template <typename Launch>
+inline void set_products(Tensor C, const Tensor& A, const Tensor& B, const Launch& launch) {
   if (C.size(0) == 1) {
-    Tensor c = C.select(0, 0);
-    at::mm_out(c, A, B.select(0, 0));
+    matmul_into(C.select(0, 0), A, B.select(0, 0), false, launch);
   } else {
     at::bmm_out(C, A.unsqueeze(0).expand({C.size(0), A.size(0), A.size(1)}), B);
   }
@@ -370,7 +386,7 @@ void correlate_rows(const Tensor& img, const Tensor& w, const Tensor& bias_acc, 
             Tensor C = rows_matrices(out, n0, samples, gi * Cog, Cog, oa, ob - oa);
             Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
                                    : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
-            add_products(C, wr[gi][ki], B);
+            add_products(C, wr[gi][ki], B, launch);
           }
         }
       }
@@ -409,7 +425,7 @@ void correlate_im2col(const Tensor& img, const Tensor& w, const Tensor& bias_acc
             launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
           });
           Tensor B = col.as_strided({samples, Cig * K, rows * g.Wo}, {rows * g.Wo, samples * rows * g.Wo, 1});
-          add_products(rows_matrices(out, n0, samples, gi * Cog, Cog, a, rows), weight_mat[gi], B);
+          add_products(rows_matrices(out, n0, samples, gi * Cog, Cog, a, rows), weight_mat[gi], B, launch);
         }
       }
     }
@@ -512,7 +528,7 @@ void adjoint_rows(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Te
             Tensor C = plan.direct ? rows_matrices(out, n0, samples, gi * Cig, Cig, h_lo, h_hi - h_lo)
                                    : Vb.as_strided({samples, KC, (h_hi - h_lo) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
                                                    Vb.storage_offset() + (h_lo - a) * g.Wo);
-            add_products(C, wr[gi][ki].t(), B);
+            add_products(C, wr[gi][ki].t(), B, launch);
           }
           if (!plan.direct) {
             fold_rows<A>(Vb, R * g.Wo, KC * R * g.Wo, out, n0, samples, gi * Cig, Cig, bias_acc, g, a, R, launch);
@@ -539,7 +555,7 @@ void adjoint_im2col(const Tensor& col, const Tensor& w, const Tensor& bias_acc, 
       for (int64_t gi = 0; gi < groups; ++gi) {
         // buf (samples, Cig K, L) = W_g^T col[n, g]: written sample-major, read by Col2Im at those strides
         Tensor C = buf.narrow(0, 0, samples * Cig * K * L).view({samples, Cig * K, L});
-        set_products(C, weight_mat[gi].t(), rows_matrices(colA, n0, samples, gi * Cog, Cog, 0, g.Ho));
+        set_products(C, weight_mat[gi].t(), rows_matrices(colA, n0, samples, gi * Cog, Cog, 0, g.Ho), launch);
         const int64_t items = samples * Cig * g.H;
         launch.with_index(fits_int32({buf.numel(), out.numel(), items * g.W}), [&](auto index) {
           using I = decltype(index);
@@ -612,9 +628,10 @@ void accumulate_chunks(Tensor& dW, int64_t chunks, double flops, const Launch& l
 }
 
 // dst (M, K) += sum_n C[n] B[n]^T over the matrices of C (samples, M, N) and B (samples, K, N).
-inline void add_gram(Tensor dst, const Tensor& C, const Tensor& B) {
+template <typename Launch>
+inline void add_gram(Tensor dst, const Tensor& C, const Tensor& B, const Launch& launch) {
   if (C.size(0) == 1) {
-    dst.addmm_(C.select(0, 0), B.select(0, 0).t());
+    matmul_into(dst, C.select(0, 0), B.select(0, 0).t(), true, launch);
   } else {
     dst.add_(at::bmm(C, B.transpose(1, 2)).sum(0));
   }
@@ -647,7 +664,7 @@ Tensor weight_grad_rows(const Tensor& img, const Tensor& col, const Geom& g, int
           const int64_t h0 = oa - g.ph + ki * g.dh;
           Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
                                  : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
-          add_gram(dst[gi][ki], rows_matrices(colA, n0, samples, gi * Cog, Cog, oa, ob - oa), B);
+          add_gram(dst[gi][ki], rows_matrices(colA, n0, samples, gi * Cog, Cog, oa, ob - oa), B, launch);
         }
       }
     }
@@ -685,7 +702,7 @@ Tensor weight_grad_im2col(const Tensor& img, const Tensor& col, const Geom& g, i
           launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
         });
         Tensor B = buf.as_strided({samples, Cig * K, rows * g.Wo}, {rows * g.Wo, samples * rows * g.Wo, 1});
-        add_gram(dst[gi], rows_matrices(colA, n0, samples, gi * Cog, Cog, a, rows), B);
+        add_gram(dst[gi], rows_matrices(colA, n0, samples, gi * Cog, Cog, a, rows), B, launch);
       }
     }
   });

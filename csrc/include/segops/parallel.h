@@ -9,6 +9,8 @@
 #if !defined(__CUDACC__)
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+
+#include "segops/cpu_gemm.h"
 #endif
 
 namespace segops {
@@ -166,6 +168,9 @@ inline void cpu_parallel_for(index_t n, const F& f, index_t grain = 1024) {
 //                                 at once; otherwise one range, whose BLAS calls use every thread.
 //   launch.with_index(fits32, f)  f(int32_t{}) or f(int64_t{}): the index type of the kernel bodies; 32-bit
 //                                 where every offset fits and it pays (CUDA's integer division), else 64-bit.
+//   launch.sgemm(M, N, K, A, rsA, csA, B, rsB, csB, C, rsC, csC, accumulate)  a float matrix product of segops'
+//                                 own, returning false where the backend has none that beats its BLAS (then the
+//                                 caller uses ATen's): the CPU's AVX-512 GEMM (cpu_gemm.h), never on CUDA.
 //   launch.functor_writes_zeros(f), launch.writes_every_gradient(f): gradient policy of the backward functors
 //                                 (whether the functor writes the zeros of skipped pixels, whether the launch
 //                                 writes every element by other means; otherwise the caller zero-fills).
@@ -204,6 +209,10 @@ struct CpuLaunch {
   }
   template <typename F>
   void with_index(bool /*fits32*/, const F& f) const { f(int64_t{}); }
+  bool sgemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t rsA, int64_t csA, const float* B, int64_t rsB,
+             int64_t csB, float* C, int64_t rsC, int64_t csC, bool accumulate) const {
+    return cpu::sgemm(M, N, K, A, rsA, csA, B, rsB, csB, C, rsC, csC, accumulate);
+  }
 };
 #endif
 

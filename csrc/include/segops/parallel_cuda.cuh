@@ -56,6 +56,10 @@ struct CudaLaunch {
       f(int64_t{});
     }
   }
+  bool sgemm(int64_t, int64_t, int64_t, const float*, int64_t, int64_t, const float*, int64_t, int64_t, float*, int64_t,
+             int64_t, bool) const {
+    return false;  // cuBLAS through ATen
+  }
 };
 
 }  // namespace segops
