@@ -117,20 +117,20 @@ TORCH_LIBRARY(segops, m) {
   // ---- transposed / atrous convolution --------------------------------------------------------------
   // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return
   // (grad_input, grad_weight, grad_bias); output_mask selects which are computed (the others are empty (0,) tensors).
-  // kernel: which side runs. Forward ops: bit 0 = the vendor's forward (ATen convolution), bit 1 = the vendor's
+  // route: which side runs (not named `kernel`: inductor's fallback kernels take a keyword of that name). Forward ops: bit 0 = the vendor's forward (ATen convolution), bit 1 = the vendor's
   // backward (read by the autograd formula, which passes it on); backward ops: 1 = the vendor's backward. 0: segops.
   m.def(
       "atrous_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
-      "int groups, int kernel=0) -> Tensor");
+      "int groups, int route=0) -> Tensor");
   m.def(
       "_atrous_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] dilation, int groups, bool[3] output_mask, int kernel=0) -> (Tensor, Tensor, Tensor)");
+      "int[2] dilation, int groups, bool[3] output_mask, int route=0) -> (Tensor, Tensor, Tensor)");
   m.def(
       "conv_transpose2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation, int kernel=0) -> Tensor");
+      "int[2] output_padding, int groups, int[2] dilation, int route=0) -> Tensor");
   m.def(
       "_conv_transpose2d_backward(Tensor grad_output, Tensor input, Tensor weight, int[2] stride, int[2] padding, "
-      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask, int kernel=0) -> "
+      "int[2] output_padding, int groups, int[2] dilation, bool[3] output_mask, int route=0) -> "
       "(Tensor, Tensor, Tensor)");
 
   // ---- dense CRF mean-field inference ----------------------------------------------------------------

@@ -80,7 +80,7 @@ def format_info(d: Dict[str, Any]) -> str:
         ("compiler", d["compiler"]),
         ("CPU kernels", "yes, OpenMP %s" % ("on" if d["openmp"] else "OFF (single-threaded)")),
         ("CPU threads", d["cpu_threads"]),
-        ("CPU conv GEMM", d["cpu_gemm"]),
+        ("CPU GEMM", d["cpu_gemm"]),
         ("CUDA kernels", ("yes, for " + d["cuda_archs"]) if d["cuda_kernels_compiled"] else "not compiled: " + d["cuda_skipped"]),
         ("devices", ", ".join(d["devices"])),
     ]

@@ -39,7 +39,8 @@ def test_setting_switches_the_gemm(monkeypatch):
     assert torch.ops.segops._cpu_gemm_enabled() == _gemm_available()
     expected = "segops (AVX-512)" if _gemm_available() else "ATen BLAS"
     assert segops.info()["cpu_gemm"] == expected
-    assert "CPU conv GEMM  " + expected in format_info(segops.info())
+    assert any(line.startswith("CPU GEMM") and line.endswith("  " + expected)
+               for line in format_info(segops.info()).splitlines())
 
 
 # (name, transposed, N, C_in, C_out, H, W, kernel, stride, padding, dilation, groups). The product sizes are
@@ -129,3 +130,32 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
         torch.set_num_threads(threads)
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_row_share_counts_the_rows_inside_the_image():
+    from segops.ops.conv_choice import _row_share
+
+    # 33 rows, 3x3 rate 6, padding 6: kernel rows 0 and 2 reach 27 of the 33 output rows, row 1 all 33
+    assert _row_share(33, 3, 6, 6) == (27 + 33 + 27) / 99
+    assert _row_share(33, 3, 24, 24) == (9 + 33 + 9) / 99
+    assert _row_share(10, 3, 1, 1) == (9 + 10 + 9) / 30
+    assert _row_share(8, 1, 0, 1) == 1.0
+
+
+@pytest.mark.parametrize("own_gemm", [False, True])
+def test_auto_rule_uses_the_gemm_only_where_it_runs(own_gemm):
+    from segops.ops.conv_choice import _rule
+
+    def vendor(family, kernel, dtype=torch.float32, transposed=False, share=1.0, dilated=False):
+        vf, vb, _ = _rule(transposed, "cpu", dtype, family, kernel, (1, 1), dilated, False, 33 * 33, 10**7,
+                          own_gemm, share)
+        assert vf == vb
+        return vf
+
+    assert vendor("gemm-1x1", (1, 1)) is not own_gemm
+    assert vendor("gemm-rows", (3, 3), share=0.52, dilated=True) is not own_gemm
+    # kept on oneDNN with the GEMM too: dense 3x3 (0.39-0.63x), moderate rates (r12 at 33x33: 0.71-0.80x)
+    assert vendor("gemm-rows", (3, 3), share=0.98)
+    assert vendor("gemm-rows", (3, 3), share=0.76, dilated=True)
+    assert vendor("gemm-1x1", (1, 1), dtype=torch.bfloat16)
+    assert not vendor("gemm-1x1", (1, 1), dtype=torch.float64)  # ATen's generic float64 kernel loses either way

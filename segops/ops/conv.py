@@ -218,7 +218,7 @@ def atrous_conv2d(
 
 
 @torch.library.register_fake("segops::atrous_conv2d")
-def _atrous_fake(input, weight, bias, stride, padding, dilation, groups, kernel=0):
+def _atrous_fake(input, weight, bias, stride, padding, dilation, groups, route=0):
     _check_common("atrous_conv2d", input, weight, stride, padding, dilation, [0, 0], groups)
     _check_tensors("atrous_conv2d", input, weight, bias, weight.shape[0])
     ho, wo = _atrous_output_size(input, weight, stride, padding, dilation, groups)
@@ -226,7 +226,7 @@ def _atrous_fake(input, weight, bias, stride, padding, dilation, groups, kernel=
 
 
 @torch.library.register_fake("segops::_atrous_conv2d_backward")
-def _atrous_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask, kernel=0):
+def _atrous_backward_fake(grad_output, input, weight, stride, padding, dilation, groups, output_mask, route=0):
     return _grads_like(input, weight, output_mask)
 
 
@@ -239,7 +239,7 @@ def _grads_like(input: Tensor, weight: Tensor, mask, n_bias: Optional[int] = Non
 
 
 def _backward_kernel(kernel: int) -> int:
-    """The backward op's ``kernel`` argument (1 = vendor) from the forward's bit flags."""
+    """The backward op's ``route`` argument (1 = vendor) from the forward's bit flags."""
     return 1 if kernel & conv_choice.VENDOR_BACKWARD else 0
 
 
@@ -312,7 +312,7 @@ def conv_transpose2d(
 
 
 @torch.library.register_fake("segops::conv_transpose2d")
-def _transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, kernel=0):
+def _transpose_fake(input, weight, bias, stride, padding, output_padding, groups, dilation, route=0):
     _check_common("conv_transpose2d", input, weight, stride, padding, dilation, output_padding, groups)
     _check_tensors("conv_transpose2d", input, weight, bias, weight.shape[1] * groups)
     ho, wo = _transpose_output_size(input, weight, stride, padding, output_padding, groups, dilation)
@@ -321,7 +321,7 @@ def _transpose_fake(input, weight, bias, stride, padding, output_padding, groups
 
 @torch.library.register_fake("segops::_conv_transpose2d_backward")
 def _transpose_backward_fake(grad_output, input, weight, stride, padding, output_padding, groups, dilation,
-                             output_mask, kernel=0):
+                             output_mask, route=0):
     return _grads_like(input, weight, output_mask, n_bias=weight.shape[1] * groups)
 
 

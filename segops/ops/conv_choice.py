@@ -35,7 +35,12 @@ BACKENDS = ("auto", "segops", "vendor")
 
 _backend = "auto"
 
-# Bit flags of the ops' `kernel` argument: which side runs the forward, which the backward.
+# Whether segops' CPU convolutions multiply with segops' own AVX-512 GEMM (AMD CPUs with AVX-512, or
+# SEGOPS_CPU_GEMM=segops) rather than ATen's BLAS, read once when segops is imported: the rule stays a pure
+# function of the call, which torch.compile can trace. (The GEMM itself reads SEGOPS_CPU_GEMM at each call.)
+_OWN_CPU_GEMM = bool(torch.ops.segops._cpu_gemm_enabled())
+
+# Bit flags of the ops' `route` argument: which side runs the forward, which the backward.
 VENDOR_FORWARD = 1
 VENDOR_BACKWARD = 2
 
@@ -112,9 +117,11 @@ def _build_has_cuda_kernels() -> bool:
 
 def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str, kernel: Sequence[int],
           stride: Sequence[int], dilated: bool, deterministic: bool, spatial: int = 0,
-          macs: int = 0) -> Tuple[bool, bool, str]:
+          macs: int = 0, own_cpu_gemm: bool = False, row_share: float = 1.0) -> Tuple[bool, bool, str]:
     """(vendor forward, vendor backward, reason) under "auto". ``spatial``: input H W; ``macs``: multiply-adds
-    per sample and kernel tap (input channels x output channels per group x H W).
+    per sample and kernel tap (input channels x output channels per group x H W); ``own_cpu_gemm``: segops' CPU
+    products run its AVX-512 GEMM; ``row_share``: the share of the dense work the gemm-rows kernel computes (it
+    skips kernel rows that only meet zero padding; 1.0 for other geometries).
 
     The table behind it: ``benchmarks/conv_rule_sweep.py`` (segops against the vendor, forward + backward, at the
     reference models' shapes) and ``segops bench conv``; the measured ratios are in the benchmark notes.
@@ -147,6 +154,13 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
         return False, False, "cpu: depthwise: segops' direct kernels (1.4-3.9x oneDNN)"
     if dtype == torch.float32 and max(kernel) == 1 and max(stride) > 1:
         return False, False, "cpu: strided 1x1: segops' im2col + GEMM (1.4x oneDNN)"
+    if own_cpu_gemm and dtype == torch.float32 and not transposed:
+        # segops' AVX-512 GEMM against oneDNN on an AMD CPU (where MKL runs AVX2 code), forward + backward
+        if kernel_family == "gemm-1x1":
+            return False, False, "cpu: 1x1 with segops' AVX-512 GEMM (1.26-1.55x oneDNN)"
+        if kernel_family == "gemm-rows" and row_share <= 0.65:
+            return False, False, ("cpu: dilated, %.0f%% of the kernel rows meet the image: segops' gemm-rows "
+                                  "(1.16-1.35x oneDNN at <= 64%%)" % (100 * row_share))
     if (transposed and dtype == torch.float32 and tuple(kernel) == (2, 2) and tuple(stride) == (2, 2)
             and spatial >= 160 * 160 and macs >= 20_000_000):
         # U-Net's up-convolution on the largest maps. The crossover depends on the CPU: on one EPYC segops won
@@ -174,9 +188,19 @@ class KernelChoice:
 
     @property
     def code(self) -> int:
-        """The ops' ``kernel`` argument: VENDOR_FORWARD | VENDOR_BACKWARD bits."""
+        """The ops' ``route`` argument: VENDOR_FORWARD | VENDOR_BACKWARD bits."""
         forward = VENDOR_FORWARD if self.forward == "vendor" else 0
         return forward | (VENDOR_BACKWARD if self.backward == "vendor" else 0)
+
+
+def _row_share(height: int, kh: int, ph: int, dh: int) -> float:
+    """Share of the (kernel row, output row) pairs of a vertical-stride-1 convolution whose input row lies inside
+    the image: the part of the dense work the gemm-rows kernel does."""
+    out_rows = height + 2 * ph - dh * (kh - 1)
+    if out_rows <= 0:
+        return 1.0
+    inside = sum(max(0, min(out_rows, height + ph - i * dh) - max(0, ph - i * dh)) for i in range(kh))
+    return inside / float(kh * out_rows)
 
 
 def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -199,9 +223,13 @@ def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[in
         return True, True, family, "forced: vendor"
     dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
     spatial = input.shape[2] * input.shape[3]
+    share = 1.0
+    if family == "gemm-rows" and not transposed:
+        share = _row_share(input.shape[2], kernel[0], padding[0], dilation[0])
     vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
                            torch.are_deterministic_algorithms_enabled(), spatial,
-                           input.shape[1] * w_shape[1] * spatial if transposed else w_shape[0] * w_shape[1] * spatial)
+                           input.shape[1] * w_shape[1] * spatial if transposed else w_shape[0] * w_shape[1] * spatial,
+                           _OWN_CPU_GEMM, share)
     return vf, vb, family, "auto: " + reason
 
 
@@ -216,7 +244,7 @@ def explain(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[in
 
 def choose(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
            dilation: Sequence[int], groups: int, backend: Optional[str] = None) -> int:
-    """The ops' ``kernel`` code for a call (see :func:`explain`)."""
+    """The ops' ``route`` code for a call (see :func:`explain`)."""
     if backend is None:
         setting = _backend
     elif backend in BACKENDS:

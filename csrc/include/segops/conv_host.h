@@ -767,7 +767,7 @@ inline std::tuple<Tensor, Tensor, Tensor> masked(const Tensor& gi, const Tensor&
 }
 
 // ---- the vendor's convolution (ATen: oneDNN / native kernels on the CPU, cuDNN on CUDA) ------------------------
-// The ops' `kernel` argument: forward op bit 0 = vendor forward (bit 1, vendor backward, is for the autograd
+// The ops' `route` argument: forward op bit 0 = vendor forward (bit 1, vendor backward, is for the autograd
 // formula in Python); backward op 1 = vendor backward. Results are made contiguous, as segops' kernels return them.
 
 inline bool vendor_forward(int64_t kernel) { return (kernel & 1) != 0; }
