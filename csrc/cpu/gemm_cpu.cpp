@@ -19,6 +19,9 @@
 
 #if defined(SEGOPS_CPU_MULTI_ISA)
 #include <immintrin.h>
+// GCC 12's AVX-512 shuffle intrinsics pass _mm512_undefined_ps() as the unused merge source, which its
+// -Wmaybe-uninitialized reports once inlined (a known false positive).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace segops {
@@ -94,36 +97,94 @@ __attribute__((target("avx512f"))) void kernel_tile(int64_t kc, const float* __r
   }
 }
 
+// The packing routines move O(K (M + N)) floats for O(M N K) multiply-adds, but a scalar element-by-element copy
+// of a transposed operand (the weight gradient's B, the forward's weight rows) cost 10-30% of the products; these
+// move 16 floats per instruction, transposing 16 x 16 blocks in registers where the source runs along k.
+
+// r[0..15] <- its transpose (r[i] lane j <- r[j] lane i).
+__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0x88);
+      t[8 * h + i + 4] = _mm512_shuffle_f32x4(r[8 * h + i], r[8 * h + i + 4], 0xDD);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+  }
+}
+
+__attribute__((target("avx512f"), always_inline)) inline __mmask16 first(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1u);
+}
+
+// dst[k * ld + j] = src(j, k) for j < rows (<= 16; zero for j in [rows, 16) where width allows) and k < kc, the
+// source running along k (src(j, k) = src[j * stride + k]); `width` lanes of each destination row are written.
+__attribute__((target("avx512f"))) void transpose_rows(const float* src, int64_t stride, int64_t rows, int64_t kc,
+                                                       float* dst, int64_t ld, int width) {
+  const __mmask16 out = first(width);
+  for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+    const __mmask16 in = first(kc - k0);
+    __m512 r[16];
+    for (int64_t j = 0; j < 16; ++j)
+      r[j] = j < rows ? _mm512_maskz_loadu_ps(in, src + j * stride + k0) : _mm512_setzero_ps();
+    transpose16(r);
+    const int64_t kk = std::min<int64_t>(16, kc - k0);
+    for (int64_t k = 0; k < kk; ++k) _mm512_mask_storeu_ps(dst + (k0 + k) * ld, out, r[k]);
+  }
+}
+
 // A block (mc x kc at A) -> slivers of MR rows, [k][i], zero rows past mc.
-void pack_a(const float* A, int64_t rsA, int64_t csA, int64_t mc, int64_t kc, float* dst) {
+__attribute__((target("avx512f"))) void pack_a(const float* A, int64_t rsA, int64_t csA, int64_t mc, int64_t kc,
+                                               float* dst) {
   for (int64_t s = 0; s < mc; s += MR) {
     const int64_t m = std::min(MR, mc - s);
     float* d = dst + s * kc;
-    for (int64_t i = 0; i < m; ++i) {
-      const float* src = A + (s + i) * rsA;
-      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = src[k * csA];
+    const float* a = A + s * rsA;
+    if (rsA == 1) {  // the sliver's column k is contiguous: one masked copy per k
+      const __mmask16 in = first(m);
+      for (int64_t k = 0; k < kc; ++k)
+        _mm512_mask_storeu_ps(d + k * MR, first(MR), _mm512_maskz_loadu_ps(in, a + k * csA));
+    } else if (csA == 1) {  // rows run along k: transposed in 16 x 16 blocks, MR of the 16 lanes kept
+      transpose_rows(a, rsA, m, kc, d, MR, MR);
+    } else {
+      for (int64_t i = 0; i < MR; ++i)
+        for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = i < m ? a[i * rsA + k * csA] : 0.f;
     }
-    for (int64_t i = m; i < MR; ++i)
-      for (int64_t k = 0; k < kc; ++k) d[k * MR + i] = 0.f;
   }
 }
 
 // B panel (kc x nc at B) -> slivers of NR columns, [k][j], zero columns past nc.
-void pack_b(const float* B, int64_t rsB, int64_t csB, int64_t kc, int64_t nc, float* dst) {
+__attribute__((target("avx512f"))) void pack_b(const float* B, int64_t rsB, int64_t csB, int64_t kc, int64_t nc,
+                                               float* dst) {
   for (int64_t t = 0; t < nc; t += NR) {
     const int64_t n = std::min(NR, nc - t);
     float* d = dst + t * kc;
-    if (csB == 1) {
+    if (csB == 1) {  // rows of B are contiguous: two masked 16-float copies per k
+      const __mmask16 lo = first(n), hi = first(std::max<int64_t>(0, n - 16));
       for (int64_t k = 0; k < kc; ++k) {
-        std::memcpy(d + k * NR, B + k * rsB + t, sizeof(float) * n);
-        std::fill(d + k * NR + n, d + (k + 1) * NR, 0.f);
+        const float* b = B + k * rsB + t;
+        _mm512_store_ps(d + k * NR, _mm512_maskz_loadu_ps(lo, b));
+        _mm512_store_ps(d + k * NR + 16, _mm512_maskz_loadu_ps(hi, b + 16));
       }
+    } else if (rsB == 1) {  // columns run along k: transposed in 16 x 16 blocks
+      for (int64_t h = 0; h < NR; h += 16)
+        transpose_rows(B + (t + h) * csB, csB, std::max<int64_t>(0, std::min<int64_t>(16, n - h)), kc, d + h, NR,
+                       16);
     } else {
-      for (int64_t j = 0; j < n; ++j) {
-        const float* src = B + (t + j) * csB;
-        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = src[k * rsB];
-      }
-      for (int64_t k = 0; k < kc; ++k) std::fill(d + k * NR + n, d + (k + 1) * NR, 0.f);
+      for (int64_t j = 0; j < NR; ++j)
+        for (int64_t k = 0; k < kc; ++k) d[k * NR + j] = j < n ? B[k * rsB + (t + j) * csB] : 0.f;
     }
   }
 }

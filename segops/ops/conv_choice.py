@@ -8,9 +8,10 @@ The backend setting, most specific first:
 3. the process-wide :func:`set_conv_backend` (default ``"auto"``).
 
 ``"segops"`` and ``"vendor"`` force a side; ``"auto"`` applies the rule of :func:`choose`: a fixed table, measured with
-``segops bench conv`` (the measurements are in the project's benchmark notes), per device, dtype, geometry and
-determinism setting. The rule is a pure function of the call's arguments: the same call always gets the same kernel
-(no timing at run time), it costs a few microseconds, and ``torch.compile`` traces it like any Python code.
+``segops bench conv`` (the measurements are in the project's benchmark notes), per device, dtype, geometry,
+determinism setting and, on the CPU, whether segops' own AVX-512 GEMM runs there (read once, at import). The rule
+is a pure function of the call's arguments: the same call always gets the same kernel (no timing at run time), it
+costs a few microseconds, and ``torch.compile`` traces it like any Python code.
 
 Forward and backward are chosen separately: under ``torch.use_deterministic_algorithms(True)`` on CUDA a dilated
 convolution runs cuDNN forward but segops' backward (gather-formulated, deterministic, unlike cuDNN's fast backward

@@ -1,6 +1,7 @@
 // Host glue of atrous_conv2d / conv_transpose2d and their backward ops, shared by the CPU and CUDA backends:
 // argument checks, buffers, the choice among segops' kernels, the vendor (ATen) convolution, and the matrix
-// products (ATen: BLAS on the CPU, cuBLAS on CUDA). A backend supplies its launcher (parallel.h: CpuLaunch,
+// products (the launcher's own GEMM where it has one: segops' AVX-512 GEMM on some CPUs, cpu_gemm.h; otherwise
+// ATen: BLAS on the CPU, cuBLAS on CUDA). A backend supplies its launcher (parallel.h: CpuLaunch,
 // parallel_cuda.cuh: CudaLaunch), which answers every hardware-dependent question; nothing here branches on the
 // device. Everything is computed in the accumulation type (float for half / bfloat16 / float, double for double)
 // and cast once at the end.
