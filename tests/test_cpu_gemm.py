@@ -159,3 +159,12 @@ def test_auto_rule_uses_the_gemm_only_where_it_runs(own_gemm):
     assert vendor("gemm-rows", (3, 3), share=0.76, dilated=True)
     assert vendor("gemm-1x1", (1, 1), dtype=torch.bfloat16)
     assert not vendor("gemm-1x1", (1, 1), dtype=torch.float64)  # ATen's generic float64 kernel loses either way
+
+    def vendor_up(side):  # U-Net's 2x2/2 up-convolution, 512 -> 256 channels on side x side maps
+        vf, vb, _ = _rule(True, "cpu", torch.float32, "gemm-im2col", (2, 2), (2, 2), False, False, side * side,
+                          512 * 256 * side * side, own_gemm)
+        return vf and vb
+
+    assert vendor_up(56) is not own_gemm  # 1.31x oneDNN with segops' GEMM, 0.76x with MKL's
+    assert vendor_up(28)  # level with oneDNN either way (0.97-1.03x): oneDNN
+    assert not vendor_up(224)  # 1.4-2.5x with either GEMM

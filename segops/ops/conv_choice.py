@@ -158,10 +158,14 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
     if own_cpu_gemm and dtype == torch.float32 and not transposed:
         # segops' AVX-512 GEMM against oneDNN on an AMD CPU (where MKL runs AVX2 code), forward + backward
         if kernel_family == "gemm-1x1":
-            return False, False, "cpu: 1x1 with segops' AVX-512 GEMM (1.26-1.55x oneDNN)"
+            return False, False, "cpu: 1x1 with segops' AVX-512 GEMM (1.4-1.8x oneDNN)"
         if kernel_family == "gemm-rows" and row_share <= 0.65:
             return False, False, ("cpu: dilated, %.0f%% of the kernel rows meet the image: segops' gemm-rows "
                                   "(1.16-1.35x oneDNN at <= 64%%)" % (100 * row_share))
+    if (own_cpu_gemm and transposed and dtype == torch.float32 and tuple(kernel) == (2, 2)
+            and tuple(stride) == (2, 2) and spatial >= 56 * 56 and macs >= 20_000_000):
+        return False, False, ("cpu: 2x2/2 transposed on maps of 56x56 and more with segops' AVX-512 GEMM "
+                              "(1.0-1.8x oneDNN)")
     if (transposed and dtype == torch.float32 and tuple(kernel) == (2, 2) and tuple(stride) == (2, 2)
             and spatial >= 160 * 160 and macs >= 20_000_000):
         # U-Net's up-convolution on the largest maps. The crossover depends on the CPU: on one EPYC segops won
