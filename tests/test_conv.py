@@ -955,11 +955,15 @@ def test_cuda_parity_every_kernel(case, kernel):
         torch.testing.assert_close(c, a, rtol=1e-10, atol=1e-12)
 
 
-def test_auto_picks_segops_for_large_unet_upconvs_on_the_cpu():
-    # 2x2 / stride 2 transposed convolutions, float32, CPU (fwd + bwd, 2 threads, idle machines): segops 1.42-2.50x
-    # oneDNN at 224x224 on both CPUs measured; from 28x28 to 112x112 1.27-1.69x on one and 0.59-0.80x on the other;
-    # so oneDNN below 160x160
+@pytest.mark.parametrize("own_gemm", [False, True])
+def test_auto_picks_segops_for_large_unet_upconvs_on_the_cpu(own_gemm, monkeypatch):
+    # 2x2 / stride 2 transposed convolutions, float32, CPU (fwd + bwd, 2 threads, idle machines). With ATen's GEMM
+    # (MKL): segops 1.42-2.50x oneDNN at 224x224 on both CPUs measured; from 28x28 to 112x112 1.27-1.69x on one and
+    # 0.59-0.80x on the other; so oneDNN below 160x160. With segops' AVX-512 GEMM (AMD CPUs): 1.00-1.31x from 56x56
+    # to 112x112, 0.96-1.03x at 14x14-28x28: segops from 56x56.
     from segops.ops import conv_choice
+
+    monkeypatch.setattr(conv_choice, "_OWN_CPU_GEMM", own_gemm)
 
     def choice(n, cin, cout, hw, dtype=torch.float32):
         x = torch.empty(n, cin, hw, hw, dtype=dtype)
@@ -967,12 +971,12 @@ def test_auto_picks_segops_for_large_unet_upconvs_on_the_cpu():
         c = conv_choice.explain(True, x, w, [2, 2], [0, 0], [1, 1], 1)
         return c.forward, c.backward
 
-    for shape in [(2, 128, 64, 224), (2, 64, 32, 224), (2, 64, 32, 160)]:
+    mid = [(2, 128, 64, 112), (2, 256, 128, 56)]  # full width, 56x56 and 112x112
+    for shape in [(2, 128, 64, 224), (2, 64, 32, 224), (2, 64, 32, 160)] + (mid if own_gemm else []):
         assert choice(*shape) == ("segops", "segops"), shape
-    for shape in [(2, 128, 64, 112), (2, 256, 128, 56), (2, 512, 256, 28), (2, 1024, 512, 28),  # full width
-                  (2, 32, 16, 80), (2, 256, 128, 20), (2, 1024, 512, 14),  # the width-scaled models' shapes
-                  (2, 8, 8, 224)]:  # under 20M multiply-adds per tap
-        assert choice(*shape) == ("vendor", "vendor"), shape
+    for shape in ([] if own_gemm else mid) + [(2, 512, 256, 28), (2, 1024, 512, 28),  # full width
+                                              (2, 32, 16, 80), (2, 256, 128, 20), (2, 1024, 512, 14),  # width-scaled
+                                              (2, 8, 8, 224)]:  # under 20M multiply-adds per tap
         assert choice(*shape) == ("vendor", "vendor"), shape
     assert choice(2, 128, 64, 224, torch.bfloat16) == ("vendor", "vendor")  # measured for float32 only
 
