@@ -146,13 +146,14 @@ def test_row_share_counts_the_rows_inside_the_image():
 def test_auto_rule_uses_the_gemm_only_where_it_runs(own_gemm):
     from segops.ops.conv_choice import _rule
 
-    def vendor(family, kernel, dtype=torch.float32, transposed=False, share=1.0, dilated=False):
-        vf, vb, _ = _rule(transposed, "cpu", dtype, family, kernel, (1, 1), dilated, False, 33 * 33, 10**7,
+    def vendor(family, kernel, dtype=torch.float32, transposed=False, share=1.0, dilated=False, macs=10**7):
+        vf, vb, _ = _rule(transposed, "cpu", dtype, family, kernel, (1, 1), dilated, False, 33 * 33, macs,
                           own_gemm, share)
         assert vf == vb
         return vf
 
     assert vendor("gemm-1x1", (1, 1)) is not own_gemm
+    assert vendor("gemm-1x1", (1, 1), macs=64 * 21 * 25)  # a few microseconds of work: per-call overhead decides
     assert vendor("gemm-rows", (3, 3), share=0.52, dilated=True) is not own_gemm
     # kept on oneDNN with the GEMM too: dense 3x3 (0.39-0.63x), moderate rates (r12 at 33x33: 0.71-0.80x)
     assert vendor("gemm-rows", (3, 3), share=0.98)

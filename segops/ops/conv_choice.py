@@ -155,13 +155,15 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
         return False, False, "cpu: depthwise: segops' direct kernels (1.4-3.9x oneDNN)"
     if dtype == torch.float32 and max(kernel) == 1 and max(stride) > 1:
         return False, False, "cpu: strided 1x1: segops' im2col + GEMM (1.4x oneDNN)"
-    if own_cpu_gemm and dtype == torch.float32 and not transposed:
-        # segops' AVX-512 GEMM against oneDNN on an AMD CPU (where MKL runs AVX2 code), forward + backward
+    if own_cpu_gemm and dtype == torch.float32 and not transposed and macs >= 1_000_000:
+        # segops' AVX-512 GEMM against oneDNN on an AMD CPU (where MKL runs AVX2 code), forward + backward; below
+        # ~1M multiply-adds per tap a call is a few tens of microseconds, where segops' per-call overhead loses
+        # (1x1 64->21 on 5x5: 0.46x; 256->64 on 11x11, 2M: 1.33x)
         if kernel_family == "gemm-1x1":
             return False, False, "cpu: 1x1 with segops' AVX-512 GEMM (1.4-1.8x oneDNN)"
         if kernel_family == "gemm-rows" and row_share <= 0.65:
             return False, False, ("cpu: dilated, %.0f%% of the kernel rows meet the image: segops' gemm-rows "
-                                  "(1.16-1.35x oneDNN at <= 64%%)" % (100 * row_share))
+                                  "(1.2-1.45x oneDNN at <= 64%%)" % (100 * row_share))
     if (own_cpu_gemm and transposed and dtype == torch.float32 and tuple(kernel) == (2, 2)
             and tuple(stride) == (2, 2) and spatial >= 56 * 56 and macs >= 20_000_000):
         return False, False, ("cpu: 2x2/2 transposed on maps of 56x56 and more with segops' AVX-512 GEMM "
