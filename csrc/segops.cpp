@@ -117,8 +117,9 @@ TORCH_LIBRARY(segops, m) {
   // ---- transposed / atrous convolution --------------------------------------------------------------
   // Same argument meaning, weight layout and results as F.conv2d / F.conv_transpose2d. Backward ops return
   // (grad_input, grad_weight, grad_bias); output_mask selects which are computed (the others are empty (0,) tensors).
-  // route: which side runs (not named `kernel`: inductor's fallback kernels take a keyword of that name). Forward ops: bit 0 = the vendor's forward (ATen convolution), bit 1 = the vendor's
-  // backward (read by the autograd formula, which passes it on); backward ops: 1 = the vendor's backward. 0: segops.
+  // route: which side runs (not named `kernel`: inductor's fallback kernels take a keyword of that name). Forward
+  // ops: bit 0 = the vendor's forward (ATen convolution), bit 1 = the vendor's backward (read by the autograd
+  // formula, which passes it on); backward ops: 1 = the vendor's backward. 0: segops.
   m.def(
       "atrous_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
       "int groups, int route=0) -> Tensor");

@@ -49,7 +49,7 @@ def info() -> Dict[str, Any]:
         "openmp": b.get("openmp", "0") != "0",
         "compiler": b.get("compiler", ""),
         "cpu_threads": torch.get_num_threads(),
-        # the CPU convolutions' float matrix products: segops' AVX-512 GEMM or ATen's BLAS (docs/convolutions.md)
+        # the CPU convolutions' float matrix products: segops' AVX-512 GEMM or ATen's BLAS (docs/ops/convolution.md)
         "cpu_gemm": "segops (AVX-512)" if torch.ops.segops._cpu_gemm_enabled() else "ATen BLAS",
         "cuda_available": torch.cuda.is_available(),
         "devices": ["cpu"],

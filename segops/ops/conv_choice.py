@@ -164,16 +164,15 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
         if kernel_family == "gemm-rows" and row_share <= 0.65:
             return False, False, ("cpu: dilated, %.0f%% of the kernel rows meet the image: segops' gemm-rows "
                                   "(1.2-1.45x oneDNN at <= 64%%)" % (100 * row_share))
-    if (own_cpu_gemm and transposed and dtype == torch.float32 and tuple(kernel) == (2, 2)
-            and tuple(stride) == (2, 2) and spatial >= 56 * 56 and macs >= 20_000_000):
-        return False, False, ("cpu: 2x2/2 transposed on maps of 56x56 and more with segops' AVX-512 GEMM "
-                              "(1.0-1.8x oneDNN)")
+    # U-Net's up-convolution on the larger maps. With ATen's GEMM the crossover depends on the CPU: on one EPYC
+    # segops won from 28x28 up (1.27-2.50x), on a newer one (family 26) only at 224x224 (1.42-2.47x; 0.59-0.80x
+    # from 28x28 to 112x112): 160x160 keeps every measured CPU at least level with oneDNN. With segops' AVX-512
+    # GEMM: 1.0-1.31x from 56x56 to 112x112, 1.7-1.8x at 224x224.
+    side = 56 if own_cpu_gemm else 160
     if (transposed and dtype == torch.float32 and tuple(kernel) == (2, 2) and tuple(stride) == (2, 2)
-            and spatial >= 160 * 160 and macs >= 20_000_000):
-        # U-Net's up-convolution on the largest maps. The crossover depends on the CPU: on one EPYC segops won
-        # from 28x28 up (1.27-2.50x), on a newer one (family 26) only at 224x224 (1.42-2.47x; 0.59-0.80x from
-        # 28x28 to 112x112). The bound keeps every measured CPU at least level with oneDNN.
-        return False, False, "cpu: 2x2/2 transposed on maps of 160x160 and more: segops' GEMM (1.4-2.5x oneDNN)"
+            and spatial >= side * side and macs >= 20_000_000):
+        speed = "segops' AVX-512 GEMM (1.0-1.8x oneDNN)" if own_cpu_gemm else "segops' GEMM (1.4-2.5x oneDNN)"
+        return False, False, "cpu: 2x2/2 transposed on maps of %dx%d and more: %s" % (side, side, speed)
     return True, True, "cpu: dense convolution: oneDNN (segops' GEMMs 0.5-0.95x here)"
 
 
@@ -231,8 +230,8 @@ def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[in
     dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
     spatial = input.shape[2] * input.shape[3]
     share = 1.0
-    if family == "gemm-rows" and not transposed:
-        share = _row_share(input.shape[2], kernel[0], padding[0], dilation[0])
+    if _OWN_CPU_GEMM and family == "gemm-rows" and not transposed and input.device.type == "cpu":
+        share = _row_share(input.shape[2], kernel[0], padding[0], dilation[0])  # read by the CPU GEMM rule only
     vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
                            torch.are_deterministic_algorithms_enabled(), spatial,
                            input.shape[1] * w_shape[1] * spatial if transposed else w_shape[0] * w_shape[1] * spatial,
