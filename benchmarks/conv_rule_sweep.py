@@ -55,7 +55,23 @@ SHAPES = [
     ("depthwise up x2", True, 2, 21, 21, 16, 4, 2, 1, 1, 21),
     ("depthwise up x8", True, 2, 21, 21, 21, 16, 8, 4, 1, 21),
     ("depthwise up x32", True, 2, 21, 21, 6, 64, 32, 16, 1, 21),
-]
+    # dilated 3x3 convolutions of the DeepLabs at width 0.25 (161x161 and 321x321 inputs: 11x11 to 41x41 maps) and
+    # of the full-width ASPP / LargeFOV heads (`segops bench conv`'s shapes, at batch 2)
+    ("dilated resnet r2", False, 2, 64, 64, 21, 3, 1, 2, 2, 1),
+    ("dilated resnet r2", False, 2, 64, 64, 41, 3, 1, 2, 2, 1),
+    ("dilated resnet r2", False, 2, 128, 128, 11, 3, 1, 2, 2, 1),
+    ("dilated resnet r2", False, 2, 128, 128, 21, 3, 1, 2, 2, 1),
+    ("dilated resnet r4", False, 2, 128, 128, 21, 3, 1, 4, 4, 1),
+    ("dilated resnet r4", False, 2, 128, 128, 41, 3, 1, 4, 4, 1),
+] + [("dilated aspp v2 r%d" % r, False, 2, 512, 21, hw, 3, 1, r, r, 1) for hw in (21, 41) for r in (6, 12, 18, 24)] \
+  + [("dilated aspp vgg r%d" % r, False, 2, 128, 256, hw, 3, 1, r, r, 1) for hw in (21, 41) for r in (6, 12, 18, 24)] \
+  + [("dilated aspp v3+ r%d" % r, False, 2, 512, 64, hw, 3, 1, r, r, 1) for hw in (11, 21) for r in (6, 12, 18)] \
+  + [("dilated largefov r12", False, 2, 128, 256, hw, 3, 1, 12, 12, 1) for hw in (21, 41)] \
+  + [("dilated aspp full r%d" % r, False, 2, 512, 256, 33, 3, 1, r, r, 1) for r in (6, 12, 18, 24)] \
+  + [("dilated aspp full r12", False, 2, 512, 256, 65, 3, 1, 12, 12, 1),
+     ("dilated largefov full r12", False, 2, 512, 1024, 33, 3, 1, 12, 12, 1)] \
+  + [("dilated large map r%d" % r, False, 2, 128, 256, 81, 3, 1, r, r, 1) for r in (6, 12, 24)] \
+  + [("fcn conv1 pad 100", False, 2, 3, 16, hw, 3, 1, 100, 1, 1) for hw in (161, 321)]
 
 
 def _timer(fn: Callable[[], None], min_run_time: float) -> float:

@@ -921,8 +921,9 @@ def test_torch_compile_every_backend(backend, compiler):
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_row_blocks_and_halo(stride):
-    # C_in * kw * W_out = 256 * 3 * 256 floats per unfolded row: the 2^22-element scratch holds ~21 rows, so with a
-    # dilation-4 halo of 8 rows the 40-row map is cut into several blocks (stride 2: im2col blocks of 14 rows).
+    # The two side taps' unfolds, C_in * 2 * 252 columns (~129K floats) per row: the 2^22-element scratch holds ~32
+    # rows, so with a dilation-4 halo of 8 rows the 40-row map is cut into blocks of 24 rows (stride 2: im2col blocks
+    # of 14 rows).
     g = _gen(25)
     x = _leaf(_rand(1, 256, 40, 256, g=g, dtype=torch.float32, scale=0.1))
     w = _leaf(_rand(3, 256, 3, 3, g=g, dtype=torch.float32, scale=0.1))

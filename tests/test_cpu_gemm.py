@@ -3,6 +3,7 @@ and layouts, results independent of the thread count, and the SEGOPS_CPU_GEMM se
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -132,32 +133,45 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_row_share_counts_the_rows_inside_the_image():
-    from segops.ops.conv_choice import _row_share
+def test_tap_share_counts_the_pairs_inside_the_image():
+    from segops.ops.conv_choice import _tap_share
 
     # 33 rows, 3x3 rate 6, padding 6: kernel rows 0 and 2 reach 27 of the 33 output rows, row 1 all 33
-    assert _row_share(33, 3, 6, 6) == (27 + 33 + 27) / 99
-    assert _row_share(33, 3, 24, 24) == (9 + 33 + 9) / 99
-    assert _row_share(10, 3, 1, 1) == (9 + 10 + 9) / 30
-    assert _row_share(8, 1, 0, 1) == 1.0
+    assert _tap_share(33, 3, 6, 6) == (27 + 33 + 27) / 99
+    assert _tap_share(33, 3, 24, 24) == (9 + 33 + 9) / 99
+    assert _tap_share(10, 3, 1, 1) == (9 + 10 + 9) / 30
+    assert _tap_share(8, 1, 0, 1) == 1.0
+    # every small geometry, strides included, against counting the pairs one by one
+    for size, k, pad, dil, stride in itertools.product(range(1, 12), range(1, 4), range(4), range(1, 4), range(1, 4)):
+        out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        if out <= 0:
+            continue
+        inside = sum(0 <= o * stride + i * dil - pad < size for o in range(out) for i in range(k))
+        assert _tap_share(size, k, pad, dil, stride) == pytest.approx(inside / (k * out), abs=1e-15)
 
 
 @pytest.mark.parametrize("own_gemm", [False, True])
 def test_auto_rule_uses_the_gemm_only_where_it_runs(own_gemm):
     from segops.ops.conv_choice import _rule
 
-    def vendor(family, kernel, dtype=torch.float32, transposed=False, share=1.0, dilated=False, macs=10**7):
-        vf, vb, _ = _rule(transposed, "cpu", dtype, family, kernel, (1, 1), dilated, False, 33 * 33, macs,
-                          own_gemm, share)
+    def vendor(family, kernel, dtype=torch.float32, transposed=False, share=1.0, rate=1, macs=10**7):
+        vf, vb, _ = _rule(transposed, "cpu", dtype, family, kernel, (1, 1), rate > 1, False, 33 * 33, macs,
+                          own_gemm, share, rate)
         assert vf == vb
         return vf
 
     assert vendor("gemm-1x1", (1, 1)) is not own_gemm
     assert vendor("gemm-1x1", (1, 1), macs=64 * 21 * 25)  # a few microseconds of work: per-call overhead decides
-    assert vendor("gemm-rows", (3, 3), share=0.52, dilated=True) is not own_gemm
-    # kept on oneDNN with the GEMM too: dense 3x3 (0.39-0.63x), moderate rates (r12 at 33x33: 0.71-0.80x)
+    # rates >= 12 (1.08-10x oneDNN): ASPP r12 at 33x33 (57% of the work inside), r12 at 81x81 (81%)
+    assert vendor("gemm-rows", (3, 3), share=0.57, rate=12) is not own_gemm
+    assert vendor("gemm-rows", (3, 3), share=0.81, rate=12) is not own_gemm
+    assert vendor("gemm-rows", (3, 3), share=0.40, rate=6) is not own_gemm  # r6 on 11x11 maps: 1.02x
+    # kept on oneDNN with the GEMM too: dense 3x3, rates 2-6 on larger maps (0.58-0.95x), rate 12 beyond the
+    # measured shares
     assert vendor("gemm-rows", (3, 3), share=0.98)
-    assert vendor("gemm-rows", (3, 3), share=0.76, dilated=True)
+    assert vendor("gemm-rows", (3, 3), share=0.66, rate=6)
+    assert vendor("gemm-rows", (3, 3), share=0.88, rate=4)
+    assert vendor("gemm-rows", (3, 3), share=0.90, rate=12)
     assert vendor("gemm-1x1", (1, 1), dtype=torch.bfloat16)
     assert not vendor("gemm-1x1", (1, 1), dtype=torch.float64)  # ATen's generic float64 kernel loses either way
 

@@ -118,11 +118,12 @@ def _build_has_cuda_kernels() -> bool:
 
 def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str, kernel: Sequence[int],
           stride: Sequence[int], dilated: bool, deterministic: bool, spatial: int = 0,
-          macs: int = 0, own_cpu_gemm: bool = False, row_share: float = 1.0) -> Tuple[bool, bool, str]:
+          macs: int = 0, own_cpu_gemm: bool = False, share: float = 1.0, rate: int = 1) -> Tuple[bool, bool, str]:
     """(vendor forward, vendor backward, reason) under "auto". ``spatial``: input H W; ``macs``: multiply-adds
     per sample and kernel tap (input channels x output channels per group x H W); ``own_cpu_gemm``: segops' CPU
-    products run its AVX-512 GEMM; ``row_share``: the share of the dense work the gemm-rows kernel computes (it
-    skips kernel rows that only meet zero padding; 1.0 for other geometries).
+    products run its AVX-512 GEMM; ``share``: the share of the dense work the gemm-rows kernel computes (it
+    skips the (tap, output pixel) pairs that only meet zero padding; 1.0 for other geometries); ``rate``: the
+    largest dilation of a kernel axis longer than 1.
 
     The table behind it: ``benchmarks/conv_rule_sweep.py`` (segops against the vendor, forward + backward, at the
     reference models' shapes) and ``segops bench conv``; the measured ratios are in the benchmark notes.
@@ -161,9 +162,13 @@ def _rule(transposed: bool, device: str, dtype: torch.dtype, kernel_family: str,
         # (1x1 64->21 on 5x5: 0.46x; 256->64 on 11x11, 2M: 1.33x)
         if kernel_family == "gemm-1x1":
             return False, False, "cpu: 1x1 with segops' AVX-512 GEMM (1.4-1.8x oneDNN)"
-        if kernel_family == "gemm-rows" and row_share <= 0.65:
-            return False, False, ("cpu: dilated, %.0f%% of the kernel rows meet the image: segops' gemm-rows "
-                                  "(1.2-1.45x oneDNN at <= 64%%)" % (100 * row_share))
+        # gemm-rows multiplies only the taps' pixels inside the image; oneDNN computes the padding too and slows
+        # down at large rates (its time grows from rate 6 to 24 on the same map). Measured (forward + backward,
+        # DeepLab heads at 11x11 to 81x81): rate >= 12 1.08-10x oneDNN, rate 6 0.70-0.95x (1.02x at 11x11, 40%
+        # of the work inside), rates 2 / 4 0.58-0.94x.
+        if kernel_family == "gemm-rows" and ((rate >= 12 and share <= 0.85) or share <= 0.45):
+            return False, False, ("cpu: dilated, rate %d, %.0f%% of the dense work inside the image: segops' "
+                                  "gemm-rows (1.1-10x oneDNN at rates >= 12)" % (rate, 100 * share))
     # U-Net's up-convolution on the larger maps. With ATen's GEMM the crossover depends on the CPU: on one EPYC
     # segops won from 28x28 up (1.27-2.50x), on a newer one (family 26) only at 224x224 (1.42-2.47x; 0.59-0.80x
     # from 28x28 to 112x112): 160x160 keeps every measured CPU at least level with oneDNN. With segops' AVX-512
@@ -199,14 +204,19 @@ class KernelChoice:
         return forward | (VENDOR_BACKWARD if self.backward == "vendor" else 0)
 
 
-def _row_share(height: int, kh: int, ph: int, dh: int) -> float:
-    """Share of the (kernel row, output row) pairs of a vertical-stride-1 convolution whose input row lies inside
-    the image: the part of the dense work the gemm-rows kernel does."""
-    out_rows = height + 2 * ph - dh * (kh - 1)
-    if out_rows <= 0:
+def _tap_share(size: int, k: int, pad: int, dil: int, stride: int = 1) -> float:
+    """Share of the (kernel tap, output position) pairs along one axis whose input position lies inside the image
+    (input = output * stride + tap * dil - pad); the gemm-rows kernel computes only those."""
+    out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    if out <= 0:
         return 1.0
-    inside = sum(max(0, min(out_rows, height + ph - i * dh) - max(0, ph - i * dh)) for i in range(kh))
-    return inside / float(kh * out_rows)
+    inside = 0
+    for i in range(k):
+        off = i * dil - pad
+        # outputs o with 0 <= o * stride + off < size: o from ceil(-off / stride) to below ceil((size - off) / stride)
+        lo, hi = max(0, -(off // stride)), min(out, -((off - size) // stride))
+        inside += max(0, hi - lo)
+    return inside / float(k * out)
 
 
 def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int],
@@ -231,11 +241,14 @@ def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[in
     spatial = input.shape[2] * input.shape[3]
     share = 1.0
     if _OWN_CPU_GEMM and family == "gemm-rows" and not transposed and input.device.type == "cpu":
-        share = _row_share(input.shape[2], kernel[0], padding[0], dilation[0])  # read by the CPU GEMM rule only
+        # read by the CPU GEMM rule only
+        share = (_tap_share(input.shape[2], kernel[0], padding[0], dilation[0], stride[0])
+                 * _tap_share(input.shape[3], kernel[1], padding[1], dilation[1], stride[1]))
+    rate = max([d for d, k in zip(dilation, kernel) if k > 1] or [1])
     vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
                            torch.are_deterministic_algorithms_enabled(), spatial,
                            input.shape[1] * w_shape[1] * spatial if transposed else w_shape[0] * w_shape[1] * spatial,
-                           _OWN_CPU_GEMM, share)
+                           _OWN_CPU_GEMM, share, rate)
     return vf, vb, family, "auto: " + reason
 
 

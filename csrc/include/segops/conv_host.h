@@ -37,6 +37,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "segops/conv_math.h"
 #include "segops/parallel.h"
@@ -279,24 +280,52 @@ inline void fill_bias(Tensor& out, const Tensor& bias_acc) {
   }
 }
 
-// Weight rearranged for the per-kernel-row products: (groups, kh, Cog, Cig * kw) with
-// [gi][ki][o][c * kw + kj] = W[gi * Cog + o, c, ki, kj].
+// Weight rearranged for the per-kernel-row products: (groups, kh, Cog, kw * Cig) with
+// [gi][ki][o][kj * Cig + c] = W[gi * Cog + o, c, ki, kj]: a run of taps [k0, k1) is the column block
+// [k0 Cig, k1 Cig).
 inline Tensor weight_by_kernel_row(const Tensor& w, int64_t groups) {
   const int64_t Co = w.size(0), Cig = w.size(1), kh = w.size(2), kw = w.size(3);
-  return w.view({groups, Co / groups, Cig, kh, kw}).permute({0, 3, 1, 2, 4}).contiguous().view(
-      {groups, kh, Co / groups, Cig * kw});
+  return w.view({groups, Co / groups, Cig, kh, kw}).permute({0, 3, 1, 4, 2}).contiguous().view(
+      {groups, kh, Co / groups, kw * Cig});
 }
 
 // ---- gemm-rows / gemm-1x1 geometry ----------------------------------------------------------------------
-// With vertical stride 1, col row oh under kernel row ki reads image row h = oh - ph + ki * dh. Image rows are
-// unfolded along the width: U[(c, kj), r, ow] = image[c, r, ow * sw + kj * dw - pw] (zero outside), so the
-// contribution of kernel row ki to col rows [oa, ob) is  W_ki (Cog x Cig kw) . U[:, rows oa - ph + ki dh ...]
-// over (ob - oa) * Wo contiguous columns. Without horizontal taps (kw = 1, sw = 1, pw = 0) U is the image.
+// With vertical stride 1, col row oh under kernel row ki reads image row h = oh - ph + ki * dh, and tap kj reads
+// image column ow * sw + kj * dw - pw, which lies inside the image for the col columns [b, e) of col_range.
+// Consecutive taps with the same [b, e) form a tap group. For each group the image rows are unfolded over those
+// columns only: U[(kj - k0, c), r, o] = image[c, r, (b + o) sw + kj dw - pw], n = e - b columns, so the
+// contribution of kernel row ki to col rows [oa, ob) is  W_ki,group (Cog x taps Cig) . U[:, rows oa - ph + ki dh
+// ...] over (ob - oa) * n contiguous columns, and neither vertical nor horizontal zero padding is ever multiplied
+// (a 3x3 rate-12 kernel on a 33-wide map: the side taps reach 21 of the 33 columns). A group over all Wo columns
+// writes the col rows in place; a narrower one accumulates into an (n)-column buffer added to its columns. A
+// single tap reading column ow itself (the centre tap of a "same" padded kernel, every 1x1) reads the image in
+// place: no unfold.
 
-struct RowsPlan {
-  int64_t block;  // col rows (correlate, weight gradient) or image rows (adjoint) per block
-  bool direct;    // U is the image itself (no unfold buffer)
+struct TapGroup {
+  int64_t k0, k1;  // taps [k0, k1)
+  int64_t b, e;    // col columns [b, e), never empty
+  int64_t taps() const { return k1 - k0; }
+  int64_t n() const { return e - b; }
+  int64_t offset(int64_t kj, const Geom& g) const { return b * g.sw + kj * g.dw - g.pw; }  // image column of b
+  bool full(const Geom& g) const { return b == 0 && e == g.Wo; }
+  // the unfold is the image itself (rows of W = Wo pixels)
+  bool in_place(const Geom& g) const { return taps() == 1 && full(g) && g.sw == 1 && offset(k0, g) == 0 && g.W == g.Wo; }
 };
+
+inline std::vector<TapGroup> tap_groups(const Geom& g) {
+  std::vector<TapGroup> groups;
+  for (int64_t kj = 0; kj < g.kw; ++kj) {
+    int64_t b, e;
+    col_range<int64_t>(kj * g.dw - g.pw, g.sw, 0, g.W, g.Wo, &b, &e);
+    if (e <= b) continue;  // a tap that only meets zero padding
+    if (!groups.empty() && groups.back().k1 == kj && groups.back().b == b && groups.back().e == e) {
+      groups.back().k1 = kj + 1;
+    } else {
+      groups.push_back(TapGroup{kj, kj + 1, b, e});
+    }
+  }
+  return groups;
+}
 
 // Col rows of kernel row ki that read image rows inside [0, H), intersected with [a, b).
 inline std::pair<int64_t, int64_t> tap_rows(const Geom& g, int64_t ki, int64_t a, int64_t b) {
@@ -310,50 +339,56 @@ inline std::pair<int64_t, int64_t> image_rows(const Geom& g, int64_t a, int64_t 
   return {r0, std::max(r0, r1)};
 }
 
-// The unfold of image rows [r0, r1) of samples [n0, n0 + samples), channels [c0, c0 + Cig) into
-// U (Cig kw, samples, R Wo).
-template <typename T, typename A, typename Launch>
-void unfold_rows(const Tensor& img, int64_t n0, int64_t samples, int64_t c0, int64_t Cig, const Geom& g, int64_t r0,
-                 int64_t r1, Tensor& U, const Launch& launch) {
-  Geom gu = g;  // a (1 x kw) correlation whose output row j is image row r0 + j
-  gu.kh = 1;
-  gu.sh = 1;
-  gu.dh = 1;
-  gu.ph = -r0;
-  gu.Ho = r1 - r0;
-  const int64_t items = Cig * g.kw * samples * gu.Ho;
-  launch.with_index(fits_int32({extent(img), U.numel(), items * g.Wo}), [&](auto index) {
-    using I = decltype(index);
-    const I seg = static_cast<I>(launch.segment(g.Wo));
-    Im2Col<T, A, I> f{img.data_ptr<T>() + n0 * img.stride(0) + c0 * img.stride(1), I(img.stride(0)),
-                      I(img.stride(1)), I(img.stride(2)), I(img.stride(3)), U.data_ptr<A>(), I(samples), I(Cig),
-                      gu.as<I>(), seg};
-    launch(items * n_segments<int64_t>(g.Wo, seg), f, seg);
-  });
+// Col rows [c0, c1) that image rows [a, b) are reached from through any kernel row (clipped to the col).
+inline std::pair<int64_t, int64_t> col_rows(const Geom& g, int64_t a, int64_t b) {
+  const int64_t c0 = std::max<int64_t>(0, a + g.ph - (g.kh - 1) * g.dh), c1 = std::min(g.Ho, b + g.ph);
+  return {c0, std::max(c0, c1)};
 }
 
-// U as the batch of (Cig kw, rows * Wo) matrices starting at its row j0 (layout (Cig kw, samples, R Wo)).
-inline Tensor unfold_matrices(const Tensor& U, int64_t samples, int64_t KC, int64_t R, int64_t Wo, int64_t j0,
+// The group's unfold of image rows [r0, r1) of samples [n0, n0 + samples), channels [c0, c0 + Cig) into
+// U (taps Cig, samples, R n), cast to the accumulation type.
+inline void unfold_group(const Tensor& img, int64_t n0, int64_t samples, int64_t c0, int64_t Cig, const Geom& g,
+                         const TapGroup& grp, int64_t r0, int64_t r1, const Tensor& U) {
+  const int64_t R = r1 - r0, n = grp.n(), plane = Cig * samples * R * n;
+  const Tensor rows = img.narrow(0, n0, samples).narrow(1, c0, Cig).narrow(2, r0, R);
+  for (int64_t kj = grp.k0; kj < grp.k1; ++kj) {
+    const int64_t first = grp.offset(kj, g);
+    U.narrow(0, (kj - grp.k0) * plane, plane)
+        .view({Cig, samples, R, n})
+        .transpose(0, 1)
+        .copy_(rows.slice(3, first, first + (n - 1) * g.sw + 1, g.sw));
+  }
+}
+
+// Columns [b, e) of col rows [r0, r1) of samples [n0, n0 + samples), channels [c0, c0 + C) into
+// D (samples, C, R n).
+inline void gather_columns(const Tensor& col, int64_t n0, int64_t samples, int64_t c0, int64_t C,
+                           const TapGroup& grp, int64_t r0, int64_t r1, const Tensor& D) {
+  D.narrow(0, 0, samples * C * (r1 - r0) * grp.n())
+      .view({samples, C, r1 - r0, grp.n()})
+      .copy_(col.narrow(0, n0, samples).narrow(1, c0, C).narrow(2, r0, r1 - r0).narrow(3, grp.b, grp.n()));
+}
+
+// Rows [j0, j0 + rows) of a buffer laid out (samples, C, R n) as the batch of (C, rows n) matrices.
+inline Tensor buffer_matrices(const Tensor& D, int64_t samples, int64_t C, int64_t R, int64_t n, int64_t j0,
                               int64_t rows) {
-  return U.as_strided({samples, KC, rows * Wo}, {R * Wo, samples * R * Wo, 1}, U.storage_offset() + j0 * Wo);
+  return D.as_strided({samples, C, rows * n}, {C * R * n, R * n, 1}, D.storage_offset() + j0 * n);
 }
 
-// Without horizontal taps (kw = 1, sw = 1, pw = 0, and no output_padding column) the unfold is the image itself.
-inline bool no_horizontal_taps(const Geom& g) { return g.kw == 1 && g.sw == 1 && g.pw == 0 && g.W == g.Wo; }
-
-template <typename T, typename A>
-bool direct_rows(const Geom& g, const Tensor& img) {
-  return std::is_same<T, A>::value && no_horizontal_taps(g) && pixel_stride(img) >= 0;
+// U (taps Cig, samples, R n) as the batch of (taps Cig, rows n) matrices starting at its row j0.
+inline Tensor unfold_matrices(const Tensor& U, int64_t samples, int64_t KC, int64_t R, int64_t n, int64_t j0,
+                              int64_t rows) {
+  return U.as_strided({samples, KC, rows * n}, {R * n, samples * R * n, 1}, U.storage_offset() + j0 * n);
 }
 
+// Rows per block, so that `per_row` scratch elements per row (plus `halo` rows of `halo_row` elements) fit the
+// launcher's scratch; every row in one block when nothing needs scratch. At least as many rows as the halo, so
+// that no row is unfolded more than twice.
 template <typename Launch>
-RowsPlan rows_plan(const Geom& g, int64_t per_row, int64_t total_rows, bool direct, const Launch& launch) {
-  if (direct) return RowsPlan{total_rows, true};
-  const int64_t halo = (g.kh - 1) * g.dh;
-  const int64_t fit = launch.scratch_elements() / std::max<int64_t>(per_row, 1);
-  // at least as many rows as the halo, so that no image row is unfolded more than twice
-  const int64_t block = std::max<int64_t>({fit - halo, halo, 1});
-  return RowsPlan{std::min(block, total_rows), false};
+int64_t rows_per_block(int64_t per_row, int64_t halo, int64_t total_rows, const Launch& launch) {
+  if (per_row == 0) return std::max<int64_t>(total_rows, 1);
+  const int64_t fit = launch.scratch_elements() / per_row;
+  return std::min(std::max<int64_t>({fit - halo, halo, 1}), std::max<int64_t>(total_rows, 1));
 }
 
 // ---- correlate: image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw) ----
@@ -362,32 +397,61 @@ template <typename T, typename A, typename Launch>
 void correlate_rows(const Tensor& img, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
                     int64_t groups, const Launch& launch) {
   const int64_t N = img.size(0), Ci = img.size(1), Co = w.size(0), Cig = Ci / groups, Cog = Co / groups;
-  const int64_t KC = Cig * g.kw, L = g.Ho * g.Wo;
   const Tensor wr = weight_by_kernel_row(w, groups);
-  const bool direct = direct_rows<T, A>(g, img);
-  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
-  const RowsPlan plan = rows_plan(g, KC * g.Wo * chunk_samples, g.Ho, direct, launch);
+  const std::vector<TapGroup> tg = tap_groups(g);
+  const bool img_flat = std::is_same<T, A>::value && pixel_stride(img) >= 0;
+  const int64_t halo = (g.kh - 1) * g.dh;
+  std::vector<char> in_place(tg.size());
+  int64_t unfold_row = 0, acc_row = 0;  // scratch elements per row and sample
+  for (size_t i = 0; i < tg.size(); ++i) {
+    in_place[i] = img_flat && tg[i].in_place(g);
+    if (!in_place[i]) unfold_row += tg[i].taps() * Cig * tg[i].n();
+    if (!tg[i].full(g)) acc_row += Cog * tg[i].n();
+  }
+  const int64_t per_sample = unfold_row * (g.Ho + halo) + acc_row * g.Ho;
+  const int64_t chunk_samples = launch.batch(N, std::max<int64_t>(per_sample, 1));
+  const int64_t block = rows_per_block((unfold_row + acc_row) * chunk_samples, halo, g.Ho, launch);
   fill_bias(out, bias_acc);
   const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
-  launch.over_items(chunks, 2.0 * chunk_samples * Co * KC * g.kh * L, [&](int64_t q0, int64_t q1) {
-    Tensor U;
-    if (!plan.direct) U = at::empty({KC * chunk_samples * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, out.options());
+  double work = 0;
+  for (const TapGroup& grp : tg) work += 2.0 * chunk_samples * Co * grp.taps() * Cig * g.kh * g.Ho * grp.n();
+  launch.over_items(chunks, work, [&](int64_t q0, int64_t q1) {
+    std::vector<Tensor> U(tg.size()), acc(tg.size());
+    for (size_t i = 0; i < tg.size(); ++i) {
+      if (!in_place[i]) U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, out.options());
+      if (!tg[i].full(g)) acc[i] = at::empty({chunk_samples * Cog * block * tg[i].n()}, out.options());
+    }
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        for (int64_t a = 0; a < g.Ho; a += plan.block) {
-          const int64_t b = std::min(g.Ho, a + plan.block);
+        for (int64_t a = 0; a < g.Ho; a += block) {
+          const int64_t b = std::min(g.Ho, a + block), R = b - a;
           const auto [r0, r1] = image_rows(g, a, b);
           if (r1 <= r0) continue;  // these col rows only meet zero padding: the bias
-          if (!plan.direct) unfold_rows<T, A>(img, n0, samples, gi * Cig, Cig, g, r0, r1, U, launch);
-          for (int64_t ki = 0; ki < g.kh; ++ki) {
-            const auto [oa, ob] = tap_rows(g, ki, a, b);
-            if (ob <= oa) continue;
-            const int64_t h0 = oa - g.ph + ki * g.dh;
-            Tensor C = rows_matrices(out, n0, samples, gi * Cog, Cog, oa, ob - oa);
-            Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
-                                   : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
-            add_products(C, wr[gi][ki], B, launch);
+          for (size_t i = 0; i < tg.size(); ++i) {
+            const TapGroup& grp = tg[i];
+            const int64_t n = grp.n(), KC = grp.taps() * Cig;
+            if (!in_place[i]) unfold_group(img, n0, samples, gi * Cig, Cig, g, grp, r0, r1, U[i]);
+            Tensor acc_b;  // (samples, Cog, R n): this block's sum over the kernel rows, for the group's columns
+            if (!grp.full(g)) {
+              acc_b = acc[i].narrow(0, 0, samples * Cog * R * n);
+              acc_b.zero_();
+            }
+            const Tensor wg = wr[gi].narrow(2, grp.k0 * Cig, KC);
+            for (int64_t ki = 0; ki < g.kh; ++ki) {
+              const auto [oa, ob] = tap_rows(g, ki, a, b);
+              if (ob <= oa) continue;
+              const int64_t h0 = oa - g.ph + ki * g.dh;
+              Tensor C = grp.full(g) ? rows_matrices(out, n0, samples, gi * Cog, Cog, oa, ob - oa)
+                                     : buffer_matrices(acc_b, samples, Cog, R, n, oa - a, ob - oa);
+              Tensor B = in_place[i] ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
+                                     : unfold_matrices(U[i], samples, KC, r1 - r0, n, h0 - r0, ob - oa);
+              add_products(C, wg[ki], B, launch);
+            }
+            if (!grp.full(g)) {
+              out.narrow(0, n0, samples).narrow(1, gi * Cog, Cog).narrow(2, a, R).narrow(3, grp.b, n).add_(
+                  acc_b.view({samples, Cog, R, n}));
+            }
           }
         }
       }
@@ -467,72 +531,70 @@ Tensor correlate(const Tensor& img, const Tensor& weight, const Tensor& bias_acc
 
 // ---- adjoint: col (N, C_col, Ho, Wo) -> image (N, C_img, H, W), the exact transpose of correlate ---------------
 
-// The horizontal fold of the adjoint: image rows = bias + the sum over kj of the unfold-shaped buffer V. V holds,
-// per (c, 0, kj) row and sample, a plane of (rows x Wo) at the given strides: Col2Im with a (1 x kw) geometry.
-template <typename A, typename Launch>
-void fold_rows(const Tensor& V, int64_t row_stride, int64_t sample_stride, Tensor& out, int64_t n0, int64_t samples,
-               int64_t c0, int64_t Cig, const Tensor& bias_acc, const Geom& g, int64_t h0, int64_t rows,
-               const Launch& launch) {
-  Geom gf = g;
-  gf.H = rows;
-  gf.Ho = rows;
-  gf.kh = 1;
-  gf.sh = 1;
-  gf.dh = 1;
-  gf.ph = 0;
-  const int64_t items = samples * Cig * rows;
-  const int64_t Ci = out.size(1), HW = g.H * g.W;
-  launch.with_index(fits_int32({V.numel(), out.numel(), items * g.W}), [&](auto index) {
-    using I = decltype(index);
-    const I seg = static_cast<I>(launch.segment(g.W));
-    const GeomT<I> gi = gf.as<I>();
-    Col2Im<A, I> f{V.data_ptr<A>(), I(row_stride), I(sample_stride),
-                   out.data_ptr<A>() + (n0 * Ci + c0) * HW + h0 * g.W, I(Ci * HW), I(HW),
-                   bias_acc.defined() ? bias_acc.data_ptr<A>() + c0 : nullptr, I(Cig), gi, seg};
-    launch(items * n_segments<int64_t>(g.W, seg), f, seg * g.kw);
-  });
-}
-
 template <typename T, typename A, typename Launch>
 void adjoint_rows(const Tensor& col, const Tensor& w, const Tensor& bias_acc, Tensor& out, const Geom& g,
                   int64_t groups, const Launch& launch) {
   const int64_t N = col.size(0), Co = col.size(1), Cig = w.size(1), Cog = Co / groups;
-  const int64_t KC = Cig * g.kw;
   const Tensor wr = weight_by_kernel_row(w, groups);
   const Tensor colA = col_operand(col, out.scalar_type());
-  const bool direct = no_horizontal_taps(g);  // then V is the output itself
-  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * g.H * g.Wo);
-  Geom gv = g;  // blocks run over image rows; their halo is on the col side, nothing to re-unfold
-  gv.kh = 1;
-  const RowsPlan plan = rows_plan(gv, KC * g.Wo * chunk_samples, g.H, direct, launch);
-  if (plan.direct) fill_bias(out, bias_acc);
+  const std::vector<TapGroup> tg = tap_groups(g);
+  // Blocks run over image rows [a, b); a group's products for them read col rows col_rows(a, b) (a halo of
+  // (kh - 1) dh rows) and write V (taps Cig, R n) -- the image rows themselves for an in-place group -- which is
+  // then added to the image columns its taps reach.
+  const int64_t halo = (g.kh - 1) * g.dh;
+  int64_t v_row = 0, gather_row = 0;  // scratch elements per row and sample
+  for (const TapGroup& grp : tg) {
+    if (!grp.in_place(g)) v_row += grp.taps() * Cig * grp.n();
+    if (!grp.full(g)) gather_row += Cog * grp.n();
+  }
+  const int64_t per_sample = v_row * g.H + gather_row * (g.H + halo);
+  const int64_t chunk_samples = launch.batch(N, std::max<int64_t>(per_sample, 1));
+  const int64_t block = rows_per_block((v_row + gather_row) * chunk_samples, halo, g.H, launch);
+  fill_bias(out, bias_acc);
   const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
-  launch.over_items(chunks, 2.0 * chunk_samples * Co * KC * g.kh * g.Ho * g.Wo, [&](int64_t q0, int64_t q1) {
-    Tensor V;
-    if (!plan.direct) V = at::empty({chunk_samples * KC * plan.block * g.Wo}, out.options());
+  double work = 0;
+  for (const TapGroup& grp : tg) work += 2.0 * chunk_samples * Co * grp.taps() * Cig * g.kh * g.Ho * grp.n();
+  launch.over_items(chunks, work, [&](int64_t q0, int64_t q1) {
+    std::vector<Tensor> V(tg.size()), D(tg.size());
+    for (size_t i = 0; i < tg.size(); ++i) {
+      if (!tg[i].in_place(g)) V[i] = at::empty({chunk_samples * tg[i].taps() * Cig * block * tg[i].n()}, out.options());
+      if (!tg[i].full(g)) D[i] = at::empty({chunk_samples * Cog * (block + halo) * tg[i].n()}, out.options());
+    }
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        for (int64_t a = 0; a < g.H; a += plan.block) {
-          const int64_t b = std::min(g.H, a + plan.block), R = b - a;
-          Tensor Vb;
-          if (!plan.direct) {
-            Vb = V.narrow(0, 0, samples * KC * R * g.Wo);
-            Vb.zero_();
-          }
-          for (int64_t ki = 0; ki < g.kh; ++ki) {
-            // image rows h in [a, b) that col row oh = h + ph - ki dh (inside [0, Ho)) reaches
-            const int64_t h_lo = std::max(a, ki * g.dh - g.ph), h_hi = std::min(b, g.Ho + ki * g.dh - g.ph);
-            if (h_hi <= h_lo) continue;
-            const int64_t oh0 = h_lo + g.ph - ki * g.dh;
-            Tensor B = rows_matrices(colA, n0, samples, gi * Cog, Cog, oh0, h_hi - h_lo);
-            Tensor C = plan.direct ? rows_matrices(out, n0, samples, gi * Cig, Cig, h_lo, h_hi - h_lo)
-                                   : Vb.as_strided({samples, KC, (h_hi - h_lo) * g.Wo}, {KC * R * g.Wo, R * g.Wo, 1},
-                                                   Vb.storage_offset() + (h_lo - a) * g.Wo);
-            add_products(C, wr[gi][ki].t(), B, launch);
-          }
-          if (!plan.direct) {
-            fold_rows<A>(Vb, R * g.Wo, KC * R * g.Wo, out, n0, samples, gi * Cig, Cig, bias_acc, g, a, R, launch);
+        for (int64_t a = 0; a < g.H; a += block) {
+          const int64_t b = std::min(g.H, a + block), R = b - a;
+          const auto [c0, c1] = col_rows(g, a, b);
+          if (c1 <= c0) continue;  // no col row reaches these image rows: the bias
+          for (size_t i = 0; i < tg.size(); ++i) {
+            const TapGroup& grp = tg[i];
+            const int64_t n = grp.n(), KC = grp.taps() * Cig;
+            if (!grp.full(g)) gather_columns(colA, n0, samples, gi * Cog, Cog, grp, c0, c1, D[i]);
+            Tensor Vb;  // (samples, taps Cig, R n)
+            if (!grp.in_place(g)) {
+              Vb = V[i].narrow(0, 0, samples * KC * R * n);
+              Vb.zero_();
+            }
+            const Tensor wg = wr[gi].narrow(2, grp.k0 * Cig, KC);
+            for (int64_t ki = 0; ki < g.kh; ++ki) {
+              // image rows h in [a, b) that col row oh = h + ph - ki dh (inside [0, Ho)) reaches
+              const int64_t h_lo = std::max(a, ki * g.dh - g.ph), h_hi = std::min(b, g.Ho + ki * g.dh - g.ph);
+              if (h_hi <= h_lo) continue;
+              const int64_t oh0 = h_lo + g.ph - ki * g.dh;
+              Tensor B = grp.full(g) ? rows_matrices(colA, n0, samples, gi * Cog, Cog, oh0, h_hi - h_lo)
+                                     : buffer_matrices(D[i], samples, Cog, c1 - c0, n, oh0 - c0, h_hi - h_lo);
+              Tensor C = grp.in_place(g) ? rows_matrices(out, n0, samples, gi * Cig, Cig, h_lo, h_hi - h_lo)
+                                         : buffer_matrices(Vb, samples, KC, R, n, h_lo - a, h_hi - h_lo);
+              add_products(C, wg[ki].t(), B, launch);
+            }
+            if (grp.in_place(g)) continue;
+            const Tensor Vt = Vb.view({samples, KC, R, n});
+            const Tensor rows = out.narrow(0, n0, samples).narrow(1, gi * Cig, Cig).narrow(2, a, R);
+            for (int64_t kj = grp.k0; kj < grp.k1; ++kj) {
+              const int64_t first = grp.offset(kj, g);
+              rows.slice(3, first, first + (n - 1) * g.sw + 1, g.sw).add_(Vt.narrow(1, (kj - grp.k0) * Cig, Cig));
+            }
           }
         }
       }
@@ -641,36 +703,58 @@ inline void add_gram(Tensor dst, const Tensor& C, const Tensor& B, const Launch&
 template <typename T, typename A, typename Launch>
 Tensor weight_grad_rows(const Tensor& img, const Tensor& col, const Geom& g, int64_t groups, const Launch& launch) {
   const int64_t N = img.size(0), Ci = img.size(1), Co = col.size(1), Cig = Ci / groups, Cog = Co / groups;
-  const int64_t KC = Cig * g.kw, L = g.Ho * g.Wo;
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const Tensor colA = col_operand(col, acc);
-  const bool direct = direct_rows<T, A>(g, img);
-  const int64_t chunk_samples = launch.batch(N, direct ? 1 : KC * (g.Ho + (g.kh - 1) * g.dh) * g.Wo);
-  const RowsPlan plan = rows_plan(g, KC * g.Wo * chunk_samples, g.Ho, direct, launch);
-  Tensor dwr = at::zeros({groups, g.kh, Cog, KC}, img.options().dtype(acc));
+  const std::vector<TapGroup> tg = tap_groups(g);
+  const bool img_flat = std::is_same<T, A>::value && pixel_stride(img) >= 0;
+  const int64_t halo = (g.kh - 1) * g.dh;
+  std::vector<char> in_place(tg.size());
+  int64_t unfold_row = 0, gather_row = 0;  // scratch elements per row and sample
+  for (size_t i = 0; i < tg.size(); ++i) {
+    in_place[i] = img_flat && tg[i].in_place(g);
+    if (!in_place[i]) unfold_row += tg[i].taps() * Cig * tg[i].n();
+    if (!tg[i].full(g)) gather_row += Cog * tg[i].n();
+  }
+  const int64_t per_sample = unfold_row * (g.Ho + halo) + gather_row * g.Ho;
+  const int64_t chunk_samples = launch.batch(N, std::max<int64_t>(per_sample, 1));
+  const int64_t block = rows_per_block((unfold_row + gather_row) * chunk_samples, halo, g.Ho, launch);
+  Tensor dwr = at::zeros({groups, g.kh, Cog, g.kw * Cig}, img.options().dtype(acc));
   const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
-  accumulate_chunks(dwr, chunks, 2.0 * chunk_samples * Co * KC * g.kh * L, launch, [&](int64_t q, Tensor& dst) {
-    Tensor U;
-    if (!plan.direct) U = at::empty({KC * chunk_samples * (plan.block + (g.kh - 1) * g.dh) * g.Wo}, dst.options());
+  double work = 0;
+  for (const TapGroup& grp : tg) work += 2.0 * chunk_samples * Co * grp.taps() * Cig * g.kh * g.Ho * grp.n();
+  accumulate_chunks(dwr, chunks, work, launch, [&](int64_t q, Tensor& dst) {
+    std::vector<Tensor> U(tg.size()), D(tg.size());
+    for (size_t i = 0; i < tg.size(); ++i) {
+      if (!in_place[i]) U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, dst.options());
+      if (!tg[i].full(g)) D[i] = at::empty({chunk_samples * Cog * block * tg[i].n()}, dst.options());
+    }
     const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
     for (int64_t gi = 0; gi < groups; ++gi) {
-      for (int64_t a = 0; a < g.Ho; a += plan.block) {
-        const int64_t b = std::min(g.Ho, a + plan.block);
+      for (int64_t a = 0; a < g.Ho; a += block) {
+        const int64_t b = std::min(g.Ho, a + block), R = b - a;
         const auto [r0, r1] = image_rows(g, a, b);
         if (r1 <= r0) continue;
-        if (!plan.direct) unfold_rows<T, A>(img, n0, samples, gi * Cig, Cig, g, r0, r1, U, launch);
-        for (int64_t ki = 0; ki < g.kh; ++ki) {
-          const auto [oa, ob] = tap_rows(g, ki, a, b);
-          if (ob <= oa) continue;
-          const int64_t h0 = oa - g.ph + ki * g.dh;
-          Tensor B = plan.direct ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
-                                 : unfold_matrices(U, samples, KC, r1 - r0, g.Wo, h0 - r0, ob - oa);
-          add_gram(dst[gi][ki], rows_matrices(colA, n0, samples, gi * Cog, Cog, oa, ob - oa), B, launch);
+        for (size_t i = 0; i < tg.size(); ++i) {
+          const TapGroup& grp = tg[i];
+          const int64_t n = grp.n(), KC = grp.taps() * Cig;
+          if (!in_place[i]) unfold_group(img, n0, samples, gi * Cig, Cig, g, grp, r0, r1, U[i]);
+          if (!grp.full(g)) gather_columns(colA, n0, samples, gi * Cog, Cog, grp, a, b, D[i]);
+          for (int64_t ki = 0; ki < g.kh; ++ki) {
+            const auto [oa, ob] = tap_rows(g, ki, a, b);
+            if (ob <= oa) continue;
+            const int64_t h0 = oa - g.ph + ki * g.dh;
+            Tensor Cm = grp.full(g) ? rows_matrices(colA, n0, samples, gi * Cog, Cog, oa, ob - oa)
+                                    : buffer_matrices(D[i], samples, Cog, R, n, oa - a, ob - oa);
+            Tensor B = in_place[i] ? rows_matrices(img, n0, samples, gi * Cig, Cig, h0, ob - oa)
+                                   : unfold_matrices(U[i], samples, KC, r1 - r0, n, h0 - r0, ob - oa);
+            add_gram(dst[gi][ki].narrow(1, grp.k0 * Cig, KC), Cm, B, launch);
+          }
         }
       }
     }
   });
-  return dwr.view({groups, g.kh, Cog, Cig, g.kw}).permute({0, 2, 3, 1, 4}).contiguous().view({Co, Cig, g.kh, g.kw});
+  // (groups, kh, Cog, kw, Cig) -> (Co, Cig, kh, kw)
+  return dwr.view({groups, g.kh, Cog, g.kw, Cig}).permute({0, 2, 4, 1, 3}).contiguous().view({Co, Cig, g.kh, g.kw});
 }
 
 template <typename T, typename A, typename Launch>
