@@ -87,9 +87,10 @@ def segops_kernel(depthwise: bool, kernel: Sequence[int], stride_h: int, stride_
     """Name of the segops kernel family for a geometry (the same for forward and backward).
 
     ``depthwise``: direct per-channel gather kernels (no matrix product). ``gemm-1x1``: 1x1, stride 1, no padding:
-    one matrix product per sample and group over the input itself. ``gemm-rows``: vertical stride 1: the input is
-    unfolded along the width only (k_w copies) and each kernel row is one matrix product over a shifted range of
-    rows, so rows that only meet zero padding are skipped. ``gemm-im2col``: the general im2col + matrix product.
+    one matrix product per sample and group over the input itself. ``gemm-rows``: vertical stride 1: each kernel row's taps,
+    grouped by the output columns they reach inside the image, are matrix products over a shifted range of rows and
+    those columns (the input unfolded along the width per group), so rows and columns that only meet zero padding
+    are skipped. ``gemm-im2col``: the general im2col + matrix product.
     """
     if depthwise:
         return "depthwise"

@@ -9,9 +9,10 @@
 // segops' kernels, by geometry (segops/ops/conv_choice.py names them the same way; so do the profiler ranges):
 //   depthwise   (groups = C_image = C_col, one channel per group): direct gather kernels, no matrix product;
 //   gemm-1x1    (1x1, stride 1, no padding): one matrix product per sample and group over the image itself;
-//   gemm-rows   (vertical stride 1): the image is unfolded along the width only (kw shifted copies, instead of
-//               im2col's kh * kw), and kernel row ki is one matrix product over the rows it reaches, written
-//               straight into the NCHW output: rows that only meet vertical zero padding are never computed;
+//   gemm-rows   (vertical stride 1): the image is unfolded along the width only (one shifted copy per tap, over
+//               the output columns the tap reaches inside the image, instead of im2col's kh * kw full copies),
+//               and kernel row ki is one matrix product per tap group over the rows it reaches: neither rows nor
+//               columns that only meet zero padding are ever multiplied (the geometry section below);
 //   gemm-im2col (otherwise): im2col by blocks of output rows, matrix products, col2im.
 // The products accumulate into their destination in a fixed order (bias first), so every path is deterministic.
 #pragma once
