@@ -422,27 +422,36 @@ def iterate_args(crf: MeanFieldCRF):
     return [crf.unary, vertex, bary, neighbors, modes, weights]
 
 
-def test_iterate_op_same_bits_on_every_instruction_set(tmp_path):
-    """The one-op schedule's AVX2 clone and its portable build (ATEN_CPU_CAPABILITY=default, read once per
-    process: so in a subprocess) do the same operations in the same order: identical marginals (on a CPU
-    without AVX2 both runs take the portable build)."""
+ISA_CLASSES = (5, 16, 21, 40)  # 1, 2, 3 and 5 pieces of 8 classes: the AVX-512 clone's half and whole vectors
+
+
+def iterate_on_every_class_count() -> list:
+    out = []
+    for k in ISA_CLASSES:
+        crf = two_kernel_crf(2, k, 23, 29, "symmetric", seed=11)
+        out.append(torch.ops.segops._crf_mean_field_iterate(*iterate_args(crf), 3))
+    return out
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_iterate_op_same_bits_on_every_instruction_set(tmp_path, capability):
+    """The one-op schedule's portable build (ATEN_CPU_CAPABILITY=default), its AVX2 clone (=avx2) and its AVX-512
+    clone (the native run on an AVX-512 CPU) do the same operations in the same order: identical marginals. The
+    capability is read once per process, so the capped run is a subprocess (on a CPU without AVX2 / AVX-512 the
+    runs share a build and the test checks less)."""
     import os
     import subprocess
     import sys
 
-    def marginals() -> torch.Tensor:
-        crf = two_kernel_crf(2, 21, 23, 29, "symmetric", seed=11)
-        return torch.ops.segops._crf_mean_field_iterate(*iterate_args(crf), 3)
-
     here = os.path.dirname(os.path.abspath(__file__))
-    out = tmp_path / "portable.pt"
+    out = tmp_path / "capped.pt"
     code = ("import sys, torch; sys.path.insert(0, %r); import test_crf_inference as t; "
-            "crf = t.two_kernel_crf(2, 21, 23, 29, 'symmetric', seed=11); "
-            "torch.save(torch.ops.segops._crf_mean_field_iterate(*t.iterate_args(crf), 3), %r)" % (here, str(out)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+            "torch.save(t.iterate_on_every_class_count(), %r)" % (here, str(out)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert torch.equal(torch.load(out), marginals())
+    for k, capped, native in zip(ISA_CLASSES, torch.load(out), iterate_on_every_class_count()):
+        assert torch.equal(capped, native), k
 
 
 def test_iterate_op_reused_rows_buffer_changes_nothing():

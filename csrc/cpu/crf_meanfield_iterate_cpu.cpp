@@ -9,7 +9,8 @@
 //
 // The arithmetic is the op-by-op schedule's, element by element (same products and sums in the same order,
 // exp_poly, no FMA), except for two kinds of sums: the softmax's max (exact in any order) and denominator,
-// taken as a tree over 8-lane pieces, and, for large inputs, the splats: the points are split into S fixed
+// taken as a tree over 8-lane pieces (so the AVX-512 clone, with 16-lane vectors, gives the AVX2 clone's and the
+// portable build's bits), and, for large inputs, the splats: the points are split into S fixed
 // chunks of blocks (S = 1..4 from the input's sizes, never from the number of threads), each chunk
 // splats into its own grid in point order, and the grids are added in chunk order. So results do not depend
 // on the number of threads; the chunks run in parallel.
@@ -144,102 +145,221 @@ struct Pass {
   int64_t column(const Term& t, int64_t b) const { return t.shared ? b * Kp : 0; }
 };
 
+// A point's K marginals (Kp = 8 C8 floats, zero pad lanes) in registers, and the per-lane operations of the pass
+// on them, in two layouts with the same arithmetic lane by lane: Pieces8 (C8 vectors of 8 floats: the baseline and
+// AVX2 builds) and, in the AVX-512 clone, Pieces16 (C8 / 2 vectors of 16, plus one of 8 lanes loaded and stored
+// with a mask when C8 is odd). Every horizontal step is written on the 8-lane pieces in the same order in both
+// (the max is exact in any order; the denominator adds the 8-lane pieces in order, then the fixed hsum8 tree),
+// so the two layouts give the same bits.
 template <int C8>
+struct Pieces8 {
+  struct Q {
+    v8 p[C8];
+  };
+  static SEGOPS_LATTICE_INLINE void load_neg(const float* src, Q& q) {
+    for (int c = 0; c < C8; ++c) q.p[c] = -load8(src + 8 * c);
+  }
+  static SEGOPS_LATTICE_INLINE void zero(Q& q) {
+    for (int c = 0; c < C8; ++c) q.p[c] = splat8(0.f);
+  }
+  static SEGOPS_LATTICE_INLINE void add_scaled_row(Q& s, float w, const float* row) {  // s += w * row
+    for (int c = 0; c < C8; ++c) s.p[c] += w * load8(row + 8 * c);
+  }
+  static SEGOPS_LATTICE_INLINE void add_term(Q& l, float w, const Q& s, float alpha) {  // l += w (s alpha)
+    for (int c = 0; c < C8; ++c) l.p[c] += w * (s.p[c] * alpha);
+  }
+  // pad lanes (>= K) to -inf; the lane-wise max of every piece as one 8-lane vector
+  static SEGOPS_LATTICE_INLINE v8 mask_and_max(Q& l, int64_t K) {
+    const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const vi8 live = lane < static_cast<int>(K - 8 * (C8 - 1));
+    l.p[C8 - 1] = live ? l.p[C8 - 1] : splat8(-INFINITY);
+    v8 mv = l.p[0];
+    for (int c = 1; c < C8; ++c) mv = mv > l.p[c] ? mv : l.p[c];
+    return mv;
+  }
+  // q = exp8(l - m) with pad lanes 0; returns the pieces' sum in order
+  static SEGOPS_LATTICE_INLINE v8 exp_and_sum(const Q& l, float m, int64_t K, Q& q) {
+    const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const vi8 live = lane < static_cast<int>(K - 8 * (C8 - 1));
+    v8 sv = splat8(0.f);
+    for (int c = 0; c < C8; ++c) {
+      q.p[c] = exp8(l.p[c] - splat8(m));
+      if (c == C8 - 1) q.p[c] = live ? q.p[c] : splat8(0.f);
+      sv += q.p[c];
+    }
+    return sv;
+  }
+  static SEGOPS_LATTICE_INLINE void scale(Q& q, float s) {
+    for (int c = 0; c < C8; ++c) q.p[c] *= splat8(s);
+  }
+  static SEGOPS_LATTICE_INLINE void add_row_scaled(float* row, float w, const Q& x) {  // row += w * x
+    for (int c = 0; c < C8; ++c) store8(row + 8 * c, load8(row + 8 * c) + w * x.p[c]);
+  }
+  static SEGOPS_LATTICE_INLINE void store(float* dst, const Q& q) {
+    for (int c = 0; c < C8; ++c) store8(dst + 8 * c, q.p[c]);
+  }
+};
+
+#if defined(SEGOPS_CPU_MULTI_ISA)
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+template <int C8>
+struct Pieces16 {
+  static constexpr int H = (C8 + 1) / 2;     // 16-lane vectors
+  static constexpr bool kHalf = C8 % 2 == 1;  // the last one holds 8 lanes of the row, the rest 0
+  struct Q {
+    v16 p[H];
+  };
+  static SEGOPS_LATTICE_INLINE v8 piece(v16 v, int half) {  // lanes 8 half .. 8 half + 7
+    return half == 0 ? __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7)
+                     : __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  // The half vector moves only its 8 row lanes (in registers: a 256-bit load zero-extends), so nothing past the
+  // row is touched.
+  static SEGOPS_LATTICE_INLINE v16 load16(const float* p, int h) {
+    if (kHalf && h == H - 1) {
+      const v8 zero = {};
+      return __builtin_shufflevector(load8(p), zero, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    }
+    v16 r;
+    __builtin_memcpy(&r, p, sizeof(v16));
+    return r;
+  }
+  static SEGOPS_LATTICE_INLINE void store16(float* p, int h, v16 v) {
+    if (kHalf && h == H - 1) {
+      store8(p, piece(v, 0));
+    } else {
+      __builtin_memcpy(p, &v, sizeof(v16));
+    }
+  }
+  static SEGOPS_LATTICE_INLINE v16 splat16(float x) { return v16{} + x; }
+  static SEGOPS_LATTICE_INLINE vi16 live_lanes(int64_t K) {  // lanes of the last vector below K
+    const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return lane < static_cast<int>(K - 16 * (H - 1));
+  }
+  static SEGOPS_LATTICE_INLINE void load_neg(const float* src, Q& q) {
+    for (int h = 0; h < H; ++h) q.p[h] = -load16(src + 16 * h, h);
+  }
+  static SEGOPS_LATTICE_INLINE void zero(Q& q) {
+    for (int h = 0; h < H; ++h) q.p[h] = splat16(0.f);
+  }
+  static SEGOPS_LATTICE_INLINE void add_scaled_row(Q& s, float w, const float* row) {
+    for (int h = 0; h < H; ++h) s.p[h] += w * load16(row + 16 * h, h);
+  }
+  static SEGOPS_LATTICE_INLINE void add_term(Q& l, float w, const Q& s, float alpha) {
+    for (int h = 0; h < H; ++h) l.p[h] += w * (s.p[h] * alpha);
+  }
+  static SEGOPS_LATTICE_INLINE v8 mask_and_max(Q& l, int64_t K) {
+    l.p[H - 1] = live_lanes(K) ? l.p[H - 1] : splat16(-INFINITY);
+    v8 mv = piece(l.p[0], 0);  // the 8-lane pieces in Pieces8's order (the same result for NaN inputs too)
+    for (int c = 1; c < C8; ++c) {
+      const v8 x = piece(l.p[c / 2], c % 2);
+      mv = mv > x ? mv : x;
+    }
+    return mv;
+  }
+  static SEGOPS_LATTICE_INLINE v8 exp_and_sum(const Q& l, float m, int64_t K, Q& q) {
+    for (int h = 0; h < H; ++h) q.p[h] = exp16(l.p[h] - splat16(m));
+    q.p[H - 1] = live_lanes(K) ? q.p[H - 1] : splat16(0.f);
+    v8 sv = splat8(0.f);
+    for (int c = 0; c < C8; ++c) sv += piece(q.p[c / 2], c % 2);  // the 8-lane pieces in order
+    return sv;
+  }
+  static SEGOPS_LATTICE_INLINE void scale(Q& q, float s) {
+    for (int h = 0; h < H; ++h) q.p[h] *= splat16(s);
+  }
+  static SEGOPS_LATTICE_INLINE void add_row_scaled(float* row, float w, const Q& x) {
+    for (int h = 0; h < H; ++h) store16(row + 16 * h, h, load16(row + 16 * h, h) + w * x.p[h]);
+  }
+  static SEGOPS_LATTICE_INLINE void store(float* dst, const Q& q) {
+    for (int h = 0; h < H; ++h) store16(dst + 16 * h, h, q.p[h]);
+  }
+  // exp8's operations on 16 lanes
+  static SEGOPS_LATTICE_INLINE v16 exp16(v16 x) {
+    x = x < splat16(-87.0f) ? splat16(-87.0f) : (x > splat16(88.0f) ? splat16(88.0f) : x);
+    const v16 magic = splat16(12582912.0f);
+    const v16 t = x * splat16(1.44269504088896341f) + magic;
+    const v16 n = t - magic;
+    const v16 r = (x - n * splat16(0.693145751953125f)) - n * splat16(1.428606765330187045e-06f);
+    v16 p = splat16(1.0f / 720.0f);
+    p = p * r + splat16(1.0f / 120.0f);
+    p = p * r + splat16(1.0f / 24.0f);
+    p = p * r + splat16(1.0f / 6.0f);
+    p = p * r + splat16(0.5f);
+    p = p * r + splat16(1.0f);
+    p = p * r + splat16(1.0f);
+    const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+    v16 s;
+    __builtin_memcpy(&s, &bits, sizeof(v16));
+    return p * s;
+  }
+};
+#endif
+
+template <int C8, typename L>
 struct PointMath {
+  using Q = typename L::Q;
   // The marginals of points n .. n+G-1 of image b (G interleaved chains: one point's max -> exp -> sum ->
   // divide is a chain of dependent operations; G independent ones keep the pipelines busy):
   // l = -u, l += (weight post) (alpha s) per kernel in order with s = sum over the point's vertices (in order)
   // of bary * blurred[vertex]; softmax with exp8.
   template <int G>
-  static SEGOPS_LATTICE_INLINE void marginals(const Pass& P, int64_t b, int64_t n, v8 (*q)[C8]) {
+  static SEGOPS_LATTICE_INLINE void marginals(const Pass& P, int64_t b, int64_t n, Q* q) {
+    static_assert(G <= 4, "the reciprocals of at most 4 points per division");
     const int64_t i = b * P.N + n;
-    v8 l[G][C8];
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < C8; ++c) l[g][c] = -load8(P.unary + (i + g) * P.Kp + 8 * c);
+    Q l[G];
+    for (int g = 0; g < G; ++g) L::load_neg(P.unary + (i + g) * P.Kp, l[g]);
     if (P.slice) {
       for (int j = 0; j < P.count; ++j) {
         const Term& t = P.terms[j];
         const int64_t e = P.entry(t, b, n);
         const float* base = t.blurred + P.column(t, b);
         for (int g = 0; g < G; ++g) {
-          v8 s[C8];
-          for (int c = 0; c < C8; ++c) s[c] = splat8(0.f);
+          Q s;
+          L::zero(s);
           for (int64_t v = 0; v < t.V; ++v) {
             const float* row = base + static_cast<int64_t>(t.vertex[e + g * t.V + v]) * t.Cg;
-            const float w = t.bary[e + g * t.V + v];
-            for (int c = 0; c < C8; ++c) s[c] += w * load8(row + 8 * c);
+            L::add_scaled_row(s, t.bary[e + g * t.V + v], row);
           }
           const float w = t.post ? t.weight * t.post[P.point(t, b, n + g)] : t.weight;
-          for (int c = 0; c < C8; ++c) l[g][c] += w * (s[c] * t.alpha);
+          L::add_term(l[g], w, s, t.alpha);
         }
       }
     }
-    // pad lanes out of the max and the sum: the last piece's lanes >= K - 8 (C8 - 1)
-    const vi8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-    const vi8 live = lane < static_cast<int>(P.K - 8 * (C8 - 1));
-    v8 m[G], sum[G];
-    for (int g = 0; g < G; ++g) {
-      l[g][C8 - 1] = live ? l[g][C8 - 1] : splat8(-INFINITY);
-      v8 mv = l[g][0];
-      for (int c = 1; c < C8; ++c) mv = mv > l[g][c] ? mv : l[g][c];
-      m[g] = splat8(hmax8(mv));
-    }
-    for (int g = 0; g < G; ++g) {
-      v8 sv = splat8(0.f);
-      for (int c = 0; c < C8; ++c) {
-        q[g][c] = exp8(l[g][c] - m[g]);
-        if (c == C8 - 1) q[g][c] = live ? q[g][c] : splat8(0.f);
-        sv += q[g][c];
-      }
-      sum[g] = splat8(1.0f / hsum8(sv));
-    }
-    for (int g = 0; g < G; ++g)
-      for (int c = 0; c < C8; ++c) q[g][c] *= sum[g];
+    float m[G];
+    for (int g = 0; g < G; ++g) m[g] = hmax8(L::mask_and_max(l[g], P.K));
+    v4 total = {1.f, 1.f, 1.f, 1.f};
+    for (int g = 0; g < G; ++g) total[g] = hsum8(L::exp_and_sum(l[g], m[g], P.K, q[g]));
+    // the G reciprocals in one division (each lane correctly rounded: the bits of G scalar divisions)
+    const v4 inv = v4{1.f, 1.f, 1.f, 1.f} / total;
+    for (int g = 0; g < G; ++g) L::scale(q[g], inv[g]);
   }
 
-  // x = q (times the kernel's pre-scale, as the op-by-op schedule's torch.mul(q, pre)).
-  static SEGOPS_LATTICE_INLINE void splat_values(const Pass& P, const Term& t, int64_t b, int64_t n, const v8* q,
-                                                 v8* x) {
-    if (t.pre) {
-      const float ps = t.pre[P.point(t, b, n)];
-      for (int c = 0; c < C8; ++c) x[c] = q[c] * ps;
-    } else {
-      for (int c = 0; c < C8; ++c) x[c] = q[c];
-    }
-  }
-
-  // rows of the point's vertices (in order) += bary * x, in the grid of chunk `chunk`.
+  // rows of the point's vertices (in order) += bary * x, in the grid of chunk `chunk`, with x = q times the
+  // kernel's pre-scale (as the op-by-op schedule's torch.mul(q, pre)).
   static SEGOPS_LATTICE_INLINE void scatter(const Pass& P, const Term& t, int chunk, int64_t b, int64_t n,
-                                            const v8* x) {
+                                            const Q& q) {
+    Q x = q;
+    if (t.pre) L::scale(x, t.pre[P.point(t, b, n)]);
     const int64_t e = P.entry(t, b, n);
     float* base = t.grid_of(chunk) + P.column(t, b);
-    for (int64_t v = 0; v < t.V; ++v) {
-      float* row = base + static_cast<int64_t>(t.vertex[e + v]) * t.Cg;
-      const float w = t.bary[e + v];
-      for (int c = 0; c < C8; ++c) store8(row + 8 * c, load8(row + 8 * c) + w * x[c]);
-    }
-  }
-
-  static SEGOPS_LATTICE_INLINE void store_row(float* dst, const v8* q) {
-    for (int c = 0; c < C8; ++c) store8(dst + 8 * c, q[c]);
+    for (int64_t v = 0; v < t.V; ++v)
+      L::add_row_scaled(base + static_cast<int64_t>(t.vertex[e + v]) * t.Cg, t.bary[e + v], x);
   }
 
   // Points n0 + p .. n0 + p + G - 1: their marginals, then (in point order) their splats, or their rows.
   template <int G>
   static SEGOPS_LATTICE_INLINE void point_group(const Pass& P, int chunk, int64_t b, int64_t n0, int64_t p,
                                                 float* rows) {
-    v8 q[G][C8];
+    Q q[G];
     marginals<G>(P, b, n0 + p, q);
     for (int g = 0; g < G; ++g) {
       if (P.last) {
-        store_row(rows + (p + g) * P.Kp, q[g]);
+        L::store(rows + (p + g) * P.Kp, q[g]);
         continue;
       }
-      for (int j = 0; j < P.count; ++j) {
-        v8 x[C8];
-        splat_values(P, P.terms[j], b, n0 + p + g, q[g], x);
-        scatter(P, P.terms[j], chunk, b, n0 + p + g, x);
-      }
+      for (int j = 0; j < P.count; ++j) scatter(P, P.terms[j], chunk, b, n0 + p + g, q[g]);
     }
   }
 
@@ -267,13 +387,20 @@ struct PointMath {
   }
 };
 
-// The pass's loop for one C8, in an AVX2 clone where the CPU has AVX2 (no FMA: the baseline's roundings).
+// The pass's loop for one C8: the baseline build, an AVX2 clone and an AVX-512 clone (16-lane pieces), none with
+// FMA (contraction off: a * b + c rounds twice, as in the baseline build), so all three give the same bits.
 template <int C8>
 struct Loops {
-  static void blocks(const Pass& P, int64_t b0, int64_t b1, int chunk) { PointMath<C8>::fused_blocks(P, b0, b1, chunk); }
-#if defined(__x86_64__) && defined(__GNUC__)
+  static void blocks(const Pass& P, int64_t b0, int64_t b1, int chunk) {
+    PointMath<C8, Pieces8<C8>>::fused_blocks(P, b0, b1, chunk);
+  }
+#if defined(SEGOPS_CPU_MULTI_ISA)
   __attribute__((target("avx2"))) static void blocks_avx2(const Pass& P, int64_t b0, int64_t b1, int chunk) {
-    PointMath<C8>::fused_blocks(P, b0, b1, chunk);
+    PointMath<C8, Pieces8<C8>>::fused_blocks(P, b0, b1, chunk);
+  }
+  __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off"))) static void
+  blocks_avx512(const Pass& P, int64_t b0, int64_t b1, int chunk) {
+    PointMath<C8, Pieces16<C8>>::fused_blocks(P, b0, b1, chunk);
   }
 #endif
 };
@@ -293,8 +420,12 @@ void add_chunks(const Pass& P, const Term& t) {
 template <int C8>
 void run_pass_c8(const Pass& P) {
   auto blocks = &Loops<C8>::blocks;
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (block::avx2_clones()) blocks = &Loops<C8>::blocks_avx2;
+#if defined(SEGOPS_CPU_MULTI_ISA)
+  if (block::cpu_isa() == block::Isa::kAvx512) {
+    blocks = &Loops<C8>::blocks_avx512;
+  } else if (block::avx2_clones()) {
+    blocks = &Loops<C8>::blocks_avx2;
+  }
 #endif
   const int64_t nb = P.B * ((P.N + kPoints - 1) / kPoints);
   const int S = P.chunks;
