@@ -52,25 +52,29 @@ SEGOPS_LATTICE_INLINE v8 load8(const float* p) {
 SEGOPS_LATTICE_INLINE void store8(float* p, v8 r) { __builtin_memcpy(p, &r, sizeof(v8)); }
 SEGOPS_LATTICE_INLINE v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
-// block::exp_poly on 8 lanes: the same operations, so the same values lane by lane.
-SEGOPS_LATTICE_INLINE v8 exp8(v8 x) {
-  x = x < splat8(-87.0f) ? splat8(-87.0f) : (x > splat8(88.0f) ? splat8(88.0f) : x);
-  const v8 magic = splat8(12582912.0f);
-  const v8 t = x * splat8(1.44269504088896341f) + magic;
-  const v8 n = t - magic;
-  const v8 r = (x - n * splat8(0.693145751953125f)) - n * splat8(1.428606765330187045e-06f);
-  v8 p = splat8(1.0f / 720.0f);
-  p = p * r + splat8(1.0f / 120.0f);
-  p = p * r + splat8(1.0f / 24.0f);
-  p = p * r + splat8(1.0f / 6.0f);
-  p = p * r + splat8(0.5f);
-  p = p * r + splat8(1.0f);
-  p = p * r + splat8(1.0f);
-  const vi8 bits = (__builtin_convertvector(n, vi8) + 127) << 23;
-  v8 scale;
-  __builtin_memcpy(&scale, &bits, sizeof(v8));
+// block::exp_poly on the lanes of V (8 or 16 floats; VI the int32 vector of the same width): the same operations,
+// so the same values lane by lane.
+template <typename V, typename VI>
+SEGOPS_LATTICE_INLINE V exp_lanes(V x) {
+  const auto c = [](float v) { return V{} + v; };
+  x = x < c(-87.0f) ? c(-87.0f) : (x > c(88.0f) ? c(88.0f) : x);
+  const V magic = c(12582912.0f);
+  const V t = x * c(1.44269504088896341f) + magic;
+  const V n = t - magic;
+  const V r = (x - n * c(0.693145751953125f)) - n * c(1.428606765330187045e-06f);
+  V p = c(1.0f / 720.0f);
+  p = p * r + c(1.0f / 120.0f);
+  p = p * r + c(1.0f / 24.0f);
+  p = p * r + c(1.0f / 6.0f);
+  p = p * r + c(0.5f);
+  p = p * r + c(1.0f);
+  p = p * r + c(1.0f);
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(V));
   return p * scale;
 }
+SEGOPS_LATTICE_INLINE v8 exp8(v8 x) { return exp_lanes<v8, vi8>(x); }
 
 // The max / the sum of the 8 lanes as a fixed tree: lanes i and i + 4, then pairs 2 apart, then neighbours
 // (written on 4-lane halves: cheap shuffles on SSE2 and AVX2 alike). The same result every call.
@@ -275,25 +279,7 @@ struct Pieces16 {
   static SEGOPS_LATTICE_INLINE void store(float* dst, const Q& q) {
     for (int h = 0; h < H; ++h) store16(dst + 16 * h, h, q.p[h]);
   }
-  // exp8's operations on 16 lanes
-  static SEGOPS_LATTICE_INLINE v16 exp16(v16 x) {
-    x = x < splat16(-87.0f) ? splat16(-87.0f) : (x > splat16(88.0f) ? splat16(88.0f) : x);
-    const v16 magic = splat16(12582912.0f);
-    const v16 t = x * splat16(1.44269504088896341f) + magic;
-    const v16 n = t - magic;
-    const v16 r = (x - n * splat16(0.693145751953125f)) - n * splat16(1.428606765330187045e-06f);
-    v16 p = splat16(1.0f / 720.0f);
-    p = p * r + splat16(1.0f / 120.0f);
-    p = p * r + splat16(1.0f / 24.0f);
-    p = p * r + splat16(1.0f / 6.0f);
-    p = p * r + splat16(0.5f);
-    p = p * r + splat16(1.0f);
-    p = p * r + splat16(1.0f);
-    const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
-    v16 s;
-    __builtin_memcpy(&s, &bits, sizeof(v16));
-    return p * s;
-  }
+  static SEGOPS_LATTICE_INLINE v16 exp16(v16 x) { return exp_lanes<v16, vi16>(x); }
 };
 #endif
 

@@ -392,6 +392,36 @@ int64_t rows_per_block(int64_t per_row, int64_t halo, int64_t total_rows, const 
   return std::min(std::max<int64_t>({fit - halo, halo, 1}), std::max<int64_t>(total_rows, 1));
 }
 
+// The blocking of a gemm-rows pass that reads image rows through the tap groups (correlate, weight gradient):
+// which groups read the image in place, the scratch per row (unfolds with their halo; an n-column col-side
+// buffer for each group narrower than the output), samples per chunk, col rows per block, and the flops of a chunk.
+struct RowsPass {
+  std::vector<TapGroup> tg;
+  std::vector<char> in_place;
+  int64_t halo = 0, chunk_samples = 1, block = 1;
+  double work = 0;
+};
+
+template <typename T, typename A, typename Launch>
+RowsPass image_rows_pass(const Tensor& img, const Geom& g, int64_t Cig, int64_t Cog, const Launch& launch) {
+  RowsPass r;
+  r.tg = tap_groups(g);
+  r.in_place.resize(r.tg.size());
+  r.halo = (g.kh - 1) * g.dh;
+  const bool img_flat = std::is_same<T, A>::value && pixel_stride(img) >= 0;
+  int64_t unfold_row = 0, col_row = 0;  // scratch elements per row and sample
+  for (size_t i = 0; i < r.tg.size(); ++i) {
+    r.in_place[i] = img_flat && r.tg[i].in_place(g);
+    if (!r.in_place[i]) unfold_row += r.tg[i].taps() * Cig * r.tg[i].n();
+    if (!r.tg[i].full(g)) col_row += Cog * r.tg[i].n();
+  }
+  const int64_t per_sample = unfold_row * (g.Ho + r.halo) + col_row * g.Ho;
+  r.chunk_samples = launch.batch(img.size(0), std::max<int64_t>(per_sample, 1));
+  r.block = rows_per_block((unfold_row + col_row) * r.chunk_samples, r.halo, g.Ho, launch);
+  for (const TapGroup& grp : r.tg) r.work += 2.0 * r.chunk_samples * Cog * grp.taps() * Cig * g.kh * g.Ho * grp.n();
+  return r;
+}
+
 // ---- correlate: image (N, C_img, H, W) -> col (N, C_col, Ho, Wo), weight (C_col, C_img / groups, kh, kw) ----
 
 template <typename T, typename A, typename Launch>
@@ -399,24 +429,13 @@ void correlate_rows(const Tensor& img, const Tensor& w, const Tensor& bias_acc, 
                     int64_t groups, const Launch& launch) {
   const int64_t N = img.size(0), Ci = img.size(1), Co = w.size(0), Cig = Ci / groups, Cog = Co / groups;
   const Tensor wr = weight_by_kernel_row(w, groups);
-  const std::vector<TapGroup> tg = tap_groups(g);
-  const bool img_flat = std::is_same<T, A>::value && pixel_stride(img) >= 0;
-  const int64_t halo = (g.kh - 1) * g.dh;
-  std::vector<char> in_place(tg.size());
-  int64_t unfold_row = 0, acc_row = 0;  // scratch elements per row and sample
-  for (size_t i = 0; i < tg.size(); ++i) {
-    in_place[i] = img_flat && tg[i].in_place(g);
-    if (!in_place[i]) unfold_row += tg[i].taps() * Cig * tg[i].n();
-    if (!tg[i].full(g)) acc_row += Cog * tg[i].n();
-  }
-  const int64_t per_sample = unfold_row * (g.Ho + halo) + acc_row * g.Ho;
-  const int64_t chunk_samples = launch.batch(N, std::max<int64_t>(per_sample, 1));
-  const int64_t block = rows_per_block((unfold_row + acc_row) * chunk_samples, halo, g.Ho, launch);
+  const RowsPass rp = image_rows_pass<T, A>(img, g, Cig, Cog, launch);
+  const std::vector<TapGroup>& tg = rp.tg;
+  const std::vector<char>& in_place = rp.in_place;
+  const int64_t halo = rp.halo, chunk_samples = rp.chunk_samples, block = rp.block;
   fill_bias(out, bias_acc);
   const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
-  double work = 0;
-  for (const TapGroup& grp : tg) work += 2.0 * chunk_samples * Co * grp.taps() * Cig * g.kh * g.Ho * grp.n();
-  launch.over_items(chunks, work, [&](int64_t q0, int64_t q1) {
+  launch.over_items(chunks, rp.work * groups, [&](int64_t q0, int64_t q1) {
     std::vector<Tensor> U(tg.size()), acc(tg.size());
     for (size_t i = 0; i < tg.size(); ++i) {
       if (!in_place[i]) U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, out.options());
@@ -706,24 +725,13 @@ Tensor weight_grad_rows(const Tensor& img, const Tensor& col, const Geom& g, int
   const int64_t N = img.size(0), Ci = img.size(1), Co = col.size(1), Cig = Ci / groups, Cog = Co / groups;
   const auto acc = c10::CppTypeToScalarType<A>::value;
   const Tensor colA = col_operand(col, acc);
-  const std::vector<TapGroup> tg = tap_groups(g);
-  const bool img_flat = std::is_same<T, A>::value && pixel_stride(img) >= 0;
-  const int64_t halo = (g.kh - 1) * g.dh;
-  std::vector<char> in_place(tg.size());
-  int64_t unfold_row = 0, gather_row = 0;  // scratch elements per row and sample
-  for (size_t i = 0; i < tg.size(); ++i) {
-    in_place[i] = img_flat && tg[i].in_place(g);
-    if (!in_place[i]) unfold_row += tg[i].taps() * Cig * tg[i].n();
-    if (!tg[i].full(g)) gather_row += Cog * tg[i].n();
-  }
-  const int64_t per_sample = unfold_row * (g.Ho + halo) + gather_row * g.Ho;
-  const int64_t chunk_samples = launch.batch(N, std::max<int64_t>(per_sample, 1));
-  const int64_t block = rows_per_block((unfold_row + gather_row) * chunk_samples, halo, g.Ho, launch);
+  const RowsPass rp = image_rows_pass<T, A>(img, g, Cig, Cog, launch);
+  const std::vector<TapGroup>& tg = rp.tg;
+  const std::vector<char>& in_place = rp.in_place;
+  const int64_t halo = rp.halo, chunk_samples = rp.chunk_samples, block = rp.block;
   Tensor dwr = at::zeros({groups, g.kh, Cog, g.kw * Cig}, img.options().dtype(acc));
   const int64_t chunks = (N + chunk_samples - 1) / chunk_samples;
-  double work = 0;
-  for (const TapGroup& grp : tg) work += 2.0 * chunk_samples * Co * grp.taps() * Cig * g.kh * g.Ho * grp.n();
-  accumulate_chunks(dwr, chunks, work, launch, [&](int64_t q, Tensor& dst) {
+  accumulate_chunks(dwr, chunks, rp.work * groups, launch, [&](int64_t q, Tensor& dst) {
     std::vector<Tensor> U(tg.size()), D(tg.size());
     for (size_t i = 0; i < tg.size(); ++i) {
       if (!in_place[i]) U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, dst.options());
