@@ -151,8 +151,8 @@ struct Pass {
 
 // A point's K marginals (Kp = 8 C8 floats, zero pad lanes) in registers, and the per-lane operations of the pass
 // on them, in two layouts with the same arithmetic lane by lane: Pieces8 (C8 vectors of 8 floats: the baseline and
-// AVX2 builds) and, in the AVX-512 clone, Pieces16 (C8 / 2 vectors of 16, plus one of 8 lanes loaded and stored
-// with a mask when C8 is odd). Every horizontal step is written on the 8-lane pieces in the same order in both
+// AVX2 builds) and, in the AVX-512 clone, Pieces16 ((C8 + 1) / 2 vectors of 16; when C8 is odd the last one
+// moves only its low 8 lanes to and from memory). Every horizontal step is written on the 8-lane pieces in the same order in both
 // (the max is exact in any order; the denominator adds the 8-lane pieces in order, then the fixed hsum8 tree),
 // so the two layouts give the same bits.
 template <int C8>
@@ -283,7 +283,7 @@ struct Pieces16 {
 };
 #endif
 
-template <int C8, typename L>
+template <typename L>
 struct PointMath {
   using Q = typename L::Q;
   // The marginals of points n .. n+G-1 of image b (G interleaved chains: one point's max -> exp -> sum ->
@@ -378,15 +378,15 @@ struct PointMath {
 template <int C8>
 struct Loops {
   static void blocks(const Pass& P, int64_t b0, int64_t b1, int chunk) {
-    PointMath<C8, Pieces8<C8>>::fused_blocks(P, b0, b1, chunk);
+    PointMath<Pieces8<C8>>::fused_blocks(P, b0, b1, chunk);
   }
 #if defined(SEGOPS_CPU_MULTI_ISA)
   __attribute__((target("avx2"))) static void blocks_avx2(const Pass& P, int64_t b0, int64_t b1, int chunk) {
-    PointMath<C8, Pieces8<C8>>::fused_blocks(P, b0, b1, chunk);
+    PointMath<Pieces8<C8>>::fused_blocks(P, b0, b1, chunk);
   }
   __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off"))) static void
   blocks_avx512(const Pass& P, int64_t b0, int64_t b1, int chunk) {
-    PointMath<C8, Pieces16<C8>>::fused_blocks(P, b0, b1, chunk);
+    PointMath<Pieces16<C8>>::fused_blocks(P, b0, b1, chunk);
   }
 #endif
 };

@@ -87,10 +87,10 @@ def segops_kernel(depthwise: bool, kernel: Sequence[int], stride_h: int, stride_
     """Name of the segops kernel family for a geometry (the same for forward and backward).
 
     ``depthwise``: direct per-channel gather kernels (no matrix product). ``gemm-1x1``: 1x1, stride 1, no padding:
-    one matrix product per sample and group over the input itself. ``gemm-rows``: vertical stride 1: each kernel row's taps,
-    grouped by the output columns they reach inside the image, are matrix products over a shifted range of rows and
-    those columns (the input unfolded along the width per group), so rows and columns that only meet zero padding
-    are skipped. ``gemm-im2col``: the general im2col + matrix product.
+    one matrix product per sample and group over the input itself. ``gemm-rows``: vertical stride 1: each kernel
+    row's taps, grouped by the output columns they reach inside the image, are matrix products over a shifted range
+    of rows and those columns (the input unfolded along the width per group), so rows and columns that only meet
+    zero padding are skipped. ``gemm-im2col``: the general im2col + matrix product.
     """
     if depthwise:
         return "depthwise"
@@ -238,14 +238,14 @@ def _decide(transposed: bool, input: Tensor, weight: Tensor, stride: Sequence[in
         return False, False, family, "forced: segops"
     if setting == "vendor":
         return True, True, family, "forced: vendor"
-    dilated = (dilation[0] > 1 and kernel[0] > 1) or (dilation[1] > 1 and kernel[1] > 1)
+    rate = max([d for d, k in zip(dilation, kernel) if k > 1] or [1])  # the largest dilation that spreads taps
+    dilated = rate > 1
     spatial = input.shape[2] * input.shape[3]
     share = 1.0
     if _OWN_CPU_GEMM and family == "gemm-rows" and not transposed and input.device.type == "cpu":
         # read by the CPU GEMM rule only
         share = (_tap_share(input.shape[2], kernel[0], padding[0], dilation[0], stride[0])
                  * _tap_share(input.shape[3], kernel[1], padding[1], dilation[1], stride[1]))
-    rate = max([d for d, k in zip(dilation, kernel) if k > 1] or [1])
     vf, vb, reason = _rule(transposed, input.device.type, input.dtype, family, kernel, stride, dilated,
                            torch.are_deterministic_algorithms_enabled(), spatial,
                            input.shape[1] * w_shape[1] * spatial if transposed else w_shape[0] * w_shape[1] * spatial,

@@ -310,7 +310,9 @@ struct TapGroup {
   int64_t offset(int64_t kj, const Geom& g) const { return b * g.sw + kj * g.dw - g.pw; }  // image column of b
   bool full(const Geom& g) const { return b == 0 && e == g.Wo; }
   // the unfold is the image itself (rows of W = Wo pixels)
-  bool in_place(const Geom& g) const { return taps() == 1 && full(g) && g.sw == 1 && offset(k0, g) == 0 && g.W == g.Wo; }
+  bool in_place(const Geom& g) const {
+    return taps() == 1 && full(g) && g.sw == 1 && offset(k0, g) == 0 && g.W == g.Wo;
+  }
 };
 
 inline std::vector<TapGroup> tap_groups(const Geom& g) {
@@ -382,7 +384,7 @@ inline Tensor unfold_matrices(const Tensor& U, int64_t samples, int64_t KC, int6
   return U.as_strided({samples, KC, rows * n}, {R * n, samples * R * n, 1}, U.storage_offset() + j0 * n);
 }
 
-// Rows per block, so that `per_row` scratch elements per row (plus `halo` rows of `halo_row` elements) fit the
+// Rows per block, so that `per_row` scratch elements for each of the block's rows and its `halo` rows fit the
 // launcher's scratch; every row in one block when nothing needs scratch. At least as many rows as the halo, so
 // that no row is unfolded more than twice.
 template <typename Launch>
@@ -438,7 +440,8 @@ void correlate_rows(const Tensor& img, const Tensor& w, const Tensor& bias_acc, 
   launch.over_items(chunks, rp.work * groups, [&](int64_t q0, int64_t q1) {
     std::vector<Tensor> U(tg.size()), acc(tg.size());
     for (size_t i = 0; i < tg.size(); ++i) {
-      if (!in_place[i]) U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, out.options());
+      if (!in_place[i])
+        U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, out.options());
       if (!tg[i].full(g)) acc[i] = at::empty({chunk_samples * Cog * block * tg[i].n()}, out.options());
     }
     for (int64_t q = q0; q < q1; ++q) {
@@ -734,7 +737,8 @@ Tensor weight_grad_rows(const Tensor& img, const Tensor& col, const Geom& g, int
   accumulate_chunks(dwr, chunks, rp.work * groups, launch, [&](int64_t q, Tensor& dst) {
     std::vector<Tensor> U(tg.size()), D(tg.size());
     for (size_t i = 0; i < tg.size(); ++i) {
-      if (!in_place[i]) U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, dst.options());
+      if (!in_place[i])
+        U[i] = at::empty({tg[i].taps() * Cig * chunk_samples * (block + halo) * tg[i].n()}, dst.options());
       if (!tg[i].full(g)) D[i] = at::empty({chunk_samples * Cog * block * tg[i].n()}, dst.options());
     }
     const int64_t n0 = q * chunk_samples, samples = std::min(chunk_samples, N - n0);
