@@ -60,8 +60,7 @@ def test_lattice_threads_bitwise_equal(name):
             out = raw[0]
             out.backward(gout)
             norm = permutohedral_filter(v, f, normalize=True)
-            # vertex ids depend on which thread claims a hash slot first (not part of the contract); the
-            # number of vertices and every value do not
+            # the values and the number of vertices (the lattice itself: test_cpu_range_build_is_the_shared_build)
             results.append((out.detach(), x.grad, norm, torch.tensor(raw[3].shape[0])))
     finally:
         torch.set_num_threads(old)
@@ -88,6 +87,29 @@ def test_lattice_threads_match_reference():
     assert err < 2e-5
     assert out[3].shape[0] == RL.build_lattice(f[0].reshape(5, -1).t().contiguous()).num_vertices
 
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + ["odd_sizes_d2", "odd_sizes_d5", "odd_sizes_d7"])
+def test_cpu_range_build_is_the_shared_build(name, monkeypatch):
+    # The CPU numbers each thread's range of points in a table of its own and merges the ranges in order; the
+    # shared build (CUDA's: one table, first entries found by a scan; SEGOPS_LATTICE_SHARED_BUILD=1 runs it on the
+    # CPU) numbers the vertices by first appearance over the batch. Both must give the same lattice -- ids,
+    # weights, neighbours -- bit for bit, on 1, 2 and 4 threads (2 and 4 ranges above 2 x 8192 points).
+    f = _isa_cases()[name][0]
+    old = torch.get_num_threads()
+    built = {}
+    try:
+        for shared in ("1", "0"):
+            monkeypatch.setenv("SEGOPS_LATTICE_SHARED_BUILD", shared)
+            for t in (1, 2, 4):
+                torch.set_num_threads(t)
+                built[shared, t] = ops.permutohedral_lattice.default(f)
+    finally:
+        torch.set_num_threads(old)
+    want = built["1", 1]
+    for key, got in built.items():
+        for a, b in zip(want, got):
+            assert torch.equal(a, b), key
 
 
 def _isa_cases():

@@ -143,6 +143,92 @@ inline std::vector<int64_t> balanced_ranges(const int32_t* vertex, int64_t entri
   return bounds;
 }
 
+// ---- the CPU's build with packed keys: one hash table per range of points, merged in range order ----------
+// The shared build (CUDA's) inserts every entry into one table of 1.25 entries' slots, then finds each key's
+// first entry (mark, scan, assign: three more passes over the entries) to number the vertices in order of first
+// appearance. On the CPU each thread takes one contiguous range of points and numbers the keys it meets in its own
+// small table, in the order it meets them: the numbering of first appearance within the range. Merging the
+// ranges' key lists in range order (a range's keys that an earlier range already has take that range's id, the
+// others the next free ids) gives the numbering of first appearance over the whole batch, so the vertex ids, the
+// neighbours and every sum downstream are those of the shared build, for any number of threads; then each entry's
+// range-local id is mapped to its id (nothing to map for the first range, the only one on one thread).
+
+// Keys met by one range: code -> range-local id, ids in order of first appearance.
+class RangeKeys {
+ public:
+  RangeKeys() { rehash(1 << 12); }
+
+  // The id of `code` (mixed = mix64(code)), numbering it when new.
+  SEGOPS_LATTICE_INLINE int32_t id(int64_t code, uint64_t mixed) {
+    for (uint64_t h = mixed & mask_;; h = (h + 1) & mask_) {
+      Slot& slot = slots_[h];
+      if (slot.code == code) return slot.id;
+      if (slot.code == -1) {
+        const int32_t id = static_cast<int32_t>(codes_.size());
+        slot.code = code;
+        slot.id = id;
+        codes_.push_back(code);
+        if (2 * codes_.size() > slots_.size()) rehash(2 * slots_.size());  // load <= 1/2: short probes
+        return id;
+      }
+    }
+  }
+  const std::vector<int64_t>& codes() const { return codes_; }
+
+ private:
+  struct Slot {
+    int64_t code = -1;  // packed codes are >= 0
+    int32_t id = 0;
+  };
+  void rehash(size_t size) {
+    slots_.assign(size, Slot{});
+    mask_ = size - 1;
+    for (size_t k = 0; k < codes_.size(); ++k) {
+      uint64_t h = lattice::mix64(static_cast<uint64_t>(codes_[k])) & mask_;
+      while (slots_[h].code != -1) h = (h + 1) & mask_;
+      slots_[h] = Slot{codes_[k], static_cast<int32_t>(k)};
+    }
+  }
+  std::vector<Slot> slots_;
+  std::vector<int64_t> codes_;
+  uint64_t mask_ = 0;
+};
+
+// Points [begin, end): weights and range-local vertex ids per entry (written into the build's slot array), keys
+// met into `keys`; a direct-mapped cache code -> id in front of the table (neighbouring pixels share most
+// vertices: ~1% misses on 512^2 photos at the ECCV'18 settings).
+template <int D, typename T, bool kWide>
+SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end,
+                                        RangeKeys& keys) {
+  constexpr int kCache = 16384;
+  std::vector<int64_t> cache_code(kCache, int64_t(-1));
+  std::vector<int32_t> cache_id(kCache);
+  const lattice::PackPlan p = *build.plan;
+  int32_t* slot = build.slot;
+  build.template for_each_simplex<kWide>(begin, end, [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) {
+    build.vertex_codes(p, s, b, [&](int k, int64_t code) {
+      const uint64_t mixed = lattice::mix64(static_cast<uint64_t>(code));
+      const int c = static_cast<int>(mixed >> 50) & (kCache - 1);
+      int32_t id;
+      if (cache_code[c] == code) {
+        id = cache_id[c];
+      } else {
+        id = keys.id(code, mixed);
+        cache_code[c] = code;
+        cache_id[c] = id;
+      }
+      slot[i * (D + 1) + k] = id;
+    });
+  });
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+template <int D, typename T>
+__attribute__((target("avx2"))) void number_range_avx2(const lattice::BuildPacked<D, T>& build, int64_t begin,
+                                                       int64_t end, RangeKeys& keys) {
+  number_range<D, T, true>(build, begin, end, keys);
+}
+#endif
+
 struct CpuBackend {
   static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
 
@@ -183,6 +269,79 @@ struct CpuBackend {
   }
 
   static int64_t read_status(const at::Tensor& status) { return status.item<int64_t>(); }
+
+  // The build with packed keys (see RangeKeys): vertex ids into build.slot, weights into build.bary. Returns the
+  // vertex codes (M) and a table code -> vertex id for the neighbour search, or bad = true when a point's
+  // features are unusable (flags[0]).
+  static constexpr bool kRangeBuild = true;
+  template <int D, typename T>
+  static lattice::RangeBuilt build_ranges(const lattice::BuildPacked<D, T>& build, int64_t points) {
+    const int64_t R = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), points / 8192));
+    std::vector<RangeKeys> keys(static_cast<size_t>(R));
+    auto first = [&](int64_t r) { return points * r / R; };
+    {
+      SEGOPS_LATTICE_KERNEL("build");
+      omp_parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+#if defined(SEGOPS_LATTICE_AVX2)
+          if (block::avx2_clones()) {
+            number_range_avx2<D, T>(build, first(r), first(r + 1), keys[r]);
+            continue;
+          }
+#endif
+          number_range<D, T, false>(build, first(r), first(r + 1), keys[r]);
+        }
+      });
+    }
+    lattice::RangeBuilt out;
+    if (build.flags[0]) {
+      out.bad = true;
+      return out;
+    }
+    SEGOPS_LATTICE_KERNEL("merge");
+    int64_t upper = 0;
+    for (const RangeKeys& k : keys) upper += static_cast<int64_t>(k.codes().size());
+    out.cap = lattice::next_pow2(2 * upper + 1);
+    out.table = at::full({static_cast<int64_t>(out.cap)}, -1, at::kInt);
+    out.vertex_codes = at::empty({upper}, at::kLong);
+    int32_t* table = out.table.data_ptr<int32_t>();
+    int64_t* codes = out.vertex_codes.data_ptr<int64_t>();
+    std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
+    int32_t M = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const std::vector<int64_t>& local = keys[r].codes();
+      if (r > 0) ids[r].resize(local.size());
+      for (size_t l = 0; l < local.size(); ++l) {
+        const int64_t code = local[l];
+        uint64_t h = lattice::slot_of(lattice::mix64(static_cast<uint64_t>(code)), out.cap);
+        int32_t v = -1;
+        for (; table[h] >= 0; h = h + 1 == out.cap ? 0 : h + 1) {
+          if (codes[table[h]] == code) {
+            v = table[h];
+            break;
+          }
+        }
+        if (v < 0) {
+          v = M++;
+          table[h] = v;
+          codes[v] = code;
+        }
+        if (r > 0) ids[r][l] = v;
+      }
+    }
+    out.M = M;
+    out.vertex_codes = out.vertex_codes.narrow(0, 0, M);
+    if (R > 1) {
+      omp_parallel_for(1, R, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int32_t* map = ids[r].data();
+          for (int64_t e = first(r) * (D + 1), e1 = first(r + 1) * (D + 1); e < e1; ++e)
+            build.slot[e] = map[build.slot[e]];
+        }
+      });
+    }
+    return out;
+  }
 
   template <typename scalar_t, typename acc>
   static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex) {

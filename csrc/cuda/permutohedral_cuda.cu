@@ -18,6 +18,7 @@ namespace {
 
 struct CudaBackend {
   static constexpr bool kGatherReadsChannelsLast = true;  // a point's channels in one or two cache lines
+  static constexpr bool kRangeBuild = false;  // the shared build (one table, first entries by scan)
 
   template <typename F>
   static void launch(index_t n, const F& f, index_t /*grain*/) {

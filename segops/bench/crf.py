@@ -199,19 +199,31 @@ def host_counts(loss_fn: LossFn, images: torch.Tensor, segmentations: torch.Tens
 
 
 def _host_rows(g: torch.Generator) -> List[Dict[str, Any]]:
+    """Host counts with the CPU's own lattice build and with the shared one (CUDA's, run on the CPU through
+    SEGOPS_LATTICE_SHARED_BUILD=1: its launches and its one read are what a CUDA call issues)."""
     rows = []
-    for name, cls in (("DenseCRFLoss", DenseCRFLoss), ("NormalizedCutLoss", NormalizedCutLoss)):
-        for scale in (1.0, 0.5):
-            counts = {}
-            for B in (1, 12):
-                img = synthetic_image(B, 64, 64, g)
-                seg = torch.softmax(torch.randn(B, K, 64, 64, generator=g), 1)
-                counts[B] = host_counts(cls(ECCV_WEIGHT, ECCV_SIGMA_RGB, ECCV_SIGMA_XY, scale), img, seg)
-            rows.append(dict(op="%s host ops" % name, case="fwd+bwd, B=1 / B=12, scale=%g: ops %d / %d, kernels "
-                             "%d / %d, reads %d / %d" % (scale, counts[1]["ops"], counts[12]["ops"],
-                                                         counts[1]["kernels"], counts[12]["kernels"],
-                                                         counts[1]["reads"], counts[12]["reads"]),
-                             counts={str(b): c for b, c in counts.items()}))
+    old = os.environ.get("SEGOPS_LATTICE_SHARED_BUILD")
+    try:
+        for build, flag in (("CPU build", "0"), ("shared build (CUDA's)", "1")):
+            os.environ["SEGOPS_LATTICE_SHARED_BUILD"] = flag
+            for name, cls in (("DenseCRFLoss", DenseCRFLoss), ("NormalizedCutLoss", NormalizedCutLoss)):
+                for scale in (1.0, 0.5):
+                    counts = {}
+                    for B in (1, 12):
+                        img = synthetic_image(B, 64, 64, g)
+                        seg = torch.softmax(torch.randn(B, K, 64, 64, generator=g), 1)
+                        counts[B] = host_counts(cls(ECCV_WEIGHT, ECCV_SIGMA_RGB, ECCV_SIGMA_XY, scale), img, seg)
+                    rows.append(dict(
+                        op="%s host ops" % name,
+                        case="fwd+bwd, %s, B=1 / B=12, scale=%g: ops %d / %d, kernels %d / %d, reads %d / %d" % (
+                            build, scale, counts[1]["ops"], counts[12]["ops"], counts[1]["kernels"],
+                            counts[12]["kernels"], counts[1]["reads"], counts[12]["reads"]),
+                        counts={str(b): c for b, c in counts.items()}))
+    finally:
+        if old is None:
+            os.environ.pop("SEGOPS_LATTICE_SHARED_BUILD", None)
+        else:
+            os.environ["SEGOPS_LATTICE_SHARED_BUILD"] = old
     return rows
 
 

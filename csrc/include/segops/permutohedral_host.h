@@ -55,6 +55,22 @@ struct Lattice {
   int64_t M = 0;
 };
 
+// What a backend's own build with packed keys returns (Backend::build_ranges, the CPU's): the vertex ids and
+// weights are written into the build's arrays.
+struct RangeBuilt {
+  bool bad = false;     // a point's features are unusable
+  int64_t M = 0;
+  Tensor vertex_codes;  // (M) int64
+  Tensor table;         // (cap) int32: code -> vertex id, -1 = empty (find_vertex_code)
+  uint64_t cap = 0;
+};
+
+// SEGOPS_LATTICE_SHARED_BUILD=1 makes a backend with its own build run the shared one (tests compare the two).
+inline bool shared_build_forced() {
+  const char* v = std::getenv("SEGOPS_LATTICE_SHARED_BUILD");
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
 // Smallest chunks worth waking a second CPU thread for (each parallel region costs a wake-up).
 constexpr int64_t kGrainCheap = int64_t(1) << 15;
 // Entries per image / per call: ids are int32, and the build table holds 1.25x the entries.
@@ -147,11 +163,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     Backend::launch(1, planner, 1);
   }
   Tensor flags = at::zeros({2}, iopt);
-  Tensor status = at::empty({1}, lopt);
-  Tensor owner = at::full({cap}, kNoOwner, iopt);
   Tensor slot = at::empty({total}, iopt);  // becomes the vertex ids
-  Tensor owner_flag = at::empty({total}, feats.options().dtype(at::kByte));
-  Tensor owners_so_far;
   Lattice lat;
   lat.bary = at::empty({total}, feats.options());
   timer.mark("alloc");
@@ -164,15 +176,49 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     for (int i = 0; i < kMaxD; ++i) build.scale[i] = scale[i];
     build.N = N;
     build.cap = static_cast<uint64_t>(cap);
-    build.owner = owner.data_ptr<int32_t>();
+    build.owner = nullptr;
     build.slot = slot.data_ptr<int32_t>();
     build.bary = lat.bary.data_ptr<T>();
     build.flags = flags.data_ptr<int32_t>();
   };
+  // the neighbours of every vertex from a table code -> vertex id
+  auto find_neighbor_codes = [&](const Tensor& vtable, uint64_t vcap, const Tensor& vertex_codes) {
+    lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
+    SEGOPS_LATTICE_KERNEL("neighbors");
+    Backend::launch(lat.M, FindNeighborCodes<D>{vtable.data_ptr<int32_t>(), vcap, vertex_codes.data_ptr<int64_t>(),
+                                                planner.plan, lat.neighbors.data_ptr<int32_t>()},
+                    1024);
+    timer.mark("neighbors");
+  };
+
+  if constexpr (Backend::kRangeBuild) {  // the plan is in host memory: read it directly
+    if (planner.plan->ok && !shared_build_forced()) {
+      BuildPacked<D, T> packed;
+      fill_base(packed);
+      packed.plan = planner.plan;
+      packed.codes = nullptr;
+      const RangeBuilt built = Backend::template build_ranges<D, T>(packed, B * N);
+      TORCH_CHECK(!built.bad, op, bad_features_message());
+      timer.mark("build");
+      lat.M = built.M;
+      lat.vertex = slot;
+      find_neighbor_codes(built.table, built.cap, built.vertex_codes);
+      return lat;
+    }
+  }
+
+  Tensor status = at::empty({1}, lopt);
+  Tensor owner = at::full({cap}, kNoOwner, iopt);
+  Tensor owner_flag = at::empty({total}, feats.options().dtype(at::kByte));
+  Tensor owners_so_far;
+  auto fill_shared = [&](BuildBase<D, T>& build) {
+    fill_base(build);
+    build.owner = owner.data_ptr<int32_t>();
+  };
 
   Tensor codes = at::full({cap}, -1, lopt);
   BuildPacked<D, T> packed;
-  fill_base(packed);
+  fill_shared(packed);
   packed.plan = planner.plan;
   packed.codes = codes.data_ptr<int64_t>();
   int64_t word = build_and_count<Backend, D, T>(packed, B, N, owner_flag, owners_so_far, flags, status, timer);
@@ -184,7 +230,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     flags.zero_();
     keys = at::empty({total * (D + 1)}, iopt);
     BuildStored<D, T> stored;
-    fill_base(stored);
+    fill_shared(stored);
     stored.keys = keys.data_ptr<int32_t>();
     word = build_and_count<Backend, D, T>(stored, B, N, owner_flag, owners_so_far, flags, status, timer);
     TORCH_CHECK(!(word & kStatusBadFeatures), op, bad_features_message());
@@ -216,7 +262,6 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
 
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
-  lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
   if (packed_keys) {
     {
       SEGOPS_LATTICE_KERNEL("vertex_table");
@@ -224,12 +269,9 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
                                                vertex_codes.data_ptr<int64_t>()},
                       kGrainCheap / 4);
     }
-    SEGOPS_LATTICE_KERNEL("neighbors");
-    Backend::launch(lat.M, FindNeighborCodes<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
-                                                vertex_codes.data_ptr<int64_t>(), planner.plan,
-                                                lat.neighbors.data_ptr<int32_t>()},
-                    1024);
+    find_neighbor_codes(vtable, static_cast<uint64_t>(vcap), vertex_codes);
   } else {
+    lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
     {
       SEGOPS_LATTICE_KERNEL("vertex_table");
       Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
@@ -240,8 +282,8 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
                                             vertex_keys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
                     1024);
+    timer.mark("neighbors");
   }
-  timer.mark("neighbors");
   return lat;
 }
 

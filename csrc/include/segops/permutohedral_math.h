@@ -551,6 +551,17 @@ struct BuildPacked : BuildBase<D, T> {
     const PackPlan p = *plan;
     std::vector<int64_t> cache_code(kCache, int64_t(-1));
     std::vector<int32_t> cache_slot(kCache);
+    for_each_simplex<kWide>(begin, end, [&](const Simplex<D, T>& s, index_t b, index_t i) {
+      insert_vertices(p, s, b, i, cache_code.data(), cache_slot.data());
+    });
+  }
+
+  // Points [begin, end) in order: each point's simplex and weights (8 points at once where the features allow),
+  // then visit(simplex, image, point) in point order. A point with unusable features is flagged and skipped (its
+  // entries are dummies); so is every point when the key ranges do not pack.
+  template <bool kWide, typename Visit>
+  SEGOPS_LATTICE_INLINE void for_each_simplex(index_t begin, index_t end, Visit&& visit) const {
+    const PackPlan p = *plan;
     Simplex<D, T> s;
     index_t b = begin / N, n = begin - b * N;
     for (index_t i = begin; i < end; ++i, ++n) {
@@ -569,7 +580,7 @@ struct BuildPacked : BuildBase<D, T> {
               s.rem0[c] = rem0[c][q];
               s.rank[c] = rank[c][q];
             }
-            insert_vertices(p, s, b, i + q, cache_code.data(), cache_slot.data());
+            visit(s, b, i + q);
           }
           i += 7;
           n += 7;
@@ -582,7 +593,7 @@ struct BuildPacked : BuildBase<D, T> {
         this->dummy(i);
         continue;
       }
-      insert_vertices(p, s, b, i, cache_code.data(), cache_slot.data());
+      visit(s, b, i);
     }
   }
 
