@@ -283,6 +283,25 @@ struct Pieces16 {
 };
 #endif
 
+// An 8 x 8 transpose: r[i][j] -> r[j][i] (class-major <-> point-major tiles), three rounds of two-input shuffles.
+SEGOPS_LATTICE_INLINE void transpose8(v8* r) {
+  v8 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
 template <typename L>
 struct PointMath {
   using Q = typename L::Q;
@@ -364,12 +383,21 @@ struct PointMath {
     }
   }
 
-  // The block's point-major rows written as K runs of np values, one per class plane.
+  // The block's point-major rows written as K runs of np values, one per class plane: 8 x 8 tiles through
+  // registers (the pad classes are not written), the last np % 8 points one value at a time.
   static SEGOPS_LATTICE_INLINE void write_block(const Pass& P, int64_t b, int64_t n0, int64_t np, const float* rows) {
-    for (int64_t k = 0; k < P.K; ++k) {
-      float* o = P.out + (b * P.K + k) * P.N + n0;
-      for (int64_t p = 0; p < np; ++p) o[p] = rows[p * P.Kp + k];
+    float* o = P.out + b * P.K * P.N + n0;
+    int64_t p = 0;
+    for (; p + 8 <= np; p += 8) {
+      for (int64_t c = 0; c < P.Kp; c += 8) {
+        v8 r[8];
+        for (int64_t j = 0; j < 8; ++j) r[j] = load8(rows + (p + j) * P.Kp + c);
+        transpose8(r);
+        for (int64_t i = 0; i < 8 && c + i < P.K; ++i) store8(o + (c + i) * P.N + p, r[i]);
+      }
     }
+    for (; p < np; ++p)
+      for (int64_t k = 0; k < P.K; ++k) o[k * P.N + p] = rows[p * P.Kp + k];
   }
 };
 
@@ -391,14 +419,18 @@ struct Loops {
 #endif
 };
 
-// grid += extra[0] + extra[1] + ... (in chunk order) for kernel t, rows in parallel.
+// grid += extra[0] + extra[1] + ... (in chunk order) for kernel t, rows in parallel; each extra grid is zeroed as it
+// is read (in cache), ready for the next pass's splat.
 void add_chunks(const Pass& P, const Term& t) {
   if (P.chunks == 1) return;
   const int64_t n = t.M * t.Cg;
   omp_parallel_for(0, n, int64_t(1) << 14, [&](int64_t i0, int64_t i1) {
     for (int s = 1; s < P.chunks; ++s) {
-      const float* e = t.extra[s - 1];
-      for (int64_t i = i0; i < i1; ++i) t.grid[i] += e[i];
+      float* e = t.extra[s - 1];
+      for (int64_t i = i0; i < i1; ++i) {
+        t.grid[i] += e[i];
+        e[i] = 0.f;
+      }
     }
   });
 }
@@ -437,6 +469,29 @@ void run_pass(const Pass& P) {
   }
 }
 
+// Points [n0, n0 + np) of image b: (K, N) planes -> (np, Kp) rows with zero pad columns; 8 x 8 tiles through
+// registers, the last np % 8 points one value at a time.
+SEGOPS_LATTICE_INLINE void point_major_block(const float* u, float* dst, int64_t K, int64_t N, int64_t Kp,
+                                             int64_t np) {
+  int64_t p = 0;
+  for (; p + 8 <= np; p += 8) {
+    for (int64_t c = 0; c < Kp; c += 8) {
+      v8 r[8];
+      for (int64_t i = 0; i < 8; ++i) r[i] = c + i < K ? load8(u + (c + i) * N + p) : splat8(0.f);
+      transpose8(r);
+      for (int64_t j = 0; j < 8; ++j) store8(dst + (p + j) * Kp + c, r[j]);
+    }
+  }
+  for (; p < np; ++p)
+    for (int64_t k = 0; k < Kp; ++k) dst[p * Kp + k] = k < K ? u[k * N + p] : 0.f;
+}
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2"))) void point_major_block_avx2(const float* u, float* dst, int64_t K, int64_t N,
+                                                            int64_t Kp, int64_t np) {
+  point_major_block(u, dst, K, N, Kp, np);
+}
+#endif
+
 // (B, K, N) planes -> (B N, Kp) rows with zero pad columns, in blocks of kPoints points.
 void point_major(const Tensor& unary, int64_t B, int64_t K, int64_t N, int64_t Kp, const Tensor& rows) {
   RECORD_USER_SCOPE("segops_kernel::point_major");
@@ -447,13 +502,15 @@ void point_major(const Tensor& unary, int64_t B, int64_t K, int64_t N, int64_t K
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / per_image, n0 = (task - b * per_image) * kPoints;
       const int64_t np = std::min(kPoints, N - n0);
+      const float* src = u + b * K * N + n0;
       float* dst = r + (b * N + n0) * Kp;
-      for (int64_t p = 0; p < np; ++p)
-        for (int64_t k = K; k < Kp; ++k) dst[p * Kp + k] = 0.f;
-      for (int64_t k = 0; k < K; ++k) {
-        const float* src = u + (b * K + k) * N + n0;
-        for (int64_t p = 0; p < np; ++p) dst[p * Kp + k] = src[p];
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (block::avx2_clones()) {
+        point_major_block_avx2(src, dst, K, N, Kp, np);
+        continue;
       }
+#endif
+      point_major_block(src, dst, K, N, Kp, np);
     }
   });
 }
@@ -656,8 +713,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
       target[j] = 1 - r;
       if (!P.last) {
         g[j][target[j]].zero_();
-        t.grid = g[j][target[j]].data_ptr<float>();
-        if (extras[j].defined()) extras[j].zero_();
+        t.grid = g[j][target[j]].data_ptr<float>();  // (the extra grids were zeroed by add_chunks)
       }
     }
     if (P.last) P.out = out.data_ptr<float>();

@@ -200,20 +200,20 @@ class RangeKeys {
 template <int D, typename T, bool kWide>
 SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end,
                                         RangeKeys& keys) {
-  constexpr int kCache = 16384;
-  std::vector<int64_t> cache_code(kCache, int64_t(-1));
-  std::vector<int32_t> cache_id(kCache);
+  constexpr int kCacheBits = 14;
+  std::vector<int64_t> cache_code(1 << kCacheBits, int64_t(-1));
+  std::vector<int32_t> cache_id(1 << kCacheBits);
   const lattice::PackPlan p = *build.plan;
   int32_t* slot = build.slot;
   build.template for_each_simplex<kWide>(begin, end, [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) {
     build.vertex_codes(p, s, b, [&](int k, int64_t code) {
-      const uint64_t mixed = lattice::mix64(static_cast<uint64_t>(code));
-      const int c = static_cast<int>(mixed >> 50) & (kCache - 1);
+      // the cache's index: one multiply (Fibonacci hashing), its top bits
+      const int c = static_cast<int>((static_cast<uint64_t>(code) * 0x9e3779b97f4a7c15ull) >> (64 - kCacheBits));
       int32_t id;
       if (cache_code[c] == code) {
         id = cache_id[c];
       } else {
-        id = keys.id(code, mixed);
+        id = keys.id(code, lattice::mix64(static_cast<uint64_t>(code)));
         cache_code[c] = code;
         cache_id[c] = id;
       }
@@ -228,6 +228,72 @@ __attribute__((target("avx2"))) void number_range_avx2(const lattice::BuildPacke
   number_range<D, T, true>(build, begin, end, keys);
 }
 #endif
+
+// The merged vertices: code -> vertex id in one open-addressing table of (code, id) slots (a probe reads one
+// slot; load <= 1/2).
+class VertexTable {
+ public:
+  explicit VertexTable(int64_t upper)
+      : slots_(static_cast<size_t>(lattice::next_pow2(2 * std::max<int64_t>(upper, 1)))), mask_(slots_.size() - 1) {}
+  // The id of `code`, or `next` (recorded) when absent.
+  int32_t find_or_add(int64_t code, int32_t next) {
+    for (uint64_t h = home(code);; h = (h + 1) & mask_) {
+      if (slots_[h].code == code) return slots_[h].id;
+      if (slots_[h].code == -1) {
+        slots_[h] = Slot{code, next};
+        return next;
+      }
+    }
+  }
+  SEGOPS_LATTICE_INLINE int32_t find(int64_t code) const {
+    for (uint64_t h = home(code);; h = (h + 1) & mask_) {
+      const Slot& s = slots_[h];
+      if (s.code == code) return s.id;
+      if (s.code == -1) return -1;
+    }
+  }
+  SEGOPS_LATTICE_INLINE void prefetch(int64_t code) const { __builtin_prefetch(&slots_[home(code)]); }
+
+ private:
+  struct Slot {
+    int64_t code = -1;  // packed codes are >= 0
+    int32_t id = -1;
+  };
+  SEGOPS_LATTICE_INLINE uint64_t home(int64_t code) const {
+    return lattice::mix64(static_cast<uint64_t>(code)) & mask_;
+  }
+  std::vector<Slot> slots_;
+  uint64_t mask_;
+};
+
+// neighbors[v][j] = (the vertex one step back along direction j, one step forward), -1 where absent: the
+// shared build's FindNeighborCodes. The 2 (D+1) lookups of vertex v + 8 are prefetched while v's run (the
+// table is ~1 MB at 512^2: its slots come from L2 / L3).
+template <int D>
+void find_neighbors(const VertexTable& table, const std::vector<int64_t>& codes, const lattice::PackPlan& p,
+                    int32_t* neighbors) {
+  const int64_t M = static_cast<int64_t>(codes.size());
+  int64_t step[D + 1];
+  for (int j = 0; j <= D; ++j) step[j] = p.ones - (j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0));
+  constexpr int64_t kAhead = 8;
+  omp_parallel_for(0, M, 1024, [&](int64_t v0, int64_t v1) {
+    for (int64_t v = v0; v < v1; ++v) {
+      if (v + kAhead < v1) {
+        const int64_t ahead = codes[v + kAhead];
+        for (int j = 0; j <= D; ++j) {
+          table.prefetch(ahead - step[j]);
+          table.prefetch(ahead + step[j]);
+        }
+      }
+      const int64_t code = codes[v];
+      int32_t* out = neighbors + v * (D + 1) * 2;
+      for (int j = 0; j <= D; ++j) {
+        out[2 * j] = table.find(code - step[j]);
+        out[2 * j + 1] = table.find(code + step[j]);
+      }
+    }
+  });
+}
 
 struct CpuBackend {
   static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
@@ -270,9 +336,8 @@ struct CpuBackend {
 
   static int64_t read_status(const at::Tensor& status) { return status.item<int64_t>(); }
 
-  // The build with packed keys (see RangeKeys): vertex ids into build.slot, weights into build.bary. Returns the
-  // vertex codes (M) and a table code -> vertex id for the neighbour search, or bad = true when a point's
-  // features are unusable (flags[0]).
+  // The build with packed keys (see RangeKeys): vertex ids into build.slot, weights into build.bary, and the
+  // neighbours; or bad = true when a point's features are unusable (flags[0]).
   static constexpr bool kRangeBuild = true;
   template <int D, typename T>
   static lattice::RangeBuilt build_ranges(const lattice::BuildPacked<D, T>& build, int64_t points) {
@@ -298,48 +363,38 @@ struct CpuBackend {
       out.bad = true;
       return out;
     }
-    SEGOPS_LATTICE_KERNEL("merge");
+    // merge: the ranges' keys in range order into one table code -> vertex id
     int64_t upper = 0;
     for (const RangeKeys& k : keys) upper += static_cast<int64_t>(k.codes().size());
-    out.cap = lattice::next_pow2(2 * upper + 1);
-    out.table = at::full({static_cast<int64_t>(out.cap)}, -1, at::kInt);
-    out.vertex_codes = at::empty({upper}, at::kLong);
-    int32_t* table = out.table.data_ptr<int32_t>();
-    int64_t* codes = out.vertex_codes.data_ptr<int64_t>();
+    VertexTable table(upper);
+    std::vector<int64_t> codes;
+    codes.reserve(static_cast<size_t>(upper));
     std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
-    int32_t M = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const std::vector<int64_t>& local = keys[r].codes();
-      if (r > 0) ids[r].resize(local.size());
-      for (size_t l = 0; l < local.size(); ++l) {
-        const int64_t code = local[l];
-        uint64_t h = lattice::slot_of(lattice::mix64(static_cast<uint64_t>(code)), out.cap);
-        int32_t v = -1;
-        for (; table[h] >= 0; h = h + 1 == out.cap ? 0 : h + 1) {
-          if (codes[table[h]] == code) {
-            v = table[h];
-            break;
+    {
+      SEGOPS_LATTICE_KERNEL("merge");
+      for (int64_t r = 0; r < R; ++r) {
+        const std::vector<int64_t>& local = keys[r].codes();
+        if (r > 0) ids[r].resize(local.size());
+        for (size_t l = 0; l < local.size(); ++l) {
+          const int32_t v = table.find_or_add(local[l], static_cast<int32_t>(codes.size()));
+          if (v == static_cast<int32_t>(codes.size())) codes.push_back(local[l]);
+          if (r > 0) ids[r][l] = v;
+        }
+      }
+      if (R > 1) {
+        omp_parallel_for(1, R, 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int32_t* map = ids[r].data();
+            for (int64_t e = first(r) * (D + 1), e1 = first(r + 1) * (D + 1); e < e1; ++e)
+              build.slot[e] = map[build.slot[e]];
           }
-        }
-        if (v < 0) {
-          v = M++;
-          table[h] = v;
-          codes[v] = code;
-        }
-        if (r > 0) ids[r][l] = v;
+        });
       }
     }
-    out.M = M;
-    out.vertex_codes = out.vertex_codes.narrow(0, 0, M);
-    if (R > 1) {
-      omp_parallel_for(1, R, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int32_t* map = ids[r].data();
-          for (int64_t e = first(r) * (D + 1), e1 = first(r + 1) * (D + 1); e < e1; ++e)
-            build.slot[e] = map[build.slot[e]];
-        }
-      });
-    }
+    out.M = static_cast<int64_t>(codes.size());
+    out.neighbors = at::empty({out.M, D + 1, 2}, at::kInt);
+    SEGOPS_LATTICE_KERNEL("neighbors");
+    find_neighbors<D>(table, codes, *build.plan, out.neighbors.data_ptr<int32_t>());
     return out;
   }
 

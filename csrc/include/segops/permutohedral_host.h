@@ -58,11 +58,9 @@ struct Lattice {
 // What a backend's own build with packed keys returns (Backend::build_ranges, the CPU's): the vertex ids and
 // weights are written into the build's arrays.
 struct RangeBuilt {
-  bool bad = false;     // a point's features are unusable
+  bool bad = false;  // a point's features are unusable
   int64_t M = 0;
-  Tensor vertex_codes;  // (M) int64
-  Tensor table;         // (cap) int32: code -> vertex id, -1 = empty (find_vertex_code)
-  uint64_t cap = 0;
+  Tensor neighbors;  // (M, D+1, 2) int32, as FindNeighborCodes finds them
 };
 
 // SEGOPS_LATTICE_SHARED_BUILD=1 makes a backend with its own build run the shared one (tests compare the two).
@@ -202,7 +200,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
       timer.mark("build");
       lat.M = built.M;
       lat.vertex = slot;
-      find_neighbor_codes(built.table, built.cap, built.vertex_codes);
+      lat.neighbors = built.neighbors;
       return lat;
     }
   }
