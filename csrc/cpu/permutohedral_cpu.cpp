@@ -267,29 +267,26 @@ class VertexTable {
 };
 
 // neighbors[v][j] = (the vertex one step back along direction j, one step forward), -1 where absent: the
-// shared build's FindNeighborCodes. The 2 (D+1) lookups of vertex v + 8 are prefetched while v's run (the
-// table is ~1 MB at 512^2: its slots come from L2 / L3).
+// shared build's FindNeighborCodes. Each pair is found once: when u = v + step_j exists, u is v's forward
+// neighbour and v is u's backward one (written by v alone: u - step_j is v), so half the lookups. The lookups
+// of vertex v + 8 are prefetched while v's run (the table is ~1 MB at 512^2: its slots come from L2 / L3).
 template <int D>
 void find_neighbors(const VertexTable& table, const std::vector<int64_t>& codes, const lattice::PackPlan& p,
                     int32_t* neighbors) {
   const int64_t M = static_cast<int64_t>(codes.size());
   int64_t step[D + 1];
   for (int j = 0; j <= D; ++j) step[j] = p.ones - (j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0));
+  std::fill(neighbors, neighbors + M * (D + 1) * 2, -1);
   constexpr int64_t kAhead = 8;
   omp_parallel_for(0, M, 1024, [&](int64_t v0, int64_t v1) {
     for (int64_t v = v0; v < v1; ++v) {
-      if (v + kAhead < v1) {
-        const int64_t ahead = codes[v + kAhead];
-        for (int j = 0; j <= D; ++j) {
-          table.prefetch(ahead - step[j]);
-          table.prefetch(ahead + step[j]);
-        }
-      }
-      const int64_t code = codes[v];
-      int32_t* out = neighbors + v * (D + 1) * 2;
+      if (v + kAhead < v1)
+        for (int j = 0; j <= D; ++j) table.prefetch(codes[v + kAhead] + step[j]);
       for (int j = 0; j <= D; ++j) {
-        out[2 * j] = table.find(code - step[j]);
-        out[2 * j + 1] = table.find(code + step[j]);
+        const int32_t u = table.find(codes[v] + step[j]);
+        if (u < 0) continue;
+        neighbors[(v * (D + 1) + j) * 2 + 1] = u;
+        neighbors[(static_cast<int64_t>(u) * (D + 1) + j) * 2] = static_cast<int32_t>(v);
       }
     }
   });
