@@ -378,12 +378,15 @@ struct CpuBackend {
           if (r > 0) ids[r][l] = v;
         }
       }
-      if (R > 1) {
-        omp_parallel_for(1, R, 1, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
+      if (R > 1) {  // the entries of ranges 1 .. R-1, split evenly over the threads (not by range)
+        omp_parallel_for(first(1) * (D + 1), points * (D + 1), lattice::kGrainCheap, [&](int64_t e0, int64_t e1) {
+          int64_t r = 1;
+          while (first(r + 1) * (D + 1) <= e0) ++r;
+          for (int64_t e = e0; e < e1;) {
+            const int64_t end = std::min(e1, first(r + 1) * (D + 1));
             const int32_t* map = ids[r].data();
-            for (int64_t e = first(r) * (D + 1), e1 = first(r + 1) * (D + 1); e < e1; ++e)
-              build.slot[e] = map[build.slot[e]];
+            for (; e < end; ++e) build.slot[e] = map[build.slot[e]];
+            ++r;
           }
         });
       }
