@@ -205,21 +205,51 @@ SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build,
   std::vector<int32_t> cache_id(1 << kCacheBits);
   const lattice::PackPlan p = *build.plan;
   int32_t* slot = build.slot;
-  build.template for_each_simplex<kWide>(begin, end, [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) {
-    build.vertex_codes(p, s, b, [&](int k, int64_t code) {
-      // the cache's index: one multiply (Fibonacci hashing), its top bits
-      const int c = static_cast<int>((static_cast<uint64_t>(code) * 0x9e3779b97f4a7c15ull) >> (64 - kCacheBits));
-      int32_t id;
-      if (cache_code[c] == code) {
-        id = cache_id[c];
-      } else {
-        id = keys.id(code, lattice::mix64(static_cast<uint64_t>(code)));
-        cache_code[c] = code;
-        cache_id[c] = id;
+  auto number = [&](index_t entry, int64_t code) {
+    // the cache's index: one multiply (Fibonacci hashing), its top bits
+    const int c = static_cast<int>((static_cast<uint64_t>(code) * 0x9e3779b97f4a7c15ull) >> (64 - kCacheBits));
+    int32_t id;
+    if (cache_code[c] == code) {
+      id = cache_id[c];
+    } else {
+      id = keys.id(code, lattice::mix64(static_cast<uint64_t>(code)));
+      cache_code[c] = code;
+      cache_id[c] = id;
+    }
+    slot[entry] = id;
+  };
+  // 8 points' codes in int64 lanes (BuildPacked::vertex_codes lane-wise: vertex 0 packs rem0; each next vertex adds
+  // 1 to every coordinate and subtracts d+1 from the one ranked d - k), then numbered in entry order.
+  typedef int64_t l8 __attribute__((vector_size(64)));
+  typedef int32_t i8 __attribute__((vector_size(32)));
+  auto visit8 = [&](const int32_t (*rem0)[8], const int32_t (*rank)[8], index_t b, index_t i) {
+    int64_t codes[D + 1][8];
+    l8 code = l8{} + static_cast<int64_t>(static_cast<uint64_t>(b) << p.image_shift);
+    for (int c = 0; c < D; ++c) {
+      i8 r;
+      __builtin_memcpy(&r, rem0[c], sizeof(r));
+      code += (__builtin_convertvector(r, l8) - p.lo[c]) << p.shift[c];
+    }
+    for (int k = 0; k <= D; ++k) {
+      __builtin_memcpy(codes[k], &code, sizeof(code));
+      if (k == D) break;
+      l8 wrap = l8{};
+      for (int c = 0; c < D; ++c) {
+        i8 r;
+        __builtin_memcpy(&r, rank[c], sizeof(r));
+        wrap += __builtin_convertvector(r == D - k, l8) & (int64_t(D + 1) << p.shift[c]);
       }
-      slot[i * (D + 1) + k] = id;
-    });
-  });
+      code += p.ones - wrap;
+    }
+    for (int q = 0; q < 8; ++q)
+      for (int k = 0; k <= D; ++k) number((i + q) * (D + 1) + k, codes[k][q]);
+  };
+  build.template for_each_simplex<kWide>(
+      begin, end,
+      [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) {
+        build.vertex_codes(p, s, b, [&](int k, int64_t code) { number(i * (D + 1) + k, code); });
+      },
+      visit8);
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 template <int D, typename T>

@@ -561,6 +561,22 @@ struct BuildPacked : BuildBase<D, T> {
   // entries are dummies); so is every point when the key ranges do not pack.
   template <bool kWide, typename Visit>
   SEGOPS_LATTICE_INLINE void for_each_simplex(index_t begin, index_t end, Visit&& visit) const {
+    Simplex<D, T> s;
+    for_each_simplex<kWide>(begin, end, visit, [&](const int32_t (*rem0)[8], const int32_t (*rank)[8], index_t b,
+                                                   index_t i) {
+      for (int q = 0; q < 8; ++q) {
+        for (int c = 0; c <= D; ++c) {
+          s.rem0[c] = rem0[c][q];
+          s.rank[c] = rank[c][q];
+        }
+        visit(s, b, i + q);
+      }
+    });
+  }
+  // The same with the 8-point simplices handed over together: visit8(rem0, rank, image, first point), lanes q =
+  // points i .. i + 7 (all of image b).
+  template <bool kWide, typename Visit, typename Visit8>
+  SEGOPS_LATTICE_INLINE void for_each_simplex(index_t begin, index_t end, Visit&& visit, Visit8&& visit8) const {
     const PackPlan p = *plan;
     Simplex<D, T> s;
     index_t b = begin / N, n = begin - b * N;
@@ -575,13 +591,7 @@ struct BuildPacked : BuildBase<D, T> {
         if (this->fsn == 1 && p.ok && n + 8 <= N && i + 8 <= end &&
             find_simplex8<D>(this->feats + b * this->fsb + n, this->fsd, this->scale, rem0, rank,
                              this->bary + i * (D + 1))) {
-          for (int q = 0; q < 8; ++q) {
-            for (int c = 0; c <= D; ++c) {
-              s.rem0[c] = rem0[c][q];
-              s.rank[c] = rank[c][q];
-            }
-            visit(s, b, i + q);
-          }
+          visit8(rem0, rank, b, i);
           i += 7;
           n += 7;
           continue;
