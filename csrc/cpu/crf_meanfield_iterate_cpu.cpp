@@ -568,19 +568,30 @@ enum Normalization : int64_t { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric = 
 
 // The kernel's scales from its degrees W 1 at the lattice's Bt N points (pydensecrf's DenseKernel: norm =
 // 1 / (W 1 + 1e-20), its square root for "symmetric"): pre multiplies the marginals before the filter, post
-// the filtered ones. W 1 is the filter of ones: each vertex sums its entries' weights in entry order (one
-// thread: deterministic), the blur, and the slice times alpha.
-void normalization_scales(Term& t, int64_t points, const Tensor& nbrs, int64_t d, int64_t mode, Tensor& pre,
-                          Tensor& post) {
+// the filtered ones. W 1 is the filter of ones: the vertices' sums of their entries' weights, the blur, and the
+// slice times alpha. The sums are split like the passes' splats: `chunks` fixed ranges of points (from the sizes,
+// never the thread count), each summed in entry order into a grid of its own, in parallel; the grids are added
+// in range order.
+void normalization_scales(Term& t, int64_t points, int chunks, const Tensor& nbrs, int64_t d, int64_t mode,
+                          Tensor& pre, Tensor& post) {
   if (mode == kNone) return;
-  Tensor grid = at::zeros({t.M, 1}, at::kFloat);
-  float* g = grid.data_ptr<float>();
-  for (int64_t e = 0; e < points * t.V; ++e) g[t.vertex[e]] += t.bary[e];
+  const int64_t M = t.M, V = t.V;
+  Tensor grids = at::zeros({chunks, M}, at::kFloat);
+  float* g = grids.data_ptr<float>();
+  omp_parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* gc = g + c * M;
+      for (int64_t e = points * c / chunks * V, e1 = points * (c + 1) / chunks * V; e < e1; ++e)
+        gc[t.vertex[e]] += t.bary[e];
+    }
+  });
+  for (int c = 1; c < chunks; ++c)
+    for (int64_t v = 0; v < M; ++v) g[v] += g[c * M + v];
+  const Tensor grid = grids.narrow(0, 0, 1).view({M, 1});
   const Tensor blurred = lattice::blur<BlurLaunch>(grid, nbrs, d, /*adjoint=*/false, /*keep_input=*/false);
   const float* bl = blurred.data_ptr<float>();
   Tensor scale = at::empty({points}, at::kFloat);
   float* sc = scale.data_ptr<float>();
-  const int64_t V = t.V;
   const float alpha = t.alpha;
   const int32_t* vertex = t.vertex;
   const float* bary = t.bary;
@@ -668,10 +679,6 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     t.weight = static_cast<float>(weights[j]);
     t.alpha = static_cast<float>(lattice::slice_alpha(d));
     dims[j] = d;
-    {
-      RECORD_USER_SCOPE("segops_kernel::degrees");
-      normalization_scales(t, vx.size(0) * N, nbrs[j], d, normalization[j], pres[j], posts[j]);
-    }
     grids[j] = at::zeros({t.M, t.Cg}, unary.options());
     t.grid = grids[j].data_ptr<float>();
   }
@@ -686,6 +693,11 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     }
     const int64_t by_cost = 1 + work / std::max<int64_t>(1, 10 * per_chunk);
     P.chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kMaxChunks, by_cost, (B * N) >> 16})));
+  }
+  for (size_t j = 0; j < count; ++j) {
+    RECORD_USER_SCOPE("segops_kernel::degrees");
+    normalization_scales(P.terms[j], vertex[j].size(0) * N, P.chunks, nbrs[j], dims[j], normalization[j], pres[j],
+                         posts[j]);
   }
   // Per kernel two grids: the splat of the current pass and the blur's other buffer; the blurred values end
   // in one of them (after d+1 directions), and the next pass splats into the other, zeroed. Chunks 1 .. S-1
