@@ -196,7 +196,7 @@ class RangeKeys {
 
 // Points [begin, end): weights and range-local vertex ids per entry (written into the build's slot array), keys
 // met into `keys`; a direct-mapped cache code -> id in front of the table (neighbouring pixels share most
-// vertices: ~1% misses on 512^2 photos at the ECCV'18 settings).
+// vertices, so most lookups end there).
 template <int D, typename T, bool kWide>
 SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end,
                                         RangeKeys& keys) {
