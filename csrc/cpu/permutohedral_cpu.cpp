@@ -153,10 +153,15 @@ inline std::vector<int64_t> balanced_ranges(const int32_t* vertex, int64_t entri
 // neighbours and every sum downstream are those of the shared build, for any number of threads; then each entry's
 // range-local id is mapped to its id (nothing to map for the first range, the only one on one thread).
 
-// Keys met by one range: code -> range-local id, ids in order of first appearance.
-class RangeKeys {
+// Packed codes numbered in order of first appearance (code -> id), in an open-addressing table of (code, id) slots
+// (a probe reads one slot; load <= 1/2, doubling as keys arrive): one per range of points, and the merged one of
+// the batch.
+class KeyIds {
  public:
-  RangeKeys() { rehash(1 << 12); }
+  explicit KeyIds(int64_t expected = 2048) {
+    codes_.reserve(static_cast<size_t>(expected));
+    rehash(static_cast<size_t>(lattice::next_pow2(2 * std::max<int64_t>(expected, 2048))));
+  }
 
   // The id of `code` (mixed = mix64(code)), numbering it when new.
   SEGOPS_LATTICE_INLINE int32_t id(int64_t code, uint64_t mixed) {
@@ -173,6 +178,15 @@ class RangeKeys {
       }
     }
   }
+  // The id of `code`, or -1.
+  SEGOPS_LATTICE_INLINE int32_t find(int64_t code) const {
+    for (uint64_t h = home(code);; h = (h + 1) & mask_) {
+      const Slot& s = slots_[h];
+      if (s.code == code) return s.id;
+      if (s.code == -1) return -1;
+    }
+  }
+  SEGOPS_LATTICE_INLINE void prefetch(int64_t code) const { __builtin_prefetch(&slots_[home(code)]); }
   const std::vector<int64_t>& codes() const { return codes_; }
 
  private:
@@ -180,11 +194,14 @@ class RangeKeys {
     int64_t code = -1;  // packed codes are >= 0
     int32_t id = 0;
   };
+  SEGOPS_LATTICE_INLINE uint64_t home(int64_t code) const {
+    return lattice::mix64(static_cast<uint64_t>(code)) & mask_;
+  }
   void rehash(size_t size) {
     slots_.assign(size, Slot{});
     mask_ = size - 1;
     for (size_t k = 0; k < codes_.size(); ++k) {
-      uint64_t h = lattice::mix64(static_cast<uint64_t>(codes_[k])) & mask_;
+      uint64_t h = home(codes_[k]);
       while (slots_[h].code != -1) h = (h + 1) & mask_;
       slots_[h] = Slot{codes_[k], static_cast<int32_t>(k)};
     }
@@ -199,7 +216,7 @@ class RangeKeys {
 // vertices, so most lookups end there).
 template <int D, typename T, bool kWide>
 SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end,
-                                        RangeKeys& keys) {
+                                        KeyIds& keys) {
   constexpr int kCacheBits = 14;
   std::vector<int64_t> cache_code(1 << kCacheBits, int64_t(-1));
   std::vector<int32_t> cache_id(1 << kCacheBits);
@@ -254,58 +271,21 @@ SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build,
 #if defined(__x86_64__) && defined(__GNUC__)
 template <int D, typename T>
 __attribute__((target("avx2"))) void number_range_avx2(const lattice::BuildPacked<D, T>& build, int64_t begin,
-                                                       int64_t end, RangeKeys& keys) {
+                                                       int64_t end, KeyIds& keys) {
   number_range<D, T, true>(build, begin, end, keys);
 }
 #endif
-
-// The merged vertices: code -> vertex id in one open-addressing table of (code, id) slots (a probe reads one
-// slot; load <= 1/2).
-class VertexTable {
- public:
-  explicit VertexTable(int64_t upper)
-      : slots_(static_cast<size_t>(lattice::next_pow2(2 * std::max<int64_t>(upper, 1)))), mask_(slots_.size() - 1) {}
-  // The id of `code`, or `next` (recorded) when absent.
-  int32_t find_or_add(int64_t code, int32_t next) {
-    for (uint64_t h = home(code);; h = (h + 1) & mask_) {
-      if (slots_[h].code == code) return slots_[h].id;
-      if (slots_[h].code == -1) {
-        slots_[h] = Slot{code, next};
-        return next;
-      }
-    }
-  }
-  SEGOPS_LATTICE_INLINE int32_t find(int64_t code) const {
-    for (uint64_t h = home(code);; h = (h + 1) & mask_) {
-      const Slot& s = slots_[h];
-      if (s.code == code) return s.id;
-      if (s.code == -1) return -1;
-    }
-  }
-  SEGOPS_LATTICE_INLINE void prefetch(int64_t code) const { __builtin_prefetch(&slots_[home(code)]); }
-
- private:
-  struct Slot {
-    int64_t code = -1;  // packed codes are >= 0
-    int32_t id = -1;
-  };
-  SEGOPS_LATTICE_INLINE uint64_t home(int64_t code) const {
-    return lattice::mix64(static_cast<uint64_t>(code)) & mask_;
-  }
-  std::vector<Slot> slots_;
-  uint64_t mask_;
-};
 
 // neighbors[v][j] = (the vertex one step back along direction j, one step forward), -1 where absent: the
 // shared build's FindNeighborCodes. Each pair is found once: when u = v + step_j exists, u is v's forward
 // neighbour and v is u's backward one (written by v alone: u - step_j is v), so half the lookups. The lookups
 // of vertex v + 8 are prefetched while v's run (the table is ~1 MB at 512^2: its slots come from L2 / L3).
 template <int D>
-void find_neighbors(const VertexTable& table, const std::vector<int64_t>& codes, const lattice::PackPlan& p,
-                    int32_t* neighbors) {
+void find_neighbors(const KeyIds& table, const lattice::PackPlan& p, int32_t* neighbors) {
+  const std::vector<int64_t>& codes = table.codes();
   const int64_t M = static_cast<int64_t>(codes.size());
   int64_t step[D + 1];
-  for (int j = 0; j <= D; ++j) step[j] = p.ones - (j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0));
+  for (int j = 0; j <= D; ++j) step[j] = lattice::direction_step<D>(p, j);
   std::fill(neighbors, neighbors + M * (D + 1) * 2, -1);
   constexpr int64_t kAhead = 8;
   omp_parallel_for(0, M, 1024, [&](int64_t v0, int64_t v1) {
@@ -363,13 +343,13 @@ struct CpuBackend {
 
   static int64_t read_status(const at::Tensor& status) { return status.item<int64_t>(); }
 
-  // The build with packed keys (see RangeKeys): vertex ids into build.slot, weights into build.bary, and the
+  // The build with packed keys (see KeyIds and the section's comment): vertex ids into build.slot, weights into build.bary, and the
   // neighbours; or bad = true when a point's features are unusable (flags[0]).
   static constexpr bool kRangeBuild = true;
   template <int D, typename T>
   static lattice::RangeBuilt build_ranges(const lattice::BuildPacked<D, T>& build, int64_t points) {
     const int64_t R = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), points / 8192));
-    std::vector<RangeKeys> keys(static_cast<size_t>(R));
+    std::vector<KeyIds> keys(static_cast<size_t>(R));
     auto first = [&](int64_t r) { return points * r / R; };
     {
       SEGOPS_LATTICE_KERNEL("build");
@@ -392,10 +372,8 @@ struct CpuBackend {
     }
     // merge: the ranges' keys in range order into one table code -> vertex id
     int64_t upper = 0;
-    for (const RangeKeys& k : keys) upper += static_cast<int64_t>(k.codes().size());
-    VertexTable table(upper);
-    std::vector<int64_t> codes;
-    codes.reserve(static_cast<size_t>(upper));
+    for (const KeyIds& k : keys) upper += static_cast<int64_t>(k.codes().size());
+    KeyIds table(upper);
     std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
     {
       SEGOPS_LATTICE_KERNEL("merge");
@@ -403,8 +381,7 @@ struct CpuBackend {
         const std::vector<int64_t>& local = keys[r].codes();
         if (r > 0) ids[r].resize(local.size());
         for (size_t l = 0; l < local.size(); ++l) {
-          const int32_t v = table.find_or_add(local[l], static_cast<int32_t>(codes.size()));
-          if (v == static_cast<int32_t>(codes.size())) codes.push_back(local[l]);
+          const int32_t v = table.id(local[l], lattice::mix64(static_cast<uint64_t>(local[l])));
           if (r > 0) ids[r][l] = v;
         }
       }
@@ -421,10 +398,10 @@ struct CpuBackend {
         });
       }
     }
-    out.M = static_cast<int64_t>(codes.size());
+    out.M = static_cast<int64_t>(table.codes().size());
     out.neighbors = at::empty({out.M, D + 1, 2}, at::kInt);
     SEGOPS_LATTICE_KERNEL("neighbors");
-    find_neighbors<D>(table, codes, *build.plan, out.neighbors.data_ptr<int32_t>());
+    find_neighbors<D>(table, *build.plan, out.neighbors.data_ptr<int32_t>());
     return out;
   }
 

@@ -179,16 +179,6 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     build.bary = lat.bary.data_ptr<T>();
     build.flags = flags.data_ptr<int32_t>();
   };
-  // the neighbours of every vertex from a table code -> vertex id
-  auto find_neighbor_codes = [&](const Tensor& vtable, uint64_t vcap, const Tensor& vertex_codes) {
-    lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
-    SEGOPS_LATTICE_KERNEL("neighbors");
-    Backend::launch(lat.M, FindNeighborCodes<D>{vtable.data_ptr<int32_t>(), vcap, vertex_codes.data_ptr<int64_t>(),
-                                                planner.plan, lat.neighbors.data_ptr<int32_t>()},
-                    1024);
-    timer.mark("neighbors");
-  };
-
   if constexpr (Backend::kRangeBuild) {  // the plan is in host memory: read it directly
     if (planner.plan->ok && !shared_build_forced()) {
       BuildPacked<D, T> packed;
@@ -260,6 +250,7 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
 
   const int64_t vcap = next_pow2(2 * lat.M + 1);
   Tensor vtable = at::full({vcap}, -1, iopt);
+  lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
   if (packed_keys) {
     {
       SEGOPS_LATTICE_KERNEL("vertex_table");
@@ -267,9 +258,12 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
                                                vertex_codes.data_ptr<int64_t>()},
                       kGrainCheap / 4);
     }
-    find_neighbor_codes(vtable, static_cast<uint64_t>(vcap), vertex_codes);
+    SEGOPS_LATTICE_KERNEL("neighbors");
+    Backend::launch(lat.M, FindNeighborCodes<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
+                                                vertex_codes.data_ptr<int64_t>(), planner.plan,
+                                                lat.neighbors.data_ptr<int32_t>()},
+                    1024);
   } else {
-    lat.neighbors = at::empty({lat.M, D + 1, 2}, iopt);
     {
       SEGOPS_LATTICE_KERNEL("vertex_table");
       Backend::launch(lat.M, InsertVertices<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
@@ -280,8 +274,8 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
     Backend::launch(lat.M, FindNeighbors<D>{vtable.data_ptr<int32_t>(), static_cast<uint64_t>(vcap),
                                             vertex_keys.data_ptr<int32_t>(), lat.neighbors.data_ptr<int32_t>()},
                     1024);
-    timer.mark("neighbors");
   }
+  timer.mark("neighbors");
   return lat;
 }
 

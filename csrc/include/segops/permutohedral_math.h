@@ -421,6 +421,14 @@ SEGOPS_HD_INLINE void plan_packing(const T* lo, const T* hi, const T* scale, int
   p.ok = 1;
 }
 
+// The code difference between a vertex and its neighbour one step forward along blur direction j (0..D): +1 on
+// every coordinate, -(D+1) on coordinate j (none for j = D). Also the step from simplex vertex k to k + 1, with j the
+// coordinate ranked D - k.
+template <int D>
+SEGOPS_HD_INLINE int64_t direction_step(const PackPlan& p, int j) {
+  return p.ones - (j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0));
+}
+
 template <int D>
 SEGOPS_HD_INLINE int64_t pack_key(const PackPlan& p, const int32_t* key, int64_t image) {
   uint64_t code = static_cast<uint64_t>(image) << p.image_shift;
@@ -513,7 +521,7 @@ struct BuildPacked : BuildBase<D, T> {
     for (int k = 0; k <= D; ++k) {
       visit(k, code);
       const int wrap = by_rank[D - k];
-      code += p.ones - (wrap < D ? int64_t(D + 1) << p.shift[wrap] : int64_t(0));
+      code += direction_step<D>(p, wrap);
     }
   }
 
@@ -796,9 +804,9 @@ struct FindNeighborCodes {
     const PackPlan& p = *plan;
     const int64_t code = vertex_codes[v];
     for (int j = 0; j <= D; ++j) {
-      const int64_t wrap = j < D ? int64_t(D + 1) << p.shift[j] : int64_t(0);
-      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex_code(table, cap, vertex_codes, code - p.ones + wrap);
-      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex_code(table, cap, vertex_codes, code + p.ones - wrap);
+      const int64_t step = direction_step<D>(p, j);
+      neighbors[(v * (D + 1) + j) * 2 + 0] = find_vertex_code(table, cap, vertex_codes, code - step);
+      neighbors[(v * (D + 1) + j) * 2 + 1] = find_vertex_code(table, cap, vertex_codes, code + step);
     }
   }
 };
