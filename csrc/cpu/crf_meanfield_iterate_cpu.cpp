@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "segops/cpu_alloc.h"
+#include "segops/cpu_v8.h"
 #include "segops/crf_meanfield_math.h"
 #include "segops/permutohedral_host.h"
 #include "segops/softmax_losses_block.h"
@@ -41,16 +42,12 @@ constexpr int64_t kPoints = 128;  // points per block (one image's consecutive p
 constexpr int kGroup = 4;         // points whose marginals are computed together
 constexpr int kMaxChunks = 4;     // splat chunks (see iterate_cpu)
 
-typedef float v8 __attribute__((vector_size(32)));
+using cpu::load8;
+using cpu::splat8;
+using cpu::store8;
+using cpu::transpose8;
+using cpu::v8;
 typedef int32_t vi8 __attribute__((vector_size(32)));
-
-SEGOPS_LATTICE_INLINE v8 load8(const float* p) {
-  v8 r;
-  __builtin_memcpy(&r, p, sizeof(v8));
-  return r;
-}
-SEGOPS_LATTICE_INLINE void store8(float* p, v8 r) { __builtin_memcpy(p, &r, sizeof(v8)); }
-SEGOPS_LATTICE_INLINE v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
 // block::exp_poly on the lanes of V (8 or 16 floats; VI the int32 vector of the same width): the same operations,
 // so the same values lane by lane.
@@ -283,25 +280,6 @@ struct Pieces16 {
 };
 #endif
 
-// An 8 x 8 transpose: r[i][j] -> r[j][i] (class-major <-> point-major tiles), three rounds of two-input shuffles.
-SEGOPS_LATTICE_INLINE void transpose8(v8* r) {
-  v8 t[8], u[8];
-  for (int i = 0; i < 8; i += 2) {
-    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
-    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    r[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-}
-
 template <typename L>
 struct PointMath {
   using Q = typename L::Q;
@@ -469,26 +447,10 @@ void run_pass(const Pass& P) {
   }
 }
 
-// Points [n0, n0 + np) of image b: (K, N) planes -> (np, Kp) rows with zero pad columns; 8 x 8 tiles through
-// registers, the last np % 8 points one value at a time.
-SEGOPS_LATTICE_INLINE void point_major_block(const float* u, float* dst, int64_t K, int64_t N, int64_t Kp,
-                                             int64_t np) {
-  int64_t p = 0;
-  for (; p + 8 <= np; p += 8) {
-    for (int64_t c = 0; c < Kp; c += 8) {
-      v8 r[8];
-      for (int64_t i = 0; i < 8; ++i) r[i] = c + i < K ? load8(u + (c + i) * N + p) : splat8(0.f);
-      transpose8(r);
-      for (int64_t j = 0; j < 8; ++j) store8(dst + (p + j) * Kp + c, r[j]);
-    }
-  }
-  for (; p < np; ++p)
-    for (int64_t k = 0; k < Kp; ++k) dst[p * Kp + k] = k < K ? u[k * N + p] : 0.f;
-}
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2"))) void point_major_block_avx2(const float* u, float* dst, int64_t K, int64_t N,
                                                             int64_t Kp, int64_t np) {
-  point_major_block(u, dst, K, N, Kp, np);
+  cpu::planes_to_rows(u, dst, K, N, Kp, np);
 }
 #endif
 
@@ -510,7 +472,7 @@ void point_major(const Tensor& unary, int64_t B, int64_t K, int64_t N, int64_t K
         continue;
       }
 #endif
-      point_major_block(src, dst, K, N, Kp, np);
+      cpu::planes_to_rows(src, dst, K, N, Kp, np);
     }
   });
 }

@@ -6,9 +6,11 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #include "segops/cpu_isa.h"
+#include "segops/cpu_v8.h"
 #include "segops/permutohedral_host.h"
 
 namespace segops {
@@ -17,53 +19,53 @@ namespace {
 using lattice::SplatArgs;
 
 // Scatter of points [0, B N) into the vertices [v0, v1) of the grid. Points go in blocks of kPoints: a
-// block's values are first copied into a point-major buffer, one channel plane at a time in runs of kPoints
-// values (reading the C planes of one point at a stride of N values defeats the hardware prefetchers and maps
-// every load of that point to one cache set).
+// block's values are first copied into a point-major buffer (reading the C planes of one point at a stride of
+// N values defeats the hardware prefetchers and maps every load of that point to one cache set); float planes
+// through 8 x 8 register transposes. A block none of whose entries fall in [v0, v1) is skipped.
 template <typename scalar_t, typename acc>
 SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, int64_t B,
                                          const std::vector<int64_t>& image_start, int64_t v0, int64_t v1) {
   constexpr int64_t kPoints = 256;
   const int64_t V = args.V, C = args.C, Cs = args.Cg, N = args.N;
-  std::vector<acc> buf(static_cast<size_t>(kPoints * Cs));
-  std::vector<uint8_t> relevant(kPoints);
+  const int64_t stride = (Cs + 7) / 8 * 8;  // buffer row: 8-float columns for the transposes
+  std::vector<acc> buf(static_cast<size_t>(kPoints * stride));
   const uint32_t span = static_cast<uint32_t>(v1 - v0);
+  const bool whole = v0 == 0 && v1 == image_start[B];  // one task: every entry is in range
   for (int64_t b = 0; b < B; ++b) {
     if (image_start[b + 1] <= v0 || image_start[b] >= v1) continue;  // no vertex of this image in range
     for (int64_t n0 = 0; n0 < N; n0 += kPoints) {
       const int64_t np = std::min(kPoints, N - n0);
       const int64_t i0 = b * N + n0;
       const int32_t* ids = args.vertex + i0 * V;
-      bool any_relevant = false;
-      for (int64_t p = 0; p < np; ++p) {
-        bool any = false;
-        for (int64_t k = 0; k < V; ++k) any |= static_cast<uint32_t>(ids[p * V + k] - v0) < span;
-        relevant[p] = any;
-        any_relevant |= any;
+      if (!whole) {
+        uint32_t hits = 0;
+        for (int64_t e = 0; e < np * V; ++e) hits |= static_cast<uint32_t>(ids[e] - v0) < span;
+        if (!hits) continue;
       }
-      if (!any_relevant) continue;
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* src = args.values + b * args.vsb + c * args.vsc + n0 * args.vsn;
-        acc* dst = buf.data() + c;
-        if (args.vsn == 1) {
-          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p]);
+      const scalar_t* planes = args.values + b * args.vsb + n0 * args.vsn;
+      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+        if (args.vsn == 1 && args.vsc == N) {
+          cpu::planes_to_rows(planes, buf.data(), C, N, stride, np);
         } else {
-          for (int64_t p = 0; p < np; ++p) dst[p * Cs] = static_cast<acc>(src[p * args.vsn]);
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t p = 0; p < np; ++p) buf[p * stride + c] = planes[c * args.vsc + p * args.vsn];
         }
+      } else {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t p = 0; p < np; ++p) buf[p * stride + c] = static_cast<acc>(planes[c * args.vsc + p * args.vsn]);
       }
       if (args.prescale) {
         for (int64_t p = 0; p < np; ++p)
-          for (int64_t c = 0; c < C; ++c) buf[p * Cs + c] *= args.prescale[i0 + p];
+          for (int64_t c = 0; c < C; ++c) buf[p * stride + c] *= args.prescale[i0 + p];
       }
       if (args.has_extra) {
-        for (int64_t p = 0; p < np; ++p) buf[p * Cs + C] = args.extra_value(b, n0 + p);
+        for (int64_t p = 0; p < np; ++p) buf[p * stride + C] = args.extra_value(b, n0 + p);
       }
       for (int64_t p = 0; p < np; ++p) {
-        if (!relevant[p]) continue;
-        const acc* __restrict x = buf.data() + p * Cs;
+        const acc* __restrict x = buf.data() + p * stride;
         for (int64_t k = 0; k < V; ++k) {
           const int32_t v = ids[p * V + k];
-          if (static_cast<uint32_t>(v - v0) >= span) continue;
+          if (!whole && static_cast<uint32_t>(v - v0) >= span) continue;
           lattice::axpy_row(args.grid + static_cast<int64_t>(v) * Cs, x, args.bary[(i0 + p) * V + k], Cs);
         }
       }
