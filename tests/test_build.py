@@ -52,6 +52,26 @@ def test_cli_bench_quick(tmp_path):
     assert all(row["segops_ms"] > 0 and row["torch_ms"] > 0 for row in data["rows"])
 
 
+def test_thread_scaling_alternates_and_restores_the_thread_count():
+    from segops.bench import thread_scaling
+
+    seen = []
+
+    def job():
+        seen.append(torch.get_num_threads())
+        return sum(range(20000))  # a few hundred microseconds of Python: a nonzero time
+
+    before = torch.get_num_threads()
+    out = thread_scaling(job, rounds=3)
+    assert torch.get_num_threads() == before
+    assert seen == [1, 2] * 4  # a warm-up round, then 3 rounds, each calling 1 thread then 2 threads
+    for key in ("threads_1_ms", "threads_2_ms", "gemm_threads_1_ms", "gemm_threads_2_ms"):
+        assert out[key] > 0
+    assert out["threads_1_ms"] <= out["threads_1_median_ms"] and out["threads_2_ms"] <= out["threads_2_median_ms"]
+    assert out["speedup"] == out["threads_1_ms"] / out["threads_2_ms"]
+    assert out["gemm_speedup"] == out["gemm_threads_1_ms"] / out["gemm_threads_2_ms"]
+
+
 def _extension_path() -> str:
     import importlib.util
 

@@ -16,6 +16,8 @@ import importlib
 import json
 import os
 import platform
+import statistics
+import time
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -99,6 +101,41 @@ def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Call
         fn(x).backward()
 
     return step
+
+
+def thread_scaling(fn: Callable[[], Any], rounds: int) -> Dict[str, float]:
+    """fn() on 1 and on 2 CPU threads, alternated call by call, and beside it a compute-bound reference (a 768 x 768
+    float32 matmul) alternated the same way: the ratio a perfectly parallel job got at the same moments.
+
+    Shared virtual machines drift by up to 1.5x within minutes and lend the second core intermittently, so two
+    blocks of timings taken one after the other compare two machines; calls interleaved with each other do not.
+    The minimum of each is the call that ran with both cores available. Returns, in ms, ``threads_1_ms`` and
+    ``threads_2_ms`` (minima over `rounds` calls each, after a warm-up call of each), their medians
+    (``*_median_ms``), ``speedup`` (ratio of the minima) and the reference's ``gemm_threads_1_ms``,
+    ``gemm_threads_2_ms`` and ``gemm_speedup``. The thread count is restored afterwards."""
+    a = torch.randn(768, 768, generator=torch.Generator().manual_seed(0))
+    jobs = {"": fn, "gemm_": lambda: torch.mm(a, a)}
+    times: Dict[str, List[float]] = {"%sthreads_%d" % (name, n): [] for name in jobs for n in (1, 2)}
+    old = torch.get_num_threads()
+    try:
+        for r in range(rounds + 1):
+            for name, job in jobs.items():
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    t0 = time.perf_counter()
+                    job()
+                    if r > 0:  # round 0 warms each job up at each thread count
+                        times["%sthreads_%d" % (name, n)].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_num_threads(old)
+    out: Dict[str, float] = {}
+    for key, ts in times.items():
+        out[key + "_ms"] = min(ts)
+        if not key.startswith("gemm_"):
+            out[key + "_median_ms"] = statistics.median(ts)
+    out["speedup"] = out["threads_1_ms"] / out["threads_2_ms"]
+    out["gemm_speedup"] = out["gemm_threads_1_ms"] / out["gemm_threads_2_ms"]
+    return out
 
 
 def _cpu_model() -> Dict[str, Any]:
