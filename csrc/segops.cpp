@@ -7,6 +7,7 @@
 #include <atomic>
 #include <string>
 
+#include "segops/cpu_alloc.h"
 #include "segops/parallel.h"
 
 namespace segops {
@@ -57,12 +58,20 @@ int64_t parallel_threads(int64_t n) {
 // ATen's BLAS, under the current environment (SEGOPS_CPU_GEMM, ATEN_CPU_CAPABILITY).
 bool cpu_gemm_enabled() { return segops::cpu::sgemm_enabled(); }
 
+// Bytes of freed large CPU blocks segops keeps for reuse (segops/cpu_alloc.h), after handing them all back to the
+// system when `release`.
+int64_t cpu_block_cache(bool release) {
+  if (release) segops::HugeBlockCache::instance().release_all();
+  return static_cast<int64_t>(segops::HugeBlockCache::instance().cached_bytes());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(segops, m) {
   m.def("_build_info() -> str", &build_info);
   m.def("_parallel_threads(int n) -> int", &parallel_threads);
   m.def("_cpu_gemm_enabled() -> bool", &cpu_gemm_enabled);
+  m.def("_cpu_block_cache(bool release) -> int", &cpu_block_cache);
 
   // ---- losses ---------------------------------------------------------------------------------
   // reduction: 0 = none, 1 = mean, 2 = sum. Returns (loss, lse, denom): lse is the per-pixel

@@ -17,13 +17,14 @@ from segops import ops  # noqa: E402
 from segops import nn  # noqa: E402
 from segops import reference  # noqa: E402
 from segops.info import info  # noqa: E402
+from segops.memory import cpu_cached_bytes, empty_cpu_cache  # noqa: E402
 
 __version__ = "0.1.0"
 
 # Submodules imported on first access (PEP 562), like torchvision's `torchvision.models`.
 _LAZY_SUBMODULES = ("models", "metrics", "data", "train")
 
-__all__ = ["ops", "nn", "reference", "info", "__version__", *_LAZY_SUBMODULES]
+__all__ = ["ops", "nn", "reference", "info", "cpu_cached_bytes", "empty_cpu_cache", "__version__", *_LAZY_SUBMODULES]
 
 
 def __getattr__(name: str) -> ModuleType:

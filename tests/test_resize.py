@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import segops
 from segops import reference
 from segops.ops.resize import half_resolution
 
@@ -144,3 +146,82 @@ def test_large_outputs_have_the_usual_layout_and_values(channels_last, huge_page
     assert y.is_contiguous() and torch.equal(y, torch.ones_like(y))
     (gx,) = torch.autograd.grad(y, ones, torch.ones_like(y))
     assert gx.is_contiguous() and torch.equal(gx, torch.full_like(gx, 0.25))
+
+
+# ---- the cache of freed large CPU blocks (segops/cpu_alloc.h, segops.memory) ---------------------------------
+
+# (1, 21, 640, 640) float32 in -> (1, 21, 320, 320) out: 8.6 MB, above the 8 MiB from which outputs sit on huge pages;
+# its block is 10 MiB (a whole number of 2 MiB pages)
+BIG_IN, BLOCK = (1, 21, 640, 640), 10 << 20
+
+
+@pytest.fixture
+def block_cache(monkeypatch):
+    monkeypatch.setenv("SEGOPS_HUGE_PAGES", "1")
+    monkeypatch.setenv("SEGOPS_CPU_BLOCK_CACHE_MB", "256")
+    segops.empty_cpu_cache()
+    yield monkeypatch
+    segops.empty_cpu_cache()
+
+
+def test_freed_large_outputs_are_reused_and_fully_rewritten(block_cache):
+    a, b = case(BIG_IN, torch.float32, "cpu", seed=11), case(BIG_IN, torch.float32, "cpu", seed=12)
+    y = half_resolution(a)
+    first = y.data_ptr()
+    torch.testing.assert_close(y, F.interpolate(a, scale_factor=0.5, mode="bilinear"), rtol=1e-6, atol=1e-6)
+    assert segops.cpu_cached_bytes() == 0  # in use: not in the cache
+    del y
+    assert segops.cpu_cached_bytes() == BLOCK
+    y = half_resolution(b)  # the same size: the freed block again
+    assert y.data_ptr() == first and segops.cpu_cached_bytes() == 0
+    # every element rewritten: nothing of a's result shows through (the mean of 4 float32 values; the tolerance
+    # as above, ~4 roundings of values below 3 in magnitude)
+    torch.testing.assert_close(y, F.interpolate(b, scale_factor=0.5, mode="bilinear"), rtol=1e-6, atol=1e-6)
+    other = half_resolution(case((1, 21, 800, 800), torch.float32, "cpu", seed=13))  # 13.4 MB: a 14 MiB block
+    assert other.data_ptr() != first
+    del y, other
+    assert segops.cpu_cached_bytes() == BLOCK + (14 << 20)
+    segops.empty_cpu_cache()
+    assert segops.cpu_cached_bytes() == 0
+
+
+def test_block_cache_limit(block_cache):
+    a = case(BIG_IN, torch.float32, "cpu", seed=14)
+    block_cache.setenv("SEGOPS_CPU_BLOCK_CACHE_MB", "0")  # nothing kept
+    y = half_resolution(a)
+    del y
+    assert segops.cpu_cached_bytes() == 0
+    block_cache.setenv("SEGOPS_CPU_BLOCK_CACHE_MB", "25")  # room for two 10 MiB blocks, not three
+    ys = [half_resolution(a) for _ in range(3)]
+    assert len({y.data_ptr() for y in ys}) == 3
+    del ys
+    assert segops.cpu_cached_bytes() == 2 * BLOCK
+    block_cache.setenv("SEGOPS_CPU_BLOCK_CACHE_MB", "5")  # a block larger than the limit is not kept either
+    y = half_resolution(a)  # (takes one of the two cached blocks)
+    del y
+    assert segops.cpu_cached_bytes() == 0  # the freed block and the one left over exceed 5 MiB: both released
+
+
+def test_block_cache_from_several_threads(block_cache):
+    # four Python threads allocating and freeing outputs of two sizes at once (the ops release the GIL): every
+    # result must be its own input's
+    import threading
+
+    inputs = [case(BIG_IN if i % 2 else (1, 21, 800, 800), torch.float32, "cpu", seed=20 + i) for i in range(4)]
+    expect = [F.interpolate(x, scale_factor=0.5, mode="bilinear") for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(6):
+            y = half_resolution(inputs[i])
+            if not torch.allclose(y, expect[i], rtol=1e-6, atol=1e-6):  # as above
+                failures.append(i)
+            del y  # (so that a thread holds one output at a time)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+    assert segops.cpu_cached_bytes() <= 2 * BLOCK + 2 * (14 << 20)  # at most the four outputs' blocks
