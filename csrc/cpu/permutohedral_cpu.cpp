@@ -43,14 +43,14 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, i
         if (!hits) continue;
       }
       const scalar_t* planes = args.values + b * args.vsb + n0 * args.vsn;
+      bool copied = false;
       if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
         if (args.vsn == 1 && args.vsc == N) {
           cpu::planes_to_rows(planes, buf.data(), C, N, stride, np);
-        } else {
-          for (int64_t c = 0; c < C; ++c)
-            for (int64_t p = 0; p < np; ++p) buf[p * stride + c] = planes[c * args.vsc + p * args.vsn];
+          copied = true;
         }
-      } else {
+      }
+      if (!copied) {
         for (int64_t c = 0; c < C; ++c)
           for (int64_t p = 0; p < np; ++p) buf[p * stride + c] = static_cast<acc>(planes[c * args.vsc + p * args.vsn]);
       }

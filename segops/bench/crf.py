@@ -292,9 +292,9 @@ def run(ctx: BenchContext) -> List[Dict[str, Any]]:
                         rows.append(dict(op="DenseCRFLoss fwd+bwd 1 thread vs ECCV'18 (recorded)", case=case,
                                          segops_ms=ctx.time_ms(step), torch_ms=ECCV18_MS[scale], load=load))
                     sc = thread_scaling(step, 2 if ctx.quick else 15)
-                    rows.append(dict(op="%s fwd+bwd threads 2 vs 1" % name, case=case + " (torch ms = 1 thread; "
-                                     "minima of alternated calls; a matmul got %.2fx)" % sc["gemm_speedup"], segops_ms=sc["threads_2_ms"],
-                                     torch_ms=sc["threads_1_ms"], load=load, **sc))
+                    note = " (torch ms = 1 thread; minima of alternated calls; a matmul got %.2fx)" % sc["gemm_speedup"]
+                    rows.append(dict(op="%s fwd+bwd threads 2 vs 1" % name, case=case + note,
+                                     segops_ms=sc["threads_2_ms"], torch_ms=sc["threads_1_ms"], load=load, **sc))
         finally:
             torch.set_num_threads(old)
 

@@ -74,21 +74,11 @@ def pydensecrf_program(unary: np.ndarray, image: np.ndarray, gaussian, bilateral
     return d
 
 
-def _min_ms(fn: Callable[[], Any], runs: int) -> Tuple[float, float]:
-    """(smallest wall time, smallest process CPU time) of `runs` calls after a warm-up, in ms: for peers too slow
-    for blocked_autorange. On one thread the CPU time is the work itself, whatever else loads the machine."""
-    fn()
-    wall = cpu = float("inf")
-    for _ in range(runs):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
-    return wall * 1e3, cpu * 1e3
-
-
-def _alternated_min_ms(fns: List[Callable[[], Any]], runs: int) -> List[Tuple[float, float]]:
-    """_min_ms for several jobs whose calls alternate (a, b, c, a, b, c, ...), so that every job sees the same
-    machine: the shared VMs drift by up to 1.5x within minutes."""
+def _min_ms(fns: List[Callable[[], Any]], runs: int) -> List[Tuple[float, float]]:
+    """Per job, (smallest wall time, smallest process CPU time) of `runs` calls after a warm-up, in ms: for peers
+    too slow for blocked_autorange. The jobs' calls alternate (a, b, c, a, b, c, ...), so that every job sees the
+    same machine (the shared VMs drift by up to 1.5x within minutes). On one thread the CPU time is the work
+    itself, whatever else loads the machine."""
     for fn in fns:
         fn()
     wall = [float("inf")] * len(fns)
@@ -158,7 +148,7 @@ def _cpu_rows(ctx: BenchContext, g: torch.Generator) -> List[Dict[str, Any]]:
                 jobs = [ours, lambda: _torch_ops_inference(u, im, iterations, gaussian, bilateral)]
                 if d is not None:
                     jobs.append(lambda: d.inference(iterations))
-                (seg, seg_cpu), (eager, eager_cpu), *more = _alternated_min_ms(jobs, runs)
+                (seg, seg_cpu), (eager, eager_cpu), *more = _min_ms(jobs, runs)
                 peer, peer_cpu = more[0] if more else (None, None)
             load = os.getloadavg()[0]
             rows.append(dict(op="dense CRF inference vs pydensecrf2 (1 thread)", case=case + ", %d threads" % threads,
@@ -198,7 +188,7 @@ def _cuda_rows(ctx: BenchContext, g: torch.Generator) -> List[Dict[str, Any]]:
             q = ours().cpu().numpy()
             diff = max(float(np.abs(q[b] - np.array(p.inference(iterations)).reshape(K, S, S)).max())
                        for b, p in enumerate(progs))
-            peer = _min_ms(lambda: [p.inference(iterations) for p in progs], 1)[0]
+            peer = _min_ms([lambda: [p.inference(iterations) for p in progs]], 1)[0][0]
         rows.append(dict(op="dense CRF inference GPU vs pydensecrf2 (1 CPU thread)",
                          case=_case_name(B, S, K, iterations, gaussian, bilateral, picture), segops_ms=seg,
                          torch_ms=peer, segops_mem=ctx.peak_bytes(ours), max_abs_diff_vs_pydensecrf=diff))

@@ -1,5 +1,5 @@
-# segops' cache of freed large CPU blocks on / off (SEGOPS_CPU_BLOCK_CACHE_MB=256 / 0, read at each allocation and
-# free), alternated in one process by short runs: per round and thread count, three calls with the cache on, then
+# segops' cache of freed large CPU blocks on / off (SEGOPS_CPU_BLOCK_CACHE_MB=256 / 0, read whenever a block is
+# freed), alternated in one process by short runs: per round and thread count, three calls with the cache on, then
 # the cache emptied and three calls with it off; the first call of each run is not timed (it fills or empties
 # the cache): the ECCV'18 loss workload (astronaut 512², K = 21, forward +
 # backward) and dense CRF inference (512², K = 21, 5 iterations, bilateral), on 1 and 2 threads.

@@ -30,7 +30,6 @@
 #include <c10/util/strides.h>
 
 #include <cstdlib>
-#include <cstring>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -46,7 +45,7 @@ inline bool huge_pages_enabled() {
   return v == nullptr || v[0] != '0';
 }
 
-// Bytes of freed huge-page blocks kept for reuse (SEGOPS_CPU_BLOCK_CACHE_MB, read at each allocation and free).
+// Bytes of freed huge-page blocks kept for reuse (SEGOPS_CPU_BLOCK_CACHE_MB, read whenever a block is freed).
 inline size_t block_cache_limit() {
   const char* v = std::getenv("SEGOPS_CPU_BLOCK_CACHE_MB");
   if (v == nullptr || v[0] == '\0') return size_t(256) << 20;
