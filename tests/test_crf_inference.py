@@ -4,6 +4,7 @@ the module, errors, CPU/CUDA parity."""
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -367,6 +368,33 @@ def test_one_op_schedule_matches_op_by_op(K, mode):
     messages, scales, weights = crf._terms(crf._softmax_of_unary())
     pairwise = sum((m * (w if s is None else s * w)).abs() for m, s, w in zip(messages, scales, weights)).max()
     bound = 2 * (K - 1) * EPS32 * (2 * float(pairwise) + 1) + 4 * EPS32  # + the division's own rounding
+    torch.testing.assert_close(got, want, rtol=0, atol=bound)
+
+
+def test_one_op_schedule_flushes_denormal_marginals_and_restores_the_callers_mode():
+    # Classes 2.. lie 200 below two tied ones: their marginals, exp's clamp at -87 over a denominator of ~2, are
+    # below float32's smallest normal (1.18e-38). The one-op schedule runs with denormals flushed to zero (x86:
+    # FTZ/DAZ in its worker threads, for speed: they take a slow path); the op-by-op schedule keeps them. Nothing
+    # else moves beyond the bound of test_one_op_schedule_matches_op_by_op.
+    K = 5
+    unary, images = small_case(B=2, K=K, H=23, W=29, seed=8)
+    unary[:, :2] = 0.0
+    unary[:, 2:] = 200.0
+    crf = MeanFieldCRF(unary)
+    crf.add_pairwise_bilateral(20.0, 13.0, images, 10.0, normalization="none")
+    want = op_by_op(crf, 1)
+    x = torch.full((4,), 1e-39)  # a float32 denormal
+    assert bool((x * 1.0 > 0).all())
+    with torch.no_grad():
+        got = crf.inference(1)
+    assert bool((x * 1.0 > 0).all())  # the calling thread's mode is restored
+    tiny = torch.finfo(torch.float32).tiny
+    assert bool(((want > 0) & (want < tiny)).any())
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        assert not bool(((got > 0) & (got < tiny)).any())
+    messages, scales, weights = crf._terms(crf._softmax_of_unary())
+    pairwise = sum((m * (w if s is None else s * w)).abs() for m, s, w in zip(messages, scales, weights)).max()
+    bound = 2 * (K - 1) * EPS32 * (2 * float(pairwise) + 1) + 4 * EPS32  # as in the test above
     torch.testing.assert_close(got, want, rtol=0, atol=bound)
 
 
