@@ -3,7 +3,9 @@
 # network). Builds segops in place for sm_90, runs the CUDA tests, compute-sanitizer (memcheck, racecheck,
 # synccheck, initcheck) over a small driver of every CUDA kernel, and the GPU benchmarks. Everything lands in
 # $OUT (default: ./gpu-check-out): gpu_check.log, summary.json, info.json, pytest-cuda.xml and one bench JSON
-# per suite (8 files: the device tool brings back at most 8). Each step has its own timeout and writes its
+# per suite, and phases.md (the CUDA
+# kernels of the lattice workloads, scripts/gpu_phases.py); the device tool brings back at most 8 files, so run it
+# with OUT elsewhere and pack that folder into one archive. Each step has its own timeout and writes its
 # results as it ends, so a run cut short still returns what finished. Budget: < 8 minutes on an H100/H200. Usage: OUT=/some/dir bash scripts/gpu_check.sh [--no-bench]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,22 @@ for dev in ('cpu', 'cuda'):
 # Every test with "cuda" in its id: the @cuda parity tests and each device-parametrised test's cuda case.
 # pytest-xdist workers, so that a crashing test is reported as such and the rest still run.
 step pytest_cuda 300 $PY -m pytest -q -k cuda -n 8 -p no:cacheprovider --junitxml="$OUT/pytest-cuda.xml" tests
+bench() {  # bench SUITE...: one `segops bench` step per suite, its JSON in $OUT
+  [ "${NO_BENCH:-0}" = 1 ] && return 0
+  local suite
+  for suite in "$@"; do
+    # losses: four torch.compile builds (two shapes, two ops) besides the timings
+    step "bench_$suite" $([ "$suite" = losses ] && echo 240 || echo 150) $PY -m segops bench "$suite" --device cuda --min-run-time 0.3 --out "$OUT"
+  done
+}
+[ "${1:-}" = "--no-bench" ] && NO_BENCH=1
+# models: 321x321 only (widths 0.25 and 1.0, auto / segops / vendor / torch and the deterministic column) to fit
+# the step's time; `segops bench models --device cuda` alone also runs 161x161
+export SEGOPS_BENCH_SIZES=${SEGOPS_BENCH_SIZES:-321}
+# Ordered by what a run cut short should still bring back: the lattice suites' targets and kernel breakdown, then
+# the memory checkers over every kernel, then the other suites.
+bench crf crf-inference
+[ "${NO_BENCH:-0}" = 1 ] || step phases 120 bash -c "$PY scripts/gpu_phases.py > '$OUT/phases.md'; rc=\$?; cat '$OUT/phases.md'; exit \$rc"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck initcheck; do
     step "sanitizer_$tool" 150 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
@@ -54,15 +72,7 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "compute-sanitizer not found"; status[sanitizer]="127 0"
 fi
-if [ "${1:-}" != "--no-bench" ]; then
-  # models: 321x321 only (widths 0.25 and 1.0, auto / segops / vendor / torch and the deterministic column) to fit
-  # the step's time; `segops bench models --device cuda` alone also runs 161x161
-  export SEGOPS_BENCH_SIZES=${SEGOPS_BENCH_SIZES:-321}
-  for suite in losses conv crf models crf-inference; do
-    # losses: four torch.compile builds (two shapes, two ops) besides the timings
-    step "bench_$suite" $([ "$suite" = losses ] && echo 240 || echo 150) $PY -m segops bench "$suite" --device cuda --min-run-time 0.3 --out "$OUT"
-  done
-fi
+bench conv models losses
 
 {
   echo "{"
