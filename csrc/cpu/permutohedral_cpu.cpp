@@ -79,12 +79,16 @@ SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, i
 #if defined(__x86_64__) && defined(__GNUC__)
 #define SEGOPS_LATTICE_AVX2 1
 // A functor with a run_range_wide(begin, end) has a loop that is only worth its vector form under AVX2.
+// (A C++17 detection trait, not a concept: torch < 2.10 builds extensions as C++17.)
+template <typename F, typename = void>
+struct HasWideRange : std::false_type {};
 template <typename F>
-concept HasWideRange = requires(const F& f) { f.run_range_wide(int64_t(0), int64_t(0)); };
+struct HasWideRange<F, std::void_t<decltype(std::declval<const F&>().run_range_wide(int64_t(0), int64_t(0)))>>
+    : std::true_type {};
 
 template <typename F>
 __attribute__((target("avx2"))) void run_range_avx2(const F& f, int64_t begin, int64_t end) {
-  if constexpr (HasWideRange<F>)
+  if constexpr (HasWideRange<F>::value)
     f.run_range_wide(begin, end);
   else
     f.run_range(begin, end);
