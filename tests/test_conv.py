@@ -247,8 +247,10 @@ def test_channels_last_and_noncontiguous(device, depthwise):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_half_precision_float_accumulation(device, dtype, depthwise):
-    # Computed in float32 and rounded once: equals the float32 result of the same (rounded) inputs, rounded to
-    # `dtype`, up to one rounding step (rtol = the dtype's epsilon) plus float32 accumulation-order noise (atol).
+    # segops' kernels compute in float32 and round once: the result equals the exact (float64) result of the same
+    # (rounded) inputs, rounded to `dtype`, up to one rounding step (rtol = the dtype's epsilon) plus float32
+    # accumulation-order noise (atol). backend="segops": "auto" gives these small CUDA convolutions to cuDNN, whose
+    # float32 reference would also use TF32 (cudnn.allow_tf32 is on by default) -- 2^-11 relative, above the bound.
     g = _gen(6)
     C = 8
     groups = C if depthwise else 2
@@ -257,25 +259,29 @@ def test_half_precision_float_accumulation(device, dtype, depthwise):
     b = _rand(C, g=g, dtype=dtype, device=device)
     eps = torch.finfo(dtype).eps
     for ours, theirs in [
-        (ops.atrous_conv2d(x, w, b, 1, 2, 2, groups), F.conv2d(x.float(), w.float(), b.float(), 1, 2, 2, groups)),
-        (ops.conv_transpose2d(x, w, b, 2, 1, 1, groups),
-         F.conv_transpose2d(x.float(), w.float(), b.float(), 2, 1, 1, groups)),
+        (ops.atrous_conv2d(x, w, b, 1, 2, 2, groups, backend="segops"),
+         F.conv2d(x.double(), w.double(), b.double(), 1, 2, 2, groups)),
+        (ops.conv_transpose2d(x, w, b, 2, 1, 1, groups, backend="segops"),
+         F.conv_transpose2d(x.double(), w.double(), b.double(), 2, 1, 1, groups)),
     ]:
         assert ours.dtype == dtype
         # one rounding to `dtype` (rtol eps) after float32 sums of 4 * 9 = 36 products (atol 1e-5: float32 noise)
-        torch.testing.assert_close(ours.float(), theirs, rtol=eps, atol=1e-5)
+        torch.testing.assert_close(ours.double(), theirs, rtol=eps, atol=1e-5)
     xl, wl = _leaf(x), _leaf(w)
-    gi, gw = torch.autograd.grad(ops.atrous_conv2d(xl, wl, None, 1, 2, 2, groups).float().sum(), (xl, wl))
-    xf, wf = _leaf(x.float()), _leaf(w.float())
+    gi, gw = torch.autograd.grad(ops.atrous_conv2d(xl, wl, None, 1, 2, 2, groups, backend="segops").float().sum(),
+                                 (xl, wl))
+    xf, wf = _leaf(x.double()), _leaf(w.double())
     ri, rw = torch.autograd.grad(F.conv2d(xf, wf, None, 1, 2, 2, groups).sum(), (xf, wf))
     assert gi.dtype == dtype and gw.dtype == dtype
     # gradients: one rounding (eps) after float32 sums of up to 2 * 9 * 10 = 180 products of O(1): atol 1e-4
-    torch.testing.assert_close(gi.float(), ri, rtol=eps, atol=1e-4)
-    torch.testing.assert_close(gw.float(), rw, rtol=eps, atol=1e-4)
+    torch.testing.assert_close(gi.double(), ri, rtol=eps, atol=1e-4)
+    torch.testing.assert_close(gw.double(), rw, rtol=eps, atol=1e-4)
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_backward_bit_identical_across_runs(device, depthwise):
+    # segops' kernels accumulate in a fixed order. backend="segops": "auto" gives most CUDA convolutions to cuDNN,
+    # whose default backward algorithms are not deterministic (as in PyTorch, unless deterministic mode is on).
     g = _gen(7)
     C = 16
     groups = C if depthwise else 1
@@ -284,8 +290,8 @@ def test_backward_bit_identical_across_runs(device, depthwise):
     wt = _rand(C, C // groups, 4, 4, g=g, dtype=torch.float32, device=device).requires_grad_()
     runs = []
     for _ in range(3):
-        a = ops.atrous_conv2d(x, w, None, 1, 4, 4, groups)
-        t = ops.conv_transpose2d(x, wt, None, 2, 1, 0, groups)
+        a = ops.atrous_conv2d(x, w, None, 1, 4, 4, groups, backend="segops")
+        t = ops.conv_transpose2d(x, wt, None, 2, 1, 0, groups, backend="segops")
         runs.append(torch.autograd.grad(a.square().sum() + t.square().sum(), (x, w, wt)))
     for other in runs[1:]:
         for r0, r1 in zip(runs[0], other):
