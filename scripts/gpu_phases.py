@@ -50,7 +50,10 @@ def _kernels(fn: Callable[[], object], calls: int) -> Tuple[Dict[str, Tuple[int,
     for e in prof.events():
         name = e.name
         dev_type = str(getattr(e, "device_type", ""))
-        if "CUDA" in dev_type and "Memcpy" not in name and "Memset" not in name:
+        # CUDA-side events are kernels, copies, and the GPU images of the profiler ranges (segops_kernel::*,
+        # which would count each kernel twice)
+        if ("CUDA" in dev_type and "Memcpy" not in name and "Memset" not in name
+                and not name.startswith(("segops_kernel::", "segops::"))):
             t = getattr(e, "device_time", None)
             if t is None:
                 t = e.cuda_time

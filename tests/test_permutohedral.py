@@ -511,17 +511,44 @@ def test_crf_features_poison_is_exact():
 
 
 def test_gather_splat_equals_scatter(monkeypatch):
-    # CUDA's splat (entries sorted stably by vertex, one ordered sum per vertex and channel) run on the CPU: the
-    # same sums in the same order as the CPU's scatter, so the same bits.
+    # CUDA's splat (entries sorted stably by vertex, ordered sums) run on the CPU. Where no vertex has more than
+    # one piece (128 entries) of entries, it makes the same sums in the same order as the CPU's scatter: the same
+    # bits.
     g = torch.Generator().manual_seed(57)
     f = crf_features(smooth_image(3, 23, 19, g), 12.0, 5.0)
     v = torch.randn(3, 7, 23, 19, generator=g)
     lat = build_lattice(f)
+    assert int(torch.bincount(lat.tensors()[0].flatten().long()).max()) <= 128
     scatter = [lat.filter(v), lat.filter(v, transposed=True), permutohedral_filter(v, f, True)]
     monkeypatch.setenv("SEGOPS_LATTICE_GATHER_SPLAT", "1")
     gather = [lat.filter(v), lat.filter(v, transposed=True), permutohedral_filter(v, f, True)]
     for a, b in zip(scatter, gather):
         assert torch.equal(a, b)
+
+
+def test_gather_splat_pieces_of_crowded_vertices(monkeypatch):
+    # Wide kernels crowd hundreds of entries onto one vertex: the gather sums them in pieces of 128, then the
+    # pieces. Another grouping of the same terms than the scatter's one ordered sum, so compared in float64 (the
+    # two groupings of <= 662 terms agree to ~1e-13 relative: default float64 tolerance), and reproducible to the
+    # bit in float32.
+    g = torch.Generator().manual_seed(58)
+    f = crf_features(smooth_image(2, 48, 40, g), 100.0, 30.0)
+    lat = build_lattice(f)
+    counts = torch.bincount(lat.tensors()[0].flatten().long())
+    assert int(counts.max()) > 3 * 128 and int((counts > 128).sum()) > 10  # several multi-piece vertices
+    v64 = torch.randn(2, 5, 48, 40, generator=g, dtype=torch.float64)
+    f64 = f.double()
+    lat64 = build_lattice(f64)
+    scatter = [lat64.filter(v64), lat64.filter(v64, transposed=True), permutohedral_filter(v64, f64, True)]
+    monkeypatch.setenv("SEGOPS_LATTICE_GATHER_SPLAT", "1")
+    gather = [lat64.filter(v64), lat64.filter(v64, transposed=True), permutohedral_filter(v64, f64, True)]
+    for a, b in zip(scatter, gather):
+        torch.testing.assert_close(b, a)
+    v32 = v64.float()
+    runs = [(lat.filter(v32), permutohedral_filter(v32, f, True)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    # float32 against the float64 result: sums of <= 662 positive-weight terms, ~1e-7 relative each
+    torch.testing.assert_close(runs[0][0].double(), scatter[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda
@@ -542,7 +569,8 @@ def test_cuda_lattice_bitwise_reproducible_and_matches_cpu(d, spread):
     outs = [(lat.filter(v.cuda()), lat.filter(v.cuda(), transposed=True)) for _ in range(2)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     ref = build_lattice(f).filter(v)
-    # float32, same lattice and summation order as the CPU; nvcc's FMA contraction: ~6e-8 per term
+    # float32, same lattice; the CPU sums each vertex in one ordered sum, CUDA in pieces of 128 entries, and nvcc
+    # contracts multiply-adds into FMAs: ~6e-8 relative per term
     assert rel_err(outs[0][0].cpu(), ref) < 1e-5
 
 

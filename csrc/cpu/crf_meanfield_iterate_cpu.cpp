@@ -114,6 +114,7 @@ struct BlurLaunch {
   static void launch(index_t n, const F& f, index_t grain) {
     cpu_parallel_for(n, f, grain);
   }
+  static bool blur_per_channel() { return false; }
 };
 
 // The unary's point-major rows, the op's largest buffer (25 MB at 512², K = 21), sit on transparent huge pages

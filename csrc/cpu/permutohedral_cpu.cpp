@@ -310,6 +310,8 @@ void find_neighbors(const KeyIds& table, const lattice::PackPlan& p, int32_t* ne
 
 struct CpuBackend {
   static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
+  // A row per call (vectorised over channels); CUDA's mapping under SEGOPS_LATTICE_GATHER_SPLAT (tests).
+  static bool blur_per_channel() { return std::getenv("SEGOPS_LATTICE_GATHER_SPLAT") != nullptr; }
 
   template <typename F>
   static void launch(index_t n, const F& f, index_t grain) {
@@ -413,7 +415,7 @@ struct CpuBackend {
 
   template <typename scalar_t, typename acc>
   static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex) {
-    if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat algorithm on the CPU
+    if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat (and blur) algorithms on the CPU
       lattice::gather_splat<CpuBackend>(args, M, vertex);
       return;
     }

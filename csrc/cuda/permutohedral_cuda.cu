@@ -2,8 +2,9 @@
 // grid-stride kernels on the current stream; memory comes from PyTorch's caching allocator.
 // Deterministic: the build inserts into one hash table with atomicCAS / atomicMin, but vertex ids follow the
 // first appearance of each key (not the insertion order); the splat gathers, per vertex, over its entries
-// sorted stably by vertex (ascending entry order, as the CPU's scatter); blur, slice and the quadratic forms
-// are gathers or fixed-order sums. Results are bitwise identical from run to run.
+// sorted stably by vertex (ascending entry order, in pieces of at most 128 entries, then the pieces in order);
+// blur, slice and the quadratic forms are gathers or fixed-order sums. Results are bitwise identical from run
+// to run.
 #include <torch/library.h>
 
 #include <ATen/ops/cumsum.h>
@@ -18,6 +19,7 @@ namespace {
 
 struct CudaBackend {
   static constexpr bool kGatherReadsChannelsLast = true;  // a point's channels in one or two cache lines
+  static bool blur_per_channel() { return true; }  // one thread per (vertex, channel): coalesced rows
   static constexpr bool kRangeBuild = false;  // the shared build (one table, first entries by scan)
 
   template <typename F>

@@ -8,6 +8,7 @@
 //   Backend::inclusive_scan(uint8 tensor)    -> int32 inclusive prefix sum
 //   Backend::read_status(int64 tensor (1,))  -> its value on the host: the build's one read (Tensor::item)
 //   Backend::kGatherReadsChannelsLast        the splat wants each point's channels contiguous (CUDA's gather)
+//   Backend::blur_per_channel()              blur with one call per (vertex, channel) instead of per vertex
 //
 // Every launch sits in a profiler scope named "segops_kernel::<phase>", so torch.profiler shows the launches
 // of a call (their number does not depend on the batch size). The build reads ONE word back to the host
@@ -18,6 +19,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/amax.h>
 #include <ATen/ops/amin.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/full.h>
@@ -373,22 +375,38 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
   return grid;
 }
 
-// The deterministic gather splat: entries sorted (stably) by vertex, then one sum per (vertex, channel) in
-// ascending entry order. CUDA's splat; the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests).
+// The deterministic gather splat: entries sorted (stably) by vertex, each vertex's entries summed in pieces of at
+// most kSplatPiece in ascending order, then its pieces in ascending order (permutohedral_math.h). CUDA's splat;
+// the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests). Nothing is read back: the piece buffer and pass 1's
+// launch are sized by the bound sum_v ceil(n_v / L) <= T / L + M.
 template <typename Backend, typename scalar_t, typename acc>
 void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor& vertex) {
   const int64_t T = vertex.numel();
+  if (M == 0 || T == 0) return;
   Tensor sorted, order;
   std::tie(sorted, order) = at::sort(vertex.view({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
   Tensor start = at::empty({M + 1}, vertex.options().dtype(at::kLong));
   Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start.data_ptr<int64_t>(), static_cast<int32_t>(M)},
                   kGrainCheap);
+  Tensor pieces = at::empty({M}, vertex.options().dtype(at::kLong));
+  Backend::launch(M, SplatPieceCounts{start.data_ptr<int64_t>(), pieces.data_ptr<int64_t>()}, kGrainCheap);
+  const Tensor piece_end = at::cumsum(pieces, 0);
+  const int64_t Cs = args.Cg;
+  const int64_t max_pieces = (T + kSplatPiece - 1) / kSplatPiece + M;
+  Tensor partial = at::empty({max_pieces, Cs}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value)
+                                                    .device(vertex.device()));
   SplatGather<scalar_t, acc> g;
   g.args = args;
   g.order = order.data_ptr<int64_t>();
   g.start = start.data_ptr<int64_t>();
-  g.Cs = args.Cg;
-  Backend::launch(M * args.Cg, g, 64);
+  g.piece_end = piece_end.data_ptr<int64_t>();
+  g.partial = partial.data_ptr<acc>();
+  g.M = M;
+  g.Cs = Cs;
+  Backend::launch(max_pieces * Cs, g, 64);
+  Backend::launch(M * Cs, SplatSumPieces<scalar_t, acc>{piece_end.data_ptr<int64_t>(), partial.data_ptr<acc>(),
+                                                        args.grid, Cs, args.Cg},
+                  64);
 }
 
 // d+1 blur passes (directions 0..d, or d..0 for the adjoint) over all Cg channels. Returns the blurred
@@ -403,9 +421,15 @@ Tensor blur(const Tensor& grid, const Tensor& neighbors, int64_t d, bool adjoint
     for (int64_t step = 0; step <= d; ++step) {  // the adjoint W^T blurs in the reverse direction order
       const int64_t j = adjoint ? d - step : step;
       SEGOPS_LATTICE_KERNEL("blur");
-      Backend::launch(M, BlurDirection<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
-                                                 neighbors.data_ptr<int32_t>(), Cg, V, j},
-                      std::max<int64_t>(64, 16384 / Cg));
+      if (Backend::blur_per_channel()) {
+        Backend::launch(M * Cg, BlurDirectionChannels<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
+                                                                neighbors.data_ptr<int32_t>(), Cg, V, j},
+                        16384);
+      } else {
+        Backend::launch(M, BlurDirection<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
+                                                   neighbors.data_ptr<int32_t>(), Cg, V, j},
+                        std::max<int64_t>(64, 16384 / Cg));
+      }
       if (step == 0 && keep_input) {
         src = dst;
         dst = spare;

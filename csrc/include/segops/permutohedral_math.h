@@ -949,25 +949,76 @@ struct SplatArgs {
   }
 };
 
-// Deterministic gather splat (CUDA's, also runnable on the CPU): the entries sorted by vertex, stably (entry
-// order within a vertex), so every vertex sums its contributions in ascending entry order -- the order of
-// the CPU's scatter. One call per (vertex, channel).
+// Deterministic gather splat (CUDA's, also runnable on the CPU): the entries sorted (stably) by vertex, each
+// vertex's run of entries cut into pieces of at most kSplatPiece entries. Pass 1 sums every piece (one call per
+// (piece, channel), entries in ascending order); pass 2 sums each vertex's pieces in ascending order. The
+// grouping depends only on the data, so the bits are the same from run to run; and no thread walks more than
+// kSplatPiece entries plus one vertex's piece count: a photo's flat regions send thousands of entries to one
+// vertex, which a single ordered sum per vertex walked alone (the whole splat waited on that one thread).
+constexpr int64_t kSplatPiece = 128;
+
+// pieces[v] = number of pieces of vertex v = ceil(entries / kSplatPiece) (>= 1: a vertex exists because an
+// entry touched it).
+struct SplatPieceCounts {
+  const int64_t* start;  // (M+1)
+  int64_t* pieces;       // (M)
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    pieces[v] = (start[v + 1] - start[v] + kSplatPiece - 1) / kSplatPiece;
+  }
+};
+
 template <typename scalar_t, typename acc>
 struct SplatGather {
   SplatArgs<scalar_t, acc> args;
-  const int64_t* order;  // (T) entry ids sorted by vertex
-  const int64_t* start;  // (M+1) first position of each vertex in `order`
-  index_t Cs;            // channels splatted: C (+1 with the extra channel)
+  const int64_t* order;       // (T) entry ids sorted by vertex
+  const int64_t* start;       // (M+1) first position of each vertex in `order`
+  const int64_t* piece_end;   // (M) inclusive scan of the pieces per vertex
+  acc* partial;               // (pieces, Cs): the sums of the pieces of vertices with more than one piece
+  index_t M;
+  index_t Cs;                 // channels splatted: C (+1 with the extra channel)
+  // Pass 1, one call per (piece, channel); calls past the last piece (the launch is sized by a bound, so that
+  // the host need not read the piece count) return at once.
   SEGOPS_HD_INLINE void operator()(index_t i) const {
-    const index_t v = i / Cs, c = i - v * Cs;
+    const index_t q = i / Cs, c = i - q * Cs;
+    if (q >= piece_end[M - 1]) return;
+    index_t lo = 0, hi = M - 1;  // the vertex: the first v with piece_end[v] > q
+    while (lo < hi) {
+      const index_t mid = lo + (hi - lo) / 2;
+      if (piece_end[mid] > q) hi = mid; else lo = mid + 1;
+    }
+    const index_t v = lo;
+    const index_t first = v == 0 ? 0 : piece_end[v - 1];
+    const index_t j0 = start[v] + (q - first) * kSplatPiece;
+    const index_t j1 = j0 + kSplatPiece < start[v + 1] ? j0 + kSplatPiece : start[v + 1];
     acc sum = acc(0);
-    for (index_t j = start[v]; j < start[v + 1]; ++j) {
+    for (index_t j = j0; j < j1; ++j) {
       const index_t e = order[j];
       const index_t p = e / args.V, b = p / args.N, n = p - b * args.N;
       const acc x = c < args.C ? args.value(b, n, p, c) : args.extra_value(b, n);
       sum += args.bary[e] * x;
     }
-    args.grid[v * args.Cg + c] = sum;
+    if (piece_end[v] - first == 1) {
+      args.grid[v * args.Cg + c] = sum;  // a one-piece vertex: its sum is final
+    } else {
+      partial[q * Cs + c] = sum;
+    }
+  }
+};
+
+// Pass 2, one call per (vertex, channel) of the vertices with more than one piece: their pieces in order.
+template <typename scalar_t, typename acc>
+struct SplatSumPieces {
+  const int64_t* piece_end;  // (M)
+  const acc* partial;        // (pieces, Cs)
+  acc* grid;                 // (M, Cg)
+  index_t Cs, Cg;
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    const index_t v = i / Cs, c = i - v * Cs;
+    const index_t first = v == 0 ? 0 : piece_end[v - 1];
+    if (piece_end[v] - first == 1) return;
+    acc sum = acc(0);
+    for (index_t q = first; q < piece_end[v]; ++q) sum += partial[q * Cs + c];
+    grid[v * Cg + c] = sum;
   }
 };
 
@@ -1007,6 +1058,32 @@ struct BlurDirection {
       for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch] + half * pc[ch];
     } else {
       for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch];
+    }
+  }
+};
+
+// The same blur, one call per (vertex, channel): CUDA's mapping (adjacent threads read adjacent channels of the
+// rows, which a row per thread would read one row per thread apart), with BlurDirection's arithmetic, so the same
+// bits.
+template <typename acc>
+struct BlurDirectionChannels {
+  const acc* in;
+  acc* out;
+  const int32_t* neighbors;
+  index_t Cg, V, j;
+  SEGOPS_HD_INLINE void operator()(index_t i) const {
+    const index_t v = i / Cg, ch = i - v * Cg;
+    const int32_t a = neighbors[(v * V + j) * 2 + 0], c = neighbors[(v * V + j) * 2 + 1];
+    const acc half = acc(0.5);
+    const acc self = in[i];
+    if (a >= 0 && c >= 0) {
+      out[i] = self + half * (in[static_cast<index_t>(a) * Cg + ch] + in[static_cast<index_t>(c) * Cg + ch]);
+    } else if (a >= 0) {
+      out[i] = self + half * in[static_cast<index_t>(a) * Cg + ch];
+    } else if (c >= 0) {
+      out[i] = self + half * in[static_cast<index_t>(c) * Cg + ch];
+    } else {
+      out[i] = self;
     }
   }
 };
