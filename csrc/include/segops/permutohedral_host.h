@@ -377,8 +377,9 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
 
 // The deterministic gather splat: entries sorted (stably) by vertex, each vertex's entries summed in pieces of at
 // most kSplatPiece in ascending order, then its pieces in ascending order (permutohedral_math.h). CUDA's splat;
-// the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests). Nothing is read back: the piece buffer and pass 1's
-// launch are sized by the bound sum_v ceil(n_v / L) <= T / L + M.
+// the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests). Nothing is read back: pass 1's launch is sized by
+// the bound sum_v ceil(n_v / L) <= T / L + M, and only multi-piece vertices store their pieces, at most
+// sum over n_v > L of (n_v / L + 1) < 2 T / L of them (Cs floats each: 17 MB for 8 images of 512², K = 21).
 template <typename Backend, typename scalar_t, typename acc>
 void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor& vertex) {
   const int64_t T = vertex.numel();
@@ -388,23 +389,27 @@ void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor&
   Tensor start = at::empty({M + 1}, vertex.options().dtype(at::kLong));
   Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start.data_ptr<int64_t>(), static_cast<int32_t>(M)},
                   kGrainCheap);
-  Tensor pieces = at::empty({M}, vertex.options().dtype(at::kLong));
-  Backend::launch(M, SplatPieceCounts{start.data_ptr<int64_t>(), pieces.data_ptr<int64_t>()}, kGrainCheap);
-  const Tensor piece_end = at::cumsum(pieces, 0);
+  Tensor counts = at::empty({2, M}, vertex.options().dtype(at::kLong));  // pieces, stored pieces
+  Backend::launch(M, SplatPieceCounts{start.data_ptr<int64_t>(), counts[0].data_ptr<int64_t>(),
+                                      counts[1].data_ptr<int64_t>()},
+                  kGrainCheap);
+  const Tensor ends = at::cumsum(counts, 1);
   const int64_t Cs = args.Cg;
   const int64_t max_pieces = (T + kSplatPiece - 1) / kSplatPiece + M;
-  Tensor partial = at::empty({max_pieces, Cs}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value)
-                                                    .device(vertex.device()));
+  const int64_t max_stored = 2 * ((T + kSplatPiece - 1) / kSplatPiece);
+  Tensor partial = at::empty({max_stored, Cs}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value)
+                                                   .device(vertex.device()));
   SplatGather<scalar_t, acc> g;
   g.args = args;
   g.order = order.data_ptr<int64_t>();
   g.start = start.data_ptr<int64_t>();
-  g.piece_end = piece_end.data_ptr<int64_t>();
+  g.piece_end = ends[0].data_ptr<int64_t>();
+  g.multi_end = ends[1].data_ptr<int64_t>();
   g.partial = partial.data_ptr<acc>();
   g.M = M;
   g.Cs = Cs;
   Backend::launch(max_pieces * Cs, g, 64);
-  Backend::launch(M * Cs, SplatSumPieces<scalar_t, acc>{piece_end.data_ptr<int64_t>(), partial.data_ptr<acc>(),
+  Backend::launch(M * Cs, SplatSumPieces<scalar_t, acc>{ends[1].data_ptr<int64_t>(), partial.data_ptr<acc>(),
                                                         args.grid, Cs, args.Cg},
                   64);
 }

@@ -958,24 +958,28 @@ struct SplatArgs {
 constexpr int64_t kSplatPiece = 128;
 
 // pieces[v] = number of pieces of vertex v = ceil(entries / kSplatPiece) (>= 1: a vertex exists because an
-// entry touched it).
+// entry touched it); multi[v] = pieces[v] where that is more than one, else 0 (only those pieces are stored).
 struct SplatPieceCounts {
   const int64_t* start;  // (M+1)
   int64_t* pieces;       // (M)
+  int64_t* multi;        // (M)
   SEGOPS_HD_INLINE void operator()(index_t v) const {
-    pieces[v] = (start[v + 1] - start[v] + kSplatPiece - 1) / kSplatPiece;
+    const int64_t n = (start[v + 1] - start[v] + kSplatPiece - 1) / kSplatPiece;
+    pieces[v] = n;
+    multi[v] = n > 1 ? n : 0;
   }
 };
 
 template <typename scalar_t, typename acc>
 struct SplatGather {
   SplatArgs<scalar_t, acc> args;
-  const int64_t* order;       // (T) entry ids sorted by vertex
-  const int64_t* start;       // (M+1) first position of each vertex in `order`
-  const int64_t* piece_end;   // (M) inclusive scan of the pieces per vertex
-  acc* partial;               // (pieces, Cs): the sums of the pieces of vertices with more than one piece
+  const int64_t* order;      // (T) entry ids sorted by vertex
+  const int64_t* start;      // (M+1) first position of each vertex in `order`
+  const int64_t* piece_end;  // (M) inclusive scan of the pieces per vertex
+  const int64_t* multi_end;  // (M) inclusive scan of the stored pieces (those of multi-piece vertices)
+  acc* partial;              // (stored pieces, Cs)
   index_t M;
-  index_t Cs;                 // channels splatted: C (+1 with the extra channel)
+  index_t Cs;                // channels splatted: C (+1 with the extra channel)
   // Pass 1, one call per (piece, channel); calls past the last piece (the launch is sized by a bound, so that
   // the host need not read the piece count) return at once.
   SEGOPS_HD_INLINE void operator()(index_t i) const {
@@ -988,6 +992,7 @@ struct SplatGather {
     }
     const index_t v = lo;
     const index_t first = v == 0 ? 0 : piece_end[v - 1];
+    const index_t count = piece_end[v] - first;
     const index_t j0 = start[v] + (q - first) * kSplatPiece;
     const index_t j1 = j0 + kSplatPiece < start[v + 1] ? j0 + kSplatPiece : start[v + 1];
     acc sum = acc(0);
@@ -997,10 +1002,10 @@ struct SplatGather {
       const acc x = c < args.C ? args.value(b, n, p, c) : args.extra_value(b, n);
       sum += args.bary[e] * x;
     }
-    if (piece_end[v] - first == 1) {
+    if (count == 1) {
       args.grid[v * args.Cg + c] = sum;  // a one-piece vertex: its sum is final
     } else {
-      partial[q * Cs + c] = sum;
+      partial[(multi_end[v] - count + (q - first)) * Cs + c] = sum;
     }
   }
 };
@@ -1008,16 +1013,16 @@ struct SplatGather {
 // Pass 2, one call per (vertex, channel) of the vertices with more than one piece: their pieces in order.
 template <typename scalar_t, typename acc>
 struct SplatSumPieces {
-  const int64_t* piece_end;  // (M)
-  const acc* partial;        // (pieces, Cs)
+  const int64_t* multi_end;  // (M)
+  const acc* partial;        // (stored pieces, Cs)
   acc* grid;                 // (M, Cg)
   index_t Cs, Cg;
   SEGOPS_HD_INLINE void operator()(index_t i) const {
     const index_t v = i / Cs, c = i - v * Cs;
-    const index_t first = v == 0 ? 0 : piece_end[v - 1];
-    if (piece_end[v] - first == 1) return;
+    const index_t first = v == 0 ? 0 : multi_end[v - 1];
+    if (multi_end[v] == first) return;  // a one-piece vertex, written by pass 1
     acc sum = acc(0);
-    for (index_t q = first; q < piece_end[v]; ++q) sum += partial[q * Cs + c];
+    for (index_t q = first; q < multi_end[v]; ++q) sum += partial[q * Cs + c];
     grid[v * Cg + c] = sum;
   }
 };
