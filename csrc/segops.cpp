@@ -96,7 +96,14 @@ TORCH_LIBRARY(segops, m) {
   // float64 features, else float32), neighbors (M, d+1, 2) int32 blur neighbours (-1 = absent).
   m.def("permutohedral_lattice(Tensor features) -> (Tensor, Tensor, Tensor)");
   // W values, or W^T values when transposed, on a built lattice; values (B, C, *spatial) with N points.
-  m.def("permutohedral_apply(Tensor values, Tensor vertex, Tensor bary, Tensor neighbors, bool transposed) -> Tensor");
+  // splat_plan: the gather splat's sorted entries for these vertex ids (_permutohedral_splat_plan), which CUDA
+  // otherwise sorts on every call; the CPU's scatter has no use for it. Lattice.filter passes one on CUDA.
+  m.def(
+      "permutohedral_apply(Tensor values, Tensor vertex, Tensor bary, Tensor neighbors, bool transposed, "
+      "Tensor? splat_plan=None) -> Tensor");
+  // (B, N, d+1) vertex ids, (M, d+1, 2) neighbours -> int64 (B N (d+1) + 3 M + 1,): the entries sorted by vertex
+  // and per-vertex offsets (permutohedral_host.h, splat_plan).
+  m.def("_permutohedral_splat_plan(Tensor vertex, Tensor neighbors) -> Tensor");
   // values (B, C, *spatial), features (B, d, *spatial). Returns (out, vertex, bary, neighbors, norm):
   // out = W values (or (W values) / (W 1) when normalize); the lattice and norm = W 1 ((B, N), or (0,)
   // without normalize) are kept for the backward op, which reuses them instead of rebuilding.

@@ -441,8 +441,40 @@ def test_lattice_ops_opcheck():
     torch.library.opcheck(ops.permutohedral_lattice.default, (f,))
     vertex, bary, neighbors = ops.permutohedral_lattice.default(f.detach())
     v = torch.randn(2, 3, 5, 6, generator=g, requires_grad=True)
+    torch.library.opcheck(ops._permutohedral_splat_plan.default, (vertex, neighbors))
+    plan = ops._permutohedral_splat_plan.default(vertex, neighbors)
     for transposed in (False, True):
         torch.library.opcheck(ops.permutohedral_apply.default, (v, vertex, bary, neighbors, transposed))
+        torch.library.opcheck(ops.permutohedral_apply.default, (v, vertex, bary, neighbors, transposed, plan))
+
+
+def test_splat_plan_sorts_entries_and_is_reused_bitwise(monkeypatch):
+    # The plan: entry ids sorted stably by vertex, each vertex's first position, the inclusive scans of its pieces
+    # of <= 128 entries and of the pieces stored by multi-piece vertices. The gather with a given plan makes the
+    # same bits as the gather that sorts for itself (the CPU runs CUDA's gather under the variable).
+    g = torch.Generator().manual_seed(59)
+    f = crf_features(smooth_image(2, 40, 36, g), 100.0, 30.0)
+    lat = build_lattice(f)
+    vertex, _, neighbors = lat.tensors()
+    assert lat.splat_plan() is None  # the CPU's scatter does not sort
+    T, M = vertex.numel(), lat.num_vertices
+    plan = ops._permutohedral_splat_plan.default(vertex, neighbors)
+    assert plan.shape == (T + 3 * M + 1,) and plan.dtype == torch.int64
+    flat = vertex.flatten().long()
+    order, start = plan[:T], plan[T:T + M + 1]
+    assert torch.equal(order, torch.sort(flat, stable=True).indices)
+    counts = torch.bincount(flat, minlength=M)
+    assert torch.equal(start, torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    pieces = (counts + 127) // 128
+    assert int(pieces.max()) > 1  # some vertices have several pieces
+    assert torch.equal(plan[T + M + 1:T + 2 * M + 1], pieces.cumsum(0))
+    assert torch.equal(plan[T + 2 * M + 1:], torch.where(pieces > 1, pieces, 0).cumsum(0))
+    v = torch.randn(2, 6, 40, 36, generator=g)
+    monkeypatch.setenv("SEGOPS_LATTICE_GATHER_SPLAT", "1")
+    for transposed in (False, True):
+        sorting = ops.permutohedral_apply.default(v, *lat.tensors(), transposed)
+        planned = ops.permutohedral_apply.default(v, *lat.tensors(), transposed, plan)
+        assert torch.equal(sorting, planned)
 
 
 def test_lattice_built_once_filters_many_without_rebuilding():
@@ -477,6 +509,13 @@ LATTICE_BAD = [
     ("integer values", lambda lat: lat.filter(torch.ones(2, 2, 4, 5, dtype=torch.long)), "must be floating point"),
     ("int64 vertex ids", lambda lat: ops.permutohedral_apply.default(torch.rand(2, 1, 4, 5), lat.vertex.long(),
                                                                     lat.bary, lat.neighbors, False), "int32"),
+    ("a plan of another lattice", lambda lat: ops.permutohedral_apply.default(
+        torch.rand(2, 1, 4, 5), *lat.tensors(), False, torch.zeros(7, dtype=torch.long)), "splat_plan must be"),
+    ("an int32 plan", lambda lat: ops.permutohedral_apply.default(
+        torch.rand(2, 1, 4, 5), *lat.tensors(), False,
+        ops._permutohedral_splat_plan.default(lat.vertex, lat.neighbors).int()), "splat_plan must be"),
+    ("a plan of int64 ids", lambda lat: ops._permutohedral_splat_plan.default(lat.vertex.long(), lat.neighbors),
+     "vertex must be"),
 ]
 
 
@@ -568,6 +607,9 @@ def test_cuda_lattice_bitwise_reproducible_and_matches_cpu(d, spread):
     lat = build_lattice(f.cuda())
     outs = [(lat.filter(v.cuda()), lat.filter(v.cuda(), transposed=True)) for _ in range(2)]
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    # filter() sorts once (its splat plan) and reuses the order: the same bits as the op sorting for itself
+    assert lat.splat_plan() is not None
+    assert torch.equal(outs[0][0], ops.permutohedral_apply.default(v.cuda(), *lat.tensors(), False))
     ref = build_lattice(f).filter(v)
     # float32, same lattice; the CPU sums each vertex in one ordered sum, CUDA in pieces of 128 entries, and nvcc
     # contracts multiply-adds into FMAs: ~6e-8 relative per term

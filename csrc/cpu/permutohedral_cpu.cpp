@@ -414,9 +414,11 @@ struct CpuBackend {
   }
 
   template <typename scalar_t, typename acc>
-  static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex) {
+  // The scatter needs no plan; a given one is used by the gather alone.
+  static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex,
+                    const at::Tensor& plan) {
     if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat (and blur) algorithms on the CPU
-      lattice::gather_splat<CpuBackend>(args, M, vertex);
+      lattice::gather_splat<CpuBackend>(args, M, vertex, plan);
       return;
     }
     // Image b's vertices are [image_start[b], image_start[b+1]): vertex ids are image-major and an image's
@@ -438,8 +440,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permutohedral_lattice_cpu(const a
 }
 
 at::Tensor permutohedral_apply_cpu(const at::Tensor& values, const at::Tensor& vertex, const at::Tensor& bary,
-                                   const at::Tensor& neighbors, bool transposed) {
-  return lattice::apply_forward<CpuBackend>(values, vertex, bary, neighbors, transposed);
+                                   const at::Tensor& neighbors, bool transposed,
+                                   const std::optional<at::Tensor>& splat_plan) {
+  return lattice::apply_forward<CpuBackend>(values, vertex, bary, neighbors, transposed, splat_plan);
+}
+
+at::Tensor permutohedral_splat_plan_cpu(const at::Tensor& vertex, const at::Tensor& neighbors) {
+  return lattice::splat_plan_forward<CpuBackend>(vertex, neighbors);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohedral_filter_cpu(
@@ -473,6 +480,7 @@ at::Tensor quadratic_forms_backward_cpu(const at::Tensor& grad_forms, const at::
 TORCH_LIBRARY_IMPL(segops, CPU, m) {
   m.impl("permutohedral_lattice", &permutohedral_lattice_cpu);
   m.impl("permutohedral_apply", &permutohedral_apply_cpu);
+  m.impl("_permutohedral_splat_plan", &permutohedral_splat_plan_cpu);
   m.impl("permutohedral_filter", &permutohedral_filter_cpu);
   m.impl("_permutohedral_filter_backward", &permutohedral_filter_backward_cpu);
   m.impl("_lattice_quadratic_forms", &quadratic_forms_cpu);

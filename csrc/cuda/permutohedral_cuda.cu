@@ -47,8 +47,9 @@ struct CudaBackend {
   }
 
   template <typename scalar_t, typename acc>
-  static void splat(const lattice::SplatArgs<scalar_t, acc>& args, int64_t /*B*/, int64_t M, const at::Tensor& vertex) {
-    lattice::gather_splat<CudaBackend>(args, M, vertex);
+  static void splat(const lattice::SplatArgs<scalar_t, acc>& args, int64_t /*B*/, int64_t M, const at::Tensor& vertex,
+                    const at::Tensor& plan) {
+    lattice::gather_splat<CudaBackend>(args, M, vertex, plan);
   }
 };
 
@@ -58,9 +59,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permutohedral_lattice_cuda(const 
 }
 
 at::Tensor permutohedral_apply_cuda(const at::Tensor& values, const at::Tensor& vertex, const at::Tensor& bary,
-                                    const at::Tensor& neighbors, bool transposed) {
+                                    const at::Tensor& neighbors, bool transposed,
+                                    const std::optional<at::Tensor>& splat_plan) {
   const c10::cuda::CUDAGuard guard(values.device());
-  return lattice::apply_forward<CudaBackend>(values, vertex, bary, neighbors, transposed);
+  return lattice::apply_forward<CudaBackend>(values, vertex, bary, neighbors, transposed, splat_plan);
+}
+
+at::Tensor permutohedral_splat_plan_cuda(const at::Tensor& vertex, const at::Tensor& neighbors) {
+  const c10::cuda::CUDAGuard guard(vertex.device());
+  return lattice::splat_plan_forward<CudaBackend>(vertex, neighbors);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> permutohedral_filter_cuda(
@@ -98,6 +105,7 @@ at::Tensor quadratic_forms_backward_cuda(const at::Tensor& grad_forms, const at:
 TORCH_LIBRARY_IMPL(segops, CUDA, m) {
   m.impl("permutohedral_lattice", &permutohedral_lattice_cuda);
   m.impl("permutohedral_apply", &permutohedral_apply_cuda);
+  m.impl("_permutohedral_splat_plan", &permutohedral_splat_plan_cuda);
   m.impl("permutohedral_filter", &permutohedral_filter_cuda);
   m.impl("_permutohedral_filter_backward", &permutohedral_filter_backward_cuda);
   m.impl("_lattice_quadratic_forms", &quadratic_forms_cuda);

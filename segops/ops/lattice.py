@@ -159,24 +159,32 @@ torch.library.register_autograd("segops::permutohedral_lattice", _lattice_backwa
 
 
 @torch.library.register_fake("segops::permutohedral_apply")
-def _apply_fake(values, vertex, bary, neighbors, transposed):
+def _apply_fake(values, vertex, bary, neighbors, transposed, splat_plan=None):
     torch._check(values.dim() >= 3, lambda: "permutohedral_apply: values must be (B, C, *spatial)")
     check_same_device("permutohedral_apply", "values", values, vertex=vertex, bary=bary, neighbors=neighbors)
     return values.new_empty(values.shape)
 
 
+@torch.library.register_fake("segops::_permutohedral_splat_plan")
+def _splat_plan_fake(vertex, neighbors):
+    torch._check(vertex.dim() == 3, lambda: "_permutohedral_splat_plan: vertex must be (B, N, d+1)")
+    return vertex.new_empty((vertex.numel() + 3 * neighbors.shape[0] + 1,), dtype=torch.int64)
+
+
 def _apply_setup_context(ctx, inputs, output) -> None:
-    _, vertex, bary, neighbors, transposed = inputs
-    ctx.save_for_backward(vertex, bary, neighbors)
+    _, vertex, bary, neighbors, transposed = inputs[:5]
+    plan = inputs[5] if len(inputs) > 5 else None
+    ctx.save_for_backward(vertex, bary, neighbors, plan)
     ctx.transposed = transposed
 
 
 def _apply_backward(ctx, grad_out: Tensor):
-    vertex, bary, neighbors = ctx.saved_tensors
+    vertex, bary, neighbors, plan = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
-        grad = ops.permutohedral_apply.default(grad_out.contiguous(), vertex, bary, neighbors, not ctx.transposed)
-    return grad, None, None, None, None
+        grad = ops.permutohedral_apply.default(grad_out.contiguous(), vertex, bary, neighbors, not ctx.transposed,
+                                               plan)
+    return grad, None, None, None, None, None
 
 
 torch.library.register_autograd("segops::permutohedral_apply", _apply_backward, setup_context=_apply_setup_context)
@@ -203,6 +211,7 @@ class PermutohedralLattice:
         self.neighbors = neighbors
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
         self._norm: Optional[Tensor] = None
+        self._plan: Optional[Tensor] = None
 
     @property
     def d(self) -> int:
@@ -231,11 +240,20 @@ class PermutohedralLattice:
         """``(vertex, bary, neighbors)``, the arguments of ``torch.ops.segops.permutohedral_apply``."""
         return self.vertex, self.bary, self.neighbors
 
+    def splat_plan(self) -> Optional[Tensor]:
+        """On CUDA, the splat's entries sorted by vertex (int64, ``B N (d+1) + 3 M + 1``: 8 bytes per entry, as
+        much again as the lattice), made at the first filtering and reused by the next ones instead of sorting
+        again; None on the CPU, whose splat does not sort."""
+        if self._plan is None and self.vertex.is_cuda:
+            self._plan = ops._permutohedral_splat_plan.default(self.vertex, self.neighbors)
+        return self._plan
+
     def norm(self) -> Tensor:
         """``W 1``, ``(B, 1, *spatial)`` in the lattice's dtype (computed once, then cached)."""
         if self._norm is None:
             ones = self.bary.new_ones((self.batch_size, 1) + self.spatial_shape)
-            self._norm = ops.permutohedral_apply.default(ones, self.vertex, self.bary, self.neighbors, False)
+            self._norm = ops.permutohedral_apply.default(ones, self.vertex, self.bary, self.neighbors, False,
+                                                         self.splat_plan())
         return self._norm
 
     def filter(self, values: Tensor, normalize: bool = False, transposed: bool = False) -> Tensor:
@@ -252,12 +270,14 @@ class PermutohedralLattice:
             Same shape and dtype as ``values``.
         """
         vertex, bary, neighbors = self.tensors()
+        plan = self.splat_plan()
         if not normalize:
-            return ops.permutohedral_apply.default(values, vertex, bary, neighbors, bool(transposed))
+            return ops.permutohedral_apply.default(values, vertex, bary, neighbors, bool(transposed), plan)
         norm = self.norm()
         if transposed:
-            return ops.permutohedral_apply.default((values / norm).to(values.dtype), vertex, bary, neighbors, True)
-        return (ops.permutohedral_apply.default(values, vertex, bary, neighbors, False) / norm).to(values.dtype)
+            return ops.permutohedral_apply.default((values / norm).to(values.dtype), vertex, bary, neighbors, True,
+                                                   plan)
+        return (ops.permutohedral_apply.default(values, vertex, bary, neighbors, False, plan) / norm).to(values.dtype)
 
     def __repr__(self) -> str:
         return "PermutohedralLattice(B=%d, N=%d, d=%d, vertices=%d, dtype=%s, device=%s)" % (

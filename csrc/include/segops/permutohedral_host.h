@@ -4,7 +4,8 @@
 // `Backend` type with
 //   Backend::launch(n, functor, grain)       parallel for (at::parallel_for with that grain / grid-stride kernel)
 //   Backend::ranged(n, functor, grain)       the same for functors with a CPU run_range(begin, end)
-//   Backend::splat(SplatArgs, B, M, vertex)  splat of all points into a zeroed (M, Cg) grid
+//   Backend::splat(SplatArgs, B, M, vertex, plan)  splat of all points into a zeroed (M, Cg) grid (plan: a
+//                                            splat_plan of the vertex ids, or undefined)
 //   Backend::inclusive_scan(uint8 tensor)    -> int32 inclusive prefix sum
 //   Backend::read_status(int64 tensor (1,))  -> its value on the host: the build's one read (Tensor::item)
 //   Backend::kGatherReadsChannelsLast        the splat wants each point's channels contiguous (CUDA's gather)
@@ -339,7 +340,7 @@ Lattice build_lattice(const char* op, const Tensor& features, at::ScalarType acc
 // Splat of values (B, C, N) [* prescale (B N)] [+ one extra channel: `extra` (B, N) or ones] -> (M, Cg) grid.
 template <typename Backend>
 Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int64_t M, int64_t V,
-             const Tensor& prescale, bool has_extra, const Tensor& extra) {
+             const Tensor& prescale, bool has_extra, const Tensor& extra, const Tensor& plan = Tensor()) {
   const int64_t B = values.size(0), C = values.size(1), N = values.size(2);
   const int64_t Cg = C + (has_extra ? 1 : 0);
   const auto acc = acc_dtype(values.scalar_type());
@@ -370,7 +371,7 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
     args.bary = bary.data_ptr<accT>();
     args.grid = grid.data_ptr<accT>();
     SEGOPS_LATTICE_KERNEL("splat");
-    Backend::splat(args, B, M, vertex);
+    Backend::splat(args, B, M, vertex, plan);
   });
   return grid;
 }
@@ -380,20 +381,52 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
 // the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests). Nothing is read back: pass 1's launch is sized by
 // the bound sum_v ceil(n_v / L) <= T / L + M, and only multi-piece vertices store their pieces, at most
 // sum over n_v > L of (n_v / L + 1) < 2 T / L of them (Cs floats each: 17 MB for 8 images of 512², K = 21).
+// The gather splat's plan for the vertex ids (T) of a lattice of M vertices, packed into one int64 tensor
+// [order (T) | start (M+1) | piece_end (M) | multi_end (M)]: the entries sorted by vertex, each vertex's first
+// position in that order, and the inclusive scans of its pieces and of its stored pieces. It depends on the
+// vertex ids alone, so a lattice filtered many times (mean-field inference) sorts once.
+template <typename Backend>
+Tensor splat_plan(const Tensor& vertex, int64_t M) {
+  const int64_t T = vertex.numel();
+  Tensor plan = at::empty({T + 3 * M + 1}, vertex.options().dtype(at::kLong));
+  if (T == 0 || M == 0) {
+    plan.zero_();
+    return plan;
+  }
+  Tensor sorted = at::empty({T}, vertex.options());
+  Tensor order = plan.narrow(0, 0, T);  // sorted into the plan directly
+  at::sort_out(sorted, order, vertex.reshape({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  int64_t* start = plan.data_ptr<int64_t>() + T;
+  Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start, static_cast<int32_t>(M)}, kGrainCheap);
+  Tensor counts = at::empty({2, M}, vertex.options().dtype(at::kLong));  // pieces, stored pieces
+  Backend::launch(M, SplatPieceCounts{start, counts[0].data_ptr<int64_t>(), counts[1].data_ptr<int64_t>()},
+                  kGrainCheap);
+  Tensor ends = plan.narrow(0, T + M + 1, 2 * M).view({2, M});
+  at::cumsum_out(ends, counts, 1);
+  return plan;
+}
+
+// Checks a plan passed to an op against its lattice (its contents are trusted: made by splat_plan).
+inline void check_splat_plan(const char* op, const Tensor& plan, const Tensor& vertex, int64_t M) {
+  TORCH_CHECK(plan.dim() == 1 && plan.scalar_type() == at::kLong && plan.is_contiguous() &&
+                  plan.numel() == vertex.numel() + 3 * M + 1 && plan.device() == vertex.device(),
+              op, ": splat_plan must be the int64 tensor (", vertex.numel() + 3 * M + 1, ",) that ",
+              "_permutohedral_splat_plan made from this lattice's vertex ids, on ", vertex.device(), "; got ",
+              plan.sizes(), " ", plan.scalar_type(), " on ", plan.device());
+}
+
+// The deterministic gather splat: entries sorted (stably) by vertex, each vertex's entries summed in pieces of at
+// most kSplatPiece in ascending order, then its pieces in ascending order (permutohedral_math.h). CUDA's splat;
+// the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests). Nothing is read back: pass 1's launch is sized by
+// the bound sum_v ceil(n_v / L) <= T / L + M, and only multi-piece vertices store their pieces, at most
+// sum over n_v > L of (n_v / L + 1) < 2 T / L of them (Cs floats each: 17 MB for 8 images of 512², K = 21).
+// `plan`: splat_plan(vertex, M), or undefined to make it here.
 template <typename Backend, typename scalar_t, typename acc>
-void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor& vertex) {
+void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor& vertex, const Tensor& given_plan) {
   const int64_t T = vertex.numel();
   if (M == 0 || T == 0) return;
-  Tensor sorted, order;
-  std::tie(sorted, order) = at::sort(vertex.view({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  Tensor start = at::empty({M + 1}, vertex.options().dtype(at::kLong));
-  Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start.data_ptr<int64_t>(), static_cast<int32_t>(M)},
-                  kGrainCheap);
-  Tensor counts = at::empty({2, M}, vertex.options().dtype(at::kLong));  // pieces, stored pieces
-  Backend::launch(M, SplatPieceCounts{start.data_ptr<int64_t>(), counts[0].data_ptr<int64_t>(),
-                                      counts[1].data_ptr<int64_t>()},
-                  kGrainCheap);
-  const Tensor ends = at::cumsum(counts, 1);
+  const Tensor plan = given_plan.defined() ? given_plan : splat_plan<Backend>(vertex, M);
+  const int64_t* p = plan.data_ptr<int64_t>();
   const int64_t Cs = args.Cg;
   const int64_t max_pieces = (T + kSplatPiece - 1) / kSplatPiece + M;
   const int64_t max_stored = 2 * ((T + kSplatPiece - 1) / kSplatPiece);
@@ -401,16 +434,15 @@ void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor&
                                                    .device(vertex.device()));
   SplatGather<scalar_t, acc> g;
   g.args = args;
-  g.order = order.data_ptr<int64_t>();
-  g.start = start.data_ptr<int64_t>();
-  g.piece_end = ends[0].data_ptr<int64_t>();
-  g.multi_end = ends[1].data_ptr<int64_t>();
+  g.order = p;
+  g.start = p + T;
+  g.piece_end = p + T + M + 1;
+  g.multi_end = p + T + 2 * M + 1;
   g.partial = partial.data_ptr<acc>();
   g.M = M;
   g.Cs = Cs;
   Backend::launch(max_pieces * Cs, g, 64);
-  Backend::launch(M * Cs, SplatSumPieces<scalar_t, acc>{ends[1].data_ptr<int64_t>(), partial.data_ptr<acc>(),
-                                                        args.grid, Cs, args.Cg},
+  Backend::launch(M * Cs, SplatSumPieces<scalar_t, acc>{g.multi_end, partial.data_ptr<acc>(), args.grid, Cs, args.Cg},
                   64);
 }
 
@@ -552,17 +584,32 @@ std::tuple<Tensor, Tensor, Tensor> lattice_forward(const Tensor& features) {
 // W values (or W^T values when transposed) on a built lattice.
 template <typename Backend>
 Tensor apply_forward(const Tensor& values, const Tensor& vertex, const Tensor& bary, const Tensor& neighbors,
-                     bool transposed) {
+                     bool transposed, const std::optional<Tensor>& plan) {
   const char* op = "permutohedral_apply";
   const int64_t d = check_lattice(op, "values", values, vertex, bary, neighbors);
+  if (plan.has_value()) check_splat_plan(op, *plan, vertex, neighbors.size(0));
   const int64_t B = values.size(0), C = values.size(1), N = spatial_numel(values);
   Tensor out = empty_output(values.sizes(), values.options());
   if (B * N * C == 0) return out;
   const Tensor vflat = vertex.reshape({-1}), bflat = bary.reshape({-1});
-  Tensor grid = splat<Backend>(as_bcn(values), vflat, bflat, neighbors.size(0), d + 1, Tensor(), false, Tensor());
+  Tensor grid = splat<Backend>(as_bcn(values), vflat, bflat, neighbors.size(0), d + 1, Tensor(), false, Tensor(),
+                               plan.has_value() ? *plan : Tensor());
   grid = blur<Backend>(grid, neighbors.contiguous(), d, transposed, false);
   slice<Backend>(grid, vflat, bflat, d, SliceMode::kPlain, out.view({B, C, N}), Tensor(), Tensor(), false, 1.0);
   return out;
+}
+
+template <typename Backend>
+Tensor splat_plan_forward(const Tensor& vertex, const Tensor& neighbors) {
+  const char* op = "_permutohedral_splat_plan";
+  TORCH_CHECK(vertex.dim() == 3 && vertex.scalar_type() == at::kInt, op,
+              ": vertex must be the (B, N, d+1) int32 ids of a lattice from permutohedral_lattice, got ",
+              vertex.sizes(), " ", vertex.scalar_type());
+  TORCH_CHECK(neighbors.dim() == 3 && neighbors.size(1) == vertex.size(2) && neighbors.size(2) == 2 &&
+                  neighbors.scalar_type() == at::kInt && neighbors.device() == vertex.device(),
+              op, ": neighbors must be the lattice's (M, d+1, 2) int32 tensor on ", vertex.device(), ", got ",
+              neighbors.sizes(), " ", neighbors.scalar_type(), " on ", neighbors.device());
+  return splat_plan<Backend>(vertex.contiguous(), neighbors.size(0));
 }
 
 template <typename Backend>
