@@ -459,8 +459,8 @@ Tensor blur(const Tensor& grid, const Tensor& neighbors, int64_t d, bool adjoint
       const int64_t j = adjoint ? d - step : step;
       SEGOPS_LATTICE_KERNEL("blur");
       if (Backend::blur_per_channel()) {
-        Backend::launch(M * Cg, BlurDirectionChannels<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
-                                                                neighbors.data_ptr<int32_t>(), Cg, V, j},
+        Backend::launch(M * Cg, BlurDirectionChannels<scalar_t>{{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),
+                                                                 neighbors.data_ptr<int32_t>(), Cg, V, j}},
                         16384);
       } else {
         Backend::launch(M, BlurDirection<scalar_t>{src.data_ptr<scalar_t>(), dst.data_ptr<scalar_t>(),

@@ -1068,28 +1068,17 @@ struct BlurDirection {
 };
 
 // The same blur, one call per (vertex, channel): CUDA's mapping (adjacent threads read adjacent channels of the
-// rows, which a row per thread would read one row per thread apart), with BlurDirection's arithmetic, so the same
-// bits.
+// rows, which a row per thread would read one row per thread apart), without branches on the neighbours: a
+// missing one adds a zero, so the values are BlurDirection's (up to the sign of a zero).
 template <typename acc>
-struct BlurDirectionChannels {
-  const acc* in;
-  acc* out;
-  const int32_t* neighbors;
-  index_t Cg, V, j;
+struct BlurDirectionChannels : BlurDirection<acc> {
   SEGOPS_HD_INLINE void operator()(index_t i) const {
-    const index_t v = i / Cg, ch = i - v * Cg;
-    const int32_t a = neighbors[(v * V + j) * 2 + 0], c = neighbors[(v * V + j) * 2 + 1];
-    const acc half = acc(0.5);
-    const acc self = in[i];
-    if (a >= 0 && c >= 0) {
-      out[i] = self + half * (in[static_cast<index_t>(a) * Cg + ch] + in[static_cast<index_t>(c) * Cg + ch]);
-    } else if (a >= 0) {
-      out[i] = self + half * in[static_cast<index_t>(a) * Cg + ch];
-    } else if (c >= 0) {
-      out[i] = self + half * in[static_cast<index_t>(c) * Cg + ch];
-    } else {
-      out[i] = self;
-    }
+    const acc* in = this->in;
+    const index_t Cg = this->Cg, v = i / Cg, ch = i - v * Cg;
+    const int32_t* nb = this->neighbors + (v * this->V + this->j) * 2;
+    const acc na = nb[0] >= 0 ? in[static_cast<index_t>(nb[0]) * Cg + ch] : acc(0);
+    const acc nc = nb[1] >= 0 ? in[static_cast<index_t>(nb[1]) * Cg + ch] : acc(0);
+    this->out[i] = in[i] + acc(0.5) * (na + nc);
   }
 };
 
