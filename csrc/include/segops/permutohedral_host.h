@@ -376,11 +376,6 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
   return grid;
 }
 
-// The deterministic gather splat: entries sorted (stably) by vertex, each vertex's entries summed in pieces of at
-// most kSplatPiece in ascending order, then its pieces in ascending order (permutohedral_math.h). CUDA's splat;
-// the CPU runs it when SEGOPS_LATTICE_GATHER_SPLAT=1 (tests). Nothing is read back: pass 1's launch is sized by
-// the bound sum_v ceil(n_v / L) <= T / L + M, and only multi-piece vertices store their pieces, at most
-// sum over n_v > L of (n_v / L + 1) < 2 T / L of them (Cs floats each: 17 MB for 8 images of 512², K = 21).
 // The gather splat's plan for the vertex ids (T) of a lattice of M vertices, packed into one int64 tensor
 // [order (T) | start (M+1) | piece_end (M) | multi_end (M)]: the entries sorted by vertex, each vertex's first
 // position in that order, and the inclusive scans of its pieces and of its stored pieces. It depends on the
