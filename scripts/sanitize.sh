@@ -14,8 +14,10 @@ py=${PYTHON:-$repo/.venv/bin/python}
 stage=${TMPDIR:-/tmp}/segops-sanitize
 bash scripts/stage_tree.sh "$stage"
 (cd "$stage" && SEGOPS_SANITIZE=1 SEGOPS_CUDA=0 "$py" setup.py -q build_ext --inplace)
-# A run against an uninstrumented build would pass vacuously.
-nm "$stage"/segops/_C*.so | grep -q __asan_init || { echo "sanitize: the staged build is not ASan-instrumented"; exit 1; }
+# A run against an uninstrumented build would pass vacuously. (Counted, not `grep -q`: grep -q leaves at the
+# first match, nm then dies of SIGPIPE, and pipefail reports the pipeline as failed on an instrumented build.)
+[ "$(nm "$stage"/segops/_C*.so | grep -c __asan_init)" -gt 0 ] || {
+  echo "sanitize: the staged build is not ASan-instrumented"; exit 1; }
 asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 cd "$stage"
