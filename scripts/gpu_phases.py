@@ -59,12 +59,13 @@ def _kernels(fn: Callable[[], object], calls: int) -> Tuple[Dict[str, Tuple[int,
                 t = e.cuda_time
             per[name][0] += 1
             per[name][1] += t
-        if "Memcpy DtoH" in name or "memcpy" in name.lower() and "DtoH" in name:
+        if "DtoH" in name and "memcpy" in name.lower():
             dtoh += 1
         if name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
             syncs += 1
     table = {k: (round(v[0] / calls, 2), v[1] / calls) for k, v in per.items()}
-    return table, dtoh // max(calls, 1), syncs // max(calls, 1)
+    # the profiled block's own final synchronize is not the calls'
+    return table, dtoh // max(calls, 1), max(syncs - 1, 0) // max(calls, 1)
 
 
 def _report(title: str, fn: Callable[[], object], calls: int) -> None:
@@ -85,7 +86,7 @@ def _report_one(title: str, fn: Callable[[], object], calls: int) -> None:
     print("\n## %s" % title)
     print("wall %.3f ms per call (median of 20, CUDA events); kernels %.3f ms in %.1f launches; "
           "DtoH copies %d, host syncs %d per call (profiled calls: %d)"
-          % (ms, total_us / 1e3, launches, dtoh, syncs - 1 if syncs else 0, calls))
+          % (ms, total_us / 1e3, launches, dtoh, syncs, calls))
     print("| kernel | launches/call | us/call | share |")
     print("|---|---|---|---|")
     for name, (n, t) in sorted(table.items(), key=lambda kv: -kv[1][1])[:18]:

@@ -380,10 +380,19 @@ Tensor splat(const Tensor& values, const Tensor& vertex, const Tensor& bary, int
 // [order (T) | start (M+1) | piece_end (M) | multi_end (M)]: the entries sorted by vertex, each vertex's first
 // position in that order, and the inclusive scans of its pieces and of its stored pieces. It depends on the
 // vertex ids alone, so a lattice filtered many times (mean-field inference) sorts once.
+struct SplatPlanLayout {
+  int64_t T, M;
+  int64_t size() const { return T + 3 * M + 1; }
+  int64_t start() const { return T; }
+  int64_t piece_end() const { return T + M + 1; }
+  int64_t multi_end() const { return T + 2 * M + 1; }
+};
+
 template <typename Backend>
 Tensor splat_plan(const Tensor& vertex, int64_t M) {
   const int64_t T = vertex.numel();
-  Tensor plan = at::empty({T + 3 * M + 1}, vertex.options().dtype(at::kLong));
+  const SplatPlanLayout layout{T, M};
+  Tensor plan = at::empty({layout.size()}, vertex.options().dtype(at::kLong));
   if (T == 0 || M == 0) {
     plan.zero_();
     return plan;
@@ -391,21 +400,22 @@ Tensor splat_plan(const Tensor& vertex, int64_t M) {
   Tensor sorted = at::empty({T}, vertex.options());
   Tensor order = plan.narrow(0, 0, T);  // sorted into the plan directly
   at::sort_out(sorted, order, vertex.reshape({T}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  int64_t* start = plan.data_ptr<int64_t>() + T;
+  int64_t* start = plan.data_ptr<int64_t>() + layout.start();
   Backend::launch(T, SegmentStarts{sorted.data_ptr<int32_t>(), T, start, static_cast<int32_t>(M)}, kGrainCheap);
   Tensor counts = at::empty({2, M}, vertex.options().dtype(at::kLong));  // pieces, stored pieces
   Backend::launch(M, SplatPieceCounts{start, counts[0].data_ptr<int64_t>(), counts[1].data_ptr<int64_t>()},
                   kGrainCheap);
-  Tensor ends = plan.narrow(0, T + M + 1, 2 * M).view({2, M});
+  Tensor ends = plan.narrow(0, layout.piece_end(), 2 * M).view({2, M});  // piece_end, then multi_end
   at::cumsum_out(ends, counts, 1);
   return plan;
 }
 
 // Checks a plan passed to an op against its lattice (its contents are trusted: made by splat_plan).
 inline void check_splat_plan(const char* op, const Tensor& plan, const Tensor& vertex, int64_t M) {
-  TORCH_CHECK(plan.dim() == 1 && plan.scalar_type() == at::kLong && plan.is_contiguous() &&
-                  plan.numel() == vertex.numel() + 3 * M + 1 && plan.device() == vertex.device(),
-              op, ": splat_plan must be the int64 tensor (", vertex.numel() + 3 * M + 1, ",) that ",
+  const int64_t size = SplatPlanLayout{vertex.numel(), M}.size();
+  TORCH_CHECK(plan.dim() == 1 && plan.scalar_type() == at::kLong && plan.is_contiguous() && plan.numel() == size &&
+                  plan.device() == vertex.device(),
+              op, ": splat_plan must be the int64 tensor (", size, ",) that ",
               "_permutohedral_splat_plan made from this lattice's vertex ids, on ", vertex.device(), "; got ",
               plan.sizes(), " ", plan.scalar_type(), " on ", plan.device());
 }
@@ -430,9 +440,10 @@ void gather_splat(const SplatArgs<scalar_t, acc>& args, int64_t M, const Tensor&
   SplatGather<scalar_t, acc> g;
   g.args = args;
   g.order = p;
-  g.start = p + T;
-  g.piece_end = p + T + M + 1;
-  g.multi_end = p + T + 2 * M + 1;
+  const SplatPlanLayout layout{T, M};
+  g.start = p + layout.start();
+  g.piece_end = p + layout.piece_end();
+  g.multi_end = p + layout.multi_end();
   g.partial = partial.data_ptr<acc>();
   g.M = M;
   g.Cs = Cs;
