@@ -36,6 +36,7 @@ def _cases():
         "distinct_isolated": crf_features(distinct, 0.2, 0.2),
         "distinct_eccv": crf_features(distinct, 15.0, 20.0),
         "natural_batch": crf_features(natural, 15.0, 10.0),
+        "natural_eccv": crf_features(natural, 13.0, 80.0),  # few vertices: the splat runs in two chunks
         "general_keys": wide,
     }
 
@@ -87,6 +88,29 @@ def test_lattice_threads_match_reference():
     assert err < 2e-5
     assert out[3].shape[0] == RL.build_lattice(f[0].reshape(5, -1).t().contiguous()).num_vertices
 
+
+
+
+@pytest.mark.parametrize("name", ["constant", "natural_eccv", "natural_batch", "distinct_eccv"])
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_lattice_chunked_splat_matches_reference(name, threads):
+    # 2 x 128^2 points on few vertices ("constant", "natural_eccv") make the CPU splat cut the points into two
+    # chunks, each summed into its own grid, the grids then added; with more vertices ("natural_batch", and
+    # "distinct_eccv": one image) it splats in one.
+    # With 4 threads each chunk's ids are also split between two tasks. In float64 only the order of the sums
+    # differs from the reference: u = 1.1e-16 over up to 2 x 128^2 x 6 terms per vertex ("constant": all of
+    # them on the same 6 vertices) gives a relative error far below 1e-10; a chunk's grid lost, added twice or
+    # not zeroed is off by O(1).
+    f = CASES[name].double()
+    v = torch.rand(f.shape[0], 3, *f.shape[2:], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = ops.permutohedral_filter.default(v, f, False)[0]
+    finally:
+        torch.set_num_threads(old)
+    want = RL.permutohedral_filter(v, f)
+    assert float((out - want).abs().max() / want.abs().max()) < 1e-10
 
 
 @pytest.mark.parametrize("name", sorted(CASES) + ["odd_sizes_d2", "odd_sizes_d5", "odd_sizes_d7"])

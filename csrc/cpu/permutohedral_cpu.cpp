@@ -1,7 +1,6 @@
 // CPU backend of the permutohedral lattice: the shared glue and math run over at::parallel_for.
-// The CPU splat is deterministic and atomic-free: each task owns a contiguous range of vertex ids and
-// accumulates, in point order, the contributions that land in its range, so every vertex sums its
-// contributions in ascending entry order whatever the number of threads (the order of CUDA's gather splat).
+// The CPU splat is deterministic and atomic-free, with the same bits for any number of threads (see "the CPU
+// splat" below).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,58 +17,91 @@ namespace {
 
 using lattice::SplatArgs;
 
-// Scatter of points [0, B N) into the vertices [v0, v1) of the grid. Points go in blocks of kPoints: a
-// block's values are first copied into a point-major buffer (reading the C planes of one point at a stride of
-// N values defeats the hardware prefetchers and maps every load of that point to one cache set); float planes
-// through 8 x 8 register transposes. A block none of whose entries fall in [v0, v1) is skipped.
+// A splat's points go in blocks of kBlockPoints (within one image): a block's values are first copied into a
+// point-major buffer (reading the C planes of one point at a stride of N values defeats the hardware prefetchers
+// and maps every load of that point to one cache set); float planes through 8 x 8 register transposes. Rows
+// are `block_stride` floats: 8-float columns for the transposes.
+constexpr int64_t kBlockPoints = 256;
+inline int64_t block_stride(int64_t Cg) { return (Cg + 7) / 8 * 8; }
+
+// Points b N + n0 .. + np of image b, as rows of buf: the values (times the prescale), then the extra channel.
 template <typename scalar_t, typename acc>
-SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, int64_t B,
-                                         const std::vector<int64_t>& image_start, int64_t v0, int64_t v1) {
-  constexpr int64_t kPoints = 256;
-  const int64_t V = args.V, C = args.C, Cs = args.Cg, N = args.N;
-  const int64_t stride = (Cs + 7) / 8 * 8;  // buffer row: 8-float columns for the transposes
-  std::vector<acc> buf(static_cast<size_t>(kPoints * stride));
+SEGOPS_LATTICE_INLINE void load_block(const SplatArgs<scalar_t, acc>& args, int64_t b, int64_t n0, int64_t np,
+                                      acc* buf) {
+  const int64_t C = args.C, N = args.N, stride = block_stride(args.Cg), i0 = b * N + n0;
+  const scalar_t* planes = args.values + b * args.vsb + n0 * args.vsn;
+  bool copied = false;
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
+    if (args.vsn == 1 && args.vsc == N) {
+      cpu::planes_to_rows(planes, buf, C, N, stride, np);
+      copied = true;
+    }
+  }
+  if (!copied) {
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < np; ++p) buf[p * stride + c] = static_cast<acc>(planes[c * args.vsc + p * args.vsn]);
+  }
+  if (args.prescale) {
+    for (int64_t p = 0; p < np; ++p)
+      for (int64_t c = 0; c < C; ++c) buf[p * stride + c] *= args.prescale[i0 + p];
+  }
+  if (args.has_extra) {
+    for (int64_t p = 0; p < np; ++p) buf[p * stride + C] = args.extra_value(b, n0 + p);
+  }
+}
+
+// ---- the CPU splat ----------------------------------------------------------------------------------------
+// Deterministic and atomic-free, with the same bits for any number of threads. The points [0, B N) are cut into
+// S fixed chunks (splat_chunks: from the sizes, never from the thread count); chunk 0 splats into the output
+// grid, chunks 1 .. S-1 into zeroed grids of their own, each vertex adding its entries of the chunk in entry
+// order (point, then the point's vertex slot); then the grids are added into the output in chunk order. So
+// vertex v holds ((s_0 + s_1) + ...) + s_{S-1}, s_c the entry-order sum of its entries in chunk c. The chunks
+// run in parallel; with more threads than chunks, each chunk's vertices are also split into ranges, one task
+// per range, each walking the chunk's points and adding only the entries in its range (any split of the ids
+// gives the same sums).
+
+// Chunks of the points: 2 where the one extra grid (zeroed and added: 2 M Cg values) costs under a tenth of the
+// splat's B N (d+1) rows of Cg and each chunk has at least 2^14 points, else 1. More chunks would let more
+// threads splat without splitting the ids, but every chunk's grid costs one thread as much as the others: on the
+// 2-core VM (a 512x512 photo, the CRF loss's splat, one thread) 2 chunks took 0.04-0.1 ms more than 1 (6.6 ms),
+// 4 chunks 0.3 ms more; on two threads 2 chunks took 3.5 ms, 1 chunk (ids split in two) 4.5 ms.
+constexpr int64_t kMaxSplatChunks = 2;
+inline int64_t splat_chunks(int64_t points, int64_t V, int64_t M) {
+  const int64_t by_cost = 1 + points * V / std::max<int64_t>(1, 10 * 2 * M);
+  return std::max<int64_t>(1, std::min<int64_t>({kMaxSplatChunks, by_cost, points >> 14}));
+}
+
+// Points [p0, p1) (of the batch's B N) into `grid`, the entries whose vertex ids are in [v0, v1) (all of them
+// when `whole`). A block none of whose entries is in range is skipped.
+template <typename scalar_t, typename acc>
+SEGOPS_LATTICE_INLINE void scatter_range(const SplatArgs<scalar_t, acc>& args, acc* grid, int64_t p0, int64_t p1,
+                                         int64_t v0, int64_t v1, bool whole) {
+  const int64_t V = args.V, Cs = args.Cg, N = args.N, stride = block_stride(Cs);
+  std::vector<acc> buf(static_cast<size_t>(kBlockPoints * stride));
   const uint32_t span = static_cast<uint32_t>(v1 - v0);
-  const bool whole = v0 == 0 && v1 == image_start[B];  // one task: every entry is in range
-  for (int64_t b = 0; b < B; ++b) {
-    if (image_start[b + 1] <= v0 || image_start[b] >= v1) continue;  // no vertex of this image in range
-    for (int64_t n0 = 0; n0 < N; n0 += kPoints) {
-      const int64_t np = std::min(kPoints, N - n0);
-      const int64_t i0 = b * N + n0;
-      const int32_t* ids = args.vertex + i0 * V;
-      if (!whole) {
-        uint32_t hits = 0;
-        for (int64_t e = 0; e < np * V; ++e) hits |= static_cast<uint32_t>(ids[e] - v0) < span;
-        if (!hits) continue;
-      }
-      const scalar_t* planes = args.values + b * args.vsb + n0 * args.vsn;
-      bool copied = false;
-      if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
-        if (args.vsn == 1 && args.vsc == N) {
-          cpu::planes_to_rows(planes, buf.data(), C, N, stride, np);
-          copied = true;
-        }
-      }
-      if (!copied) {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t p = 0; p < np; ++p) buf[p * stride + c] = static_cast<acc>(planes[c * args.vsc + p * args.vsn]);
-      }
-      if (args.prescale) {
-        for (int64_t p = 0; p < np; ++p)
-          for (int64_t c = 0; c < C; ++c) buf[p * stride + c] *= args.prescale[i0 + p];
-      }
-      if (args.has_extra) {
-        for (int64_t p = 0; p < np; ++p) buf[p * stride + C] = args.extra_value(b, n0 + p);
-      }
-      for (int64_t p = 0; p < np; ++p) {
-        const acc* __restrict x = buf.data() + p * stride;
-        for (int64_t k = 0; k < V; ++k) {
-          const int32_t v = ids[p * V + k];
-          if (!whole && static_cast<uint32_t>(v - v0) >= span) continue;
-          lattice::axpy_row(args.grid + static_cast<int64_t>(v) * Cs, x, args.bary[(i0 + p) * V + k], Cs);
-        }
+  for (int64_t i = p0; i < p1;) {
+    const int64_t b = i / N, n0 = i - b * N;
+    const int64_t np = std::min({kBlockPoints, N - n0, p1 - i});
+    const int32_t* ids = args.vertex + i * V;
+    const acc* bary = args.bary + i * V;
+    if (!whole) {
+      uint32_t hits = 0;
+      for (int64_t e = 0; e < np * V; ++e) hits |= static_cast<uint32_t>(ids[e] - v0) < span;
+      if (!hits) {
+        i += np;
+        continue;
       }
     }
+    load_block(args, b, n0, np, buf.data());
+    for (int64_t p = 0; p < np; ++p) {
+      const acc* __restrict x = buf.data() + p * stride;
+      for (int64_t k = 0; k < V; ++k) {
+        const int32_t v = ids[p * V + k];
+        if (!whole && static_cast<uint32_t>(v - v0) >= span) continue;
+        lattice::axpy_row(grid + static_cast<int64_t>(v) * Cs, x, bary[p * V + k], Cs);
+      }
+    }
+    i += np;
   }
 }
 
@@ -94,10 +126,9 @@ __attribute__((target("avx2"))) void run_range_avx2(const F& f, int64_t begin, i
     f.run_range(begin, end);
 }
 template <typename scalar_t, typename acc>
-__attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& args, int64_t B,
-                                                        const std::vector<int64_t>& image_start, int64_t v0,
-                                                        int64_t v1) {
-  scatter_range(args, B, image_start, v0, v1);
+__attribute__((target("avx2"))) void scatter_range_avx2(const SplatArgs<scalar_t, acc>& args, acc* grid, int64_t p0,
+                                                        int64_t p1, int64_t v0, int64_t v1, bool whole) {
+  scatter_range(args, grid, p0, p1, v0, v1, whole);
 }
 #endif
 
@@ -110,19 +141,19 @@ void run_range_best(const F& f, int64_t begin, int64_t end) {
 }
 
 template <typename scalar_t, typename acc>
-void scatter_range_best(const SplatArgs<scalar_t, acc>& args, int64_t B, const std::vector<int64_t>& image_start,
-                        int64_t v0, int64_t v1) {
+void scatter_range_best(const SplatArgs<scalar_t, acc>& args, acc* grid, int64_t p0, int64_t p1, int64_t v0,
+                        int64_t v1, bool whole) {
 #if defined(SEGOPS_LATTICE_AVX2)
-  if (block::avx2_clones()) return scatter_range_avx2(args, B, image_start, v0, v1);
+  if (block::avx2_clones()) return scatter_range_avx2(args, grid, p0, p1, v0, v1, whole);
 #endif
-  scatter_range(args, B, image_start, v0, v1);
+  scatter_range(args, grid, p0, p1, v0, v1, whole);
 }
 
-// Vertex ranges [bounds[t], bounds[t + 1]) for the splat's tasks with about equal numbers of entries: equal
-// ranges of ids can be far apart (on a 512x512 photo the lower half of the ids held 67% of the entries: vertices
-// touched first, near the top of the image, gather more points), and the largest task sets the splat's time.
-// The entry counts come from a sample of ~2^16 entries, binned into 4096 id buckets. Any partition gives the same
-// sums (each vertex adds its entries in entry order within one task): this only balances the work.
+// Vertex ranges [bounds[t], bounds[t + 1]) for the tasks that share a chunk of entries, with about equal numbers
+// of its entries: equal ranges of ids can be far apart (on a 512x512 photo the lower half of the ids held 67% of
+// the entries: vertices touched first, near the top of the image, gather more points), and the largest task sets
+// the splat's time. The counts come from a sample of ~2^16 entries, binned into 4096 id buckets. Any partition
+// gives the same sums: this only balances the work.
 inline std::vector<int64_t> balanced_ranges(const int32_t* vertex, int64_t entries, int64_t M, int64_t tasks) {
   std::vector<int64_t> bounds(static_cast<size_t>(tasks) + 1);
   for (int64_t t = 0; t <= tasks; ++t) bounds[t] = M * t / tasks;
@@ -414,23 +445,44 @@ struct CpuBackend {
   }
 
   template <typename scalar_t, typename acc>
-  // The scatter needs no plan; a given one is used by the gather alone.
+  // The CPU's splat needs no plan; a given one is used by the gather alone.
   static void splat(const SplatArgs<scalar_t, acc>& args, int64_t B, int64_t M, const at::Tensor& vertex,
                     const at::Tensor& plan) {
     if (std::getenv("SEGOPS_LATTICE_GATHER_SPLAT")) {  // tests: CUDA's splat (and blur) algorithms on the CPU
       lattice::gather_splat<CpuBackend>(args, M, vertex, plan);
       return;
     }
-    // Image b's vertices are [image_start[b], image_start[b+1]): vertex ids are image-major and an image's
-    // first point's vertex 0 is its first vertex.
-    std::vector<int64_t> image_start(static_cast<size_t>(B) + 1);
-    for (int64_t b = 0; b < B; ++b) image_start[b] = args.vertex[b * args.N * args.V];
-    image_start[B] = M;
-    const int64_t work = B * args.N * args.V * args.Cg;
-    const int64_t tasks = work < (int64_t(1) << 17) ? 1 : std::min<int64_t>(at::get_num_threads(), M);
-    const std::vector<int64_t> bounds = balanced_ranges(args.vertex, B * args.N * args.V, M, tasks);
-    omp_parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) scatter_range_best(args, B, image_start, bounds[t], bounds[t + 1]);
+    const int64_t P = B * args.N, V = args.V, Cg = args.Cg;
+    const int64_t threads = P * V * Cg < (int64_t(1) << 17) ? 1 : at::get_num_threads();
+    const int64_t S = splat_chunks(P, V, M);
+    auto first = [&](int64_t c) { return P * c / S; };
+    // grids of chunks 1 .. S-1, zeroed in parallel (each thread its own rows)
+    at::Tensor extra;
+    if (S > 1) {
+      extra = empty_output({(S - 1) * M * Cg}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc>::value));
+      acc* e = extra.data_ptr<acc>();
+      omp_parallel_for(0, (S - 1) * M * Cg, 1 << 16, [&](int64_t e0, int64_t e1) { std::fill(e + e0, e + e1, acc(0)); });
+    }
+    auto grid_of = [&](int64_t c) { return c == 0 ? args.grid : extra.data_ptr<acc>() + (c - 1) * M * Cg; };
+    // u tasks per chunk, each a range of its vertex ids
+    const int64_t u = std::max<int64_t>(1, std::min<int64_t>(threads / S, M));
+    std::vector<std::vector<int64_t>> bounds(static_cast<size_t>(S));
+    for (int64_t c = 0; c < S; ++c)
+      bounds[c] = balanced_ranges(args.vertex + first(c) * V, (first(c + 1) - first(c)) * V, M, u);
+    omp_parallel_for(0, S * u, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t c = t / u, j = t % u;
+        scatter_range_best(args, grid_of(c), first(c), first(c + 1), bounds[c][j], bounds[c][j + 1], u == 1);
+      }
+    });
+    if (S == 1) return;
+    // add the chunks' grids in chunk order
+    omp_parallel_for(0, M * Cg, 1 << 14, [&](int64_t e0, int64_t e1) {
+      acc* g = args.grid;
+      for (int64_t c = 1; c < S; ++c) {
+        const acc* x = grid_of(c);
+        for (int64_t e = e0; e < e1; ++e) g[e] += x[e];
+      }
     });
   }
 };
