@@ -42,7 +42,7 @@ def main() -> int:
     def build():
         crf = MeanFieldCRF(unary)
         crf.add_pairwise_bilateral(80.0, 13.0, img, 10.0)
-        return crf, crf._fused_cpu_terms()
+        return crf, crf._fused_terms()
 
     crf, args = build()
     parts = [

@@ -18,6 +18,7 @@ import torch
 import segops
 from segops.bench.crf import synthetic_image
 from segops.bench.crf_inference import photo, unaries
+from segops.ops.crf_inference import MeanFieldCRF
 
 
 def _event_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 20) -> float:
@@ -120,6 +121,16 @@ def main() -> None:
     for its in (10, 5):
         _report("dense_crf_inference B=%d %dx%d K=%d, %d iterations, one bilateral kernel (%s)" % (B, S, S, K, its, picture),
                 lambda its=its: segops.ops.dense_crf_inference(u, images, its, 3.0, 0.0, 80.0, 13.0, 10.0), args.calls)
+    # the two schedules on the same built lattice, 10 iterations: the one op (_crf_mean_field_iterate) and the
+    # separate ops (gather splat -> blur -> slice, then crf_mean_field_update)
+    crf = MeanFieldCRF(u)
+    crf.add_pairwise_bilateral(80.0, 13.0, images, 10.0)
+    fused = crf._fused_terms()
+    with torch.no_grad():
+        _report("one-op schedule, lattice built, B=%d %dx%d K=%d, 10 iterations" % (B, S, S, K),
+                lambda: torch.ops.segops._crf_mean_field_iterate(crf.unary, *fused, 10), args.calls)
+        _report("op-by-op schedule, lattice built, B=%d %dx%d K=%d, 10 iterations" % (B, S, S, K),
+                lambda: crf._iterate_without_grad(crf._softmax_of_unary(), 10), args.calls)
 
 
 if __name__ == "__main__":

@@ -371,6 +371,52 @@ def test_one_op_schedule_matches_op_by_op(K, mode):
     torch.testing.assert_close(got, want, rtol=0, atol=bound)
 
 
+
+def shared_schedule_bound(crf: MeanFieldCRF, K: int) -> float:
+    """The bound of test_one_op_schedule_matches_op_by_op for the shared (CUDA's) schedule against the op-by-op
+    one. The softmax sums in class order like the update op; the splats (of the marginals and of the ones
+    behind the normalisation scales) gather each vertex's n non-negative contributions in pieces of 128 instead
+    of one run: each order is within (n - 1) eps of the exact sum, so the splatted values move by <= 2 (n_max - 1)
+    eps relative, the scales (1 / w1, or its square root twice) by as much, and each message, through the
+    non-negative blur and slice, by <= 4 (n_max - 1) eps relative; marginals move by <= 2 max|logit change|."""
+    n_max = max(int(torch.bincount(k.lattice.tensors()[0].flatten().long()).max()) for k in crf.kernels)
+    messages, scales, weights = crf._terms(crf._softmax_of_unary())
+    pairwise = float(sum((m * (w if s is None else s * w)).abs() for m, s, w in zip(messages, scales, weights)).max())
+    return 2 * (K - 1) * EPS32 * (2 * pairwise + 1) + 2 * 4 * (n_max - 1) * EPS32 * pairwise + 4 * EPS32
+
+
+@pytest.mark.parametrize("K", [1, 3, 21, 64])
+@pytest.mark.parametrize("mode", ["none", "before", "after", "symmetric"])
+def test_shared_schedule_matches_op_by_op(K, mode, monkeypatch):
+    # CUDA's one-op schedule (gather splats, one slice-and-update pass per iteration, marginals in (N, B, K) rows)
+    # run on the CPU: B = 2 with a lattice shared by the batch (the positions) and one per image
+    crf = two_kernel_crf(2, K, 23, 29, mode, seed=K)
+    args = iterate_args(crf)
+    monkeypatch.setenv("SEGOPS_MEANFIELD_SHARED", "1")
+    got = torch.ops.segops._crf_mean_field_iterate(*args, 1)
+    assert torch.equal(torch.ops.segops._crf_mean_field_iterate(*args, 1), got)  # deterministic
+    monkeypatch.delenv("SEGOPS_MEANFIELD_SHARED")
+    torch.testing.assert_close(got, op_by_op(crf, 1), rtol=0, atol=shared_schedule_bound(crf, K))
+
+
+def test_shared_schedule_iterations_opcheck_and_errors(monkeypatch):
+    # 4 iterations (the rows overwritten in place after each pass's splats) against the op-by-op schedule: each
+    # step adds at most the one-step bound to the difference carried in, and the update passes a difference in
+    # the marginals on no larger here (the normalised filters' messages are averages of the marginals times the
+    # Potts weights, and the softmax damps): 4 one-step bounds. (Measured: 1.9e-6 against 4 x 2.1e-4.)
+    crf = two_kernel_crf(2, 5, 23, 29, "symmetric", seed=31)
+    args = iterate_args(crf)
+    monkeypatch.setenv("SEGOPS_MEANFIELD_SHARED", "1")
+    got = torch.ops.segops._crf_mean_field_iterate(*args, 4)
+    torch.testing.assert_close(got, op_by_op(crf, 4), rtol=0, atol=4 * shared_schedule_bound(crf, 5))
+    torch.library.opcheck(torch.ops.segops._crf_mean_field_iterate.default, (*args, 2))
+    u, vx, ba, nb, modes, w = args
+    with pytest.raises(RuntimeError, match="unary must be float32"):
+        torch.ops.segops._crf_mean_field_iterate(u.double(), vx, ba, nb, modes, w, 2)
+    with pytest.raises(RuntimeError, match="the lattice of kernel 0 has 1 images of 667 points"):
+        torch.ops.segops._crf_mean_field_iterate(u[:, :, :8], vx, ba, nb, modes, w, 2)
+
+
 def test_one_op_schedule_flushes_denormal_marginals_and_restores_the_callers_mode():
     # Classes 2.. lie 200 below two tied ones: their marginals, exp's clamp at -87 over a denominator of ~2, are
     # below float32's smallest normal (1.18e-38). The one-op schedule runs with denormals flushed to zero (x86:
@@ -446,7 +492,7 @@ def test_one_op_schedule_runs_for_no_grad_potts_cpu_float32_only():
 
 
 def iterate_args(crf: MeanFieldCRF):
-    vertex, bary, neighbors, modes, weights = crf._fused_cpu_terms()
+    vertex, bary, neighbors, modes, weights = crf._fused_terms()
     return [crf.unary, vertex, bary, neighbors, modes, weights]
 
 
@@ -840,6 +886,26 @@ def test_cuda_matches_cpu(mode):
     u_cpu = unary.double().requires_grad_()
     dense_crf_inference(u_cpu, images, 3)[:, 0].sum().backward()
     torch.testing.assert_close(u.grad.cpu(), u_cpu.grad, rtol=0, atol=1e-10)  # float64 rounding orders only
+
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["none", "symmetric"])
+def test_cuda_one_op_schedule(mode):
+    # dense_crf_inference on CUDA with Potts kernels and no graph runs _crf_mean_field_iterate once (the shared
+    # schedule); its marginals are bitwise equal run to run and within the shared schedule's bound of the CPU's
+    # op-by-op schedule (plus expf against the CPU's exp: a few ulp per exponential, covered by the 4 eps term
+    # per softmax at these logit sizes)
+    crf = two_kernel_crf(2, 21, 40, 48, mode, seed=13)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else ([t.cuda() for t in a] if isinstance(a[0], torch.Tensor)
+            else a) for a in iterate_args(crf)]
+    got = torch.ops.segops._crf_mean_field_iterate(*args, 1)
+    assert torch.equal(torch.ops.segops._crf_mean_field_iterate(*args, 1), got)
+    torch.testing.assert_close(got.cpu(), op_by_op(crf, 1), rtol=0, atol=2 * shared_schedule_bound(crf, 21))
+    unary, images = small_case(B=2, K=21, H=40, W=48, seed=4)
+    with torch.no_grad():
+        names = segops_ops_called(lambda: dense_crf_inference(unary.cuda(), images.cuda(), 3))
+    assert names.count("segops::_crf_mean_field_iterate") == 1 and "segops::crf_mean_field_update" not in names
 
 
 # ---- segops eval / predict --crf --------------------------------------------------------------------------------

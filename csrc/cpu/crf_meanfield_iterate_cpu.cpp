@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "segops/cpu_alloc.h"
+#include "segops/crf_iterate_shared.h"
 #include "segops/cpu_v8.h"
 #include "segops/crf_meanfield_math.h"
 #include "segops/permutohedral_host.h"
@@ -643,17 +644,11 @@ void normalization_scales(Term& t, int64_t points, int chunks, const Tensor& nbr
 Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList bary, at::TensorList neighbors,
                    at::IntArrayRef normalization, at::ArrayRef<double> weights, int64_t iterations) {
   const char* op = "_crf_mean_field_iterate";
-  TORCH_CHECK(unary_in.dim() >= 3 && unary_in.scalar_type() == at::kFloat, op,
-              ": unary must be float32 (B, K, *spatial), got ", unary_in.scalar_type(), " ", unary_in.sizes());
-  TORCH_CHECK(unary_in.size(1) > 0 && unary_in.size(1) <= 8 * kMaxPieces, op,
-              ": unary must have 1 to 64 classes (more use the op-by-op schedule), got ", unary_in.sizes());
-  TORCH_CHECK(iterations >= 1, op, ": iterations must be >= 1, got ", iterations);
+  if (std::getenv("SEGOPS_MEANFIELD_SHARED"))  // tests: CUDA's schedule on the CPU
+    return meanfield::iterate_shared<BlurLaunch>(unary_in, vertex, bary, neighbors, normalization, weights,
+                                                 iterations);
+  meanfield::check_iterate_args(op, unary_in, vertex, bary, neighbors, normalization, weights, iterations);
   const size_t count = vertex.size();
-  TORCH_CHECK(count >= 1 && count <= size_t(meanfield::kMaxTerms), op, ": 1 to ", meanfield::kMaxTerms,
-              " kernels, got ", count);
-  TORCH_CHECK(bary.size() == count && neighbors.size() == count && normalization.size() == count &&
-                  weights.size() == count,
-              op, ": vertex, bary, neighbors, normalization and weights must have one entry per kernel");
   const Tensor unary = unary_in.contiguous();
   const int64_t B = unary.size(0), K = unary.size(1), N = lattice::spatial_numel(unary);
   Tensor out = empty_output(unary.sizes(), unary.options());
@@ -674,25 +669,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
   std::vector<int64_t> dims(count);
   for (size_t j = 0; j < count; ++j) {
     const Tensor& vx = vertex[j];
-    TORCH_CHECK(vx.dim() == 3 && vx.scalar_type() == at::kInt && bary[j].sizes() == vx.sizes() &&
-                    bary[j].scalar_type() == at::kFloat,
-                op, ": vertex[", j, "] (int32) and bary[", j, "] (float32) must be (B or 1, N, d+1), got ", vx.sizes(),
-                " ", vx.scalar_type(), " and ", bary[j].sizes(), " ", bary[j].scalar_type());
-    TORCH_CHECK((vx.size(0) == B || vx.size(0) == 1) && vx.size(1) == N, op, ": the lattice of kernel ", j, " has ",
-                vx.size(0), " images of ", vx.size(1), " points; the unary ", unary.sizes(), " needs ", B,
-                " (or 1) of ", N);
     const int64_t d = vx.size(2) - 1;
-    TORCH_CHECK(d >= 1 && d <= lattice::kMaxD, op, ": the lattice of kernel ", j, " has d = ", d, ", expected 1..16");
-    TORCH_CHECK(neighbors[j].dim() == 3 && neighbors[j].size(1) == d + 1 && neighbors[j].size(2) == 2 &&
-                    neighbors[j].scalar_type() == at::kInt,
-                op, ": neighbors[", j, "] must be (M, d+1, 2) int32, got ", neighbors[j].sizes(), " ",
-                neighbors[j].scalar_type());
-    TORCH_CHECK(std::isfinite(weights[j]), op, ": weights[", j, "] must be finite, got ", weights[j]);
-    TORCH_CHECK(normalization[j] >= kNone && normalization[j] <= kSymmetric, op, ": normalization[", j,
-                "] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got ", normalization[j]);
-    for (const Tensor& t : {vx, bary[j], neighbors[j]})
-      TORCH_CHECK(t.device() == unary.device(), op, ": kernel ", j, "'s lattice is on ", t.device(),
-                  " but the unary is on ", unary.device());
     Term& t = P.terms[j];
     keep.push_back(vx.contiguous());
     t.vertex = keep.back().data_ptr<int32_t>();

@@ -1,9 +1,11 @@
 // CUDA backend of the dense CRF mean-field update: the shared glue over a grid-stride kernel (one thread per
-// pixel; adjacent threads read adjacent pixels of each class row) on the current stream.
+// pixel; adjacent threads read adjacent pixels of each class row) on the current stream; and the one-op
+// inference schedule (_crf_mean_field_iterate), the shared one of crf_iterate_shared.h.
 #include <torch/library.h>
 
 #include <c10/cuda/CUDAGuard.h>
 
+#include "segops/crf_iterate_shared.h"
 #include "segops/crf_meanfield_host.h"
 #include "segops/parallel_cuda.cuh"
 
@@ -27,15 +29,21 @@ at::Tensor backward_cuda(const at::Tensor& grad, const at::Tensor& q) {
   return meanfield::backward(grad, q, CudaLaunch{});
 }
 
-// The one-op inference schedule is the CPU's (one pass over the pixels per iteration, splatting as it goes);
-// on the GPU, MeanFieldCRF / dense_crf_inference run crf_mean_field_update and the lattice filters instead.
-// Called directly on CUDA tensors, it says so rather than the dispatcher's "could not run".
-at::Tensor iterate_cuda(const at::Tensor& unary, at::TensorList, at::TensorList, at::TensorList, at::IntArrayRef,
-                        at::ArrayRef<double>, int64_t) {
-  TORCH_CHECK(false, "_crf_mean_field_iterate is the CPU schedule of dense CRF inference (got unary on ",
-              unary.device(), "); on CUDA, segops.ops.dense_crf_inference / MeanFieldCRF run crf_mean_field_update ",
-              "and the lattice filters. Call those, or move the tensors to the CPU.");
-  return at::Tensor();
+// The lattice functions' launcher (launch(n, functor, grain), blur_per_channel) for the shared schedule.
+struct CudaIterateLaunch {
+  template <typename F>
+  static void launch(index_t n, const F& f, index_t /*grain*/) {
+    cuda_parallel_for(n, f, 256);
+  }
+  static bool blur_per_channel() { return true; }  // one thread per (vertex, channel): coalesced rows
+};
+
+// No-grad dense CRF inference with Potts kernels in one op: the shared schedule (crf_iterate_shared.h).
+at::Tensor iterate_cuda(const at::Tensor& unary, at::TensorList vertex, at::TensorList bary, at::TensorList neighbors,
+                        at::IntArrayRef normalization, at::ArrayRef<double> weights, int64_t iterations) {
+  const c10::cuda::CUDAGuard guard(unary.device());
+  return meanfield::iterate_shared<CudaIterateLaunch>(unary, vertex, bary, neighbors, normalization, weights,
+                                                      iterations);
 }
 
 }  // namespace

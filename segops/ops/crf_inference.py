@@ -50,7 +50,7 @@ _NORMALIZATION_ALIASES = {
     "normalize_after": "after",
     "normalize_symmetric": "symmetric",
 }
-# the one-op CPU schedule (_crf_mean_field_iterate) takes up to 64 classes and the codes above (their index)
+# the one-op schedule (_crf_mean_field_iterate) takes up to 64 classes and the codes above (their index)
 _FUSED_MAX_CLASSES = 64
 
 
@@ -520,10 +520,13 @@ class MeanFieldCRF:
         """``softmax(self._logits(q))`` with the sum and the softmax fused into one pass (differentiable)."""
         return crf_mean_field_update(self.unary, *self._terms(q))
 
-    def _fused_cpu_terms(self) -> Optional[Tuple[List[Tensor], ...]]:
-        """The arguments of the one-op CPU schedule (``_crf_mean_field_iterate``), or None where it does not
-        apply: CUDA tensors (the op-by-op schedule there), float64, a compatibility other than a Potts number."""
-        if self.unary.device.type != "cpu" or self.dtype != torch.float32 or not 1 <= len(self.kernels) <= MAX_TERMS:
+    def _fused_terms(self) -> Optional[Tuple[List[Tensor], ...]]:
+        """The arguments of the one-op schedule (``_crf_mean_field_iterate``: all iterations in one op, one pass
+        over the points per iteration), or None where it does not apply: float64, a compatibility other than a
+        Potts number, more than 64 classes or 8 kernels, a device other than CPU or CUDA."""
+        if self.unary.device.type not in ("cpu", "cuda"):
+            return None
+        if self.dtype != torch.float32 or not 1 <= len(self.kernels) <= MAX_TERMS:
             return None
         if any(k.kind != "potts" or isinstance(k.compat, Tensor) for k in self.kernels):
             return None
@@ -576,7 +579,9 @@ class MeanFieldCRF:
             raise ValueError("iterations must be an integer >= 0, got %r" % (iterations,))
         if self.kernels and iterations > 0 and not self._needs_grad():
             with torch.no_grad():
-                fused = self._fused_cpu_terms() if _fused_cpu_is_fast() else None
+                # (on a CPU without AVX2 / AVX-512 the one-op schedule's portable build is slower than the ops)
+                fast = self.unary.device.type != "cpu" or _fused_cpu_is_fast()
+                fused = self._fused_terms() if fast else None
                 if fused is not None:  # one op, one pass per iteration: the same marginals to float rounding
                     return self._out(torch.ops.segops._crf_mean_field_iterate(self.unary, *fused, iterations))
         q = self._softmax_of_unary()
