@@ -101,7 +101,9 @@ struct IterateTerm {
 // Point i = b N + n: logit_k = -unary_k + sum_j weight_j * post_j * alpha_j * sum_v bary_jv grid_j[vertex_jv, k]
 // (the op-by-op schedule's update of the sliced message, the same products in the same order), the softmax over
 // k, written to rows[(n B + b) K + k] or, on the last pass, to planes[(b K + k) N + n]. The destination holds
-// the logits in between (like meanfield::Forward). count = 0: softmax(-unary).
+// the logits in between (like meanfield::Forward): kernel by kernel, each kernel's vertex ids and weights read
+// once (in registers for 3 and 6 vertices, the lattices of positions and of positions + colours), then every
+// class. count = 0: softmax(-unary).
 struct SliceUpdate {
   const float* unary;  // (B, K, N)
   IterateTerm terms[kMaxTerms];
@@ -110,25 +112,50 @@ struct SliceUpdate {
   float* planes;  // (B, K, N), or nullptr
   index_t B, K, N;
 
+  // dst[k step] += w * (alpha * sum_v bary_v grid[vertex_v, k]) for every k; VC: the vertex count when fixed
+  template <int VC>
+  SEGOPS_HD_INLINE void add_term(const IterateTerm& t, index_t p, const float* g, float w, float* dst,
+                                 index_t step) const {
+    constexpr int kHeld = VC > 0 ? VC : 1;
+    const float* rows_of[kHeld];
+    float by[kHeld];
+    if (VC > 0) {
+      for (int v = 0; v < VC; ++v) {
+        rows_of[v] = g + static_cast<index_t>(t.vertex[p * VC + v]) * t.Cg;
+        by[v] = t.bary[p * VC + v];
+      }
+    }
+    for (index_t k = 0; k < K; ++k) {
+      float s = 0.f;
+      if (VC > 0) {
+        for (int v = 0; v < VC; ++v) s += by[v] * rows_of[v][k];
+      } else {
+        for (index_t v = 0; v < t.V; ++v) s += t.bary[p * t.V + v] * g[static_cast<index_t>(t.vertex[p * t.V + v]) * t.Cg + k];
+      }
+      dst[k * step] += w * (s * t.alpha);
+    }
+  }
+
   SEGOPS_HD void operator()(index_t i) const {
     const index_t b = i / N, n = i - b * N;
     float* dst = rows ? rows + (n * B + b) * K : planes + b * K * N + n;
     const index_t step = rows ? 1 : N;
-    float m = -INFINITY;
-    for (index_t k = 0; k < K; ++k) {
-      float l = -unary[(b * K + k) * N + n];
-      for (int j = 0; j < count; ++j) {
-        const IterateTerm& t = terms[j];
-        const index_t p = t.shared ? n : i;
-        const float* g = t.grid + (t.shared ? b * K : 0) + k;
-        float s = 0.f;
-        for (index_t v = 0; v < t.V; ++v) s += t.bary[p * t.V + v] * g[static_cast<index_t>(t.vertex[p * t.V + v]) * t.Cg];
-        const float message = s * t.alpha;
-        l += (t.post ? t.weight * t.post[p] : t.weight) * message;
+    for (index_t k = 0; k < K; ++k) dst[k * step] = -unary[(b * K + k) * N + n];
+    for (int j = 0; j < count; ++j) {
+      const IterateTerm& t = terms[j];
+      const index_t p = t.shared ? n : i;
+      const float* g = t.grid + (t.shared ? b * K : 0);
+      const float w = t.post ? t.weight * t.post[p] : t.weight;
+      if (t.V == 6) {
+        add_term<6>(t, p, g, w, dst, step);
+      } else if (t.V == 3) {
+        add_term<3>(t, p, g, w, dst, step);
+      } else {
+        add_term<0>(t, p, g, w, dst, step);
       }
-      dst[k * step] = l;
-      m = hd_max(m, l);
     }
+    float m = -INFINITY;
+    for (index_t k = 0; k < K; ++k) m = hd_max(m, dst[k * step]);
     float sum = 0.f;
     for (index_t k = 0; k < K; ++k) {
       const float x = hd_exp(dst[k * step] - m);
