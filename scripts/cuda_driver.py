@@ -160,7 +160,11 @@ def crf_inference(dev: torch.device) -> None:
     img = (torch.rand(3, 3, 37, 29, generator=g) * 255).to(dev)
     unary = (torch.rand(3, 21, 37, 29, generator=g) * 4).to(dev)
     for mode in ("symmetric", "none"):
-        q = ops.dense_crf_inference(unary, img, 3, normalization=mode)
+        q = ops.dense_crf_inference(unary, img, 3, normalization=mode)  # the one-op schedule (Potts, no grad)
+        # a matrix compatibility: the separate ops (lattice filters, then the update) without autograd
+        qm = ops.dense_crf_inference(unary, img, 2, bilateral_compat=-10 * torch.eye(21, device=dev),
+                                     normalization=mode)
+        check("dense_crf_inference separate ops %s" % mode, qm)
         u = unary.double().requires_grad_()
         (gu,) = torch.autograd.grad(ops.dense_crf_inference(u, img, 2, normalization=mode)[:, 0].sum(), u)
         check("dense_crf_inference %s" % mode, q, gu)
