@@ -1,6 +1,6 @@
 """segops' cache of large CPU blocks.
 
-segops' CPU kernels put outputs of 8 MiB or more (loss gradients, filtered maps, marginals) on transparent huge
+segops' CPU kernels put outputs of 2 MiB or more (loss gradients, filtered maps, marginals) on transparent huge
 pages, and when such a tensor is freed its block is kept for the next output of the same size instead of being
 unmapped: a training step then reuses memory that is already mapped and faulted in (see docs/install.md,
 "Runtime settings"). At most ``SEGOPS_CPU_BLOCK_CACHE_MB`` MiB are kept (default 256; 0 keeps none), the oldest

@@ -122,7 +122,7 @@ def test_cuda_matches_cpu(dtype):
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_outputs_have_the_usual_layout_and_values(channels_last, huge_pages, monkeypatch):
-    # 2 x 21 x 256 x 256 float32 = 11 MB: above the 8 MiB from which outputs sit on huge pages (unless
+    # 2 x 21 x 256 x 256 float32 = 11 MB: above the 2 MiB from which outputs sit on huge pages (unless
     # SEGOPS_HUGE_PAGES=0, which is read at each allocation)
     monkeypatch.setenv("SEGOPS_HUGE_PAGES", huge_pages)
     from segops.ops import partial_cross_entropy
@@ -150,7 +150,7 @@ def test_large_outputs_have_the_usual_layout_and_values(channels_last, huge_page
 
 # ---- the cache of freed large CPU blocks (segops/cpu_alloc.h, segops.memory) ---------------------------------
 
-# (1, 21, 640, 640) float32 in -> (1, 21, 320, 320) out: 8.6 MB, above the 8 MiB from which outputs sit on huge pages;
+# (1, 21, 640, 640) float32 in -> (1, 21, 320, 320) out: 8.6 MB, above the 2 MiB from which outputs sit on huge pages;
 # its block is 10 MiB (a whole number of 2 MiB pages)
 BIG_IN, BLOCK = (1, 21, 640, 640), 10 << 20
 

@@ -7,8 +7,11 @@
 // Where the kernel has no transparent huge pages (or THP is "never") the advice is a no-op and the cost is
 // ATen's again. The pages are faulted in here, by the calling thread in address order: faulting them from
 // several threads at once was slower than from one (the mean-field pass: 30 ms more at two threads with
-// THP defrag "madvise"). CUDA tensors and CPU tensors under 8 MiB come from at::empty (the caching
-// allocator / malloc's reuse already avoid the faults there). SEGOPS_HUGE_PAGES=0 in the environment (read at
+// THP defrag "madvise"). CUDA tensors and CPU tensors under 2 MiB come from at::empty. (The bound was 8 MiB,
+// on the assumption that malloc reuses mid-size blocks without new faults; it does not always: the CRF loss at
+// scale 0.5, whose resize output and gradient are 5.5 MB each, took 2.5-3% less time per step on one thread and
+// 2-3% less on two with the bound at 2 MiB, 512x512, the 2-core VM; scale 1 and inference unchanged. A block is
+// a whole number of 2 MiB pages, so a 2-4 MiB tensor holds up to twice its size.) SEGOPS_HUGE_PAGES=0 in the environment (read at
 // each allocation, so a benchmark can compare both in one process) turns this off: at::empty everywhere.
 // Faulting the pages from both threads, each its own half, measured no faster (PCE backward, 44 MB).
 // On a virtual machine a fresh huge page can cost far more when the host backs it only on first touch: the
@@ -123,7 +126,7 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
     size_t numel = 1;
     for (const int64_t s : sizes) numel *= static_cast<size_t>(s);
     const size_t bytes = numel * at::elementSize(at::typeMetaToScalarType(options.dtype()));
-    if (bytes >= 4 * kHuge) {
+    if (bytes >= kHuge) {
       const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
       void* p = HugeBlockCache::instance().take(size);
       if (p == nullptr && posix_memalign(&p, kHuge, size) == 0) {
