@@ -63,8 +63,9 @@ SEGOPS_LATTICE_INLINE void load_block(const SplatArgs<scalar_t, acc>& args, int6
 // Chunks of the points: 2 where the one extra grid (zeroed and added: 2 M Cg values) costs under a tenth of the
 // splat's B N (d+1) rows of Cg and each chunk has at least 2^14 points, else 1. More chunks would let more
 // threads splat without splitting the ids, but every chunk's grid costs one thread as much as the others: on the
-// 2-core VM (a 512x512 photo, the CRF loss's splat, one thread) 2 chunks took 0.04-0.1 ms more than 1 (6.6 ms),
-// 4 chunks 0.3 ms more; on two threads 2 chunks took 3.5 ms, 1 chunk (ids split in two) 4.5 ms.
+// 2-core VM (a 512x512 photo, the CRF loss's forward lattice op: splat, blur, dots) one thread took 6.6 ms with
+// 1 chunk, 0.04-0.1 ms more with 2, 0.3 ms more with 4; two threads 4.5 ms with 1 chunk (ids split in two),
+// 3.5 ms with 2.
 constexpr int64_t kMaxSplatChunks = 2;
 inline int64_t splat_chunks(int64_t points, int64_t V, int64_t M) {
   const int64_t by_cost = 1 + points * V / std::max<int64_t>(1, 10 * 2 * M);
