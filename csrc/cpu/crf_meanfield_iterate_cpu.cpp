@@ -620,17 +620,7 @@ void normalization_scales(Term& t, int64_t points, int chunks, const Tensor& nbr
   const float* bl = blurred.data_ptr<float>();
   Tensor scale = at::empty({points}, at::kFloat);
   float* sc = scale.data_ptr<float>();
-  const float alpha = t.alpha;
-  const int32_t* vertex = t.vertex;
-  const float* bary = t.bary;
-  omp_parallel_for(0, points, 4096, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      float s = 0.f;
-      for (int64_t v = 0; v < V; ++v) s += bary[i * V + v] * bl[vertex[i * V + v]];
-      const float w1 = s * alpha + 1e-20f;
-      sc[i] = mode == kSymmetric ? 1.0f / std::sqrt(w1) : 1.0f / w1;
-    }
-  });
+  BlurLaunch::launch(points, meanfield::DegreeScales{bl, t.vertex, t.bary, t.alpha, V, mode == kSymmetric, sc}, 4096);
   if (mode != kAfter) {
     pre = scale;
     t.pre = sc;
@@ -645,8 +635,8 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
                    at::IntArrayRef normalization, at::ArrayRef<double> weights, int64_t iterations) {
   const char* op = "_crf_mean_field_iterate";
   if (std::getenv("SEGOPS_MEANFIELD_SHARED"))  // tests: CUDA's schedule on the CPU
-    return meanfield::iterate_shared<BlurLaunch>(unary_in, vertex, bary, neighbors, normalization, weights,
-                                                 iterations);
+    return meanfield::iterate_shared<meanfield::GatherSplatBackend<BlurLaunch>>(unary_in, vertex, bary, neighbors,
+                                                                              normalization, weights, iterations);
   meanfield::check_iterate_args(op, unary_in, vertex, bary, neighbors, normalization, weights, iterations);
   const size_t count = vertex.size();
   const Tensor unary = unary_in.contiguous();

@@ -42,8 +42,8 @@ struct CudaIterateLaunch {
 at::Tensor iterate_cuda(const at::Tensor& unary, at::TensorList vertex, at::TensorList bary, at::TensorList neighbors,
                         at::IntArrayRef normalization, at::ArrayRef<double> weights, int64_t iterations) {
   const c10::cuda::CUDAGuard guard(unary.device());
-  return meanfield::iterate_shared<CudaIterateLaunch>(unary, vertex, bary, neighbors, normalization, weights,
-                                                      iterations);
+  return meanfield::iterate_shared<meanfield::GatherSplatBackend<CudaIterateLaunch>>(
+      unary, vertex, bary, neighbors, normalization, weights, iterations);
 }
 
 }  // namespace

@@ -167,14 +167,26 @@ struct SliceUpdate {
   }
 };
 
+// The lattice's splat for a launcher (launch, blur_per_channel): the deterministic gather splat.
+template <typename Launch>
+struct GatherSplatBackend : Launch {
+  static constexpr bool kGatherReadsChannelsLast = true;
+  template <typename scalar_t, typename acc>
+  static void splat(const lattice::SplatArgs<scalar_t, acc>& args, int64_t /*B*/, int64_t M, const at::Tensor& vertex,
+                    const at::Tensor& plan) {
+    lattice::gather_splat<Launch>(args, M, vertex, plan);
+  }
+};
+
 // A kernel's lattice and scales on the host side of iterate_shared.
 struct IterateKernel {
   at::Tensor vflat, bary, nbrs, plan, pre, post;
   int64_t Bt = 0, M = 0, d = 0;
 };
 
-// The whole inference: `iterations` updates after softmax(-unary). Backend: launch(n, functor, grain) and
-// blur_per_channel() (the lattice's).
+// The whole inference: `iterations` updates after softmax(-unary). Backend: the lattice's launch(n, functor,
+// grain), blur_per_channel() and kGatherReadsChannelsLast, and a splat(args, B, M, vertex, plan) that runs
+// lattice::gather_splat (GatherSplatBackend).
 template <typename Backend>
 at::Tensor iterate_shared(const at::Tensor& unary_in, at::TensorList vertex, at::TensorList bary,
                           at::TensorList neighbors, at::IntArrayRef normalization, at::ArrayRef<double> weights,
@@ -207,19 +219,9 @@ at::Tensor iterate_shared(const at::Tensor& unary_in, at::TensorList vertex, at:
     const float alpha = static_cast<float>(lattice::slice_alpha(k.d));
     if (normalization[j] != kNormNone && k.M > 0) {
       // W 1: the splat of ones (the extra channel alone), blurred, sliced at every point
-      at::Tensor ones = at::zeros({k.M, 1}, fopt);
-      lattice::SplatArgs<float, float> a{};
-      a.values = nullptr;
-      a.has_extra = true;
-      a.extra = nullptr;
-      a.N = N;
-      a.C = 0;
-      a.Cg = 1;
-      a.V = V;
-      a.vertex = k.vflat.data_ptr<int32_t>();
-      a.bary = k.bary.data_ptr<float>();
-      a.grid = ones.data_ptr<float>();
-      lattice::gather_splat<Backend>(a, k.M, k.vflat, k.plan);
+      const at::Tensor none = at::empty({k.Bt, 0, N}, fopt);
+      const at::Tensor ones = lattice::splat<Backend>(none, k.vflat, k.bary, k.M, V, at::Tensor(), /*has_extra=*/true,
+                                                      at::Tensor(), k.plan);
       const at::Tensor blurred = lattice::blur<Backend>(ones, k.nbrs, k.d, /*adjoint=*/false, /*keep_input=*/false);
       at::Tensor scale = at::empty({points}, fopt);
       Backend::launch(points,
@@ -253,28 +255,12 @@ at::Tensor iterate_shared(const at::Tensor& unary_in, at::TensorList vertex, at:
     for (size_t j = 0; j < count; ++j) {
       IterateKernel& k = ks[j];
       IterateTerm& t = su.terms[j];
-      at::Tensor grid = at::zeros({k.M, t.Cg}, fopt);
-      if (k.M > 0) {
-        // the rows as a (Bt, Cg, N) tensor: point n's channel c at n B K + c (shared), image b's (b, k, n)
-        // at (n B + b) K + k (one lattice per image)
-        lattice::SplatArgs<float, float> a{};
-        a.values = rows.data_ptr<float>();
-        a.vsb = t.shared ? 0 : K;
-        a.vsc = 1;
-        a.vsn = B * K;
-        a.prescale = k.pre.defined() ? k.pre.data_ptr<float>() : nullptr;
-        a.has_extra = false;
-        a.extra = nullptr;
-        a.N = N;
-        a.C = t.Cg;
-        a.Cg = t.Cg;
-        a.V = t.V;
-        a.vertex = t.vertex;
-        a.bary = t.bary;
-        a.grid = grid.data_ptr<float>();
-        lattice::gather_splat<Backend>(a, k.M, k.vflat, k.plan);
-        grid = lattice::blur<Backend>(grid, k.nbrs, k.d, /*adjoint=*/false, /*keep_input=*/false);
-      }
+      // the rows as (Bt, Cg, N) values: image b's (b, k, n) at (n B + b) K + k, or for a lattice shared by the
+      // batch point n's channel c = b K + k at n B K + c; channels contiguous, so the splat copies nothing
+      const at::Tensor values = t.shared ? rows.view({N, B * K}).t().unsqueeze(0) : rows.permute({1, 2, 0});
+      at::Tensor grid = lattice::splat<Backend>(values, k.vflat, k.bary, k.M, t.V, k.pre, /*has_extra=*/false,
+                                                at::Tensor(), k.plan);
+      grid = lattice::blur<Backend>(grid, k.nbrs, k.d, /*adjoint=*/false, /*keep_input=*/false);
       blurred[j] = grid;
       t.grid = grid.data_ptr<float>();
     }
