@@ -36,8 +36,8 @@ inline Isa cpu_isa() {
   return isa;
 }
 
-// Whether the loops compiled a second time with target("avx2") run (they use no FMA: the same roundings as
-// the baseline build).
+// Whether the loops compiled a second time with target("avx2") run (the lattice's and the update op's use no FMA:
+// the same roundings as the baseline build; the one-op mean-field pass contracts into FMAs).
 inline bool avx2_clones() { return cpu_isa() != Isa::kGeneric; }
 
 }  // namespace block
