@@ -468,20 +468,39 @@ def test_one_op_schedule_flushes_denormal_marginals_and_restores_the_callers_mod
     torch.testing.assert_close(got, want, rtol=0, atol=2 * iteration_rounding_bound(crf, K))  # (with |U| = 200)
 
 
-def test_one_op_schedule_chunked_splat_matches_and_ignores_threads():
-    # 2 x 256 x 256 points: the splat runs in S = 2 chunks (grids added in chunk order), whatever the threads
-    crf = two_kernel_crf(2, 3, 256, 256, "symmetric", seed=21)
+def photo_crf(crops, K: int, seed: int) -> MeanFieldCRF:
+    """Photos (name, top, left, H, W crops of one size), a random unary, the positions kernel (shared by the batch)
+    and a bilateral one with the benchmark's bandwidths: photos' smooth regions keep the lattices small (~21 K
+    vertices at 512²), so the one-op schedule splits each image's pixels into its splat chunks (S = 2 from
+    2^17 pixels per image, 4 from 2^18); random colours would give more vertices than pixels and one chunk."""
+    images = torch.stack([torch.from_numpy(photo(*c)).permute(2, 0, 1) for c in crops]).contiguous()
+    B, _, H, W = images.shape
+    unary = torch.rand(B, K, H, W, generator=torch.Generator().manual_seed(seed)) * 3
+    crf = MeanFieldCRF(unary)
+    crf.add_pairwise_gaussian(3.0, 3.0)
+    crf.add_pairwise_bilateral(80.0, 13.0, images, 10.0)
+    return crf
+
+
+@pytest.mark.parametrize("crops", [
+    [("astronaut", 0, 0, 512, 512)],                                  # 2^18 pixels: 4 chunks
+    [("astronaut", 50, 60, 400, 400), ("coffee", 0, 100, 400, 400)],  # 160 000 pixels per image: 2 chunks each
+], ids=["one-image-4-chunks", "two-images-2-chunks"])
+def test_one_op_schedule_chunked_splat_matches_and_ignores_threads(crops):
+    # each chunk splats into its own grid, the grids are added in chunk order: the same bits for any number of
+    # threads, and the sums are among the roundings iteration_rounding_bound counts (a chunk's grid lost or added
+    # twice moves the marginals far beyond it)
+    crf = photo_crf(crops, K=3, seed=21)
     old = torch.get_num_threads()
     try:
         runs = []
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with torch.no_grad():
                 runs.append(crf.inference(1))
     finally:
         torch.set_num_threads(old)
-    assert torch.equal(runs[0], runs[1])
-    # the chunks' sums are among the roundings iteration_rounding_bound counts
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
     torch.testing.assert_close(runs[0], op_by_op(crf, 1), rtol=0, atol=2 * iteration_rounding_bound(crf, 3))
 
 

@@ -12,9 +12,9 @@
 // rounding instead of two: ~10% less time), and for two kinds of sums: the softmax's max (exact in any
 // order) and denominator, taken as a tree over 8-lane pieces (so the AVX-512 clone, with 16-lane vectors, gives
 // the AVX2 clone's bits), and, for large inputs, the splats: the points are split into S fixed
-// chunks of blocks (S = 1..4 from the input's sizes, never from the number of threads), each chunk
-// splats into its own grid in point order, and the grids are added in chunk order. So results do not depend
-// on the number of threads; the chunks run in parallel. Denormal values are flushed to zero (FlushDenormals).
+// chunks of blocks per image (S = 1..4 from the input's sizes, never from the number of threads), chunk c of
+// every image splats into grid c in point order, and the grids are added in chunk order. So results do not
+// depend on the number of threads; the B S chunks run in parallel. Denormal values are flushed to zero (FlushDenormals).
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
@@ -491,11 +491,17 @@ void run_pass_c8(const Pass& P) {
     blocks = &Loops<C8>::blocks_avx2;
   }
 #endif
-  const int64_t nb = P.B * ((P.N + kPoints - 1) / kPoints);
-  const int S = P.chunks;
-  omp_parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
+  // B S tasks: chunk c of image b is blocks [b nb + nb c / S, b nb + nb (c + 1) / S) of the image's nb. Images
+  // never share a grid cell (a lattice of its own, or its own columns of a shared one), so every chunk c of every
+  // image splats into grid c.
+  const int64_t nb = (P.N + kPoints - 1) / kPoints;
+  const int64_t S = P.chunks;
+  omp_parallel_for(0, P.B * S, 1, [&](int64_t t0, int64_t t1) {
     FlushDenormals ftz;
-    for (int64_t s = s0; s < s1; ++s) blocks(P, nb * s / S, nb * (s + 1) / S, static_cast<int>(s));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / S, c = t - b * S;
+      blocks(P, b * nb + nb * c / S, b * nb + nb * (c + 1) / S, static_cast<int>(c));
+    }
   });
   if (P.last) return;
   for (int j = 0; j < P.count; ++j) add_chunks(P, P.terms[j]);
@@ -603,19 +609,20 @@ enum Normalization : int64_t { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric = 
 // The kernel's scales from its degrees W 1 at the lattice's Bt N points (pydensecrf's DenseKernel: norm =
 // 1 / (W 1 + 1e-20), its square root for "symmetric"): pre multiplies the marginals before the filter, post
 // the filtered ones. W 1 is the filter of ones: the vertices' sums of their entries' weights, the blur, and the
-// slice times alpha. The sums are split like the passes' splats: `chunks` fixed ranges of points (from the sizes,
-// never the thread count), each summed in entry order into a grid of its own, in parallel; the grids are added
-// in range order.
-void normalization_scales(Term& t, int64_t points, int chunks, const Tensor& nbrs, int64_t d, int64_t mode,
-                          Tensor& pre, Tensor& post) {
+// slice times alpha. The sums are split like the passes' splats: each of the lattice's Bt images in `chunks`
+// fixed ranges of points (from the sizes, never the thread count), range c of every image summed in entry order
+// into grid c (images have vertices of their own), in parallel; the grids are added in range order.
+void normalization_scales(Term& t, int64_t images, int64_t N, int chunks, const Tensor& nbrs, int64_t d,
+                          int64_t mode, Tensor& pre, Tensor& post) {
   if (mode == kNone) return;
-  const int64_t M = t.M, V = t.V;
+  const int64_t M = t.M, V = t.V, points = images * N;
   Tensor grids = at::zeros({chunks, M}, at::kFloat);
   float* g = grids.data_ptr<float>();
-  omp_parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  omp_parallel_for(0, images * chunks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / chunks, c = task - b * chunks;
       float* gc = g + c * M;
-      for (int64_t e = points * c / chunks * V, e1 = points * (c + 1) / chunks * V; e < e1; ++e)
+      for (int64_t e = (b * N + N * c / chunks) * V, e1 = (b * N + N * (c + 1) / chunks) * V; e < e1; ++e)
         gc[t.vertex[e]] += t.bary[e];
     }
   });
@@ -684,7 +691,8 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
   }
   // Splat chunks: each extra one costs zeroing and adding the kernels' grids once per pass (~3 M Cg values),
   // next to the points' gathers and splats (2 B N (d+1) Kp): as many as keep that under a tenth, at most 4,
-  // and one per 2^16 points. Sizes only, never the thread count: the same sums for any number of threads.
+  // and one per 2^16 points of an image. Sizes only, never the thread count: the same sums for any number of
+  // threads. The passes run B S tasks.
   {
     int64_t work = 0, per_chunk = 0;
     for (size_t j = 0; j < count; ++j) {
@@ -692,11 +700,11 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
       per_chunk += 3 * P.terms[j].M * (P.terms[j].Cg / P.Kp);
     }
     const int64_t by_cost = 1 + work / std::max<int64_t>(1, 10 * per_chunk);
-    P.chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kMaxChunks, by_cost, (B * N) >> 16})));
+    P.chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({kMaxChunks, by_cost, N >> 16})));
   }
   for (size_t j = 0; j < count; ++j) {
     RECORD_USER_SCOPE("segops_kernel::degrees");
-    normalization_scales(P.terms[j], vertex[j].size(0) * N, P.chunks, nbrs[j], dims[j], normalization[j], pres[j],
+    normalization_scales(P.terms[j], vertex[j].size(0), N, P.chunks, nbrs[j], dims[j], normalization[j], pres[j],
                          posts[j]);
   }
   // Per kernel two grids: the splat of the current pass and the blur's other buffer; the blurred values end
