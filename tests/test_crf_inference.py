@@ -426,6 +426,23 @@ def test_shared_schedule_matches_op_by_op(K, mode, monkeypatch):
     torch.testing.assert_close(got, op_by_op(crf, 1), rtol=0, atol=shared_schedule_bound(crf, K))
 
 
+@pytest.mark.parametrize("mode", ["none", "before", "symmetric"])
+def test_shared_schedule_sums_crowded_vertices_in_pieces(mode, monkeypatch):
+    # Positions 10 pixels wide crowd a vertex with up to 268 entries (33 vertices with more than 128): the gather
+    # splat sums them in pieces of 128, then sums each vertex's pieces. A vertex's last piece left out moves the
+    # marginals by 5e-3 (normalised) to 0.94 (none), beyond the bound; its rounding stays well inside it.
+    unary, images = small_case(B=2, K=5, H=48, W=56, seed=4)
+    crf = MeanFieldCRF(unary)
+    crf.add_pairwise_gaussian(10.0, 3.0, normalization=mode)
+    crf.add_pairwise_bilateral(20.0, 13.0, images, 10.0, normalization=mode)
+    counts = torch.bincount(crf.kernels[0].lattice.tensors()[0].flatten().long())
+    assert int((counts > 128).sum()) > 0
+    monkeypatch.setenv("SEGOPS_MEANFIELD_SHARED", "1")
+    got = torch.ops.segops._crf_mean_field_iterate(*iterate_args(crf), 1)
+    monkeypatch.delenv("SEGOPS_MEANFIELD_SHARED")
+    torch.testing.assert_close(got, op_by_op(crf, 1), rtol=0, atol=shared_schedule_bound(crf, 5))
+
+
 def test_shared_schedule_iterations_opcheck_and_errors(monkeypatch):
     # 4 iterations (the rows overwritten in place after each pass's splats) against the op-by-op schedule: each
     # step adds at most the one-step bound to the difference carried in, and the update passes a difference in
