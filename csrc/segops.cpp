@@ -161,8 +161,8 @@ TORCH_LIBRARY(segops, m) {
       "_crf_mean_field_update_out(Tensor unary, Tensor[] messages, Tensor[] scales, float[] weights, "
       "Tensor(a!) out) -> ()");
   m.def("_crf_mean_field_update_backward(Tensor grad, Tensor q) -> Tensor");
-  // No-grad inference with Potts kernels, CPU only, K <= 64: softmax(-unary), then `iterations` updates, in
-  // one op (one pass over the points per iteration). Kernel j: a lattice (vertex, bary (B or 1, N, d+1),
+  // No-grad inference with Potts kernels, CPU and CUDA, K <= 64: softmax(-unary), then `iterations` updates,
+  // in one op (one pass over the points per iteration). Kernel j: a lattice (vertex, bary (B or 1, N, d+1),
   // neighbors), pydensecrf's normalisation codes (0 none, 1 before, 2 after, 3 symmetric; the degrees W 1 are
   // computed here) and the Potts weight. Returns the marginals (contiguous float32).
   m.def(

@@ -477,6 +477,22 @@ def test_splat_plan_sorts_entries_and_is_reused_bitwise(monkeypatch):
         assert torch.equal(sorting, planned)
 
 
+def test_splat_plan_of_ids_that_leave_vertices_empty():
+    # Image 0's vertex ids paired with the batch's neighbours (M counts both images' vertices): vertices with no
+    # entries start where the next one does, and the trailing ones at T, so every start is written (a
+    # vertex's pieces count start[v + 1] - start[v] = 0) and the gather splat leaves those vertices at 0.
+    g = torch.Generator().manual_seed(61)
+    lat = build_lattice(crf_features(smooth_image(2, 20, 18, g), 100.0, 30.0))
+    vertex, bary, neighbors = lat.tensors()
+    one = vertex[:1].contiguous()
+    T, M = one.numel(), neighbors.shape[0]
+    assert int(one.max()) + 1 < M
+    plan = ops._permutohedral_splat_plan.default(one, neighbors)
+    counts = torch.bincount(one.flatten().long(), minlength=M)
+    assert torch.equal(plan[T:T + M + 1], torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]))
+    assert torch.equal(plan[T + M + 1:T + 2 * M + 1], ((counts + 127) // 128).cumsum(0))
+
+
 def test_lattice_built_once_filters_many_without_rebuilding():
     from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -647,7 +647,8 @@ void normalization_scales(Term& t, int64_t images, int64_t N, int chunks, const 
 Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList bary, at::TensorList neighbors,
                    at::IntArrayRef normalization, at::ArrayRef<double> weights, int64_t iterations) {
   const char* op = "_crf_mean_field_iterate";
-  if (std::getenv("SEGOPS_MEANFIELD_SHARED"))  // tests: CUDA's schedule on the CPU
+  const char* shared = std::getenv("SEGOPS_MEANFIELD_SHARED");  // tests: CUDA's schedule on the CPU
+  if (shared != nullptr && shared[0] != '\0' && shared[0] != '0')
     return meanfield::iterate_shared<meanfield::GatherSplatBackend<BlurLaunch>>(unary_in, vertex, bary, neighbors,
                                                                               normalization, weights, iterations);
   meanfield::check_iterate_args(op, unary_in, vertex, bary, neighbors, normalization, weights, iterations);

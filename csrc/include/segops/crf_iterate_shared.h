@@ -59,6 +59,8 @@ inline void check_iterate_args(const char* op, const at::Tensor& unary, at::Tens
                     neighbors[j].scalar_type() == at::kInt,
                 op, ": neighbors[", j, "] must be (M, d+1, 2) int32, got ", neighbors[j].sizes(), " ",
                 neighbors[j].scalar_type());
+    TORCH_CHECK(neighbors[j].size(0) > 0 || B * N == 0, op, ": the lattice of kernel ", j,
+                " has no vertices (neighbors[", j, "] is (0, d+1, 2)) for ", B * N, " points");
     TORCH_CHECK(std::isfinite(weights[j]), op, ": weights[", j, "] must be finite, got ", weights[j]);
     TORCH_CHECK(normalization[j] >= kNormNone && normalization[j] <= kNormSymmetric, op, ": normalization[", j,
                 "] must be 0 (none), 1 (before), 2 (after) or 3 (symmetric), got ", normalization[j]);

@@ -1027,15 +1027,22 @@ struct SplatSumPieces {
   }
 };
 
-// start[v] = first position of vertex v in the sorted vertex ids; start[M] = T.
+// start[v] = first position of vertex v in the sorted vertex ids (ids in [0, M)); start[M] = T. A vertex with no
+// entries (not from segops' builds, which number only the vertices they meet, but from a lattice's ids paired
+// with a larger lattice's M) starts where the next vertex does: every slot is written, by exactly one position.
 struct SegmentStarts {
   const int32_t* sorted;  // (T)
   index_t T;
   int64_t* start;  // (M+1)
   int32_t M;
   SEGOPS_HD_INLINE void operator()(index_t j) const {
-    if (j == 0 || sorted[j] != sorted[j - 1]) start[sorted[j]] = j;
-    if (j == T - 1) start[M] = T;
+    const int32_t v = sorted[j] < M ? sorted[j] : M - 1;
+    if (j == 0 || sorted[j] != sorted[j - 1]) {
+      const int32_t prev = j == 0 ? -1 : (sorted[j - 1] < M ? sorted[j - 1] : M - 1);
+      for (int32_t u = prev + 1; u <= v; ++u) start[u] = j;
+    }
+    if (j == T - 1)
+      for (int32_t u = v + 1; u <= M; ++u) start[u] = T;
   }
 };
 
