@@ -363,8 +363,8 @@ def iteration_rounding_bound(crf: MeanFieldCRF, K: int) -> float:
       1.9 with); CUDA's expf is within 2 ulp;
     - softmax(-U): numerator, K - 1 sums and the division, relative rho0 = 2 delta + (K + 1) eps;
     - a message is non-negative and linear in the marginals, so it keeps rho0 relative and adds its own
-      roundings: the splat's n_max contributions with a product each, the pre-scale and up to 4 chunk or piece
-      sums (2 n_max + 5), the blur's two per direction (2 V), the slice's V products and sums and the alpha,
+      roundings: the splat's n_max contributions with a product each and the pre-scale (2 n_max + 5; summing
+      in up to 4 chunks, or in pieces of 128 and then the pieces, makes no chain longer), the blur's two per direction (2 V), the slice's V products and sums and the alpha,
       weight and post-scale products (2 V + 3), and the normalisation scales: the degrees W 1 through the same
       splat, blur and slice, a reciprocal and a square root (n_max + 4 V + 8);
     - a logit adds the unary and T messages (P: the largest sum of the messages' magnitudes at a point): it moves
