@@ -44,6 +44,7 @@ using at::Tensor;
 // Classes are processed in pieces of 8 floats; rows (unary, vertex values, marginals) hold Kp = 8 C8 floats
 // with zero pad columns. C8 <= kMaxPieces, i.e. K <= 64 (more classes use the op-by-op schedule).
 constexpr int kMaxPieces = 8;
+static_assert(8 * kMaxPieces == meanfield::kIterateMaxClasses, "the pass's pieces cover the op's class limit");
 constexpr int64_t kPoints = 128;  // points per block (one image's consecutive pixels)
 constexpr int kGroup = 4;         // points whose marginals are computed together
 constexpr int kMaxChunks = 4;     // splat chunks (see iterate_cpu)
@@ -608,8 +609,9 @@ int blur_grid(const Term& t, const int32_t* nbrs, Tensor* g, int src) {
   return src;
 }
 
-// Normalisation modes: pydensecrf's NormalizationType codes (NO_NORMALIZATION, _BEFORE, _AFTER, _SYMMETRIC).
-enum Normalization : int64_t { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric = 3 };
+using meanfield::kNormAfter;
+using meanfield::kNormNone;
+using meanfield::kNormSymmetric;
 
 // The kernel's scales from its degrees W 1 at the lattice's Bt N points (pydensecrf's DenseKernel: norm =
 // 1 / (W 1 + 1e-20), its square root for "symmetric"): pre multiplies the marginals before the filter, post
@@ -619,7 +621,7 @@ enum Normalization : int64_t { kNone = 0, kBefore = 1, kAfter = 2, kSymmetric = 
 // into grid c (images have vertices of their own), in parallel; the grids are added in range order.
 void normalization_scales(Term& t, int64_t images, int64_t N, int chunks, const Tensor& nbrs, int64_t d,
                           int64_t mode, Tensor& pre, Tensor& post) {
-  if (mode == kNone) return;
+  if (mode == kNormNone) return;
   const int64_t M = t.M, V = t.V, points = images * N;
   Tensor grids = at::zeros({chunks, M}, at::kFloat);
   float* g = grids.data_ptr<float>();
@@ -638,12 +640,12 @@ void normalization_scales(Term& t, int64_t images, int64_t N, int chunks, const 
   const float* bl = blurred.data_ptr<float>();
   Tensor scale = at::empty({points}, at::kFloat);
   float* sc = scale.data_ptr<float>();
-  BlurLaunch::launch(points, meanfield::DegreeScales{bl, t.vertex, t.bary, t.alpha, V, mode == kSymmetric, sc}, 4096);
-  if (mode != kAfter) {
+  BlurLaunch::launch(points, meanfield::DegreeScales{bl, t.vertex, t.bary, t.alpha, V, mode == kNormSymmetric, sc}, 4096);
+  if (mode != kNormAfter) {
     pre = scale;
     t.pre = sc;
   }
-  if (mode == kSymmetric || mode == kAfter) {
+  if (mode == kNormSymmetric || mode == kNormAfter) {
     post = scale;
     t.post = sc;
   }

@@ -1035,12 +1035,11 @@ struct SegmentStarts {
   index_t T;
   int64_t* start;  // (M+1)
   int32_t M;
+  SEGOPS_HD_INLINE int32_t id(index_t j) const { return sorted[j] < M ? sorted[j] : M - 1; }
   SEGOPS_HD_INLINE void operator()(index_t j) const {
-    const int32_t v = sorted[j] < M ? sorted[j] : M - 1;
-    if (j == 0 || sorted[j] != sorted[j - 1]) {
-      const int32_t prev = j == 0 ? -1 : (sorted[j - 1] < M ? sorted[j - 1] : M - 1);
-      for (int32_t u = prev + 1; u <= v; ++u) start[u] = j;
-    }
+    const int32_t v = id(j);
+    if (j == 0 || sorted[j] != sorted[j - 1])
+      for (int32_t u = j == 0 ? 0 : id(j - 1) + 1; u <= v; ++u) start[u] = j;
     if (j == T - 1)
       for (int32_t u = v + 1; u <= M; ++u) start[u] = T;
   }
