@@ -559,7 +559,10 @@ void point_major(const Tensor& unary, int64_t B, int64_t K, int64_t N, int64_t K
 }
 
 // One blur direction j over vertices [v0, v1) of rows of Cg floats (Cg a multiple of 8):
-// out[v] = in[v] + 1/2 (in[v-] + in[v+]), the lattice's BlurDirection in 8-float pieces (same operations).
+// out[v] = in[v] + 1/2 (in[v-] + in[v+]), the lattice's BlurDirection in 8-float pieces. `nbrs` are the lattice's
+// neighbours with every absent one (-1) replaced by M, the grids' zero row (see blur_neighbors): no branch on a
+// neighbour's presence, which has no pattern a predictor could learn. A missing neighbour adds a zero, so the
+// values are BlurDirection's up to the sign of a zero.
 SEGOPS_LATTICE_INLINE void blur_range(const float* in, float* out, const int32_t* nbrs, int64_t V, int64_t j,
                                       int64_t Cg, int64_t v0, int64_t v1) {
   const float half = 0.5f;
@@ -567,17 +570,9 @@ SEGOPS_LATTICE_INLINE void blur_range(const float* in, float* out, const int32_t
     const int32_t a = nbrs[(v * V + j) * 2], c = nbrs[(v * V + j) * 2 + 1];
     const float* self = in + v * Cg;
     float* o = out + v * Cg;
-    const float* pa = a >= 0 ? in + static_cast<int64_t>(a) * Cg : self;  // (absent neighbours are not read)
-    const float* pc = c >= 0 ? in + static_cast<int64_t>(c) * Cg : self;
-    if (a >= 0 && c >= 0) {
-      for (int64_t x = 0; x < Cg; x += 8) store8(o + x, load8(self + x) + half * (load8(pa + x) + load8(pc + x)));
-    } else if (a >= 0) {
-      for (int64_t x = 0; x < Cg; x += 8) store8(o + x, load8(self + x) + half * load8(pa + x));
-    } else if (c >= 0) {
-      for (int64_t x = 0; x < Cg; x += 8) store8(o + x, load8(self + x) + half * load8(pc + x));
-    } else {
-      for (int64_t x = 0; x < Cg; x += 8) store8(o + x, load8(self + x));
-    }
+    const float* pa = in + static_cast<int64_t>(a) * Cg;
+    const float* pc = in + static_cast<int64_t>(c) * Cg;
+    for (int64_t x = 0; x < Cg; x += 8) store8(o + x, load8(self + x) + half * (load8(pa + x) + load8(pc + x)));
   }
 }
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -594,8 +589,20 @@ void blur_range_best(const float* in, float* out, const int32_t* nbrs, int64_t V
   blur_range(in, out, nbrs, V, j, Cg, v0, v1);
 }
 
-// The d+1 blur directions of kernel t's grid g[src], ping-ponging with g[1 - src]; returns the index holding
-// the result.
+// The lattice's (M, V, 2) neighbours with each absent one (-1) replaced by M: blur_range's zero row.
+Tensor blur_neighbors(const Tensor& nbrs, int64_t M) {
+  Tensor out = at::empty_like(nbrs);
+  const int32_t* in = nbrs.data_ptr<int32_t>();
+  int32_t* o = out.data_ptr<int32_t>();
+  const int32_t zero_row = static_cast<int32_t>(M);
+  omp_parallel_for(0, nbrs.numel(), int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = in[i] >= 0 ? in[i] : zero_row;
+  });
+  return out;
+}
+
+// The d+1 blur directions of kernel t's grid g[src], ping-ponging with g[1 - src] (both (M + 1, Cg), row M zero;
+// `nbrs` from blur_neighbors); returns the index holding the result.
 int blur_grid(const Term& t, const int32_t* nbrs, Tensor* g, int src) {
   RECORD_USER_SCOPE("segops_kernel::blur");
   for (int64_t j = 0; j < t.V; ++j, src = 1 - src) {
@@ -676,7 +683,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
   P.count = static_cast<int>(count);
 
   std::vector<Tensor> keep;  // contiguous inputs and the grids, alive for the whole call
-  std::vector<Tensor> grids(count), nbrs(count), pres(count), posts(count);
+  std::vector<Tensor> grids(count), nbrs(count), blur_nbrs(count), pres(count), posts(count);
   std::vector<int64_t> dims(count);
   for (size_t j = 0; j < count; ++j) {
     const Tensor& vx = vertex[j];
@@ -694,7 +701,8 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     t.weight = static_cast<float>(weights[j]);
     t.alpha = static_cast<float>(lattice::slice_alpha(d));
     dims[j] = d;
-    grids[j] = at::zeros({t.M, t.Cg}, unary.options());
+    blur_nbrs[j] = blur_neighbors(nbrs[j], t.M);
+    grids[j] = at::zeros({t.M + 1, t.Cg}, unary.options());  // row M: the blur's zero row, never written
     t.grid = grids[j].data_ptr<float>();
   }
   // Splat chunks: each extra one costs zeroing and adding the kernels' grids once per pass (~3 M Cg values),
@@ -725,6 +733,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     Term& t = P.terms[j];
     g[j][0] = grids[j];
     g[j][1] = at::empty_like(grids[j]);
+    g[j][1][t.M].zero_();
     if (P.chunks > 1) {
       extras[j] = at::zeros({P.chunks - 1, t.M, t.Cg}, unary.options());
       for (int c = 1; c < P.chunks; ++c) t.extra[c - 1] = extras[j][c - 1].data_ptr<float>();
@@ -736,7 +745,7 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     P.last = it == iterations - 1;
     for (size_t j = 0; j < count; ++j) {
       Term& t = P.terms[j];
-      const int r = blur_grid(t, nbrs[j].data_ptr<int32_t>(), g[j].data(), target[j]);
+      const int r = blur_grid(t, blur_nbrs[j].data_ptr<int32_t>(), g[j].data(), target[j]);
       t.blurred = g[j][r].data_ptr<float>();
       target[j] = 1 - r;
       if (!P.last) {
