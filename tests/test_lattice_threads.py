@@ -164,11 +164,13 @@ def _isa_results(inputs: dict[str, tuple[torch.Tensor, torch.Tensor]], threads: 
     return out
 
 
+@pytest.mark.parametrize("capability", ["default", "avx2"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_lattice_same_bits_on_every_instruction_set(tmp_path, threads):
-    """The lattice loops' AVX2 clones (there the build finds 8 points' simplices at once in vector lanes) and
-    the portable build (ATEN_CPU_CAPABILITY=default, read once per process: so in a subprocess) do the same
-    operations in the same order: bitwise equal results (on a CPU without AVX2 both runs are portable).
+def test_lattice_same_bits_on_every_instruction_set(tmp_path, threads, capability):
+    """The lattice loops' AVX2 and AVX-512 clones (there the build finds 8 points' simplices at once in vector
+    lanes) and the portable build (ATEN_CPU_CAPABILITY=default or avx2, read once per process: so in a
+    subprocess, against this process's best) do the same operations in the same order: bitwise equal results
+    (on a CPU without AVX2 both runs are portable, without AVX-512 the avx2 case compares AVX2 with itself).
     The inputs are made here and handed over: ATen's own random and resampling kernels round differently
     per instruction set."""
     import os
@@ -181,7 +183,7 @@ def test_lattice_same_bits_on_every_instruction_set(tmp_path, threads):
     code = ("import sys, torch; sys.path.insert(0, %r); import test_lattice_threads as t; "
             "torch.save(t._isa_results(torch.load(%r), %d), %r)"
             % (here, str(tmp_path / "inputs.pt"), threads, str(tmp_path / "portable.pt")))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     portable = torch.load(tmp_path / "portable.pt")

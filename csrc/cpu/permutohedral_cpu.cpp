@@ -312,6 +312,14 @@ __attribute__((target("avx2"))) void number_range_avx2(const lattice::BuildPacke
                                                        int64_t end, KeyIds& keys) {
   number_range<D, T, true>(build, begin, end, keys);
 }
+// The same with 512-bit vectors (8 points' int64 codes in one register instead of two): the lattice op (512²
+// photo, 5-d features, one thread) took 0.97x the time (medians of 55 in-process alternations, 3 runs); the float
+// steps are the same operations, uncontracted, so the same bits (tested against the AVX2 and portable builds).
+template <int D, typename T>
+__attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off"))) void number_range_avx512(
+    const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end, KeyIds& keys) {
+  number_range<D, T, true>(build, begin, end, keys);
+}
 #endif
 
 // neighbors[v][j] = (the vertex one step back along direction j, one step forward), -1 where absent: the
@@ -396,6 +404,10 @@ struct CpuBackend {
       omp_parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
 #if defined(SEGOPS_LATTICE_AVX2)
+          if (block::cpu_isa() == block::Isa::kAvx512) {
+            number_range_avx512<D, T>(build, first(r), first(r + 1), keys[r]);
+            continue;
+          }
           if (block::avx2_clones()) {
             number_range_avx2<D, T>(build, first(r), first(r + 1), keys[r]);
             continue;
