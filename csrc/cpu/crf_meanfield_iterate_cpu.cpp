@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
 #endif
@@ -144,6 +145,10 @@ struct Term {
   const float* blurred = nullptr;  // (M, Cg): W's vertex values of the previous marginals
   float* grid = nullptr;           // (M, Cg), zeroed: the splat of this pass's marginals (chunk 0)
   float* extra[kMaxChunks - 1] = {};  // the same for chunks 1 .. S-1, added into grid after the pass
+  // The vertex rows [lo, hi) that chunk c's points touch in any image (ids number vertices in order of first
+  // appearance, so a chunk of an image's rows touches about one band of them: 52% of the rows of chunks 1 .. 3
+  // on a 512² photo). Only these rows of extra grid c are ever nonzero: zeroed and added.
+  int64_t extra_lo[kMaxChunks - 1] = {}, extra_hi[kMaxChunks - 1] = {};
 
   float* grid_of(int chunk) const { return chunk == 0 ? grid : extra[chunk - 1]; }
 };
@@ -472,14 +477,22 @@ class FlushDenormals {
 
 // grid += extra[0] + extra[1] + ... (in chunk order) for kernel t, rows in parallel; each extra grid is zeroed as it
 // is read (in cache), ready for the next pass's splat.
+// Only the rows that chunk s touches (extra_lo .. extra_hi) are read: the others are 0, whose sum would change no
+// value.
 void add_chunks(const Pass& P, const Term& t) {
   if (P.chunks == 1) return;
-  const int64_t n = t.M * t.Cg;
-  omp_parallel_for(0, n, int64_t(1) << 14, [&](int64_t i0, int64_t i1) {
+  int64_t lo = t.M, hi = 0;
+  for (int s = 1; s < P.chunks; ++s) {
+    lo = std::min(lo, t.extra_lo[s - 1]);
+    hi = std::max(hi, t.extra_hi[s - 1]);
+  }
+  if (lo >= hi) return;
+  omp_parallel_for(lo * t.Cg, hi * t.Cg, int64_t(1) << 14, [&](int64_t i0, int64_t i1) {
     FlushDenormals ftz;
     for (int s = 1; s < P.chunks; ++s) {
       float* e = t.extra[s - 1];
-      for (int64_t i = i0; i < i1; ++i) {
+      const int64_t a = std::max(i0, t.extra_lo[s - 1] * t.Cg), b = std::min(i1, t.extra_hi[s - 1] * t.Cg);
+      for (int64_t i = a; i < b; ++i) {
         t.grid[i] += e[i];
         e[i] = 0.f;
       }
@@ -626,20 +639,47 @@ using meanfield::kNormSymmetric;
 // slice times alpha. The sums are split like the passes' splats: each of the lattice's Bt images in `chunks`
 // fixed ranges of points (from the sizes, never the thread count), range c of every image summed in entry order
 // into grid c (images have vertices of their own), in parallel; the grids are added in range order.
+// The same scan of the entries, one task per (image, chunk), also finds the vertex rows each chunk touches
+// (t.extra_lo / extra_hi), with or without normalisation.
 void normalization_scales(Term& t, int64_t images, int64_t N, int chunks, const Tensor& nbrs, int64_t d,
                           int64_t mode, Tensor& pre, Tensor& post) {
-  if (mode == kNormNone) return;
-  const int64_t M = t.M, V = t.V, points = images * N;
-  Tensor grids = at::zeros({chunks, M}, at::kFloat);
-  float* g = grids.data_ptr<float>();
-  omp_parallel_for(0, images * chunks, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t M = t.M, V = t.V, points = images * N, tasks = images * chunks;
+  Tensor grids = mode == kNormNone ? Tensor() : at::zeros({chunks, M}, at::kFloat);
+  float* g = mode == kNormNone ? nullptr : grids.data_ptr<float>();
+  std::vector<int64_t> lo(static_cast<size_t>(tasks)), hi(static_cast<size_t>(tasks));
+  omp_parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / chunks, c = task - b * chunks;
-      float* gc = g + c * M;
-      for (int64_t e = (b * N + N * c / chunks) * V, e1 = (b * N + N * (c + 1) / chunks) * V; e < e1; ++e)
-        gc[t.vertex[e]] += t.bary[e];
+      int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
+      const int64_t e0 = (b * N + N * c / chunks) * V, e1 = (b * N + N * (c + 1) / chunks) * V;
+      if (g != nullptr) {
+        float* gc = g + c * M;
+        for (int64_t e = e0; e < e1; ++e) {
+          const int32_t v = t.vertex[e];
+          first = std::min(first, v);
+          last = std::max(last, v);
+          gc[v] += t.bary[e];
+        }
+      } else {
+        for (int64_t e = e0; e < e1; ++e) {
+          first = std::min(first, t.vertex[e]);
+          last = std::max(last, t.vertex[e]);
+        }
+      }
+      lo[task] = first;
+      hi[task] = last + 1;
     }
   });
+  for (int c = 1; c < chunks; ++c) {
+    t.extra_lo[c - 1] = M;
+    t.extra_hi[c - 1] = 0;
+    for (int64_t b = 0; b < images; ++b) {
+      if (lo[b * chunks + c] >= hi[b * chunks + c]) continue;  // (a chunk without points)
+      t.extra_lo[c - 1] = std::min(t.extra_lo[c - 1], lo[b * chunks + c]);
+      t.extra_hi[c - 1] = std::max(t.extra_hi[c - 1], hi[b * chunks + c]);
+    }
+  }
+  if (mode == kNormNone) return;
   for (int c = 1; c < chunks; ++c)
     for (int64_t v = 0; v < M; ++v) g[v] += g[c * M + v];
   const Tensor grid = grids.narrow(0, 0, 1).view({M, 1});
@@ -734,9 +774,12 @@ Tensor iterate_cpu(const Tensor& unary_in, at::TensorList vertex, at::TensorList
     g[j][0] = grids[j];
     g[j][1] = at::empty_like(grids[j]);
     g[j][1][t.M].zero_();
-    if (P.chunks > 1) {
-      extras[j] = at::zeros({P.chunks - 1, t.M, t.Cg}, unary.options());
-      for (int c = 1; c < P.chunks; ++c) t.extra[c - 1] = extras[j][c - 1].data_ptr<float>();
+    if (P.chunks > 1) {  // only the rows a chunk touches are zeroed (and ever read)
+      extras[j] = at::empty({P.chunks - 1, t.M, t.Cg}, unary.options());
+      for (int c = 1; c < P.chunks; ++c) {
+        t.extra[c - 1] = extras[j][c - 1].data_ptr<float>();
+        extras[j][c - 1].narrow(0, t.extra_lo[c - 1], std::max<int64_t>(0, t.extra_hi[c - 1] - t.extra_lo[c - 1])).zero_();
+      }
     }
   }
   run_pass(P);  // softmax(-unary), splatted
