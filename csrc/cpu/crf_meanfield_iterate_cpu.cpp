@@ -212,6 +212,10 @@ struct Pieces8 {
     }
     return sv;
   }
+  // exp_and_sum for points g and g + 1 (their sums' hsum8 into total[0], total[1])
+  static SEGOPS_LATTICE_INLINE void exp_and_sum_pair(const Q* l, const float* m, int64_t K, Q* q, float* total) {
+    for (int g = 0; g < 2; ++g) total[g] = hsum8(exp_and_sum(l[g], m[g], K, q[g]));
+  }
   static SEGOPS_LATTICE_INLINE void scale(Q& q, float s) {
     for (int c = 0; c < C8; ++c) q.p[c] *= splat8(s);
   }
@@ -289,6 +293,31 @@ struct Pieces16 {
     for (int c = 0; c < C8; ++c) sv += piece(q.p[c / 2], c % 2);  // the 8-lane pieces in order
     return sv;
   }
+  // Two points at once: when C8 is odd, the 8 row lanes of their last vectors share one exp16 (the same lane
+  // operations as exp_and_sum's, so the same bits), a quarter less exp work at K = 17 .. 24 (the iterate op at
+  // 512², K = 21: 0.987x the time, medians of 37 in-process alternations, 3 runs).
+  static SEGOPS_LATTICE_INLINE void exp_and_sum_pair(const Q* l, const float* m, int64_t K, Q* q, float* total) {
+    if constexpr (!kHalf) {
+      for (int g = 0; g < 2; ++g) total[g] = hsum8(exp_and_sum(l[g], m[g], K, q[g]));
+    } else {
+      for (int g = 0; g < 2; ++g)
+        for (int h = 0; h < H - 1; ++h) q[g].p[h] = exp16(l[g].p[h] - splat16(m[g]));
+      const v16 both = __builtin_shufflevector(l[0].p[H - 1], l[1].p[H - 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                               20, 21, 22, 23);
+      const v16 ms = __builtin_shufflevector(splat16(m[0]), splat16(m[1]), 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                             20, 21, 22, 23);
+      const v16 e = exp16(both - ms);
+      const v16 zero = {};
+      q[0].p[H - 1] = __builtin_shufflevector(e, zero, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+      q[1].p[H - 1] = __builtin_shufflevector(e, zero, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23);
+      for (int g = 0; g < 2; ++g) {
+        q[g].p[H - 1] = live_lanes(K) ? q[g].p[H - 1] : splat16(0.f);
+        v8 sv = splat8(0.f);
+        for (int c = 0; c < C8; ++c) sv += piece(q[g].p[c / 2], c % 2);
+        total[g] = hsum8(sv);
+      }
+    }
+  }
   static SEGOPS_LATTICE_INLINE void scale(Q& q, float s) {
     for (int h = 0; h < H; ++h) q.p[h] *= splat16(s);
   }
@@ -340,7 +369,16 @@ struct PointMath {
     float m[G];
     for (int g = 0; g < G; ++g) m[g] = hmax8(L::mask_and_max(l[g], P.K));
     v4 total = {1.f, 1.f, 1.f, 1.f};
-    for (int g = 0; g < G; ++g) total[g] = hsum8(L::exp_and_sum(l[g], m[g], P.K, q[g]));
+    if (G % 2 == 0) {  // in pairs: see exp_and_sum_pair
+      for (int g = 0; g < G; g += 2) {
+        float t2[2];
+        L::exp_and_sum_pair(l + g, m + g, P.K, q + g, t2);
+        total[g] = t2[0];
+        total[g + 1] = t2[1];
+      }
+    } else {
+      for (int g = 0; g < G; ++g) total[g] = hsum8(L::exp_and_sum(l[g], m[g], P.K, q[g]));
+    }
     // the G reciprocals in one division (each lane correctly rounded: the bits of G scalar divisions)
     const v4 inv = v4{1.f, 1.f, 1.f, 1.f} / total;
     for (int g = 0; g < G; ++g) L::scale(q[g], inv[g]);
