@@ -422,12 +422,14 @@ struct CpuBackend {
       out.bad = true;
       return out;
     }
-    // merge: the ranges' keys in range order into one table code -> vertex id
+    // merge: the ranges' keys in range order into one table code -> vertex id (sized for all of them at once;
+    // growing the first range's table instead took longer on two threads). One range's table is that table.
     int64_t upper = 0;
     for (const KeyIds& k : keys) upper += static_cast<int64_t>(k.codes().size());
-    KeyIds table(upper);
+    KeyIds merged(R > 1 ? upper : 0);
+    KeyIds& table = R > 1 ? merged : keys[0];
     std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
-    {
+    if (R > 1) {
       SEGOPS_LATTICE_KERNEL("merge");
       for (int64_t r = 0; r < R; ++r) {
         const std::vector<int64_t>& local = keys[r].codes();
@@ -437,18 +439,17 @@ struct CpuBackend {
           if (r > 0) ids[r][l] = v;
         }
       }
-      if (R > 1) {  // the entries of ranges 1 .. R-1, split evenly over the threads (not by range)
-        omp_parallel_for(first(1) * (D + 1), points * (D + 1), lattice::kGrainCheap, [&](int64_t e0, int64_t e1) {
-          int64_t r = 1;
-          while (first(r + 1) * (D + 1) <= e0) ++r;
-          for (int64_t e = e0; e < e1;) {
-            const int64_t end = std::min(e1, first(r + 1) * (D + 1));
-            const int32_t* map = ids[r].data();
-            for (; e < end; ++e) build.slot[e] = map[build.slot[e]];
-            ++r;
-          }
-        });
-      }
+      // the entries of ranges 1 .. R-1, split evenly over the threads (not by range)
+      omp_parallel_for(first(1) * (D + 1), points * (D + 1), lattice::kGrainCheap, [&](int64_t e0, int64_t e1) {
+        int64_t r = 1;
+        while (first(r + 1) * (D + 1) <= e0) ++r;
+        for (int64_t e = e0; e < e1;) {
+          const int64_t end = std::min(e1, first(r + 1) * (D + 1));
+          const int32_t* map = ids[r].data();
+          for (; e < end; ++e) build.slot[e] = map[build.slot[e]];
+          ++r;
+        }
+      });
     }
     out.M = static_cast<int64_t>(table.codes().size());
     out.neighbors = at::empty({out.M, D + 1, 2}, at::kInt);
