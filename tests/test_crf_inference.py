@@ -523,48 +523,62 @@ def test_one_op_schedule_chunked_splat_matches_and_ignores_threads(crops):
 
 def _exact_iteration(unary: torch.Tensor, vertex: torch.Tensor, neighbors: torch.Tensor, weight: float):
     """One unnormalised mean-field iteration in float64 from the one-hot marginals of argmin(unary), with every
-    barycentric weight 1, and whether each of its sums is exact in float32 too: (marginals (1, K, H, W),
-    max |logit|, exact)."""
-    _, K, H, W = unary.shape
-    V = vertex.shape[2]
-    M = neighbors.shape[0]
-    q = torch.nn.functional.one_hot(unary.argmin(1).reshape(-1), K).double()            # (N, K)
-    grid = torch.zeros(M + 1, K, dtype=torch.float64)                                    # row M: absent
-    grid.index_add_(0, vertex[0].reshape(-1).long(), q.repeat_interleave(V, 0))
-    exact = torch.equal(grid, grid.float().double())
-    nb = torch.where(neighbors < 0, M, neighbors).long()
-    for j in range(V):
-        grid[:M] = grid[:M] + 0.5 * (grid[nb[:, j, 0]] + grid[nb[:, j, 1]])
+    barycentric weight 1, and whether each of its sums is exact in float32 too: (marginals (B, K, H, W),
+    max |logit|, exact). A lattice of one image for a batch of B (vertex (1, N, V)) is each image's."""
+    B, K, H, W = unary.shape
+    N, V, M = H * W, vertex.shape[2], neighbors.shape[0]
+    nb = torch.where(neighbors < 0, M, neighbors).long()                                 # row M: absent
+    ids = vertex.reshape(-1, N * V).long().expand(B, N * V)
+    out, L, exact = torch.empty(B, K, N, dtype=torch.float64), 0.0, True
+    for b in range(B) if vertex.shape[0] == 1 else [None]:
+        images = range(B) if b is None else [b]
+        q = torch.cat([torch.nn.functional.one_hot(unary[i].argmin(0).reshape(-1), K).double() for i in images])
+        rows = torch.cat([ids[i] for i in images])
+        grid = torch.zeros(M + 1, K, dtype=torch.float64)
+        grid.index_add_(0, rows, q.repeat_interleave(V, 0))
         exact = exact and torch.equal(grid, grid.float().double())
-    s = grid[vertex[0].long()].sum(1)                                                     # (N, K)
-    exact = exact and torch.equal(s, s.float().double())
-    logits = -unary.double().reshape(K, -1).T + weight / (1 + 2.0 ** -(V - 1)) * s
-    return torch.softmax(logits, 1).T.reshape(1, K, H, W), logits.abs().max().item(), exact
+        for j in range(V):
+            grid[:M] = grid[:M] + 0.5 * (grid[nb[:, j, 0]] + grid[nb[:, j, 1]])
+            exact = exact and torch.equal(grid, grid.float().double())
+        s = grid[rows].reshape(-1, V, K).sum(1)                                           # (points, K)
+        exact = exact and torch.equal(s, s.float().double())
+        u = torch.cat([unary[i].double().reshape(K, N).T for i in images])
+        logits = -u + weight / (1 + 2.0 ** -(V - 1)) * s
+        L = max(L, logits.abs().max().item())
+        out[list(images)] = torch.softmax(logits, 1).reshape(len(images), N, K).transpose(1, 2)
+    return out.reshape(B, K, H, W), L, exact
 
 
-def test_one_op_schedule_chunks_add_up_exactly():
-    # The astronaut at 512² (4 splat chunks, each touching its own band of vertex rows) with every barycentric
-    # weight 1 and one-hot starting marginals (unary 0 for the pixel's label, 100 for the other classes): then every
-    # splat, blur and slice sum is an integer times a power of two that float32 holds exactly (checked), so the
-    # one-op iteration differs from exact arithmetic only after the sums. The labels are K vertical bands with 30%
-    # of the pixels relabelled at random, which the messages mostly correct. After the sums, with L = max |logit| and
-    # eps = 2^-23: the weight times alpha, the logit's one or two roundings (<= eps L), l - max (<= eps L), exp
-    # (<= 4 eps relative) and the softmax's sum and division (<= 2 eps): |error| <= (4 L + 10) eps. The
-    # starting marginals of the other classes are e^-87 in float32 (exp's clamp), not 0: <= 1e-30 in any sum.
-    # Measured: 1.2e-5 against the bound's 1.5e-3 (L = 3125); with the last 50 rows of each chunk's band lost, 0.066.
-    im = photo("astronaut", 0, 0, 512, 512)
-    feats = R.crf_features(torch.from_numpy(im).permute(2, 0, 1)[None].float(), sigma_rgb=13.0, sigma_xy=80.0)
+@pytest.mark.parametrize("crops,shared", [
+    ([("astronaut", 0, 0, 512, 512)], False),                                  # 2^18 pixels: 4 chunks
+    ([("astronaut", 50, 60, 400, 400), ("coffee", 0, 100, 400, 400)], False),  # 2 chunks per image
+    ([("astronaut", 50, 60, 400, 400), ("coffee", 0, 100, 400, 400)], True),   # the first one's lattice for both
+], ids=["one-image-4-chunks", "two-images-2-chunks", "two-images-one-lattice"])
+def test_one_op_schedule_chunks_add_up_exactly(crops, shared):
+    # Photos (4 or 2 splat chunks per image, each touching its own band of vertex rows) with every barycentric
+    # weight 1 and one-hot starting marginals (unary 0 for the pixel's label, 100 for the other classes): then
+    # every splat, blur and slice sum is an integer times a power of two that float32 holds exactly (checked), so
+    # the one-op iteration differs from exact arithmetic only after the sums. The labels are K vertical bands with
+    # 30% of the pixels relabelled at random, which the messages mostly correct. After the sums, with
+    # L = max |logit| and eps = 2^-23: the weight times alpha, the logit's one or two roundings (<= eps L),
+    # l - max (<= eps L), exp (<= 4 eps relative) and the softmax's sum and division (<= 2 eps):
+    # |error| <= (4 L + 10) eps. The starting marginals of the other classes are e^-87 in float32 (exp's clamp),
+    # not 0: <= 1e-30 in any sum. Measured at 512²: 1.2e-5 against the bound's 1.5e-3 (L = 3125); with the last
+    # 50 rows of each chunk's band lost, 0.066.
+    images = torch.stack([torch.from_numpy(photo(*c)).permute(2, 0, 1) for c in crops]).float()
+    B, _, H, W = images.shape
+    feats = R.crf_features(images[:1] if shared else images, sigma_rgb=13.0, sigma_xy=80.0)
     vertex, bary, neighbors = torch.ops.segops.permutohedral_lattice(feats)
     g = torch.Generator().manual_seed(7)
     K = 3
-    labels = (torch.arange(512) * K // 512).view(1, 1, 1, 512).expand(1, 1, 512, 512)  # K vertical bands
-    noise = torch.rand(1, 1, 512, 512, generator=g) < 0.3                                # 30% of them wrong
-    labels = torch.where(noise, torch.randint(0, K, (1, 1, 512, 512), generator=g), labels)
-    unary = torch.full((1, K, 512, 512), 100.0).scatter_(1, labels, 0.0)
+    labels = (torch.arange(W) * K // W).view(1, 1, 1, W).expand(B, 1, H, W)           # K vertical bands
+    noise = torch.rand(B, 1, H, W, generator=g) < 0.3                                  # 30% of them wrong
+    labels = torch.where(noise, torch.randint(0, K, (B, 1, H, W), generator=g), labels)
+    unary = torch.full((B, K, H, W), 100.0).scatter_(1, labels, 0.0)
     weight = 2.0 ** -6
     expected, L, exact = _exact_iteration(unary, vertex, neighbors, weight)
     assert exact, "the premise: every sum is exact in float32"
-    # the premise that the test can fail: the messages relabel most of the wrong pixels (their band's class)
+    # the premise that the test can fail: the messages relabel many pixels (most wrong ones: their band's class)
     assert (expected.argmax(1) != labels[:, 0]).double().mean().item() > 0.1
     ones = torch.ones_like(bary)
     got = torch.ops.segops._crf_mean_field_iterate(unary, [vertex], [ones], [neighbors], [0], [weight], 1)
