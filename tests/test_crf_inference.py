@@ -554,7 +554,8 @@ def _exact_iteration(unary: torch.Tensor, vertex: torch.Tensor, neighbors: torch
     ([("astronaut", 50, 60, 400, 400), ("coffee", 0, 100, 400, 400)], False),  # 2 chunks per image
     ([("astronaut", 50, 60, 400, 400), ("coffee", 0, 100, 400, 400)], True),   # the first one's lattice for both
 ], ids=["one-image-4-chunks", "two-images-2-chunks", "two-images-one-lattice"])
-def test_one_op_schedule_chunks_add_up_exactly(crops, shared):
+@pytest.mark.parametrize("schedule", ["cpu", "shared", "cuda"])
+def test_one_op_schedule_chunks_add_up_exactly(crops, shared, schedule, monkeypatch):
     # Photos (4 or 2 splat chunks per image, each touching its own band of vertex rows) with every barycentric
     # weight 1 and one-hot starting marginals (unary 0 for the pixel's label, 100 for the other classes): then
     # every splat, blur and slice sum is an integer times a power of two that float32 holds exactly (checked), so
@@ -564,7 +565,13 @@ def test_one_op_schedule_chunks_add_up_exactly(crops, shared):
     # l - max (<= eps L), exp (<= 4 eps relative) and the softmax's sum and division (<= 2 eps):
     # |error| <= (4 L + 10) eps. The starting marginals of the other classes are e^-87 in float32 (exp's clamp),
     # not 0: <= 1e-30 in any sum. Measured at 512²: 1.2e-5 against the bound's 1.5e-3 (L = 3125); with the last
-    # 50 rows of each chunk's band lost, 0.066.
+    # 50 rows of each chunk's band lost, 0.066. "shared": the same for CUDA's schedule run on the CPU (its splat
+    # sums pieces of at most 128 entries; these photos crowd thousands onto a vertex), and on the GPU (expf:
+    # within 2 ulp).
+    if schedule == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if schedule == "shared":
+        monkeypatch.setenv("SEGOPS_MEANFIELD_SHARED", "1")
     images = torch.stack([torch.from_numpy(photo(*c)).permute(2, 0, 1) for c in crops]).float()
     B, _, H, W = images.shape
     feats = R.crf_features(images[:1] if shared else images, sigma_rgb=13.0, sigma_xy=80.0)
@@ -580,9 +587,11 @@ def test_one_op_schedule_chunks_add_up_exactly(crops, shared):
     assert exact, "the premise: every sum is exact in float32"
     # the premise that the test can fail: the messages relabel many pixels (most wrong ones: their band's class)
     assert (expected.argmax(1) != labels[:, 0]).double().mean().item() > 0.1
-    ones = torch.ones_like(bary)
-    got = torch.ops.segops._crf_mean_field_iterate(unary, [vertex], [ones], [neighbors], [0], [weight], 1)
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=(4 * L + 10) * 2.0 ** -23)
+    dev = "cuda" if schedule == "cuda" else "cpu"
+    ones = torch.ones_like(bary, device=dev)
+    got = torch.ops.segops._crf_mean_field_iterate(unary.to(dev), [vertex.to(dev)], [ones], [neighbors.to(dev)], [0],
+                                                   [weight], 1)
+    torch.testing.assert_close(got.cpu().double(), expected, rtol=0, atol=(4 * L + 10) * 2.0 ** -23)
 
 
 def test_one_op_schedule_runs_for_no_grad_potts_cpu_float32_only():
