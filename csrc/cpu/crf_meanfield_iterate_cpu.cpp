@@ -709,19 +709,12 @@ void normalization_scales(Term& t, int64_t images, int64_t N, int chunks, const 
       const int64_t b = task / chunks, c = task - b * chunks;
       int32_t first = std::numeric_limits<int32_t>::max(), last = -1;
       const int64_t e0 = (b * N + N * c / chunks) * V, e1 = (b * N + N * (c + 1) / chunks) * V;
-      if (g != nullptr) {
-        float* gc = g + c * M;
-        for (int64_t e = e0; e < e1; ++e) {
-          const int32_t v = t.vertex[e];
-          first = std::min(first, v);
-          last = std::max(last, v);
-          gc[v] += t.bary[e];
-        }
-      } else {
-        for (int64_t e = e0; e < e1; ++e) {
-          first = std::min(first, t.vertex[e]);
-          last = std::max(last, t.vertex[e]);
-        }
+      float* gc = g == nullptr ? nullptr : g + c * M;
+      for (int64_t e = e0; e < e1; ++e) {
+        const int32_t v = t.vertex[e];
+        first = std::min(first, v);
+        last = std::max(last, v);
+        if (gc != nullptr) gc[v] += t.bary[e];
       }
       lo[task] = first;
       hi[task] = last + 1;

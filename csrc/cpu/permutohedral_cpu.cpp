@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
@@ -426,8 +427,9 @@ struct CpuBackend {
     // growing the first range's table instead took longer on two threads). One range's table is that table.
     int64_t upper = 0;
     for (const KeyIds& k : keys) upper += static_cast<int64_t>(k.codes().size());
-    KeyIds merged(R > 1 ? upper : 0);
-    KeyIds& table = R > 1 ? merged : keys[0];
+    std::optional<KeyIds> merged;
+    if (R > 1) merged.emplace(upper);
+    KeyIds& table = R > 1 ? *merged : keys[0];
     std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
     if (R > 1) {
       SEGOPS_LATTICE_KERNEL("merge");
