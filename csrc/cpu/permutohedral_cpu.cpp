@@ -261,7 +261,7 @@ SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build,
   std::vector<int32_t> cache_id(1 << kCacheBits);
   const lattice::PackPlan p = *build.plan;
   int32_t* slot = build.slot;
-  auto number = [&](index_t entry, int64_t code) {
+  auto number = [&](index_t entry, int64_t code) SEGOPS_LAMBDA_INLINE {
     // the cache's index: one multiply (Fibonacci hashing), its top bits
     const int c = static_cast<int>((static_cast<uint64_t>(code) * 0x9e3779b97f4a7c15ull) >> (64 - kCacheBits));
     int32_t id;
@@ -278,7 +278,7 @@ SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build,
   // 1 to every coordinate and subtracts d+1 from the one ranked d - k), then numbered in entry order.
   typedef int64_t l8 __attribute__((vector_size(64)));
   typedef int32_t i8 __attribute__((vector_size(32)));
-  auto visit8 = [&](const int32_t (*rem0)[8], const int32_t (*rank)[8], index_t b, index_t i) {
+  auto visit8 = [&](const int32_t (*rem0)[8], const int32_t (*rank)[8], index_t b, index_t i) SEGOPS_LAMBDA_INLINE {
     int64_t codes[D + 1][8];
     l8 code = l8{} + static_cast<int64_t>(static_cast<uint64_t>(b) << p.image_shift);
     for (int c = 0; c < D; ++c) {
@@ -302,8 +302,8 @@ SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build,
   };
   build.template for_each_simplex<kWide>(
       begin, end,
-      [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) {
-        build.vertex_codes(p, s, b, [&](int k, int64_t code) { number(i * (D + 1) + k, code); });
+      [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) SEGOPS_LAMBDA_INLINE {
+        build.vertex_codes(p, s, b, [&](int k, int64_t code) SEGOPS_LAMBDA_INLINE { number(i * (D + 1) + k, code); });
       },
       visit8);
 }
@@ -454,7 +454,7 @@ struct CpuBackend {
       });
     }
     out.M = static_cast<int64_t>(table.codes().size());
-    out.neighbors = at::empty({out.M, D + 1, 2}, at::kInt);
+    out.neighbors = empty_output({out.M, D + 1, 2}, at::TensorOptions().dtype(at::kInt));
     SEGOPS_LATTICE_KERNEL("neighbors");
     find_neighbors<D>(table, *build.plan, out.neighbors.data_ptr<int32_t>());
     return out;

@@ -34,6 +34,14 @@
 #else
 #define SEGOPS_LATTICE_INLINE inline __attribute__((always_inline))
 #endif
+// The same for a lambda (after its parameter list). A lambda's body is a function of its own, compiled for the
+// default target: one called from a target("avx2") / ("avx512f") clone without being inlined runs as baseline
+// x86-64 code, its 8-lane vectors emulated through the stack (the build's 8-point code generation did, until this).
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define SEGOPS_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define SEGOPS_LAMBDA_INLINE
+#endif
 
 namespace segops {
 namespace lattice {
