@@ -192,3 +192,54 @@ def test_lattice_same_bits_on_every_instruction_set(tmp_path, threads, capabilit
     for name in native:
         for a, b in zip(native[name], portable[name]):
             assert torch.equal(a, b), name
+
+
+def _row_results(f: torch.Tensor, images: torch.Tensor, channels: int, threads: int) -> list[torch.Tensor]:
+    from segops.ops import dense_crf_loss, normalized_cut_loss
+
+    g = torch.Generator().manual_seed(4)
+    B, _, *sp = f.shape
+    v = torch.rand(B, channels, *sp, generator=g)
+    seg = torch.softmax(torch.randn(B, channels, *sp, generator=g), 1)
+    old = torch.get_num_threads()
+    out = []
+    try:
+        torch.set_num_threads(threads)
+        x = v.clone().requires_grad_()
+        y = permutohedral_filter(x, f)  # grid rows of C + 1 (the normalising channel); backward: C
+        y.backward(torch.rand(y.shape, generator=g))
+        out += [y.detach(), x.grad]
+        for loss in (dense_crf_loss, normalized_cut_loss):  # rows of K, and K + 1 with the degree channel
+            s = seg.clone().requires_grad_()
+            value = loss(images, s, 2e-9 if loss is dense_crf_loss else 1.0, 40.0, 40.0)
+            value.backward()
+            out += [value.detach(), s.grad]
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3, 7, 8, 21, 33])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_padded_rows_same_bits(channels, threads, monkeypatch):
+    """The CPU splats and slices float32 grids in rows padded to whole 8-float vectors, a point's sums over its
+    vertex rows kept in registers; SEGOPS_LATTICE_PAD_ROWS=0 keeps the grid's own row width and sums through
+    a buffer row. The same products and sums in the same order: the same bits, for the filter, its backward
+    and both CRF losses forward and backward, with channel counts around the 8-float pieces and past 32 (then
+    the buffer row again). Odd image sizes cut the 256-point blocks."""
+    g = torch.Generator().manual_seed(5)
+    images = (torch.nn.functional.interpolate(torch.rand(2, 3, 5, 5, generator=g) * 255, size=(37, 53),
+                                              mode="bilinear", align_corners=False)
+              + torch.randn(2, 3, 37, 53, generator=g))
+    f = crf_features(images, 40.0, 40.0)  # the losses' sigma_rgb and sigma_xy
+    assert ops.permutohedral_lattice.default(f)[2].shape[0] <= 2 * 37 * 53  # padding applies: M <= points
+    monkeypatch.setenv("SEGOPS_LATTICE_PAD_ROWS", "0")
+    plain = _row_results(f, images, channels, threads)
+    monkeypatch.delenv("SEGOPS_LATTICE_PAD_ROWS")
+    with torch.profiler.profile() as prof:
+        padded = _row_results(f, images, channels, threads)
+    # the padded path ran: the slice copied its grid into padded rows (none needed when the rows are already
+    # whole vectors: 8 channels and no extra one in the adjoint slice)
+    assert any(e.key == "segops_kernel::pad_rows" for e in prof.key_averages())
+    for a, b in zip(plain, padded):
+        assert torch.equal(a, b)

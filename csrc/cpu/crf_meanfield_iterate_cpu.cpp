@@ -122,6 +122,10 @@ struct BlurLaunch {
   static void launch(index_t n, const F& f, index_t grain) {
     cpu_parallel_for(n, f, grain);
   }
+  template <typename F>
+  static void ranged(index_t n, const F& f, index_t grain) {  // the degrees' one-channel blur: no clone needed
+    cpu_parallel_for(n, f, grain);
+  }
   static bool blur_per_channel() { return false; }
 };
 

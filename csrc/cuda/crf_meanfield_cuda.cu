@@ -35,6 +35,10 @@ struct CudaIterateLaunch {
   static void launch(index_t n, const F& f, index_t /*grain*/) {
     cuda_parallel_for(n, f, 256);
   }
+  template <typename F>
+  static void ranged(index_t n, const F& f, index_t grain) {
+    launch(n, f, grain);
+  }
   static bool blur_per_channel() { return true; }  // one thread per (vertex, channel): coalesced rows
 };
 

@@ -21,6 +21,7 @@ struct CudaBackend {
   static constexpr bool kGatherReadsChannelsLast = true;  // a point's channels in one or two cache lines
   static bool blur_per_channel() { return true; }  // one thread per (vertex, channel): coalesced rows
   static constexpr bool kRangeBuild = false;  // the shared build (one table, first entries by scan)
+  static constexpr bool kPadRows = false;     // a thread per (point, channel): no row loops
 
   template <typename F>
   static void launch(index_t n, const F& f, index_t /*grain*/) {

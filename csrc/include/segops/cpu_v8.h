@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "segops/permutohedral_math.h"
+#include "segops/hd.h"
 
 namespace segops {
 namespace cpu {
@@ -18,7 +18,12 @@ SEGOPS_LATTICE_INLINE v8 load8(const float* p) {
   return r;
 }
 SEGOPS_LATTICE_INLINE void store8(float* p, v8 r) { __builtin_memcpy(p, &r, sizeof(v8)); }
-SEGOPS_LATTICE_INLINE v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+// (v8{x, ..., x} compiled to four inserts and a lane insert in the AVX2 clones; a shuffle of lane 0 is one
+// broadcast, and keeps a -0.0 as it is, which v8{} + x would not)
+SEGOPS_LATTICE_INLINE v8 splat8(float x) {
+  const v8 r = {x};
+  return __builtin_shufflevector(r, r, 0, 0, 0, 0, 0, 0, 0, 0);
+}
 
 // r[i][j] -> r[j][i] (class-major <-> point-major tiles), three rounds of two-input shuffles.
 SEGOPS_LATTICE_INLINE void transpose8(v8* r) {

@@ -12,6 +12,22 @@
 #define SEGOPS_HD_INLINE inline
 #endif
 
+// Hot helpers of the CPU loops are forced inline so that the CPU backend's AVX2 clone of a loop (a function
+// compiled with target("avx2") around the same body) vectorises them too; on CUDA: the usual HD inline.
+#if defined(__CUDACC__) || !defined(__GNUC__)
+#define SEGOPS_LATTICE_INLINE SEGOPS_HD_INLINE
+#else
+#define SEGOPS_LATTICE_INLINE inline __attribute__((always_inline))
+#endif
+// The same for a lambda (after its parameter list). A lambda's body is a function of its own, compiled for the
+// default target: one called from a target("avx2") / ("avx512f") clone without being inlined runs as baseline
+// x86-64 code, its 8-lane vectors emulated through the stack (the build's 8-point code generation did, until this).
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define SEGOPS_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define SEGOPS_LAMBDA_INLINE
+#endif
+
 namespace segops {
 
 // 64-bit indices everywhere: a 16x21x4096x4096 tensor already exceeds 2^31 elements.

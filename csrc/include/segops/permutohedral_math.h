@@ -20,27 +20,14 @@
 
 #include "segops/hd.h"
 #include "segops/parallel.h"
+#if !defined(__CUDACC__)
+#include "segops/cpu_v8.h"
+#endif
 
 #if !defined(__CUDACC__)
 #include <algorithm>
 #include <type_traits>
 #include <vector>
-#endif
-
-// Hot helpers of the CPU loops are forced inline so that the CPU backend's AVX2 clone of a loop (a function
-// compiled with target("avx2") around the same body) vectorises them too; on CUDA: the usual HD inline.
-#if defined(__CUDACC__) || !defined(__GNUC__)
-#define SEGOPS_LATTICE_INLINE SEGOPS_HD_INLINE
-#else
-#define SEGOPS_LATTICE_INLINE inline __attribute__((always_inline))
-#endif
-// The same for a lambda (after its parameter list). A lambda's body is a function of its own, compiled for the
-// default target: one called from a target("avx2") / ("avx512f") clone without being inlined runs as baseline
-// x86-64 code, its 8-lane vectors emulated through the stack (the build's 8-point code generation did, until this).
-#if defined(__GNUC__) && !defined(__CUDACC__)
-#define SEGOPS_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define SEGOPS_LAMBDA_INLINE
 #endif
 
 namespace segops {
@@ -1079,6 +1066,12 @@ struct BlurDirection {
       for (index_t ch = 0; ch < Cg; ++ch) o[ch] = self[ch];
     }
   }
+#if !defined(__CUDACC__)
+  // CPU: a range of vertices (Backend::ranged runs it in the AVX2 clone where the CPU has AVX2).
+  SEGOPS_LATTICE_INLINE void run_range(index_t begin, index_t end) const {
+    for (index_t v = begin; v < end; ++v) (*this)(v);
+  }
+#endif
 };
 
 // The same blur, one call per (vertex, channel): CUDA's mapping (adjacent threads read adjacent channels of the
@@ -1200,12 +1193,31 @@ struct Slice {
   }
 
 #if !defined(__CUDACC__)
+  // Point i's sums over its vertices of W 8-float pieces of their rows, in registers, then stored to `row`:
+  // the same products and sums in the same order as axpy_row into a zeroed row (whose read-modify-writes of
+  // the row, one per vertex, chained each point's sums through store-to-load forwarding: 58% of the slice's
+  // samples sat on that store).
+  template <int W>
+  SEGOPS_LATTICE_INLINE void gather_pieces(index_t i, float* row) const {
+    cpu::v8 t[W];
+    for (int j = 0; j < W; ++j) t[j] = cpu::splat8(0.f);
+    for (index_t k = 0; k < V; ++k) {
+      const cpu::v8 w = cpu::splat8(bary[i * V + k]);
+      const float* g = reinterpret_cast<const float*>(grid) + static_cast<index_t>(vertex[i * V + k]) * Cg;
+      for (int j = 0; j < W; ++j) t[j] += w * cpu::load8(g + 8 * j);
+    }
+    for (int j = 0; j < W; ++j) cpu::store8(row + 8 * j, t[j]);
+  }
+
   // CPU: blocks of kPoints points; the sums of a block go through a small buffer so that the output is
   // written one channel plane at a time, in runs of kPoints values (writing the C planes of one point at a
   // stride of N values defeats the hardware prefetchers and maps every store of a point to one cache set).
   SEGOPS_LATTICE_INLINE void run_range(index_t begin, index_t end) const {
     constexpr index_t kPoints = 256;
     const index_t Cpad = (C + kChannelBlock - 1) / kChannelBlock * kChannelBlock;
+    // columns per grid row read: all Cpad of a buffer row where the grid's rows are that wide (the columns past
+    // C land in buffer columns that are never written out), else C
+    const index_t Cw = Cpad <= Cg ? Cpad : C;
     std::vector<acc> buf(static_cast<size_t>(kPoints * Cpad));
     std::vector<acc> muls(kPoints), extras(kPoints);
     for (index_t i0 = begin; i0 < end;) {
@@ -1215,9 +1227,18 @@ struct Slice {
         const index_t i = i0 + p;
         muls[p] = prologue(i, extras[p]);
         acc* row = buf.data() + p * Cpad;  // the same sums as gather_block, all C channels per vertex row
-        for (index_t c = 0; c < C; ++c) row[c] = acc(0);
+        if constexpr (std::is_same_v<acc, float>) {
+          switch (Cw % 8 == 0 ? Cw / 8 : 0) {  // whole 8-float pieces: the sums in registers
+            case 1: gather_pieces<1>(i, row); continue;
+            case 2: gather_pieces<2>(i, row); continue;
+            case 3: gather_pieces<3>(i, row); continue;
+            case 4: gather_pieces<4>(i, row); continue;
+            default: break;
+          }
+        }
+        for (index_t c = 0; c < Cw; ++c) row[c] = acc(0);
         for (index_t k = 0; k < V; ++k)
-          axpy_row(row, grid + static_cast<index_t>(vertex[i * V + k]) * Cg, bary[i * V + k], C);
+          axpy_row(row, grid + static_cast<index_t>(vertex[i * V + k]) * Cg, bary[i * V + k], Cw);
       }
       for (index_t c = 0; c < C; ++c) {
         scalar_t* o = out + b * osb + c * osc + n0 * osn;
@@ -1235,6 +1256,16 @@ struct Slice {
     }
   }
 #endif
+};
+
+// Rows of Cg floats into rows of Cp >= Cg, the padding zero (one row per item).
+struct PadRows {
+  const float* src;
+  float* dst;
+  index_t Cg, Cp;
+  SEGOPS_HD_INLINE void operator()(index_t v) const {
+    for (index_t c = 0; c < Cp; ++c) dst[v * Cp + c] = c < Cg ? src[v * Cg + c] : 0.f;
+  }
 };
 
 // ---- vertex-domain quadratic forms ----------------------------------------------------------------------
