@@ -31,6 +31,23 @@ from segops.bench.crf import photo  # noqa: E402
 from segops.ops.crf_inference import MeanFieldCRF  # noqa: E402
 
 
+def alternated_medians(fn, repeats: int) -> tuple[float, float]:
+    """Median milliseconds of ``fn()`` on 1 and on 2 threads: two warm-up calls each, then ``repeats`` rounds
+    alternating the thread counts (a change of machine speed hits both alike)."""
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        fn()
+        fn()
+    times = {1: [], 2: []}
+    for _ in range(repeats):
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            fn()
+            times[t].append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1]), statistics.median(times[2])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=15)
@@ -53,18 +70,7 @@ def main() -> int:
                                                         bilateral_compat=10.0)),
     ]
     for name, fn in parts:
-        for t in (1, 2):
-            torch.set_num_threads(t)
-            fn()
-            fn()
-        times = {1: [], 2: []}
-        for _ in range(a.repeats):
-            for t in (1, 2):
-                torch.set_num_threads(t)
-                t0 = time.perf_counter()
-                fn()
-                times[t].append((time.perf_counter() - t0) * 1e3)
-        m1, m2 = statistics.median(times[1]), statistics.median(times[2])
+        m1, m2 = alternated_medians(fn, a.repeats)
         print("%-8s 1 thread %7.1f ms  2 threads %7.1f ms  speed-up %.2fx" % (name, m1, m2, m1 / m2))
     return 0
 
