@@ -95,27 +95,30 @@ inline int64_t next_pow2(int64_t x) {
   return p;
 }
 
-// SEGOPS_LATTICE_PROFILE=1 prints the process CPU time of each phase (the machines are shared: wall time
-// is noisy; CPU time still includes the page faults of fresh buffers).
+// SEGOPS_LATTICE_PROFILE=1 prints each phase's wall time, process CPU time (all threads, spinning OpenMP
+// workers included) and page faults. Off, it reads no clock: one is constructed per op call.
 struct PhaseTimer {
   bool on = std::getenv("SEGOPS_LATTICE_PROFILE") != nullptr;
-  double t = now(CLOCK_PROCESS_CPUTIME_ID);
-  double wall = now(CLOCK_MONOTONIC);
-  long faults = minor_faults();
-  static double now(clockid_t clock) {
-    timespec ts;
-    clock_gettime(clock, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+  double t = 0, wall = 0;
+  long faults = 0;
+  PhaseTimer() {
+    if (on) read(t, wall, faults);
   }
-  static long minor_faults() {
+  static void read(double& cpu, double& mono, long& minflt) {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    cpu = ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    mono = ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
     rusage u;
     getrusage(RUSAGE_SELF, &u);
-    return u.ru_minflt;
+    minflt = u.ru_minflt;
   }
   void mark(const char* what) {
     if (!on) return;
-    const double n = now(CLOCK_PROCESS_CPUTIME_ID), w = now(CLOCK_MONOTONIC);
-    const long f = minor_faults();
+    double n, w;
+    long f;
+    read(n, w, f);
     std::fprintf(stderr, "  %-10s %8.3f ms wall %8.3f ms cpu %6ld page faults\n", what, w - wall, n - t, f - faults);
     t = n;
     wall = w;
