@@ -141,8 +141,11 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
     device = segmentations.device
     images = _to_device(images, device)
     # 0 for finite images, NaN otherwise (the sum of NaN / Inf values is NaN / Inf); summed in the features'
-    # dtype, which holds any 0..255 image without overflow
-    poison = images.sum(dtype=_acc_dtype(images.dtype)) * 0 if images.is_floating_point() else None
+    # dtype, which holds any 0..255 image without overflow. Only where the features are not made from every
+    # pixel (a resize, or nothing to filter): at full resolution a NaN / Inf pixel makes its own features
+    # non-finite, which the build reports (one pass over the images less per call).
+    checked = images.is_floating_point() and (scale_factor != 1.0 or segmentations.numel() == 0)
+    poison = images.sum(dtype=_acc_dtype(images.dtype)) * 0 if checked else None
     if segmentations.numel() == 0:  # before resizing, which rejects empty inputs
         if poison is not None and images.numel() > 0 and not bool(poison == 0):
             raise _bad_images(name)
