@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -381,6 +382,52 @@ void find_neighbors(const KeyIds& table, const lattice::PackPlan& p, int32_t* ne
   });
 }
 
+// The minimum and maximum of x[0 .. n) (NaN values skipped; returns whether there was one), in 32-byte vectors.
+template <typename T>
+SEGOPS_LATTICE_INLINE bool minmax_run_impl(const T* __restrict x, int64_t n, T& lo, T& hi) {
+  typedef T vec __attribute__((vector_size(32)));
+  typedef decltype(vec{} < vec{}) mask;
+  constexpr int L = 32 / sizeof(T);
+  vec a = vec{} + std::numeric_limits<T>::infinity(), z = vec{} - std::numeric_limits<T>::infinity();
+  mask nan = mask{};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    vec v;
+    __builtin_memcpy(&v, x + i, sizeof(vec));
+    nan |= v != v;
+    a = v < a ? v : a;
+    z = v > z ? v : z;
+  }
+  bool any = false;
+  lo = a[0];
+  hi = z[0];
+  for (int j = 0; j < L; ++j) {
+    any = any || nan[j] != 0;
+    lo = a[j] < lo ? a[j] : lo;
+    hi = z[j] > hi ? z[j] : hi;
+  }
+  for (; i < n; ++i) {
+    const T v = x[i];
+    any = any || v != v;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+  return any;
+}
+#if defined(SEGOPS_LATTICE_AVX2)
+template <typename T>
+__attribute__((target("avx2"))) bool minmax_run_avx2(const T* x, int64_t n, T& lo, T& hi) {
+  return minmax_run_impl(x, n, lo, hi);
+}
+#endif
+template <typename T>
+bool minmax_run(const T* x, int64_t n, T& lo, T& hi) {
+#if defined(SEGOPS_LATTICE_AVX2)
+  if (block::avx2_clones()) return minmax_run_avx2(x, n, lo, hi);
+#endif
+  return minmax_run_impl(x, n, lo, hi);
+}
+
 struct CpuBackend {
   static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
   static constexpr bool kPadRows = true;
@@ -395,6 +442,50 @@ struct CpuBackend {
   template <typename F>
   static void ranged(index_t n, const F& f, index_t grain) {
     omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { run_range_best(f, begin, end); });
+  }
+
+  // Per feature (dim 1 of (B, D, N)) its minimum and maximum over the batch, NaN where any value is NaN (as
+  // at::amin / at::amax give them), in one pass over the features instead of two: the lattice op's set-up
+  // (bounds, plan, allocations) on the ECCV'18 features at 512^2 took 0.24-0.35 -> 0.18-0.19 ms on one thread,
+  // 0.14-0.22 -> 0.09-0.11 on two (SEGOPS_LATTICE_PROFILE, two process pairs).
+  static std::pair<at::Tensor, at::Tensor> feature_bounds(const at::Tensor& feats) {
+    if (feats.stride(2) != 1 || feats.size(2) == 0 || feats.size(0) == 0) {
+      return {at::amin(feats, {0, 2}), at::amax(feats, {0, 2})};
+    }
+    const int64_t B = feats.size(0), D = feats.size(1), N = feats.size(2);
+    at::Tensor lo = at::empty({D}, feats.options()), hi = at::empty({D}, feats.options());
+    AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "feature_bounds", [&] {
+      using T = scalar_t;
+      constexpr int64_t kChunk = 1 << 15;
+      const int64_t chunks = (N + kChunk - 1) / kChunk, items = B * D * chunks;
+      std::vector<T> plo(static_cast<size_t>(items)), phi(static_cast<size_t>(items));
+      std::vector<uint8_t> pnan(static_cast<size_t>(items));
+      const T* f = feats.data_ptr<T>();
+      omp_parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t c = i % chunks, bd = i / chunks, b = bd / D, d = bd % D;
+          const T* x = f + b * feats.stride(0) + d * feats.stride(1) + c * kChunk;
+          const int64_t n = std::min(kChunk, N - c * kChunk);
+          pnan[i] = minmax_run(x, n, plo[i], phi[i]);
+        }
+      });
+      T* l = lo.data_ptr<T>();
+      T* h = hi.data_ptr<T>();
+      for (int64_t d = 0; d < D; ++d) {
+        bool nan = false;
+        T a = std::numeric_limits<T>::infinity(), z = -std::numeric_limits<T>::infinity();
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t i = (b * D + d) * chunks + c;
+            nan = nan || pnan[i];
+            a = std::min(a, plo[i]);
+            z = std::max(z, phi[i]);
+          }
+        l[d] = nan ? std::numeric_limits<T>::quiet_NaN() : a;
+        h[d] = nan ? std::numeric_limits<T>::quiet_NaN() : z;
+      }
+    });
+    return {lo, hi};
   }
 
   // Two-pass chunked prefix sum of uint8 flags into int32 (one chunk per thread).

@@ -35,6 +35,10 @@ struct CudaBackend {
 
   static at::Tensor inclusive_scan(const at::Tensor& flag) { return at::cumsum(flag, 0, at::kInt); }
 
+  static std::pair<at::Tensor, at::Tensor> feature_bounds(const at::Tensor& feats) {
+    return {at::amin(feats, {0, 2}), at::amax(feats, {0, 2})};
+  }
+
   // The build's one device-to-host read (vertex count and error flags: the host needs the count to allocate
   // the neighbour table). It is exempt from torch.cuda.set_sync_debug_mode, which then flags every OTHER
   // synchronisation of a lattice call: the mode is set to "disabled" for this one read and restored after.

@@ -174,8 +174,8 @@ Lattice build_lattice_d(const char* op, const Tensor& feats /* (B, D, N) of T */
   const double inv_std_dev = std::sqrt(2.0 / 3.0) * (D + 1);
   for (int i = 0; i < kMaxD; ++i) scale[i] = i < D ? T(inv_std_dev / std::sqrt(double((i + 1) * (i + 2)))) : T(0);
 
-  Tensor lo = at::amin(feats, {0, 2});
-  Tensor hi = at::amax(feats, {0, 2});
+  Tensor lo, hi;  // (D) of T: per feature its minimum and maximum over the batch (NaN where any is NaN)
+  std::tie(lo, hi) = Backend::feature_bounds(feats);
   Tensor plan = at::empty({kPackPlanWords}, lopt);
   PlanPacking<D, T> planner;
   planner.lo = lo.data_ptr<T>();
