@@ -243,3 +243,25 @@ def test_padded_rows_same_bits(channels, threads, monkeypatch):
     assert any(e.key == "segops_kernel::pad_rows" for e in prof.key_averages())
     for a, b in zip(plain, padded):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_follow_same_lattice(name, monkeypatch):
+    """On several threads, the thread of the first range of points merges the second range's keys and remaps its
+    entries while that range is still being numbered (as far as it is published); SEGOPS_LATTICE_FOLLOW=0 does
+    both after every range is numbered. The same lattice either way, whatever the interleaving (10 builds each,
+    2 and 3 threads; the distinct-colour cases outgrow the tables' first capacity while being followed)."""
+    f = CASES[name]
+    old = torch.get_num_threads()
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            monkeypatch.setenv("SEGOPS_LATTICE_FOLLOW", "0")
+            want = ops.permutohedral_lattice.default(f)
+            monkeypatch.delenv("SEGOPS_LATTICE_FOLLOW")
+            for _ in range(10):
+                got = ops.permutohedral_lattice.default(f)
+                for a, b in zip(want, got):
+                    assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(old)

@@ -4,11 +4,16 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <optional>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "segops/cpu_isa.h"
 #include "segops/cpu_v8.h"
@@ -230,7 +235,7 @@ class KeyIds {
 
   // Room for `expected` keys without growing (never shrinks).
   void reserve(int64_t expected) {
-    codes_.reserve(static_cast<size_t>(expected));
+    if (static_cast<size_t>(expected) > codes_.capacity()) set_capacity(static_cast<size_t>(expected));
     const size_t size = static_cast<size_t>(lattice::next_pow2(2 * std::max<int64_t>(expected, 2048)));
     if (size > slots_.size()) rehash(size);
   }
@@ -244,6 +249,7 @@ class KeyIds {
         const int32_t id = static_cast<int32_t>(codes_.size());
         slot.code = code;
         slot.id = id;
+        if (codes_.size() == codes_.capacity()) grow_codes();
         codes_.push_back(code);
         if (2 * codes_.size() > slots_.size()) rehash(2 * slots_.size());  // load <= 1/2: short probes
         return id;
@@ -260,6 +266,10 @@ class KeyIds {
   }
   SEGOPS_LATTICE_INLINE void prefetch(int64_t code) const { __builtin_prefetch(&slots_[home(code)]); }
   const std::vector<int64_t>& codes() const { return codes_; }
+  // The codes' storage, for another thread that reads codes()[0 .. n) with n published after they were stored
+  // (RangeProgress): a grown list keeps its old storage until the table is destroyed, so a pointer read
+  // before a growth stays valid, and one read after it holds every code of the old one.
+  const int64_t* published_codes() const { return data_.load(std::memory_order_acquire); }
 
  private:
   struct Slot {
@@ -278,17 +288,51 @@ class KeyIds {
       slots_[h] = Slot{codes_[k], static_cast<int32_t>(k)};
     }
   }
+  __attribute__((noinline)) void grow_codes() { set_capacity(std::max<size_t>(2 * codes_.capacity(), 2048)); }
+  void set_capacity(size_t capacity) {
+    std::vector<int64_t> bigger;
+    bigger.reserve(capacity);
+    bigger.assign(codes_.begin(), codes_.end());
+    retired_.push_back(std::move(codes_));
+    codes_ = std::move(bigger);
+    data_.store(codes_.data(), std::memory_order_release);
+  }
   std::vector<Slot> slots_;
   std::vector<int64_t> codes_;
+  std::vector<std::vector<int64_t>> retired_;  // grown-out code lists (see published_codes)
+  std::atomic<const int64_t*> data_{nullptr};
   uint64_t mask_ = 0;
+};
+
+// How far the numbering of a range has got, for the thread that merges and remaps behind it (see build_ranges):
+// the points [begin, points) have their entries' range-local ids written, and the keys [0, keys) of the range's
+// table are published (both stored with release after what they count). state: 0 = not started, 1 = numbering,
+// 2 = done (after the last publication).
+struct alignas(64) RangeProgress {
+  std::atomic<int64_t> points{0};
+  std::atomic<int64_t> keys{0};
+  std::atomic<int> state{0};
+};
+// Points per publication: the follower's lag behind the numbering (at most this many points' work after it).
+constexpr int64_t kPublishPoints = 2048;
+
+// After each block of points: publishes the range's progress, when a follower may read it.
+struct Publish {
+  RangeProgress* progress;  // nullptr: nobody follows this range
+  const KeyIds* keys;
+  void operator()(int64_t points_done) const {
+    if (progress == nullptr) return;
+    progress->keys.store(static_cast<int64_t>(keys->codes().size()), std::memory_order_release);
+    progress->points.store(points_done, std::memory_order_release);
+  }
 };
 
 // Points [begin, end): weights and range-local vertex ids per entry (written into the build's slot array), keys
 // met into `keys`; a direct-mapped cache code -> id in front of the table (neighbouring pixels share most
-// vertices, so most lookups end there).
+// vertices, so most lookups end there). In blocks of kPublishPoints, each followed by publish(end of block).
 template <int D, typename T, bool kWide>
 SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end,
-                                        KeyIds& keys) {
+                                        KeyIds& keys, const Publish& publish) {
   constexpr int kCacheBits = 14;
   std::vector<int64_t> cache_code(1 << kCacheBits, int64_t(-1));
   std::vector<int32_t> cache_id(1 << kCacheBits);
@@ -333,26 +377,31 @@ SEGOPS_LATTICE_INLINE void number_range(const lattice::BuildPacked<D, T>& build,
     for (int q = 0; q < 8; ++q)
       for (int k = 0; k <= D; ++k) number((i + q) * (D + 1) + k, codes[k][q]);
   };
-  build.template for_each_simplex<kWide>(
-      begin, end,
-      [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) SEGOPS_LAMBDA_INLINE {
-        build.vertex_codes(p, s, b, [&](int k, int64_t code) SEGOPS_LAMBDA_INLINE { number(i * (D + 1) + k, code); });
-      },
-      visit8);
+  for (int64_t s0 = begin; s0 < end; s0 += kPublishPoints) {
+    const int64_t s1 = std::min(end, s0 + kPublishPoints);
+    build.template for_each_simplex<kWide>(
+        s0, s1,
+        [&](const lattice::Simplex<D, T>& s, index_t b, index_t i) SEGOPS_LAMBDA_INLINE {
+          build.vertex_codes(p, s, b,
+                             [&](int k, int64_t code) SEGOPS_LAMBDA_INLINE { number(i * (D + 1) + k, code); });
+        },
+        visit8);
+    publish(s1);
+  }
 }
 #if defined(__x86_64__) && defined(__GNUC__)
 template <int D, typename T>
 __attribute__((target("avx2"))) void number_range_avx2(const lattice::BuildPacked<D, T>& build, int64_t begin,
-                                                       int64_t end, KeyIds& keys) {
-  number_range<D, T, true>(build, begin, end, keys);
+                                                       int64_t end, KeyIds& keys, const Publish& publish) {
+  number_range<D, T, true>(build, begin, end, keys, publish);
 }
 // The same with 512-bit vectors (8 points' int64 codes in one register instead of two): the lattice op (512²
 // photo, 5-d features, one thread) took 0.97x the time (medians of 55 in-process alternations, 3 runs); the float
 // steps are the same operations, uncontracted, so the same bits (tested against the AVX2 and portable builds).
 template <int D, typename T>
 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq"), optimize("fp-contract=off"))) void number_range_avx512(
-    const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end, KeyIds& keys) {
-  number_range<D, T, true>(build, begin, end, keys);
+    const lattice::BuildPacked<D, T>& build, int64_t begin, int64_t end, KeyIds& keys, const Publish& publish) {
+  number_range<D, T, true>(build, begin, end, keys, publish);
 }
 #endif
 
@@ -380,6 +429,41 @@ void find_neighbors(const KeyIds& table, const lattice::PackPlan& p, int32_t* ne
       }
     }
   });
+}
+
+// Run by the thread of range 0 once its range is numbered, while range 1's thread is still numbering: range 1's
+// keys merged into range 0's table (ids, in range 1's order, as the merge after the build would) and its entries'
+// local ids replaced by vertex ids, as far as range 1's thread has published them, until it is done. Returns the
+// first point of range 1 whose entries are not remapped (range 1's end). This is the work that would otherwise
+// follow the build with the other thread idle: the ECCV'18 photo's lower half has 50% more keys than its upper
+// half, so range 0's thread used to wait ~0.25 ms for range 1's and then merge (0.14 ms) while that one waited.
+template <int D, typename T>
+int64_t follow_range(const lattice::BuildPacked<D, T>& build, KeyIds& table, const KeyIds& range, RangeProgress& progress,
+                     int64_t begin, std::vector<int32_t>& ids) {
+  int64_t done = begin;
+  for (;;) {
+    const int state = progress.state.load(std::memory_order_acquire);  // before the counts: 2 = they are final
+    const int64_t points = progress.points.load(std::memory_order_acquire);
+    const int64_t keys = progress.keys.load(std::memory_order_acquire);  // >= the keys of those points
+    const bool fresh = points > done || keys > static_cast<int64_t>(ids.size());
+    if (keys > static_cast<int64_t>(ids.size())) {
+      const int64_t* codes = range.published_codes();
+      for (int64_t l = static_cast<int64_t>(ids.size()); l < keys; ++l)
+        ids.push_back(table.id(codes[l], lattice::mix64(static_cast<uint64_t>(codes[l]))));
+    }
+    const int64_t merged = static_cast<int64_t>(ids.size());
+    for (int64_t e = done * (D + 1); e < points * (D + 1); ++e) {
+      const int32_t l = build.slot[e];
+      build.slot[e] = l < merged ? ids[l] : 0;  // (l >= merged only for a point with bad features: slot 0)
+    }
+    done = std::max(done, points);
+    if (state == 2) return done;
+    if (!fresh) {
+#if defined(__x86_64__) || defined(__i386__)
+      _mm_pause();
+#endif
+    }
+  }
 }
 
 // The minimum and maximum of x[0 .. n) (NaN values skipped; returns whether there was one), in 32-byte vectors.
@@ -524,6 +608,13 @@ struct CpuBackend {
     const int64_t R = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), points / 8192));
     std::vector<KeyIds> keys(static_cast<size_t>(R));
     auto first = [&](int64_t r) { return points * r / R; };
+    // ids[r][l]: the vertex id of range r's local key l (r >= 1), for the first ids[r].size() of its keys;
+    // remapped[r]: range r's entries before this point hold vertex ids (r >= 1)
+    std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
+    std::vector<int64_t> remapped(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) remapped[r] = first(r);
+    RangeProgress progress;  // range 1's, when the thread of range 0 follows it
+    const bool follow = R > 1 && lattice::follow_enabled();
     {
       SEGOPS_LATTICE_KERNEL("build");
       omp_parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
@@ -532,17 +623,23 @@ struct CpuBackend {
           // tables never grow: growing from 2048 keys re-inserted ~1.8 keys per key (perf: 4% of the numbering's
           // samples on one thread). The first range's table becomes the merged one: room for the whole batch's.
           keys[r].reserve((r == 0 ? points : first(r + 1) - first(r)) / 8);
+          const bool followed = follow && r == 1;
+          if (followed) progress.state.store(1, std::memory_order_release);
+          const Publish publish{followed ? &progress : nullptr, &keys[r]};
 #if defined(SEGOPS_LATTICE_AVX2)
           if (block::cpu_isa() == block::Isa::kAvx512) {
-            number_range_avx512<D, T>(build, first(r), first(r + 1), keys[r]);
-            continue;
-          }
-          if (block::avx2_clones()) {
-            number_range_avx2<D, T>(build, first(r), first(r + 1), keys[r]);
-            continue;
-          }
+            number_range_avx512<D, T>(build, first(r), first(r + 1), keys[r], publish);
+          } else if (block::avx2_clones()) {
+            number_range_avx2<D, T>(build, first(r), first(r + 1), keys[r], publish);
+          } else
 #endif
-          number_range<D, T, false>(build, first(r), first(r + 1), keys[r]);
+          {
+            number_range<D, T, false>(build, first(r), first(r + 1), keys[r], publish);
+          }
+          if (followed) progress.state.store(2, std::memory_order_release);
+          // range 0's thread, when range 1 is another thread's and still being numbered
+          if (follow && r == 0 && r1 == 1 && progress.state.load(std::memory_order_acquire) == 1)
+            remapped[1] = follow_range<D>(build, keys[0], keys[1], progress, first(1), ids[1]);
         }
       });
     }
@@ -551,10 +648,10 @@ struct CpuBackend {
       out.bad = true;
       return out;
     }
-    // merge: the later ranges' keys, in range order, into the first range's table (whose keys already have their
-    // ids). Building a fresh table from all ranges' keys instead re-inserted the first range's 40% of them.
+    // merge: the later ranges' keys not merged yet, in range order, into the first range's table (whose keys
+    // already have their ids). Building a fresh table from all ranges' keys instead re-inserted the first
+    // range's 40% of them.
     KeyIds& table = keys[0];
-    std::vector<std::vector<int32_t>> ids(static_cast<size_t>(R));
     if (R > 1) {
       SEGOPS_LATTICE_KERNEL("merge");
       int64_t upper = 0;
@@ -562,19 +659,25 @@ struct CpuBackend {
       table.reserve(upper);
       for (int64_t r = 1; r < R; ++r) {
         const std::vector<int64_t>& local = keys[r].codes();
-        ids[r].resize(local.size());
-        for (size_t l = 0; l < local.size(); ++l)
-          ids[r][l] = table.id(local[l], lattice::mix64(static_cast<uint64_t>(local[l])));
+        for (size_t l = ids[r].size(); l < local.size(); ++l)
+          ids[r].push_back(table.id(local[l], lattice::mix64(static_cast<uint64_t>(local[l]))));
       }
-      // the entries of ranges 1 .. R-1, split evenly over the threads (not by range)
-      omp_parallel_for(first(1) * (D + 1), points * (D + 1), lattice::kGrainCheap, [&](int64_t e0, int64_t e1) {
+      // the entries not remapped yet (remapped[r] .. first(r + 1) of each range r >= 1), split evenly over the
+      // threads (not by range)
+      std::vector<int64_t> from(static_cast<size_t>(R));  // entry offset of range r's first entry to remap
+      int64_t todo = 0;
+      for (int64_t r = 1; r < R; ++r) {
+        from[r] = todo;
+        todo += (first(r + 1) - remapped[r]) * (D + 1);
+      }
+      omp_parallel_for(0, todo, lattice::kGrainCheap, [&](int64_t t0, int64_t t1) {
         int64_t r = 1;
-        while (first(r + 1) * (D + 1) <= e0) ++r;
-        for (int64_t e = e0; e < e1;) {
-          const int64_t end = std::min(e1, first(r + 1) * (D + 1));
+        while (r + 1 < R && from[r + 1] <= t0) ++r;
+        for (int64_t t = t0; t < t1; ++r) {
+          const int64_t end = std::min(t1, r + 1 < R ? from[r + 1] : todo);
           const int32_t* map = ids[r].data();
-          for (; e < end; ++e) build.slot[e] = map[build.slot[e]];
-          ++r;
+          int32_t* slot = build.slot + remapped[r] * (D + 1);  // the entry of position t: slot[t - from[r]]
+          for (; t < end; ++t) slot[t - from[r]] = map[slot[t - from[r]]];
         }
       });
     }

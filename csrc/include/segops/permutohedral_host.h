@@ -78,6 +78,13 @@ inline bool pad_rows_enabled() {
   return v == nullptr || v[0] != '0';
 }
 
+// SEGOPS_LATTICE_FOLLOW=0 (tests): the CPU's build merges and remaps a range only after every range is numbered,
+// instead of behind the numbering of range 1 (the same lattice).
+inline bool follow_enabled() {
+  const char* v = std::getenv("SEGOPS_LATTICE_FOLLOW");
+  return v == nullptr || v[0] != '0';
+}
+
 inline bool shared_build_forced() {
   const char* v = std::getenv("SEGOPS_LATTICE_SHARED_BUILD");
   return v != nullptr && v[0] != '\0' && v[0] != '0';
