@@ -33,7 +33,8 @@ from segops.ops.crf_inference import MeanFieldCRF  # noqa: E402
 
 def alternated_medians(fn, repeats: int) -> tuple[float, float]:
     """Median milliseconds of ``fn()`` on 1 and on 2 threads: two warm-up calls each, then ``repeats`` rounds
-    alternating the thread counts (a change of machine speed hits both alike)."""
+    alternating the thread counts (a change of machine speed hits both alike), each timed call after an untimed
+    one on its thread count."""
     for t in (1, 2):
         torch.set_num_threads(t)
         fn()
@@ -42,6 +43,7 @@ def alternated_medians(fn, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         for t in (1, 2):
             torch.set_num_threads(t)
+            fn()  # untimed: the timed call finds the data where this thread count leaves it (see thread_scaling)
             t0 = time.perf_counter()
             fn()
             times[t].append((time.perf_counter() - t0) * 1e3)

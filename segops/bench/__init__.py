@@ -105,7 +105,10 @@ def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Call
 
 def thread_scaling(fn: Callable[[], Any], rounds: int) -> Dict[str, float]:
     """fn() on 1 and on 2 CPU threads, alternated call by call, and beside it a compute-bound reference (a 768 x 768
-    float32 matmul) alternated the same way: the ratio a perfectly parallel job got at the same moments.
+    float32 matmul) alternated the same way: the ratio a perfectly parallel job got at the same moments. Each
+    timed call follows an untimed one on the same thread count, as in a loop that keeps its thread count (timed
+    straight after the other count, the dense CRF loss took ~12% longer on 1 thread, ~7% on 2: its data sat in
+    the other core's cache).
 
     Shared virtual machines drift by up to 1.5x within minutes and lend the second core intermittently, so two
     blocks of timings taken one after the other compare two machines; calls interleaved with each other do not.
@@ -122,6 +125,7 @@ def thread_scaling(fn: Callable[[], Any], rounds: int) -> Dict[str, float]:
             for name, job in jobs.items():
                 for n in (1, 2):
                     torch.set_num_threads(n)
+                    job()  # untimed: the timed call finds the data where this thread count leaves it
                     t0 = time.perf_counter()
                     job()
                     if r > 0:  # round 0 warms each job up at each thread count
