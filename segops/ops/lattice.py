@@ -320,8 +320,8 @@ def crf_features(images: Tensor, sigma_rgb: float, sigma_xy: float, poison: Opti
     acc = _acc_dtype(images.dtype)
     # Written in place: the colour planes' quotients straight into the output, the position planes broadcast from
     # one divided row and column (the same quotients as whole planes'). Building the colour planes apart and
-    # concatenating moved the images' size twice more (the ECCV'18 photo at 512^2: 0.38 against 0.52 ms on one
-    # thread, 0.21 against 0.29 on two).
+    # concatenating moved the images' size twice more (the ECCV'18 photo at 512^2, caches flushed: 0.38-0.39
+    # against 0.53-0.58 ms on one thread, 0.22-0.24 against 0.25-0.28 on two).
     out = torch.empty((B, 2 + C, H, W), dtype=acc, device=images.device)
     out[:, 0].copy_((torch.arange(W, device=images.device, dtype=acc) / sigma_xy).expand(B, H, W))
     out[:, 1].copy_((torch.arange(H, device=images.device, dtype=acc) / sigma_xy).view(H, 1).expand(B, H, W))
