@@ -456,9 +456,7 @@ int64_t follow_range(const lattice::BuildPacked<D, T>& build, KeyIds& table, con
     const int64_t points = progress.points.load(std::memory_order_acquire);
     const int64_t keys = progress.keys.load(std::memory_order_acquire);  // >= the keys of those points
     const bool fresh = points > done || keys > static_cast<int64_t>(ids.size());  // (before the merge below)
-    if (keys > static_cast<int64_t>(ids.size())) {
-      merge_keys(table, range.published_codes(), keys, ids);
-    }
+    merge_keys(table, range.published_codes(), keys, ids);  // those not merged yet
     if (state == 2) return done;  // the rest of the remap is shared by all threads after the build
     // a bounded step, so that the state is seen soon after range 1's thread is done: from then on it would wait
     // for this one (which had 90% of range 1 still to remap when both ranges ended within 0.05 ms)
