@@ -18,8 +18,16 @@ if ! command -v nvcc >/dev/null && [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
   echo "cuda_build_check: no nvcc found (CUDA_HOME=$CUDA_HOME)" >&2; exit 1
 fi
 test -x "$venv/bin/python" || python3 -m venv "$venv"
-"$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || \
-  "$venv/bin/python" -m pip install -q torch==2.14.1
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
+  # The CUDA build of torch and its nvidia-* wheels take ~5.5 GB once installed; say so before pip fails halfway.
+  free_mb=$(df -Pm "$(dirname "$venv")" | awk 'NR==2 {print $4}')
+  if [ "$free_mb" -lt 6500 ]; then
+    echo "cuda_build_check: the CUDA build of torch needs ~6.5 GB free next to $venv; only $free_mb MB are" >&2
+    exit 1
+  fi
+  # --no-cache-dir: a cached copy of the multi-GB wheels would only double the disk this step needs.
+  "$venv/bin/python" -m pip install -q --no-cache-dir torch==2.14.1
+fi
 "$venv/bin/python" -m pip install -q ninja setuptools wheel pytest hypothesis expecttest numpy pillow tqdm pyyaml
 
 bash scripts/stage_tree.sh "$stage"
