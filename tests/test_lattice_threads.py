@@ -245,6 +245,28 @@ def test_padded_rows_same_bits(channels, threads, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("size", [(37, 53), (32, 64)])
+@pytest.mark.parametrize("channels", [3, 21])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_slice_same_bits(size, channels, threads, monkeypatch):
+    """Large float32 outputs of the losses' backward slice are written with non-temporal stores, four values at
+    a time where a run of a channel plane is whole and 16-byte aligned (32 x 64: every run; 37 x 53: the planes'
+    odd offsets and the blocks' ragged ends take the plain loop). SEGOPS_SLICE_STREAM_BYTES=0 streams at any
+    size: the same bits as never streaming, for the filter and both CRF losses forward and backward."""
+    g = torch.Generator().manual_seed(6)
+    H, W = size
+    images = (torch.nn.functional.interpolate(torch.rand(2, 3, 5, 5, generator=g) * 255, size=(H, W),
+                                              mode="bilinear", align_corners=False)
+              + torch.randn(2, 3, H, W, generator=g))
+    f = crf_features(images, 40.0, 40.0)
+    monkeypatch.setenv("SEGOPS_SLICE_STREAM_BYTES", str(2**62))
+    plain = _row_results(f, images, channels, threads)
+    monkeypatch.setenv("SEGOPS_SLICE_STREAM_BYTES", "0")
+    streamed = _row_results(f, images, channels, threads)
+    for a, b in zip(plain, streamed):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_follow_same_lattice(name, monkeypatch):
     """On several threads, the thread of the first range of points merges the second range's keys and remaps its

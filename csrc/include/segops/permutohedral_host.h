@@ -85,6 +85,16 @@ inline bool follow_enabled() {
   return v == nullptr || v[0] != '0';
 }
 
+// Outputs of at least this many bytes are sliced (kAffine, float, CPU) with non-temporal stores: such an output
+// does not stay in the caches beside the slice's inputs, and a store that misses them first reads the line it
+// overwrites. The CRF loss's backward at 512^2, K = 21 (22 MB): 0.4-0.5 ms faster per step on one and two
+// threads; at half resolution (5.5 MB, read again at once by the resize's backward) 0.1 ms slower, hence the
+// bound. SEGOPS_SLICE_STREAM_BYTES overrides it (tests: 0 streams every whole aligned run).
+inline int64_t slice_stream_bytes() {
+  const char* v = std::getenv("SEGOPS_SLICE_STREAM_BYTES");
+  return v != nullptr && v[0] != '\0' ? std::strtoll(v, nullptr, 10) : (int64_t(16) << 20);
+}
+
 inline bool shared_build_forced() {
   const char* v = std::getenv("SEGOPS_LATTICE_SHARED_BUILD");
   return v != nullptr && v[0] != '\0' && v[0] != '0';
@@ -564,6 +574,7 @@ void slice(const Tensor& grid_in, const Tensor& vertex, const Tensor& bary, int6
     slicer.coef = coef.defined() ? coef.data_ptr<double>() : nullptr;
     slicer.coef_extra = coef_extra;
     slicer.scale_a = scale_a;
+    slicer.stream = out.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= slice_stream_bytes();  // CPU only
     SEGOPS_LATTICE_KERNEL("slice");
     Backend::ranged(B * N, slicer, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
   });
