@@ -48,6 +48,40 @@ def test_matches_reference_forward_and_backward(device, dtype, shape):
     assert torch.equal(gx, gr)
 
 
+def _isa_outputs(cases):
+    out = []
+    for x, g in cases:
+        out += [ops._half_resolution(x), ops._half_resolution_backward(g, list(x.shape[2:]))]
+    return out
+
+
+def test_avx2_rows_same_bits_as_portable(tmp_path):
+    """The CPU runs the rows in an AVX2 clone where it can (the forward's column pairs split into lanes by
+    shuffles); the portable build (ATEN_CPU_CAPABILITY=default, read once per process: so in a subprocess) adds
+    and multiplies in the same order: bitwise equal, every dtype, even and odd sizes, one and several rows per
+    vector."""
+    import os
+    import subprocess
+    import sys
+
+    cases = []
+    for i, (shape, dtype) in enumerate([((1, 21, 64, 64), torch.float32), ((2, 3, 37, 53), torch.float32),
+                                        ((1, 2, 9, 40), torch.float64), ((1, 3, 33, 34), torch.float16),
+                                        ((1, 3, 18, 35), torch.bfloat16)]):
+        x = case(shape, dtype, "cpu", seed=10 + i)
+        cases.append((x, case(x.shape[:2] + (x.shape[2] // 2, x.shape[3] // 2), dtype, "cpu", seed=20 + i)))
+    torch.save(cases, tmp_path / "cases.pt")
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys, torch; sys.path.insert(0, %r); import test_resize as t; "
+            "torch.save(t._isa_outputs(torch.load(%r)), %r)"
+            % (here, str(tmp_path / "cases.pt"), str(tmp_path / "portable.pt")))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for a, b in zip(_isa_outputs(cases), torch.load(tmp_path / "portable.pt")):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 @given(B=st.integers(0, 3), C=st.integers(0, 4), H=st.integers(2, 11), W=st.integers(2, 11),
        seed=st.integers(0, 2**31 - 1), channels_last=st.booleans())
 def test_property_against_reference(B, C, H, W, seed, channels_last):
