@@ -630,12 +630,13 @@ struct CpuBackend {
           // Room for a key per 8 points (the ECCV'18 photo at 512^2 has one per 15), so that the usual lattice's
           // tables never grow: growing from 2048 keys re-inserted ~1.8 keys per key (perf: 4% of the numbering's
           // samples on one thread). The first range's table becomes the merged one: room for the whole batch's.
-          // And room for at least 16384 keys (at most one per 2 points): the keys follow the image's extent in
-          // lattice units (size / sigma_xy, 255 / sigma_rgb), not its pixel count. At scale 0.5 the photo has
-          // 13 342 keys for 65 536 points, and the tables grew on the critical path (lattice op 2.47-2.53 ->
-          // 2.40-2.43 ms on one thread, 1.39-1.49 -> 1.30-1.40 on two).
+          // And room for at least 32768 keys in the merged table, 16384 in the others (at most one per 2
+          // points): the keys follow the image's extent in lattice units (size / sigma_xy, 255 / sigma_rgb), not
+          // its pixel count. At scale 0.5 the photo has 13 342 keys for 65 536 points: with room for a key per
+          // 8 points the tables grew on the critical path, and the merged one ran at load 0.41 (lattice op
+          // 2.47-2.53 -> 2.00-2.06 ms on one thread, 1.39-1.56 -> 1.17-1.42 on two; scale 1 unchanged).
           const int64_t n = r == 0 ? points : first(r + 1) - first(r);
-          keys[r].reserve(std::max<int64_t>(n / 8, std::min<int64_t>(n / 2, 16384)));
+          keys[r].reserve(std::max<int64_t>(n / 8, std::min<int64_t>(n / 2, r == 0 ? 32768 : 16384)));
           const bool followed = follow && r == 1;
           if (followed) progress.state.store(1, std::memory_order_release);
           const Publish publish{followed ? &progress : nullptr, &keys[r]};
