@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from segops import nn as snn
 from segops import reference_lattice as R
 from segops.ops import dense_crf_loss, normalized_cut_loss
+from segops.ops.resize import half_resolution
 
 
 def make_inputs(B=2, K=4, H=13, W=17, C_img=3, seed=0, dtype=torch.float64, roi_frac=0.7):
@@ -55,6 +56,28 @@ def test_dense_crf_loss_matches_reference(scale, use_roi):
     # cancellation; atol 1e-18 is far below the gradient's scale (2 w / B * W X ~ 1e-3)
     assert torch.allclose(grad, ref_grad, rtol=1e-10, atol=1e-18)
     assert float(loss.detach()) <= 0
+
+
+@pytest.mark.parametrize("fn", [dense_crf_loss, normalized_cut_loss])
+@pytest.mark.parametrize("size", [(16, 20), (15, 19)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_scale_equals_resized_inputs(fn, size, channels_last):
+    """At scale 0.5 the images and rois are taken as views of their even rows and columns, which is what nearest
+    resizing at one half selects: the loss and its gradient are bitwise those of inputs resized beforehand
+    (F.interpolate for the images and rois, the half-resolution op for the segmentations) at scale 1 with
+    sigma_xy halved, for even and odd sizes and channels-last images."""
+    img, seg, roi = make_inputs(B=2, K=4, H=size[0], W=size[1], seed=31, dtype=torch.float32)
+    if channels_last:
+        img = img.contiguous(memory_format=torch.channels_last)
+    w = 2e-3 if fn is dense_crf_loss else 1.0
+    loss = fn(img, seg, w, 15.0, 5.0, 0.5, roi)
+    (grad,) = torch.autograd.grad(loss, seg)
+    img_h = F.interpolate(img, scale_factor=0.5, mode="nearest")
+    roi_h = F.interpolate(roi.unsqueeze(1), scale_factor=0.5, mode="nearest").squeeze(1)
+    seg_h = half_resolution(seg)
+    ref = fn(img_h, seg_h, w, 15.0, 2.5, 1.0, roi_h)
+    (ref_grad,) = torch.autograd.grad(ref, seg)
+    assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
 
 
 def test_dense_crf_loss_float32_and_many_classes():

@@ -152,13 +152,18 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         return None
     if rois is not None:
         rois = _to_device(rois, device).to(segmentations.dtype)
-    if scale_factor != 1.0:
+    if scale_factor == 0.5:  # the ECCV'18 setting
+        # Nearest at exactly one half picks the even rows and columns (source index floor(2 i)): a view instead
+        # of a resize op. The segmentations: the bilinear resize's values (last-bit order aside), one op.
+        H2, W2 = images.shape[2] // 2 * 2, images.shape[3] // 2 * 2
+        images = images[:, :, 0:H2:2, 0:W2:2]
+        segmentations = half_resolution(segmentations)
+        if rois is not None:
+            rois = rois[:, 0:H2:2, 0:W2:2]
+        sigma_xy = sigma_xy * scale_factor
+    elif scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
-        if scale_factor == 0.5:  # the ECCV'18 setting: the bilinear resize's values (last-bit order aside), one op
-            segmentations = half_resolution(segmentations)
-        else:
-            segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear",
-                                          align_corners=False)
+        segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
         if rois is not None:
             rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
         sigma_xy = sigma_xy * scale_factor
