@@ -24,9 +24,7 @@ __attribute__((target("avx2"))) void items_avx2(const F& f, int64_t begin, int64
 struct RowLaunch : CpuLaunch {
   template <typename F>
   void operator()(index_t n, const F& f, index_t cost) const {
-    const index_t per_item = cost > 1 ? cost : 1;
-    const index_t grain = per_item >= (index_t(1) << 15) ? 1 : (index_t(1) << 15) / per_item;
-    omp_parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    omp_parallel_for(0, n, grain_for(cost), [&](int64_t begin, int64_t end) {
 #if defined(SEGOPS_CPU_MULTI_ISA)
       if (block::avx2_clones()) return items_avx2(f, begin, end);
 #endif

@@ -160,13 +160,12 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         segmentations = half_resolution(segmentations)
         if rois is not None:
             rois = rois[:, 0:H2:2, 0:W2:2]
-        sigma_xy = sigma_xy * scale_factor
     elif scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
         segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
         if rois is not None:
             rois = F.interpolate(rois.unsqueeze(1), scale_factor=scale_factor, mode="nearest").squeeze(1)
-        sigma_xy = sigma_xy * scale_factor
+    sigma_xy = sigma_xy * scale_factor
     if segmentations.numel() == 0:
         return None
     feats = crf_features(images, sigma_rgb, sigma_xy, poison).to(_acc_dtype(segmentations.dtype))

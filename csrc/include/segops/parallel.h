@@ -185,8 +185,12 @@ struct CpuLaunch {
   void operator()(index_t n, const F& f) const { cpu_parallel_for(n, f, grain); }
   template <typename F>
   void operator()(index_t n, const F& f, index_t cost) const {
+    cpu_parallel_for(n, f, grain_for(cost));
+  }
+  // Items per chunk for items of about `cost` elements of work each: chunks of ~32k elements.
+  static index_t grain_for(index_t cost) {
     const index_t per_item = cost > 1 ? cost : 1;
-    cpu_parallel_for(n, f, per_item >= (index_t(1) << 15) ? 1 : (index_t(1) << 15) / per_item);
+    return per_item >= (index_t(1) << 15) ? 1 : (index_t(1) << 15) / per_item;
   }
   index_t segment(index_t width) const { return width > 0 ? width : 1; }
   int64_t scratch_elements() const { return int64_t(1) << 22; }  // 16 MiB of float

@@ -27,7 +27,7 @@
 #if !defined(__CUDACC__)
 #include <algorithm>
 #include <type_traits>
-#if !defined(__CUDACC__) && defined(__SSE__)
+#if defined(__SSE__)
 #include <immintrin.h>
 #endif
 #include <vector>
