@@ -9,8 +9,9 @@ forward+backward ``--repeats`` times per thread count, interleaving 1 and 2 thre
 both alike; each timed call follows an untimed one on the same thread count), after two warm-up calls, and reports the median wall time and the median process CPU time (the
 machines are shared: CPU time is what the process itself spent; wall time includes waiting for a core), the
 2-thread / 1-thread ratio (of the medians, and the quartiles of the per-round ratios: a round's two timed calls
-ran back to back, so drift of the machine's speed cancels within it), the ECCV'18 code's recorded time on this machine class (0.384 s at scale 1,
-0.111 s at scale 0.5; dense CRF loss only) and the load average before and after. Writes
+ran back to back, so drift of the machine's speed cancels within it), the ECCV'18 code's recorded time on this
+machine class (0.384 s at scale 1, 0.111 s at scale 0.5; dense CRF loss only) and the load average before and
+after. Writes
 ``<out>/<date>-cpu-crf-eccv.json``.
 """
 
@@ -61,11 +62,10 @@ def measure(loss, img, seg, threads, repeats):
             walls)
 
 
-def round_ratios(walls):
-    """Per round, the first thread count's time over each other's: the two timed calls of a round ran next to each
-    other, so the VM's drift (which moved the ratio by 0.1-0.15 within an hour) cancels within a round."""
-    t0 = min(walls)
-    return {t: [a / b for a, b in zip(walls[t0], walls[t])] for t in walls if t != t0}
+def round_ratios(slow, fast):
+    """Per round, slow / fast: the two timed calls of a round ran next to each other, so the VM's drift (which
+    moved the ratio by 0.1-0.15 within an hour) cancels within a round."""
+    return [a / b for a, b in zip(slow, fast)]
 
 
 def quartiles(xs):
@@ -91,7 +91,7 @@ def main() -> int:
             load0 = os.getloadavg()[0]
             wall, cpu, walls = measure(loss, img, seg, (1, 2), args.repeats)
             load1 = os.getloadavg()[0]
-            ratios = round_ratios(walls)[2]
+            ratios = round_ratios(walls[1], walls[2])
             q1, q3 = quartiles(ratios)
             row = dict(loss=name, scale=scale, wall_ms_1=wall[1], wall_ms_2=wall[2], cpu_ms_1=cpu[1], cpu_ms_2=cpu[2],
                        two_over_one=wall[1] / wall[2], two_over_one_rounds=ratios,
@@ -102,9 +102,10 @@ def main() -> int:
                 row["speedup_1thread_wall"] = ECCV18_MS[scale] / wall[1]
             rows.append(row)
             print("%-5s scale %-3g  1 thread: %7.1f ms wall %7.1f ms cpu | 2 threads: %7.1f ms wall (%.2fx; rounds "
-                  "%.2f-%.2fx) | %sload %.1f -> %.1f" % (name, scale, wall[1], cpu[1], wall[2], wall[1] / wall[2], q1, q3,
-                                         "ECCV'18 %.0f ms (%.1fx) | " % (ECCV18_MS[scale], ECCV18_MS[scale] / wall[1])
-                                         if name == "crf" else "", load0, load1))
+                  "%.2f-%.2fx) | %sload %.1f -> %.1f"
+                  % (name, scale, wall[1], cpu[1], wall[2], wall[1] / wall[2], q1, q3,
+                     "ECCV'18 %.0f ms (%.1fx) | " % (ECCV18_MS[scale], ECCV18_MS[scale] / wall[1])
+                     if name == "crf" else "", load0, load1))
     torch.set_num_threads(old)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
