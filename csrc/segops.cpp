@@ -117,13 +117,15 @@ TORCH_LIBRARY(segops, m) {
   // [..., 0] = <x_k, W x_k> and, when degree, [..., 1] = <x_k, W r> (r = roi (B, 1, *spatial), or ones);
   // plus the splatted and blurred vertex values (M, K [+1]) kept for the backward, which returns
   // d(sum grad_forms * forms)/dx (B, K, N) in `dtype`: exact (W + W^T) x, or the ECCV'18 2 W x (`exact` is
-  // the forward's, so that its autograd knows which).
+  // the forward's, so that its autograd knows which). With full_size = [H, W] (CPU only), x was
+  // _half_resolution(s) [* mask] for s (B, K, H, W), and the backward returns the gradient of s (B, K, H, W).
   m.def(
       "_lattice_quadratic_forms(Tensor x, Tensor? roi, Tensor vertex, Tensor bary, Tensor neighbors, bool degree, "
       "bool exact) -> (Tensor, Tensor, Tensor)");
   m.def(
       "_lattice_quadratic_forms_backward(Tensor grad_forms, Tensor splatted, Tensor blurred, Tensor vertex, "
-      "Tensor bary, Tensor neighbors, bool exact, ScalarType dtype) -> Tensor");
+      "Tensor bary, Tensor neighbors, bool exact, ScalarType dtype, int[]? full_size=None, Tensor? mask=None) -> "
+      "Tensor");
   // The losses' scale_factor = 0.5 resize: F.interpolate(x, scale_factor=0.5, mode="bilinear",
   // align_corners=False) of x (B, C, H, W), i.e. the mean of each 2x2 block, (B, C, H // 2, W // 2); _backward
   // returns the gradient (B, C, size[0], size[1]) of x.

@@ -11,6 +11,8 @@ from segops import reference_lattice as R
 from segops.ops import dense_crf_loss, normalized_cut_loss
 from segops.ops.resize import half_resolution
 
+ops = torch.ops.segops
+
 
 def make_inputs(B=2, K=4, H=13, W=17, C_img=3, seed=0, dtype=torch.float64, roi_frac=0.7):
     g = torch.Generator().manual_seed(seed)
@@ -190,13 +192,15 @@ def test_normalized_cut_gradcheck_and_absent_class():
     assert torch.isfinite(loss) and bool(torch.isfinite(s.grad).all())
 
 
-def test_torch_compile_losses():
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_torch_compile_losses(scale):
+    # (scale 0.5 on the CPU: the forms of the resized segmentation in one autograd.Function)
     img, seg, roi = make_inputs(B=1, K=3, H=8, W=9, seed=12)
     for fn in (dense_crf_loss, normalized_cut_loss):
-        compiled = torch.compile(lambda i, s, r: fn(i, s, 1.0, 15.0, 3.0, 1.0, r), backend="aot_eager")
+        compiled = torch.compile(lambda i, s, r: fn(i, s, 1.0, 15.0, 3.0, scale, r), backend="aot_eager")
         out = compiled(img, seg, roi)
         (gc,) = torch.autograd.grad(out, seg)
-        ref = fn(img, seg, 1.0, 15.0, 3.0, 1.0, roi)
+        ref = fn(img, seg, 1.0, 15.0, 3.0, scale, roi)
         (gr,) = torch.autograd.grad(ref, seg)
         # float64, the same kernels compiled and eager: rounding only (the tolerances of the twin comparison)
         assert torch.allclose(out, ref, rtol=1e-12) and torch.allclose(gc, gr, rtol=1e-10, atol=1e-18)
@@ -467,3 +471,100 @@ def test_saved_grids_and_lattice_outputs_carry_no_gradient():
     assert out.requires_grad and not w.requires_grad and not norm.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         torch.autograd.grad(norm.sum(), values)
+
+
+# ---- scale 0.5 on the CPU: the resize's backward fused into the slice -----------------------------------------
+
+
+def _half_scale_forms_inputs(B, K, H, W, dtype, seed):
+    """A lattice of a photo-like image's even pixels (the CRF features at one half) and s (B, K, H, W) softmax
+    maps of `dtype`, a 0/1 mask (B, 1, H // 2, W // 2) of `dtype`."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    img = (torch.rand(B, 3, H, W, generator=g) * 255).round()
+    feats = R.crf_features(img[:, :, 0:H // 2 * 2:2, 0:W // 2 * 2:2], 15.0, 2.5).to(acc)
+    lattice = ops.permutohedral_lattice.default(feats)
+    s = torch.softmax(torch.randn(B, K, H, W, generator=g) * 2, 1).to(dtype)
+    mask = (torch.rand(B, 1, H // 2, W // 2, generator=g) < 0.7).to(dtype)
+    return lattice, s, mask, g
+
+
+@pytest.mark.parametrize("size", [(16, 20), (15, 19), (15, 20), (16, 19), (2, 3), (41, 9), (1, 6)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_half_resolution_backward_fused_into_the_slice(size, dtype, stream, monkeypatch):
+    """With full_size = [H, W] (and a mask) the forms' backward returns the gradient of s for x =
+    half_resolution(s) [* mask]: bitwise the backward without them, times the mask, then the resize's backward
+    -- for even and odd sizes, no pixel at half resolution (1 x 6), both forms, with the non-temporal stores
+    forced for every size (SEGOPS_SLICE_STREAM_BYTES=0) and never. The trailing odd row / column must be written
+    as zeros: a block of the output's size filled with NaN is freed just before (the allocator's next block of
+    that size), and NaN never compares equal."""
+    monkeypatch.setenv("SEGOPS_SLICE_STREAM_BYTES", "0" if stream else str(1 << 50))
+    H, W = size
+    B, K = 2, 5
+    (vertex, bary, neighbors), s, mask, g = _half_scale_forms_inputs(B, K, H, W, dtype, seed=H * 100 + W)
+    for m in (None, mask):
+        for degree, exact in ((False, False), (True, True)):
+            x = ops._half_resolution.default(s)
+            if m is not None:
+                x = x * m
+            forms, splatted, blurred = ops._lattice_quadratic_forms.default(
+                x, m if degree else None, vertex, bary, neighbors, degree, exact)
+            grad_forms = torch.randn(B, K, 2, generator=g, dtype=torch.float64)
+            apart = ops._lattice_quadratic_forms_backward.default(
+                grad_forms, splatted, blurred, vertex, bary, neighbors, exact, dtype).view(x.shape)
+            if m is not None:
+                apart = apart * m
+            apart = ops._half_resolution_backward.default(apart, [H, W])
+            torch.full((B, K, H, W), float("nan"), dtype=dtype)
+            fused = ops._lattice_quadratic_forms_backward.default(
+                grad_forms, splatted, blurred, vertex, bary, neighbors, exact, dtype, [H, W], m)
+            assert fused.shape == (B, K, H, W) and fused.dtype == dtype
+            assert torch.equal(fused, apart), (m is not None, degree)
+
+
+def test_half_scale_losses_gradcheck_and_roi_gradient():
+    # float64: the normalized cut's gradient is exact, so gradcheck holds through the fused backward; the dense
+    # CRF's is the ECCV'18 one (not the derivative), compared above and in the reference tests instead.
+    img, seg, roi = make_inputs(B=2, K=3, H=7, W=9, seed=61)
+    assert torch.autograd.gradcheck(lambda x: normalized_cut_loss(img, x, 1.0, 15.0, 4.0, 0.5, roi), (seg,))
+    # A roi that wants a gradient takes the ops apart (the fused op gives a mask none), with the same seg gradient
+    for fn in (dense_crf_loss, normalized_cut_loss):
+        (fused,) = torch.autograd.grad(fn(img, seg, 1.0, 15.0, 4.0, 0.5, roi), seg)
+        r = roi.clone().requires_grad_()
+        g_seg, g_roi = torch.autograd.grad(fn(img, seg, 1.0, 15.0, 4.0, 0.5, r), (seg, r))
+        assert torch.equal(g_seg, fused)
+        assert g_roi.shape == roi.shape and bool(g_roi.ne(0).any())
+
+
+def test_forms_ops_opcheck():
+    (vertex, bary, neighbors), s, mask, g = _half_scale_forms_inputs(2, 3, 10, 13, torch.float32, seed=62)
+    x = ops._half_resolution.default(s).requires_grad_()
+    for degree, exact in ((False, False), (True, True)):
+        roi = mask if degree else None
+        torch.library.opcheck(ops._lattice_quadratic_forms.default, (x, roi, vertex, bary, neighbors, degree, exact))
+        _, splatted, blurred = ops._lattice_quadratic_forms.default(x.detach(), roi, vertex, bary, neighbors, degree,
+                                                                   exact)
+        grad_forms = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+        args = (grad_forms, splatted, blurred, vertex, bary, neighbors, exact, torch.float32)
+        torch.library.opcheck(ops._lattice_quadratic_forms_backward.default, args)
+        torch.library.opcheck(ops._lattice_quadratic_forms_backward.default, args + ([10, 13], mask))
+        torch.library.opcheck(ops._lattice_quadratic_forms_backward.default, args + ([11, 12], None))
+
+
+@pytest.mark.parametrize("full_size, mask, match", [
+    ([12, 13], None, r"full_size must be \[H, W\] with \(H // 2\) \(W // 2\) = N = 30 points, got \[12, 13\]"),
+    ([10], None, r"full_size must be \[H, W\]"),
+    (None, "ok", "mask needs full_size"),
+    ([10, 13], "shape", r"mask must be \(B, 1, H // 2, W // 2\) = \(2, 1, 5, 6\) Float"),
+    ([10, 13], "dtype", r"mask must be .* Float .* got .* Double"),
+])
+def test_fused_backward_bad_arguments(full_size, mask, match):
+    (vertex, bary, neighbors), s, good, g = _half_scale_forms_inputs(2, 3, 10, 13, torch.float32, seed=63)
+    x = ops._half_resolution.default(s)
+    _, splatted, blurred = ops._lattice_quadratic_forms.default(x, None, vertex, bary, neighbors, False, False)
+    m = {None: None, "ok": good, "shape": good[:, :, :4], "dtype": good.double()}[mask]
+    grad_forms = torch.randn(2, 3, 2, generator=g, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=match):
+        ops._lattice_quadratic_forms_backward.default(grad_forms, splatted, blurred, vertex, bary, neighbors, False,
+                                                      torch.float32, full_size, m)

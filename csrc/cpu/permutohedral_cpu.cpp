@@ -523,6 +523,7 @@ bool minmax_run(const T* x, int64_t n, T& lo, T& hi) {
 struct CpuBackend {
   static constexpr bool kGatherReadsChannelsLast = false;  // the scatter reads channel planes in runs
   static constexpr bool kPadRows = true;
+  static constexpr bool kSliceUpsamples = true;  // Slice::write_up (the resize's backward fused into the slice)
   // A row per call (vectorised over channels); CUDA's mapping under SEGOPS_LATTICE_GATHER_SPLAT (tests).
   static bool blur_per_channel() { return std::getenv("SEGOPS_LATTICE_GATHER_SPLAT") != nullptr; }
 
@@ -801,9 +802,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quadratic_forms_cpu(const at::Ten
 
 at::Tensor quadratic_forms_backward_cpu(const at::Tensor& grad_forms, const at::Tensor& splatted,
                                         const at::Tensor& blurred, const at::Tensor& vertex, const at::Tensor& bary,
-                                        const at::Tensor& neighbors, bool exact, at::ScalarType dtype) {
+                                        const at::Tensor& neighbors, bool exact, at::ScalarType dtype,
+                                        at::OptionalIntArrayRef full_size, const std::optional<at::Tensor>& mask) {
   return lattice::quadratic_forms_backward<CpuBackend>(grad_forms, splatted, blurred, vertex, bary, neighbors, exact,
-                                                       dtype);
+                                                       dtype, full_size, mask);
 }
 
 }  // namespace

@@ -22,6 +22,7 @@ struct CudaBackend {
   static bool blur_per_channel() { return true; }  // one thread per (vertex, channel): coalesced rows
   static constexpr bool kRangeBuild = false;  // the shared build (one table, first entries by scan)
   static constexpr bool kPadRows = false;     // a thread per (point, channel): no row loops
+  static constexpr bool kSliceUpsamples = false;  // the losses resize on their own (half_resolution)
 
   template <typename F>
   static void launch(index_t n, const F& f, index_t /*grain*/) {
@@ -99,10 +100,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quadratic_forms_cuda(const at::Te
 
 at::Tensor quadratic_forms_backward_cuda(const at::Tensor& grad_forms, const at::Tensor& splatted,
                                          const at::Tensor& blurred, const at::Tensor& vertex, const at::Tensor& bary,
-                                         const at::Tensor& neighbors, bool exact, at::ScalarType dtype) {
+                                         const at::Tensor& neighbors, bool exact, at::ScalarType dtype,
+                                         at::OptionalIntArrayRef full_size, const std::optional<at::Tensor>& mask) {
   const c10::cuda::CUDAGuard guard(grad_forms.device());
   return lattice::quadratic_forms_backward<CudaBackend>(grad_forms, splatted, blurred, vertex, bary, neighbors,
-                                                        exact, dtype);
+                                                        exact, dtype, full_size, mask);
 }
 
 }  // namespace

@@ -6,17 +6,19 @@ normalized cut ``<x_k, W r>``) in the lattice's vertex domain: with S the splat 
 ``W = alpha S^T B S``, so ``<x, W y> = alpha <S x, B S y>`` needs no per-pixel output. Kept for the backward:
 the blurred vertex values ``B S x`` (M x K, M the lattice's vertices, usually far fewer than the pixels) and
 the lattice's per-pixel vertex ids and weights; the backward slices them once, scaled by the incoming
-gradient. docs/ops/crf-losses.md has the maths, arguments, determinism and measured speed.
+gradient (on the CPU at scale_factor 0.5, straight into the full-resolution gradient: the resize's backward
+fused into the slice). docs/ops/crf-losses.md has the maths, arguments, determinism and measured speed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from segops.ops._checks import check_same_device
 from segops.ops.lattice import _acc_dtype, crf_features
@@ -44,8 +46,16 @@ def _forms_fake(x, roi, vertex, bary, neighbors, degree, exact):
 
 
 @torch.library.register_fake("segops::_lattice_quadratic_forms_backward")
-def _forms_backward_fake(grad_forms, splatted, blurred, vertex, bary, neighbors, exact, dtype):
-    return grad_forms.new_empty((vertex.shape[0], grad_forms.shape[1], vertex.shape[1]), dtype=dtype)
+def _forms_backward_fake(grad_forms, splatted, blurred, vertex, bary, neighbors, exact, dtype, full_size=None,
+                         mask=None):
+    op = "_lattice_quadratic_forms_backward"
+    if full_size is None:
+        torch._check(mask is None, lambda: "%s: mask needs full_size" % op)
+        return grad_forms.new_empty((vertex.shape[0], grad_forms.shape[1], vertex.shape[1]), dtype=dtype)
+    torch._check(len(full_size) == 2 and (full_size[0] // 2) * (full_size[1] // 2) == vertex.shape[1],
+                 lambda: "%s: full_size must be [H, W] with (H // 2) (W // 2) = N = %d points, got %s"
+                 % (op, vertex.shape[1], list(full_size)))
+    return grad_forms.new_empty((vertex.shape[0], grad_forms.shape[1], full_size[0], full_size[1]), dtype=dtype)
 
 
 def _forms_setup_context(ctx, inputs, output) -> None:
@@ -75,6 +85,44 @@ def _forms_backward(ctx, grad_forms: Tensor, *_unused: Tensor):
 
 
 torch.library.register_autograd("segops::_lattice_quadratic_forms", _forms_backward, setup_context=_forms_setup_context)
+
+
+class _HalfResolutionForms(torch.autograd.Function):
+    """The forms of ``x = half_resolution(s) [* mask]`` on a built lattice (CPU), ``s`` (B, K, H, W): the values
+    of the ops apart. The backward is one op: the slice writes the gradient of ``s`` (B, K, H, W) itself, each
+    value times the mask and 1/4 into its 2 x 2 block (the same bits as the multiply's and the resize's
+    backward after the slice), so the 4x larger gradient is written once, inside a pass that computes, instead
+    of by a pass of its own after a quarter-size one."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, mask: Optional[Tensor], roi: Optional[Tensor], vertex: Tensor, bary: Tensor,
+                neighbors: Tensor, degree: bool, exact: bool) -> Tensor:
+        x = ops._half_resolution.default(s)
+        if mask is not None:
+            x = x * mask
+        forms, splatted, blurred = ops._lattice_quadratic_forms.default(x, roi, vertex, bary, neighbors, degree, exact)
+        ctx.save_for_backward(splatted if exact else None, blurred, vertex, bary, neighbors, mask)
+        ctx.exact, ctx.dtype, ctx.size = exact, x.dtype, [s.shape[2], s.shape[3]]
+        return forms
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_forms: Tensor):
+        splatted, blurred, vertex, bary, neighbors, mask = ctx.saved_tensors
+        grad_s = None
+        if ctx.needs_input_grad[0]:
+            if splatted is None:
+                splatted = blurred.new_empty((0, blurred.shape[1]))
+            grad_s = ops._lattice_quadratic_forms_backward.default(
+                grad_forms, splatted, blurred, vertex, bary, neighbors, ctx.exact, ctx.dtype, ctx.size, mask)
+        return grad_s, None, None, None, None, None, None, None
+
+
+class _HalfOf(NamedTuple):
+    """``x = half_resolution(s) [* mask]``, not computed yet: the forms' op computes it (see _HalfResolutionForms)."""
+
+    s: Tensor
+    mask: Optional[Tensor]
 
 
 # ---- argument handling --------------------------------------------------------------------------------------
@@ -128,10 +176,12 @@ def _bad_images(name: str) -> RuntimeError:
 
 
 def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Tensor], sigma_rgb: float,
-             sigma_xy: float, scale_factor: float) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+             sigma_xy: float, scale_factor: float
+             ) -> Optional[Tuple[Tensor, Union[Tensor, _HalfOf], Optional[Tensor]]]:
     """Both losses' prologue: checks, images and rois onto the segmentations' device, resizing (nearest images /
     rois, bilinear segmentations), then (features, X = S * roi, roi (B, 1, H, W) or None). None when nothing
-    is left to filter (B = 0, K = 0 or an empty image): the loss is then 0.
+    is left to filter (B = 0, K = 0 or an empty image): the loss is then 0. On the CPU at scale 0.5, X is left
+    to the forms' op (a _HalfOf), whose backward then writes the full-resolution gradient itself.
 
     The images' finiteness (of the full-resolution images: a nearest resize may drop a NaN pixel) is folded
     into the features (:func:`crf_features`' poison) instead of read back here; the lattice build reports it
@@ -157,9 +207,15 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         # of a resize op. The segmentations: the bilinear resize's values (last-bit order aside), one op.
         H2, W2 = images.shape[2] // 2 * 2, images.shape[3] // 2 * 2
         images = images[:, :, 0:H2:2, 0:W2:2]
-        segmentations = half_resolution(segmentations)
         if rois is not None:
             rois = rois[:, 0:H2:2, 0:W2:2]
+        # CPU: the resize is left to the forms' op (not where a roi wants a gradient: that op gives it none)
+        if (segmentations.device.type == "cpu" and images.shape[2] * images.shape[3] > 0
+                and (rois is None or not rois.requires_grad)):
+            feats = crf_features(images, sigma_rgb, sigma_xy * scale_factor, poison)
+            roi = None if rois is None else rois.unsqueeze(1).contiguous()
+            return feats.to(_acc_dtype(segmentations.dtype)), _HalfOf(segmentations, roi), roi
+        segmentations = half_resolution(segmentations)
     elif scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
         segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
@@ -184,8 +240,11 @@ def _lattice(name: str, feats: Tensor) -> _LatticeTensors:
         raise
 
 
-def _forms(name: str, feats: Tensor, x: Tensor, roi: Optional[Tensor], degree: bool, exact: bool) -> Tensor:
+def _forms(name: str, feats: Tensor, x: Union[Tensor, _HalfOf], roi: Optional[Tensor], degree: bool,
+           exact: bool) -> Tensor:
     vertex, bary, neighbors = _lattice(name, feats)
+    if isinstance(x, _HalfOf):
+        return _HalfResolutionForms.apply(x.s, x.mask, roi, vertex, bary, neighbors, degree, exact)
     forms, _, _ = ops._lattice_quadratic_forms.default(x, roi, vertex, bary, neighbors, degree, exact)
     return forms
 

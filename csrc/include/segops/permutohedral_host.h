@@ -538,11 +538,15 @@ Tensor padded_rows(const Tensor& grid, int64_t Cp) {
   return out;
 }
 
-// Slices `grid` (M, Cg) at every point into out (B, C, N) (strided view) per `mode`.
+// Slices `grid` (M, Cg) at every point into out (B, C, N) (strided view) per `mode`. With up = (H, W) (CPU,
+// kAffine), the points are those of a half-resolution resize of (H, W) and out, (B, C, H W) contiguous,
+// receives the resize's backward of the sliced values times `mask` ((B, N) of out's dtype, or undefined):
+// see Slice::up_w.
 template <typename Backend>
 void slice(const Tensor& grid_in, const Tensor& vertex, const Tensor& bary, int64_t d, SliceMode mode,
-           const Tensor& out, const Tensor& norm, const Tensor& coef, bool coef_extra, double scale_a) {
-  const int64_t B = out.size(0), C = out.size(1), N = out.size(2);
+           const Tensor& out, const Tensor& norm, const Tensor& coef, bool coef_extra, double scale_a,
+           std::pair<int64_t, int64_t> up = {0, 0}, const Tensor& mask = Tensor()) {
+  const int64_t B = out.size(0), C = out.size(1), N = up.second > 0 ? (up.first / 2) * (up.second / 2) : out.size(2);
   if (B * N == 0 || (C == 0 && mode != SliceMode::kNormalize)) return;
   Tensor grid = grid_in;
   if constexpr (Backend::kPadRows) {
@@ -575,6 +579,9 @@ void slice(const Tensor& grid_in, const Tensor& vertex, const Tensor& bary, int6
     slicer.coef_extra = coef_extra;
     slicer.scale_a = scale_a;
     slicer.stream = out.numel() * static_cast<int64_t>(sizeof(scalar_t)) >= slice_stream_bytes();  // CPU only
+    slicer.up_h = up.first;
+    slicer.up_w = up.second;
+    slicer.mask = mask.defined() ? mask.data_ptr<scalar_t>() : nullptr;
     SEGOPS_LATTICE_KERNEL("slice");
     Backend::ranged(B * N, slicer, std::max<int64_t>(64, 8192 / std::max<int64_t>(C, 1)));
   });
@@ -803,10 +810,15 @@ std::tuple<Tensor, Tensor, Tensor> quadratic_forms(const Tensor& x, const std::o
 // grad_x (B, K, N) of sum grad_forms * forms: for forms[..., 0] the exact adjoint alpha S^T (B + B^T) S x
 // (`exact`) or the ECCV'18 gradient 2 W x = 2 alpha S^T B S x (W taken as symmetric, `splatted` unused);
 // for forms[..., 1] (with the degree channel) W r.
+// With full_size = [H, W] (CPU): the points are the pixels of half_resolution(s) for an s of spatial size
+// (H, W), x = half_resolution(s) * mask (mask (B, 1, H / 2, W / 2) of `dtype`, or none), and the result is the
+// gradient of s, (B, K, H, W): the backward of the multiply and of the resize fused into the slice (the
+// separate ops' values, bitwise).
 template <typename Backend>
 Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted, const Tensor& blurred,
                                 const Tensor& vertex, const Tensor& bary, const Tensor& neighbors, bool exact,
-                                at::ScalarType dtype) {
+                                at::ScalarType dtype, at::OptionalIntArrayRef full_size = std::nullopt,
+                                const std::optional<Tensor>& mask_in = std::nullopt) {
   const char* op = "_lattice_quadratic_forms_backward";
   TORCH_CHECK(vertex.dim() == 3 && vertex.scalar_type() == at::kInt, op, ": vertex must be (B, N, d+1) int32");
   const int64_t B = vertex.size(0), N = vertex.size(1), d = vertex.size(2) - 1;
@@ -817,8 +829,32 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
   TORCH_CHECK(blurred.dim() == 2 && blurred.size(0) == M && (blurred.size(1) == K || blurred.size(1) == K + 1), op,
               ": blurred must be (M, K [+1]), got ", blurred.sizes());
   const bool degree = blurred.size(1) == K + 1;
-  Tensor out = empty_output({B, K, N}, grad_forms.options().dtype(dtype));
-  if (B * N * K == 0) return out;
+  std::pair<int64_t, int64_t> up{0, 0};
+  Tensor mask;
+  if (full_size.has_value()) {
+    TORCH_CHECK(Backend::kSliceUpsamples, op, ": full_size is supported on the CPU only");
+    const auto fs = *full_size;
+    TORCH_CHECK(fs.size() == 2 && fs[0] >= 0 && fs[1] >= 0 && (fs[0] / 2) * (fs[1] / 2) == N, op,
+                ": full_size must be [H, W] with (H // 2) (W // 2) = N = ", N, " points, got ", fs);
+    up = {fs[0], fs[1]};
+    if (mask_in.has_value()) {
+      const Tensor& m = *mask_in;
+      TORCH_CHECK(m.dim() == 4 && m.size(0) == B && m.size(1) == 1 && m.size(2) == fs[0] / 2 &&
+                      m.size(3) == fs[1] / 2 && m.scalar_type() == dtype && m.device() == vertex.device(),
+                  op, ": mask must be (B, 1, H // 2, W // 2) = (", B, ", 1, ", fs[0] / 2, ", ", fs[1] / 2, ") ",
+                  dtype, " on ", vertex.device(), ", got ", m.sizes(), " ", m.scalar_type(), " on ", m.device());
+      mask = m.contiguous();
+    }
+  } else {
+    TORCH_CHECK(!mask_in.has_value(), op, ": mask needs full_size");
+  }
+  Tensor out = up.second > 0 ? empty_output({B, K, up.first * up.second}, grad_forms.options().dtype(dtype))
+                             : empty_output({B, K, N}, grad_forms.options().dtype(dtype));
+  if (out.numel() == 0) return up.second > 0 ? out.view({B, K, up.first, up.second}) : out;
+  if (B * N * K == 0) {  // a full-resolution grid with no half-resolution pixel: all of it is trailing rows / columns
+    out.zero_();
+    return out.view({B, K, up.first, up.second});
+  }
   Tensor coef = grad_forms.contiguous();
   Tensor grid = blurred;
   double scale_a = 2.0;
@@ -834,9 +870,9 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
   }
   PhaseTimer timer;
   slice<Backend>(grid, vertex.reshape({-1}), bary.reshape({-1}), d, SliceMode::kAffine, out, Tensor(), coef, degree,
-                 scale_a);
+                 scale_a, up, mask);
   timer.mark("slice");
-  return out;
+  return up.second > 0 ? out.view({B, K, up.first, up.second}) : out;
 }
 
 }  // namespace lattice

@@ -1129,6 +1129,13 @@ struct Slice {
   bool coef_extra;     // kAffine: the extra channel (grid channel C) enters with coef[b, c, 1]
   double scale_a;      // kAffine
   bool stream = false;  // CPU, kAffine, float: whole aligned runs of the output written with non-temporal stores
+  // CPU, kAffine: when up_w > 0 the points are the pixels of a half-resolution resize of an (up_h, up_w) grid
+  // (N = (up_h / 2) (up_w / 2)) and `out` is the gradient of the full-resolution input, (B, C, up_h, up_w)
+  // contiguous: each point's value v, times mask[b N + n] where a mask is given, goes to its 2 x 2 block as
+  // 0.25 v -- the resize's backward, fused so that its 4x larger output is written once, by the slice. A
+  // trailing odd row / column gets zeros.
+  index_t up_h = 0, up_w = 0;
+  const scalar_t* mask = nullptr;
 
   SEGOPS_LATTICE_INLINE acc gather_one(index_t i, index_t c) const {
     acc t = acc(0);
@@ -1213,6 +1220,61 @@ struct Slice {
     for (int j = 0; j < W; ++j) cpu::store8(row + 8 * j, t[j]);
   }
 
+  // up_w > 0: the block's points n0 .. n0 + np of image b, channel c (values on_sum col[p Cpad] + on_extra
+  // extras[p]), written to their 2 x 2 blocks of the full-resolution plane. Per value the operations of the
+  // separate ops it replaces, in their order: the slice's value in scalar_t, times the mask (the multiply's
+  // backward), then scalar_t(acc(0.25) * v) (the resize's backward): the same bits.
+  SEGOPS_LATTICE_INLINE void write_up(index_t b, index_t c, index_t n0, index_t np, const acc* col, index_t Cpad,
+                                      acc on_sum, acc on_extra, const acc* extras) const {
+    const index_t Wo = up_w / 2, Ho = up_h / 2;
+    scalar_t* plane = out + b * osb + c * osc;
+    const scalar_t* m = mask != nullptr ? mask + b * N : nullptr;
+    auto value = [&](index_t p) SEGOPS_LAMBDA_INLINE {
+      scalar_t v = static_cast<scalar_t>(on_sum * col[p * Cpad] + on_extra * extras[p]);
+      if (m != nullptr) v = v * m[n0 + p];
+      return static_cast<scalar_t>(acc(0.25) * static_cast<acc>(v));
+    };
+    for (index_t p = 0; p < np;) {
+      const index_t n = n0 + p, i = n / Wo, j0 = n - i * Wo, run = std::min(np - p, Wo - j0);
+      scalar_t* r0 = plane + 2 * i * up_w;
+      scalar_t* r1 = r0 + up_w;
+      index_t q = 0;
+#if defined(__SSE__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // rows of a multiple of 4 floats: an even column's pair of points fills 16 aligned bytes of both rows
+        if (stream && up_w % 4 == 0 && (reinterpret_cast<uintptr_t>(plane) & 15) == 0) {
+          if (j0 % 2 == 1 && run > 0) {
+            const float e = value(p);
+            r0[2 * j0] = r0[2 * j0 + 1] = r1[2 * j0] = r1[2 * j0 + 1] = e;
+            q = 1;
+          }
+          for (; q + 2 <= run; q += 2) {
+            const float e0 = value(p + q), e1 = value(p + q + 1);
+            const __m128 v = _mm_setr_ps(e0, e0, e1, e1);
+            _mm_stream_ps(r0 + 2 * (j0 + q), v);
+            _mm_stream_ps(r1 + 2 * (j0 + q), v);
+          }
+        }
+      }
+#endif
+      for (; q < run; ++q) {
+        const index_t j = j0 + q;
+        const scalar_t e = value(p + q);
+        r0[2 * j] = e;
+        r0[2 * j + 1] = e;
+        r1[2 * j] = e;
+        r1[2 * j + 1] = e;
+      }
+      if (j0 + run == Wo && up_w % 2 == 1) r0[up_w - 1] = r1[up_w - 1] = scalar_t(0);
+      if (i == Ho - 1 && up_h % 2 == 1) {  // the trailing odd row under this run (and its odd column)
+        scalar_t* z = r1 + up_w;
+        for (index_t k = 2 * j0; k < 2 * (j0 + run); ++k) z[k] = scalar_t(0);
+        if (j0 + run == Wo && up_w % 2 == 1) z[up_w - 1] = scalar_t(0);
+      }
+      p += run;
+    }
+  }
+
   // CPU: blocks of kPoints points; the sums of a block go through a small buffer so that the output is
   // written one channel plane at a time, in runs of kPoints values (writing the C planes of one point at a
   // stride of N values defeats the hardware prefetchers and maps every store of a point to one cache set).
@@ -1250,6 +1312,10 @@ struct Slice {
         if (mode == SliceMode::kAffine) {
           acc on_sum, on_extra;
           affine(b, c, on_sum, on_extra);
+          if (up_w > 0) {
+            write_up(b, c, n0, np, col, Cpad, on_sum, on_extra, extras.data());
+            continue;
+          }
 #if defined(__SSE__)
           if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc, float>) {
             if (stream && osn == 1 && np % 4 == 0 && (reinterpret_cast<uintptr_t>(o) & 15) == 0) {
