@@ -13,7 +13,7 @@ fused into the slice). docs/ops/crf-losses.md has the maths, arguments, determin
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -72,15 +72,20 @@ def _forms_setup_context(ctx, inputs, output) -> None:
     ctx.shape = x.shape
 
 
+def _forms_gradient(ctx, grad_forms: Tensor, full_size: Optional[List[int]] = None) -> Tensor:
+    """The forms' backward op on what the forward saved: (splatted or None, blurred, vertex, bary, neighbors
+    [, mask]) and ctx.exact / ctx.dtype."""
+    splatted, blurred, vertex, bary, neighbors, *mask = ctx.saved_tensors
+    if splatted is None:  # (the ECCV'18 gradient does not read it)
+        splatted = blurred.new_empty((0, blurred.shape[1]))
+    return ops._lattice_quadratic_forms_backward.default(grad_forms, splatted, blurred, vertex, bary, neighbors,
+                                                         ctx.exact, ctx.dtype, full_size, *mask)
+
+
 def _forms_backward(ctx, grad_forms: Tensor, *_unused: Tensor):
-    splatted, blurred, vertex, bary, neighbors = ctx.saved_tensors
     grad_x = None
     if ctx.needs_input_grad[0] and grad_forms is not None:
-        if splatted is None:
-            splatted = blurred.new_empty((0, blurred.shape[1]))
-        grad_x = ops._lattice_quadratic_forms_backward.default(
-            grad_forms, splatted, blurred, vertex, bary, neighbors, ctx.exact, ctx.dtype
-        ).view(ctx.shape)
+        grad_x = _forms_gradient(ctx, grad_forms).view(ctx.shape)
     return grad_x, None, None, None, None, None, None
 
 
@@ -108,13 +113,7 @@ class _HalfResolutionForms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_forms: Tensor):
-        splatted, blurred, vertex, bary, neighbors, mask = ctx.saved_tensors
-        grad_s = None
-        if ctx.needs_input_grad[0]:
-            if splatted is None:
-                splatted = blurred.new_empty((0, blurred.shape[1]))
-            grad_s = ops._lattice_quadratic_forms_backward.default(
-                grad_forms, splatted, blurred, vertex, bary, neighbors, ctx.exact, ctx.dtype, ctx.size, mask)
+        grad_s = _forms_gradient(ctx, grad_forms, ctx.size) if ctx.needs_input_grad[0] else None
         return grad_s, None, None, None, None, None, None, None
 
 
@@ -202,6 +201,7 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         return None
     if rois is not None:
         rois = _to_device(rois, device).to(segmentations.dtype)
+    halved = False
     if scale_factor == 0.5:  # the ECCV'18 setting
         # Nearest at exactly one half picks the even rows and columns (source index floor(2 i)): a view instead
         # of a resize op. The segmentations: the bilinear resize's values (last-bit order aside), one op.
@@ -210,12 +210,10 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
         if rois is not None:
             rois = rois[:, 0:H2:2, 0:W2:2]
         # CPU: the resize is left to the forms' op (not where a roi wants a gradient: that op gives it none)
-        if (segmentations.device.type == "cpu" and images.shape[2] * images.shape[3] > 0
-                and (rois is None or not rois.requires_grad)):
-            feats = crf_features(images, sigma_rgb, sigma_xy * scale_factor, poison)
-            roi = None if rois is None else rois.unsqueeze(1).contiguous()
-            return feats.to(_acc_dtype(segmentations.dtype)), _HalfOf(segmentations, roi), roi
-        segmentations = half_resolution(segmentations)
+        halved = (segmentations.device.type == "cpu" and images.shape[2] * images.shape[3] > 0
+                  and (rois is None or not rois.requires_grad))
+        if not halved:
+            segmentations = half_resolution(segmentations)
     elif scale_factor != 1.0:
         images = F.interpolate(images, scale_factor=scale_factor, mode="nearest")
         segmentations = F.interpolate(segmentations, scale_factor=scale_factor, mode="bilinear", align_corners=False)
@@ -225,10 +223,10 @@ def _prepare(name: str, images: Tensor, segmentations: Tensor, rois: Optional[Te
     if segmentations.numel() == 0:
         return None
     feats = crf_features(images, sigma_rgb, sigma_xy, poison).to(_acc_dtype(segmentations.dtype))
-    if rois is None:
-        return feats, segmentations, None
-    roi = rois.unsqueeze(1)
-    return feats, segmentations * roi, roi
+    roi = None if rois is None else rois.unsqueeze(1)
+    if halved:
+        return feats, _HalfOf(segmentations, roi), roi
+    return feats, segmentations if roi is None else segmentations * roi, roi
 
 
 def _lattice(name: str, feats: Tensor) -> _LatticeTensors:

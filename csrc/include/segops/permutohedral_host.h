@@ -848,12 +848,12 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
   } else {
     TORCH_CHECK(!mask_in.has_value(), op, ": mask needs full_size");
   }
-  Tensor out = up.second > 0 ? empty_output({B, K, up.first * up.second}, grad_forms.options().dtype(dtype))
-                             : empty_output({B, K, N}, grad_forms.options().dtype(dtype));
-  if (out.numel() == 0) return up.second > 0 ? out.view({B, K, up.first, up.second}) : out;
-  if (B * N * K == 0) {  // a full-resolution grid with no half-resolution pixel: all of it is trailing rows / columns
+  // (B, K, N), or (B, K, H W) sliced as such and returned as (B, K, H, W)
+  Tensor out = empty_output({B, K, up.second > 0 ? up.first * up.second : N}, grad_forms.options().dtype(dtype));
+  auto result = [&] { return up.second > 0 ? out.view({B, K, up.first, up.second}) : out; };
+  if (B * N * K == 0) {  // with full_size, a grid with no half-resolution pixel: all trailing rows / columns
     out.zero_();
-    return out.view({B, K, up.first, up.second});
+    return result();
   }
   Tensor coef = grad_forms.contiguous();
   Tensor grid = blurred;
@@ -872,7 +872,7 @@ Tensor quadratic_forms_backward(const Tensor& grad_forms, const Tensor& splatted
   slice<Backend>(grid, vertex.reshape({-1}), bary.reshape({-1}), d, SliceMode::kAffine, out, Tensor(), coef, degree,
                  scale_a, up, mask);
   timer.mark("slice");
-  return up.second > 0 ? out.view({B, K, up.first, up.second}) : out;
+  return result();
 }
 
 }  // namespace lattice
